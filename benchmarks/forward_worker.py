@@ -1,0 +1,319 @@
+"""Contenders and workloads for ``forward.py``, plus a command-line entry point
+so that the same code runs in a fresh subprocess (memory runs) or under a peer
+venv's python (TransformerLens).
+
+Contenders (all load the bundled SmolLM2-135M in fp32 on the CPU):
+  hf   plain ``transformers`` AutoModelForCausalLM from the local HF directory
+  ms   mechscope ``ms.load("smollm2-135m")``
+  tl3  TransformerLens 3.x ``HookedTransformer.from_pretrained_no_processing``
+  tl4  TransformerLens 4.x ``TransformerBridge.boot_transformers``
+
+Workloads:
+  forward  ``model(tokens)`` -> logits
+  cache    ``model.run_with_cache(tokens)`` caching every hook (no names_filter)
+
+Subcommands (results are written as JSON to --out):
+  time  load the contenders, time each workload (warm-up + --runs runs),
+        optionally save the forward logits to --save-logits
+  mem   load one contender, then run one workload (warm-up + one run) and
+        report peak RSS and the increase over the RSS after load
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+common.set_offline_env()
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+WORKLOADS = ("forward", "cache")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _load_hf_model():
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(common.HF_DIR, dtype=torch.float32)
+    return model.eval()
+
+
+def _load_hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(common.HF_DIR)
+
+
+class Contender:
+    """A loaded model with the two workloads."""
+
+    name = ""
+    label = ""
+
+    def forward(self, tokens):
+        raise NotImplementedError
+
+    def run_with_cache(self, tokens):
+        """Return ``(logits, cache)`` where cache maps hook names to tensors."""
+        raise NotImplementedError
+
+    def versions(self) -> dict:
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class HFContender(Contender):
+    name = "hf"
+    label = "transformers forward"
+
+    def __init__(self):
+        self.model = _load_hf_model()
+        self.attn = self.model.config._attn_implementation
+
+    def forward(self, tokens):
+        # use_cache=False: no KV cache is built, as in the hooked models' forward.
+        return self.model(tokens, use_cache=False).logits
+
+
+class MechscopeContender(Contender):
+    name = "ms"
+    label = "mechscope"
+
+    def __init__(self):
+        import mechscope as ms
+
+        self.ms = ms
+        self.model = ms.load("smollm2-135m", device="cpu")
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def run_with_cache(self, tokens):
+        return self.model.run_with_cache(tokens)
+
+    def versions(self) -> dict:
+        return {**super().versions(), "mechscope": getattr(self.ms, "__version__", "dev")}
+
+
+class HookedTransformerContender(Contender):
+    name = "tl3"
+    label = "TL HookedTransformer"
+
+    def __init__(self):
+        import transformer_lens.supported_models as supported
+        from transformer_lens import HookedTransformer
+
+        _quiet_transformers()
+        local = str(common.HF_DIR)
+        if "llama" in local.lower():
+            raise RuntimeError(f"HookedTransformer mis-configures paths containing 'llama': {local}")
+        # HookedTransformer only accepts names from this list (the same object its loader reads).
+        if local not in supported.OFFICIAL_MODEL_NAMES:
+            supported.OFFICIAL_MODEL_NAMES.append(local)
+        hf_model = _load_hf_model()
+        self.model = HookedTransformer.from_pretrained_no_processing(
+            local,
+            hf_model=hf_model,
+            tokenizer=_load_hf_tokenizer(),
+            device="cpu",
+            dtype=torch.float32,
+        ).eval()
+        del hf_model
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def run_with_cache(self, tokens):
+        return self.model.run_with_cache(tokens)
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {**super().versions(), "transformer_lens": version("transformer-lens")}
+
+
+class BridgeContender(HookedTransformerContender):
+    name = "tl4"
+    label = "TL TransformerBridge"
+
+    def __init__(self):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        _quiet_transformers()
+        self.model = TransformerBridge.boot_transformers(
+            str(common.HF_DIR), device="cpu", dtype=torch.float32
+        ).eval()
+
+
+CONTENDERS = {c.name: c for c in (HFContender, MechscopeContender, HookedTransformerContender, BridgeContender)}
+
+
+def workloads_of(contender: Contender) -> list[str]:
+    return ["forward"] if isinstance(contender, HFContender) else list(WORKLOADS)
+
+
+def run_workload(contender: Contender, workload: str, tokens):
+    if workload == "forward":
+        return contender.forward(tokens)
+    if workload == "cache":
+        return contender.run_with_cache(tokens)
+    raise ValueError(workload)
+
+
+def cache_stats(cache) -> dict:
+    """Number of cached entries and their size, counting shared storage once."""
+    seen, total = set(), 0
+    names = list(cache.keys())
+    for name in names:
+        tensor = cache[name]
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return {"entries": len(names), "unique_tensors": len(seen), "mib": total / 2**20}
+
+
+def load_tokens(path: str | Path):
+    return torch.load(path, weights_only=True)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def load_contender(name: str) -> tuple[Contender, float]:
+    start = time.perf_counter()
+    contender = CONTENDERS[name]()
+    return contender, time.perf_counter() - start
+
+
+def time_contenders(contenders: list[Contender], tokens, runs: int) -> dict:
+    """Warm each workload up once, then time ``runs`` rounds, interleaving the
+    contenders' workloads within each round so that drift hits all alike."""
+    jobs = [(c, w) for c in contenders for w in workloads_of(c)]
+    times = {(c.name, w): [] for c, w in jobs}
+    extra = {}
+    with torch.inference_mode():
+        for contender, workload in jobs:
+            out = run_workload(contender, workload, tokens)
+            if workload == "cache":
+                extra[contender.name] = cache_stats(out[1])
+            del out
+            _release_memory()
+        for _ in range(runs):
+            for contender, workload in jobs:
+                start = time.perf_counter()
+                out = run_workload(contender, workload, tokens)
+                times[(contender.name, workload)].append(time.perf_counter() - start)
+                del out
+                _release_memory()
+    results = {}
+    for (name, workload), samples in times.items():
+        results.setdefault(name, {})[workload] = {
+            "median_s": statistics.median(samples),
+            "min_s": min(samples),
+            "samples_s": samples,
+        }
+    for name, stats in extra.items():
+        results[name]["cache"]["cache"] = stats
+    return results
+
+
+def forward_logits(contender: Contender, tokens):
+    with torch.inference_mode():
+        return contender.forward(tokens).float()
+
+
+def measure_memory(name: str, workload: str, tokens) -> dict:
+    """Peak RSS of one workload in this (fresh) process.
+
+    After the model is loaded, garbage is collected and freed heap returned to
+    the OS; the RSS then is the post-load RSS and the peak-RSS counter is reset
+    to it, so the peak read after the workload belongs to the workload."""
+    contender, load_s = load_contender(name)
+    _release_memory()
+    load_peak = common.maxrss_mib()
+    after_load = common.current_rss_mib()
+    reset = common.reset_peak_rss()
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up and one run, outputs freed in between
+            out = run_workload(contender, workload, tokens)
+            del out
+            _release_memory()
+    workload_peak = common.maxrss_mib()
+    if not reset:  # the counter still holds the load peak
+        workload_peak = max(workload_peak, load_peak)
+    return {
+        "contender": name,
+        "workload": workload,
+        "load_s": load_s,
+        "load_peak_mib": load_peak,
+        "rss_after_load_mib": after_load,
+        "peak_mib": workload_peak,
+        "increase_mib": workload_peak - after_load,
+        "peak_reset": reset,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("time")
+    t.add_argument("--contenders", required=True, help="comma-separated: " + ",".join(CONTENDERS))
+    t.add_argument("--runs", type=int, default=5)
+    t.add_argument("--save-logits", help="directory to save each contender's forward logits in")
+    m = sub.add_parser("mem")
+    m.add_argument("--contender", required=True, choices=list(CONTENDERS))
+    m.add_argument("--workload", required=True, choices=list(WORKLOADS))
+    for p in (t, m):
+        p.add_argument("--tokens", required=True, help="torch.save'd LongTensor [batch, pos]")
+        p.add_argument("--out", required=True, help="JSON result file")
+    args = parser.parse_args(argv)
+
+    tokens = load_tokens(args.tokens)
+    if args.command == "mem":
+        result = measure_memory(args.contender, args.workload, tokens)
+    else:
+        result = {"load_s": {}, "versions": {}}
+        contenders = []
+        for name in args.contenders.split(","):
+            contender, load_s = load_contender(name)
+            contenders.append(contender)
+            result["load_s"][name] = load_s
+            result["versions"][name] = contender.versions()
+        if args.save_logits:
+            for contender in contenders:
+                path = Path(args.save_logits) / f"{contender.name}.pt"
+                torch.save(forward_logits(contender, tokens), path)
+        result["timings"] = time_contenders(contenders, tokens, args.runs)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

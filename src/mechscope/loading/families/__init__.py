@@ -1,0 +1,24 @@
+"""Family adapters: one module per Hugging Face architecture.
+
+Each module defines ``MODEL_TYPES`` (the HF ``model_type`` values it handles),
+``DEFAULT_PREPEND_BOS`` (``True``/``False``, or ``None`` to follow the tokenizer),
+``config_from_hf(hf_config) -> ModelConfig`` and ``convert_weights(state_dict, cfg)``.
+Adding a family is adding a module and listing it here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from mechscope.errors import ConfigError
+from mechscope.loading.families import gpt2, llama
+
+_ADAPTERS: tuple[ModuleType, ...] = (gpt2, llama)
+REGISTRY: dict[str, ModuleType] = {model_type: module for module in _ADAPTERS for model_type in module.MODEL_TYPES}
+
+
+def adapter_for(model_type: str) -> ModuleType:
+    """The adapter module for a Hugging Face ``model_type``."""
+    if model_type not in REGISTRY:
+        raise ConfigError(f"model_type {model_type!r} is not supported yet; supported: {sorted(REGISTRY)}")
+    return REGISTRY[model_type]

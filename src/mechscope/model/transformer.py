@@ -1,0 +1,388 @@
+"""`HookedTransformer`: the forward pass, hooks, caching and tokenisation helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from mechscope.cache import ActivationCache
+from mechscope.errors import InputError
+from mechscope.hooks import HookedRootModule, HookFn, HookPoint, HookTarget, NamesFilter
+from mechscope.model.components import (
+    AttentionContext,
+    Embed,
+    PosEmbed,
+    TransformerBlock,
+    Unembed,
+    make_norm,
+)
+from mechscope.model.config import ModelConfig
+from mechscope.model.tokenize import PaddingSide, Tokenizer
+
+ModelInput = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"], Float[Tensor, "batch pos d_model"]]
+ReturnType = Literal["logits", "loss", "both", None]
+
+_OPT_IN_FLAGS = {
+    "hook_result": "use_attn_result",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_attn_in": "use_attn_in",
+    "hook_mlp_in": "use_hook_mlp_in",
+}
+
+
+class HookedTransformer(HookedRootModule):
+    """A decoder-only transformer with a named hook point on every activation.
+
+    Build one with `mechscope.load` (pretrained weights) or from a `ModelConfig`
+    (uninitialised weights; call `init_weights` to train from scratch).
+
+    Example:
+        >>> model = HookedTransformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64,
+        ...                                       d_vocab=50, n_ctx=16)).init_weights(seed=0)
+        >>> logits, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> logits.shape, cache["blocks.1.attn.hook_pattern"].shape
+        (torch.Size([1, 3, 50]), torch.Size([1, 4, 3, 3]))
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if cfg.positional_embedding_type == "learned":
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg)
+        self.unembed = Unembed(cfg)
+        if cfg.tie_word_embeddings:
+            self.unembed.w_u = self.embed.W_E
+        self.setup_hooks()
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.W_E.dtype
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> HookedTransformer:
+        """Random initialisation (normal weights, zero biases, unit norm weights) for training from scratch."""
+        generator = torch.Generator(device="cpu")
+        if seed is not None:
+            generator.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf.startswith("b"):
+                    param.zero_()
+                elif leaf == "w" and param.dim() == 1:
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        return self
+
+    def _opt_in_enabled(self, name: str) -> bool:
+        flag = _OPT_IN_FLAGS.get(name.rsplit(".", 1)[-1])
+        return bool(flag and getattr(self.cfg, flag))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: ModelInput,
+        return_type: ReturnType = "logits",
+        *,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        attention_mask: Tensor | None = None,
+        tokens: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide = "right",
+        loss_per_token: bool = False,
+    ):
+        """Run the model.
+
+        Args:
+            input: a string, a list of strings, token ids ``[batch, pos]`` (or ``[pos]``), or with
+                ``start_at_layer`` the residual stream ``[batch, pos, d_model]`` entering that layer.
+            return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``
+                (``(logits, loss)``) or ``None``.
+            start_at_layer: begin at this block, reading the residual stream from ``input``.
+            stop_at_layer: stop before this block and return the residual stream entering it.
+            attention_mask: ``[batch, pos]``, 1 for real tokens and 0 for padding. Built
+                automatically for lists of strings.
+            tokens: the token ids, needed for the loss when ``start_at_layer`` is set.
+            prepend_bos, padding_side: tokenisation of string input (see `to_tokens`).
+            loss_per_token: return the loss at every position ``[batch, pos - 1]`` instead of the mean.
+
+        Example:
+            >>> resid = model(tokens, stop_at_layer=2)                  # doctest: +SKIP
+            >>> logits = model(resid, start_at_layer=2)                 # doctest: +SKIP
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        n_layers = self.cfg.n_layers
+        start = self._layer_index(start_at_layer, "start_at_layer", 0)
+        stop = self._layer_index(stop_at_layer, "stop_at_layer", n_layers)
+        if start > stop:
+            raise InputError(f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer}")
+        if start_at_layer is None:
+            tokens, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+            batch, seq = tokens.shape
+            ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device)
+            resid = self.hook_embed(self.embed(tokens))
+            if self.cfg.positional_embedding_type == "learned":
+                resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
+        else:
+            if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
+                raise InputError(
+                    f"with start_at_layer, input must be the residual stream [batch, pos, {self.cfg.d_model}], "
+                    f"got {getattr(input, 'shape', type(input).__name__)}"
+                )
+            resid = input
+            batch, seq = input.shape[:2]
+            attention_mask = self._check_mask(attention_mask, (batch, seq))
+            ctx = AttentionContext.build(attention_mask, batch, seq, input.device)
+        for block in self.blocks[start:stop]:
+            resid = block(resid, ctx)
+        if stop_at_layer is not None:
+            return resid
+        if self.ln_final is not None:
+            resid = self.ln_final(resid)
+        logits = self.unembed(resid)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise InputError("the loss needs the token ids: pass tokens=... when starting at a layer")
+        loss = next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _layer_index(self, value: int | None, what: str, default: int) -> int:
+        n = self.cfg.n_layers
+        if value is None:
+            return default
+        index = value + n if value < 0 else value
+        if not 0 <= index <= n:
+            raise InputError(f"{what}={value} is out of range for a model with {n} layers")
+        return index
+
+    def _check_mask(self, attention_mask: Tensor | None, shape: tuple[int, int]) -> Tensor | None:
+        if attention_mask is None:
+            return None
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}")
+        return attention_mask.to(device=self.device, dtype=torch.bool)
+
+    def _tokens_and_mask(
+        self, input: ModelInput, attention_mask: Tensor | None, prepend_bos: bool | None, padding_side: PaddingSide
+    ) -> tuple[Tensor, Tensor | None]:
+        if isinstance(input, (str, list, tuple)):
+            if attention_mask is not None:
+                raise InputError("attention_mask is built from string input; pass token ids to give your own")
+            tokens, mask = self._tokenizer().encode(input, prepend_bos, padding_side, self._max_length())
+            return tokens.to(self.device), None if mask is None else mask.to(self.device)
+        if not isinstance(input, Tensor):
+            raise InputError(f"expected a string, a list of strings or a token tensor, got {type(input).__name__}")
+        if input.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(
+                f"token ids must be an integer tensor, got {input.dtype}; "
+                "to feed the residual stream, pass start_at_layer"
+            )
+        tokens = input[None] if input.dim() == 1 else input
+        if tokens.dim() != 2:
+            raise InputError(f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise InputError(f"token ids must lie in [0, {self.cfg.d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens.to(self.device, torch.long), self._check_mask(attention_mask, tuple(tokens.shape))
+
+    def _max_length(self) -> int | None:
+        return self.cfg.n_ctx if self.cfg.positional_embedding_type == "learned" else None
+
+    # ------------------------------------------------------------------ hooks
+    def run_with_hooks(
+        self,
+        *args,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
+        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
+        **kwargs,
+    ):
+        """Run `forward` with temporary hooks, removed afterwards even if the forward raises.
+
+        Example:
+            >>> def zero_head_3(z, *, hook):                                          # doctest: +SKIP
+            ...     z[:, :, 3] = 0
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_3)])  # doctest: +SKIP
+        """
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(
+        self,
+        *args,
+        names_filter: NamesFilter = None,
+        device: torch.device | str | None = None,
+        incl_bwd: bool = False,
+        **kwargs,
+    ) -> tuple[object, ActivationCache]:
+        """Run `forward` and cache the activations selected by ``names_filter``.
+
+        ``names_filter``: ``None`` caches every hook point that runs by default; a name, a list
+        of names or a callable ``fn(name) -> bool`` selects (opt-in points included when named).
+        ``device`` moves cached tensors (e.g. ``"cpu"``). With ``incl_bwd`` the output must be a
+        scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
+
+        Example:
+            >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))  # doctest: +SKIP
+        """
+        store: dict[str, Tensor] = {}
+
+        def save(tensor: Tensor, *, hook: HookPoint, suffix: str = "") -> None:
+            tensor = tensor.detach()
+            store[hook.name + suffix] = tensor if device is None else tensor.to(device)
+
+        def save_grad(grad: Tensor, *, hook: HookPoint) -> None:
+            save(grad, hook=hook, suffix="_grad")
+
+        names = self.hook_names(names_filter)
+        fwd = [(name, save) for name in names]
+        bwd = [(name, save_grad) for name in names] if incl_bwd else None
+        with self.hooks(fwd, bwd):
+            out = self(*args, **kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    raise InputError("incl_bwd=True needs a scalar output: use return_type='loss' or a metric")
+                out.backward()
+        return out, ActivationCache(store, self)
+
+    # ------------------------------------------------------------------ tokens
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass token ids, or load it with mechscope.load")
+        return self.tokenizer
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide = "right",
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]``; lists of strings are padded on ``padding_side``.
+
+        ``prepend_bos=None`` follows the model's convention (``cfg.default_prepend_bos``).
+
+        Example:
+            >>> model.to_tokens("Hello world", prepend_bos=False)   # doctest: +SKIP
+            tensor([[19556,   905]])
+        """
+        tokens, _ = self._tokenizer().encode(input, prepend_bos, padding_side, self._max_length() if truncate else None)
+        return tokens.to(self.device) if move_to_device else tokens
+
+    def to_str_tokens(
+        self, input: str | list[str] | Tensor, prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """The text of each token: a list for one string or a 1-D / single-row tensor, else a list of lists.
+
+        Example:
+            >>> model.to_str_tokens("Hello world", prepend_bos=False)  # doctest: +SKIP
+            ['Hello', ' world']
+        """
+        tok = self._tokenizer()
+        if isinstance(input, list):
+            return [self.to_str_tokens(text, prepend_bos) for text in input]
+        if isinstance(input, str):
+            tokens, _ = tok.encode(input, prepend_bos)
+            return tok.decode_each(tokens[0])
+        if isinstance(input, Tensor):
+            if input.dim() == 2 and input.shape[0] == 1:
+                input = input[0]
+            if input.dim() == 1:
+                return tok.decode_each(input)
+            if input.dim() == 2:
+                return [tok.decode_each(row) for row in input]
+        raise InputError(f"expected a string, a list of strings or a 1-D/2-D token tensor, got {type(input).__name__}")
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        """Decode token ids: a string for ``[pos]``, a list of strings for ``[batch, pos]``."""
+        tokens = torch.as_tensor(tokens)
+        tok = self._tokenizer()
+        if tokens.dim() == 1:
+            return tok.decode(tokens)
+        if tokens.dim() == 2:
+            return [tok.decode(row) for row in tokens]
+        raise InputError(f"expected [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}")
+
+    def to_single_token(self, string: str) -> int:
+        """The id of ``string``, which must be exactly one token (no BOS added).
+
+        Example:
+            >>> model.to_single_token(" Mary")  # doctest: +SKIP
+            8346
+        """
+        tokens, _ = self._tokenizer().encode(string, prepend_bos=False)
+        if tokens.shape[-1] != 1:
+            pieces = self._tokenizer().decode_each(tokens[0])
+            raise InputError(f"{string!r} is {tokens.shape[-1]} tokens {pieces}, not one")
+        return int(tokens[0, 0])
+
+    # ------------------------------------------------------------------ config toggles
+    def set_use_attn_result(self, value: bool) -> None:
+        """Compute ``blocks.{l}.attn.hook_result`` on every forward (it also runs whenever hooked)."""
+        self.cfg.use_attn_result = value
+
+    def set_use_split_qkv_input(self, value: bool) -> None:
+        """Compute ``blocks.{l}.hook_q_input/hook_k_input/hook_v_input`` on every forward."""
+        self.cfg.use_split_qkv_input = value
+
+    def set_use_attn_in(self, value: bool) -> None:
+        self.cfg.use_attn_in = value
+
+    def set_use_hook_mlp_in(self, value: bool) -> None:
+        self.cfg.use_hook_mlp_in = value
+
+
+def next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None = None,
+    per_token: bool = False,
+) -> Tensor:
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, skipping padding.
+
+    Example:
+        >>> next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]])).item() == torch.log(torch.tensor(4.)).item()
+        True
+    """
+    if tokens.shape != logits.shape[:2]:
+        raise InputError(f"tokens {tuple(tokens.shape)} do not match logits {tuple(logits.shape[:2])}")
+    if tokens.shape[1] < 2:
+        raise InputError("the loss needs at least two tokens per sequence")
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_pos = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+    if per_token:
+        return per_pos
+    if attention_mask is None:
+        return per_pos.mean()
+    valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).to(per_pos.dtype)
+    return (per_pos * valid).sum() / valid.sum().clamp(min=1)
