@@ -9,6 +9,7 @@ gradient of the activation.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,12 +92,14 @@ class HookPoint(nn.Module):
         if self._bwd and x.requires_grad:
             # A fresh autograd node, so that a tensor shared by two hook points (e.g. resid_post
             # of one block and resid_pre of the next) reports its gradient to each separately.
+            # The hooks attached now are bound now: a backward pass after `run_with_hooks` or a
+            # `hooks()` block has returned still runs them.
             x = x.view_as(x)
-            x.register_hook(self._run_bwd_hooks)
+            x.register_hook(functools.partial(self._run_bwd_hooks, tuple(self._bwd)))
         return x
 
-    def _run_bwd_hooks(self, grad: torch.Tensor) -> torch.Tensor:
-        for handle in tuple(self._bwd):
+    def _run_bwd_hooks(self, handles: tuple[HookHandle, ...], grad: torch.Tensor) -> torch.Tensor:
+        for handle in handles:
             out = handle.fn(grad, hook=self)
             if out is not None:
                 _check_replacement(self.name, "gradient", grad, out)

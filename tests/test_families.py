@@ -1,0 +1,114 @@
+"""Each family, built as a tiny random `transformers` model, gives the same logits in mechscope."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import mechscope as ms
+from tests.conftest import save_hf_model
+
+VOCAB = 97
+
+
+def gpt2(**kw):
+    base = dict(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=40)
+    return GPT2Config(**{**base, **kw})
+
+
+def llama(**kw):
+    base = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**base, **kw})
+
+
+CASES = {
+    "gpt2": lambda: gpt2(),
+    "gpt2-odd-sizes": lambda: gpt2(n_embd=30, n_head=5, n_inner=37, n_layer=2),
+    "gpt2-untied-relu": lambda: gpt2(tie_word_embeddings=False, activation_function="relu"),
+    "gpt2-gelu-exact": lambda: gpt2(activation_function="gelu", scale_attn_weights=False),
+    "llama-mha-untied": lambda: llama(),
+    "llama-gqa-tied": lambda: llama(num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-mqa": lambda: llama(num_key_value_heads=1),
+    "llama-biases": lambda: llama(num_key_value_heads=3, attention_bias=True, mlp_bias=True),
+    "llama-head-dim": lambda: llama(head_dim=12, num_attention_heads=3, num_key_value_heads=1, intermediate_size=53),
+    "llama-rope-llama3": lambda: llama(
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    ),
+    "llama-rope-linear": lambda: llama(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 777.0}),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    ),
+    "mistral-window": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model = save_hf_model(CASES[request.param](), path, seed=len(request.param))
+    return hf_model, ms.load(path, device="cpu")
+
+
+def _tokens(seed: int, batch: int = 3, seq: int = 17) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "eager"])
+def test_logits_match_transformers(pair, implementation):
+    hf_model, model = pair
+    tokens = _tokens(0)
+    model.cfg.attn_implementation = implementation
+    try:
+        with torch.no_grad():
+            expected = hf_model(tokens).logits
+            actual = model(tokens)
+    finally:
+        model.cfg.attn_implementation = "auto"
+    assert expected.abs().max() > 0.5, "reference logits are too small to test anything"
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_pattern_path_matches_transformers(pair):
+    """Caching the attention pattern forces the explicit path; logits stay equal."""
+    hf_model, model = pair
+    tokens = _tokens(1, batch=2, seq=13)
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+    assert torch.all(pattern.triu(1) == 0)
+
+
+def test_conversion_rejects_missing_and_unexpected_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_hf_model(llama(), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}, tmp_path / "model.safetensors")
+    with pytest.raises(ms.WeightConversionError, match=r"missing 'layers\.1\.mlp\.up_proj\.weight'"):
+        ms.load(tmp_path, device="cpu")
+    save_file({**weights, "model.layers.0.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ms.WeightConversionError, match="unexpected keys.*extra"):
+        ms.load(tmp_path, device="cpu")
+    weights["model.norm.weight"] = torch.zeros(3)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ms.WeightConversionError, match=r"'norm\.weight' has shape \(3,\), expected \(48,\)"):
+        ms.load(tmp_path, device="cpu")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(Exception, match="bert"):
+        ms.load(tmp_path, device="cpu")

@@ -1,0 +1,120 @@
+"""Forward-pass options: partial runs, padding, loss, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mechscope as ms
+from tests.conftest import tiny_model
+
+TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [8, 9, 7, 9, 3, 2, 38, 1]])
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3, -1])
+def test_stop_then_start_reproduces_the_full_forward(small_model, split):
+    resid = small_model(TOKENS, stop_at_layer=split)
+    assert resid.shape == (*TOKENS.shape, small_model.cfg.d_model)
+    torch.testing.assert_close(small_model(resid, start_at_layer=split), small_model(TOKENS))
+
+
+def test_stop_at_layer_returns_the_cached_residual(small_model):
+    _, cache = small_model.run_with_cache(TOKENS)
+    torch.testing.assert_close(small_model(TOKENS, stop_at_layer=2), cache["blocks.2.hook_resid_pre"])
+
+
+@pytest.mark.parametrize("implementation", ["auto", "eager"])
+def test_left_padding_matches_each_prompt_alone(small_model, implementation):
+    lengths = [8, 3, 5]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, small_model.cfg.d_vocab, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    small_model.cfg.attn_implementation = implementation
+    try:
+        batched = small_model(tokens, attention_mask=mask)
+        for i, p in enumerate(prompts):
+            alone = small_model(p[None])
+            torch.testing.assert_close(batched[i, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i, width - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    finally:
+        small_model.cfg.attn_implementation = "auto"
+    assert torch.isfinite(batched).all()
+
+
+def test_right_padding_keeps_real_positions_exact(small_model):
+    short = TOKENS[1, :4]
+    tokens = torch.stack([TOKENS[0], torch.cat([short, torch.zeros(4, dtype=torch.long)])])
+    mask = torch.ones_like(tokens)
+    mask[1, 4:] = 0
+    out = small_model(tokens, attention_mask=mask)
+    torch.testing.assert_close(out[1, :4], small_model(short[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_next_token_cross_entropy(small_model):
+    logits, loss = small_model(TOKENS, return_type="both")
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    per_token = small_model(TOKENS, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (2, 7)
+    torch.testing.assert_close(per_token.mean(), expected)
+    assert small_model(TOKENS, return_type=None) is None
+
+
+def test_masked_loss_ignores_padding(small_model):
+    mask = torch.ones_like(TOKENS)
+    mask[1, :5] = 0
+    loss = small_model(TOKENS, return_type="loss", attention_mask=mask)
+    per_token = small_model(TOKENS, return_type="loss", attention_mask=mask, loss_per_token=True)
+    valid = torch.ones_like(per_token, dtype=torch.bool)
+    valid[1, :5] = False
+    torch.testing.assert_close(loss, per_token[valid].mean())
+
+
+def test_bad_inputs_raise_clear_errors(small_model):
+    with pytest.raises(ms.InputError, match="token ids must lie in"):
+        small_model(torch.tensor([[0, small_model.cfg.d_vocab]]))
+    with pytest.raises(ms.InputError, match="integer tensor"):
+        small_model(torch.zeros(1, 3))
+    with pytest.raises(ms.InputError, match="residual stream"):
+        small_model(TOKENS, start_at_layer=1)
+    with pytest.raises(ms.InputError, match="out of range"):
+        small_model(TOKENS, stop_at_layer=7)
+    with pytest.raises(ms.InputError, match="attention_mask has shape"):
+        small_model(TOKENS, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ms.InputError, match="return_type"):
+        small_model(TOKENS, return_type="probs")
+    with pytest.raises(ms.InputError, match="no tokenizer"):
+        small_model("hello")
+
+
+def test_learned_positions_beyond_n_ctx_raise():
+    model = tiny_model(n_ctx=6)
+    with pytest.raises(IndexError, match="n_ctx=6"):
+        model(torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_sliding_window_limits_attention():
+    model = tiny_model(sliding_window=3, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    _, cache = model.run_with_cache(TOKENS, names_filter="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    q, k = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert torch.all(pattern[..., (k <= q - 3) | (k > q)] == 0)
+    assert torch.all(pattern[..., (k > q - 3) & (k <= q)] > 0)
+    torch.testing.assert_close(model(TOKENS), model.run_with_cache(TOKENS)[0])
+
+
+def test_config_validation():
+    with pytest.raises(ms.ConfigError, match="n_key_value_heads=3 must divide n_heads=4"):
+        ms.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_key_value_heads=3, d_mlp=8, d_vocab=5, n_ctx=4)
+    with pytest.raises(ms.ConfigError, match="act_fn"):
+        ms.ModelConfig(d_model=32, n_layers=1, n_heads=4, d_mlp=8, d_vocab=5, n_ctx=4, act_fn="tanh")
+    cfg = ms.ModelConfig(d_model=32, n_layers=1, n_heads=4, d_mlp=8, d_vocab=5, n_ctx=4)
+    assert ms.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ms.ConfigError, match="unknown ModelConfig fields"):
+        ms.ModelConfig.from_dict({**cfg.to_dict(), "d_modle": 3})

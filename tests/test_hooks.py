@@ -1,0 +1,188 @@
+"""Hook points: each fires once, edits propagate, bad hooks and names fail loudly, cleanup is guaranteed."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import mechscope as ms
+from tests.conftest import tiny_model
+
+TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35], [8, 9, 7, 9, 3, 2, 38]])
+
+
+def test_every_hook_fires_exactly_once(small_model):
+    counts: Counter[str] = Counter()
+
+    def count(x, *, hook):
+        counts[hook.name] += 1
+
+    default = small_model.hook_names()
+    small_model.run_with_hooks(TOKENS, fwd_hooks=[(lambda name: True, count)])
+    assert set(counts) == set(small_model.hook_dict)  # opt-in points run once hooked
+    assert all(c == 1 for c in counts.values()), counts
+    assert not any(small_model.hook_dict[n].opt_in for n in default)
+
+
+def test_cache_shapes_follow_the_design(small_model):
+    cfg = small_model.cfg
+    b, p = TOKENS.shape
+    h, kv, dh, d, m = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    _, cache = small_model.run_with_cache(TOKENS, names_filter=lambda n: True)
+    expected = {
+        "hook_embed": (b, p, d),
+        "blocks.1.hook_resid_pre": (b, p, d),
+        # With the per-head q/k/v inputs running, ln1 normalises all of them in one call.
+        "blocks.1.ln1.hook_scale": (b, p, h + 2 * kv, 1),
+        "blocks.1.ln2.hook_scale": (b, p, 1),
+        "blocks.1.ln2.hook_normalized": (b, p, d),
+        "blocks.1.attn.hook_q": (b, p, h, dh),
+        "blocks.1.attn.hook_k": (b, p, kv, dh),
+        "blocks.1.attn.hook_v": (b, p, kv, dh),
+        "blocks.1.attn.hook_attn_scores": (b, h, p, p),
+        "blocks.1.attn.hook_pattern": (b, h, p, p),
+        "blocks.1.attn.hook_z": (b, p, h, dh),
+        "blocks.1.attn.hook_result": (b, p, h, d),
+        "blocks.1.hook_attn_out": (b, p, d),
+        "blocks.1.hook_resid_mid": (b, p, d),
+        "blocks.1.mlp.hook_pre": (b, p, m),
+        "blocks.1.mlp.hook_post": (b, p, m),
+        "blocks.1.hook_mlp_out": (b, p, d),
+        "blocks.1.hook_resid_post": (b, p, d),
+        "blocks.1.hook_q_input": (b, p, h, d),
+        "blocks.1.hook_k_input": (b, p, kv, d),
+        "blocks.1.hook_v_input": (b, p, kv, d),
+        "blocks.1.hook_attn_in": (b, p, d),
+        "blocks.1.hook_mlp_in": (b, p, d),
+        "ln_final.hook_scale": (b, p, 1),
+        "ln_final.hook_normalized": (b, p, d),
+    }
+    if cfg.positional_embedding_type == "learned":
+        expected["hook_pos_embed"] = (b, p, d)
+    else:
+        expected["blocks.1.attn.hook_rot_q"] = (b, p, h, dh)
+        expected["blocks.1.attn.hook_rot_k"] = (b, p, kv, dh)
+    if cfg.gated_mlp:
+        expected["blocks.1.mlp.hook_pre_linear"] = (b, p, m)
+    for name, shape in expected.items():
+        assert tuple(cache[name].shape) == shape, name
+
+
+def test_opt_in_hooks_do_not_change_the_output(small_model):
+    plain = small_model(TOKENS)
+    logits, cache = small_model.run_with_cache(
+        TOKENS, names_filter=lambda n: n.endswith(("_input", "hook_result", "hook_attn_in", "hook_mlp_in"))
+    )
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+    _, full = small_model.run_with_cache(TOKENS)
+    b_o = small_model.blocks[2].attn.b_o
+    result = cache["blocks.2.attn.hook_result"].sum(-2) + (0 if b_o is None else b_o)
+    torch.testing.assert_close(result, full["blocks.2.hook_attn_out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache["blocks.0.hook_q_input"][:, :, 1], full["blocks.0.hook_resid_pre"])
+
+
+def test_default_cache_skips_opt_in_points(small_model):
+    _, cache = small_model.run_with_cache(TOKENS)
+    assert "blocks.0.attn.hook_result" not in cache
+    small_model.set_use_attn_result(True)
+    try:
+        _, cache = small_model.run_with_cache(TOKENS)
+    finally:
+        small_model.set_use_attn_result(False)
+    assert "blocks.0.attn.hook_result" in cache
+
+
+def test_split_qkv_input_edits_reach_only_their_head():
+    model = tiny_model(n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary")
+
+    def bump_head_1(x, *, hook):
+        x = x.clone()
+        x[:, :, 1] += 1.0
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_q_input", lambda x, *, hook: None)]):
+        _, clean = model.run_with_cache(TOKENS, names_filter="blocks.1.attn.hook_q")
+    torch.testing.assert_close(clean["blocks.1.attn.hook_q"], model.run_with_cache(TOKENS)[1]["blocks.1.attn.hook_q"])
+    with model.hooks(fwd_hooks=[("blocks.1.hook_q_input", bump_head_1)]):
+        _, edited = model.run_with_cache(TOKENS, names_filter="blocks.1.attn.hook_q")
+    diff = (edited["blocks.1.attn.hook_q"] - clean["blocks.1.attn.hook_q"]).abs().amax(dim=(0, 1, 3))
+    assert diff[1] > 1e-3
+    assert torch.all(diff[[0, 2, 3]] == 0)
+
+
+def test_replacing_an_activation_changes_downstream(small_model):
+    def zero(x, *, hook):
+        return torch.zeros_like(x)
+
+    logits = small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.hook_attn_out", zero)])
+    _, cache = small_model.run_with_cache(TOKENS)
+    with small_model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", zero)]):
+        _, ablated = small_model.run_with_cache(TOKENS, names_filter=["blocks.0.hook_resid_mid"])
+    torch.testing.assert_close(ablated["blocks.0.hook_resid_mid"], cache["blocks.0.hook_resid_pre"])
+    assert not torch.allclose(logits, small_model(TOKENS))
+
+
+def test_wrong_replacement_shape_names_hook_and_shapes(small_model):
+    with pytest.raises(ms.HookError, match=r"blocks\.1\.attn\.hook_z.*\(2, 7\).*\(2, 7, 4, 8\)"):
+        small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.attn.hook_z", lambda z, *, hook: z[..., 0, 0])])
+    with pytest.raises(ms.HookError, match="dtype"):
+        small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, *, hook: x.double())])
+
+
+def test_unknown_hook_name_suggests_closest(small_model):
+    with pytest.raises(ms.HookNameError, match=r"blocks\.1\.attn\.hook_z"):
+        small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.attn.hook_zz", lambda x, *, hook: x)])
+    with pytest.raises(ms.HookNameError, match=r"blocks\.0\.hook_resid_pre"):
+        small_model.run_with_cache(TOKENS, names_filter=["blocks.0.resid_pre"])
+    with pytest.raises(ms.HookNameError, match="matched no hook point"):
+        small_model.run_with_hooks(TOKENS, fwd_hooks=[(lambda n: n.endswith("nothing"), lambda x, *, hook: x)])
+
+
+def test_hooks_are_removed_when_the_body_raises(small_model):
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with small_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, *, hook: x * 0)]):
+            raise Boom
+    with pytest.raises(ms.HookError):
+        small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, *, hook: x[0])])
+    assert not any(p.has_hooks for p in small_model.hook_dict.values())
+
+
+def test_persistent_hooks_survive_reset_unless_asked(small_model):
+    calls = []
+    small_model.add_hook("blocks.0.hook_resid_post", lambda x, *, hook: calls.append(1), persistent=True)
+    small_model.reset_hooks()
+    small_model(TOKENS)
+    assert calls == [1]
+    small_model.reset_hooks(including_permanent=True)
+    small_model(TOKENS)
+    assert calls == [1]
+
+
+def test_backward_hooks_and_gradient_cache(small_model):
+    small_model.zero_grad()
+    loss, cache = small_model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True,
+                                             names_filter=["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",
+                                                           "blocks.1.attn.hook_z"])
+    grad_pre = cache["blocks.1.hook_resid_pre_grad"]
+    torch.testing.assert_close(grad_pre, cache["blocks.0.hook_resid_post_grad"])
+
+    # Compare with autograd on a leaf residual stream fed in at layer 1.
+    resid = small_model(TOKENS, stop_at_layer=1).detach().requires_grad_(True)
+    small_model(resid, start_at_layer=1, return_type="loss", tokens=TOKENS).backward()
+    torch.testing.assert_close(grad_pre, resid.grad, atol=1e-6, rtol=1e-5)
+
+    seen = []
+    small_model.run_with_hooks(TOKENS, return_type="loss",
+                               bwd_hooks=[("blocks.1.attn.hook_z", lambda g, *, hook: seen.append(g.shape))]).backward()
+    assert seen == [cache["blocks.1.attn.hook_z"].shape]
+    small_model.zero_grad()
+
+
+def test_incl_bwd_needs_a_scalar(small_model):
+    with pytest.raises(ms.InputError, match="scalar"):
+        small_model.run_with_cache(TOKENS, incl_bwd=True)
