@@ -75,8 +75,10 @@ class ActivationCache:
     (``cache["z", 0]``, ``cache["scale", 2, "ln1"]``).
 
     Example:
-        >>> logits, cache = model.run_with_cache(tokens)                          # doctest: +SKIP
-        >>> resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # doctest: +SKIP
+        >>> logits, cache = model.run_with_cache(tokens)
+        >>> resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+        >>> labels
+        ['0_pre', '1_pre', '2_pre', 'final_post']
     """
 
     def __init__(self, cache_dict: dict[str, Tensor], model: HookedTransformer, has_batch_dim: bool = True) -> None:

@@ -187,7 +187,8 @@ class HookedRootModule(nn.Module):
         """Attach ``fn`` to the hook point ``name`` (or every point a callable filter selects).
 
         Example:
-            >>> handles = model.add_hook("blocks.0.hook_resid_pre", lambda x, *, hook: x)  # doctest: +SKIP
+            >>> handles = model.add_hook("blocks.0.hook_resid_pre", lambda x, *, hook: x * 2)
+            >>> model.reset_hooks()
         """
         return [p.add_hook(fn, dir, persistent) for p in self._points(name)]
 
@@ -205,7 +206,7 @@ class HookedRootModule(nn.Module):
         """Attach hooks for the duration of a ``with`` block; they are removed even if it raises.
 
         Example:
-            >>> with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", fn)]):  # doctest: +SKIP
+            >>> with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", fn)]):
             ...     logits = model(tokens)
         """
         handles: list[HookHandle] = []

@@ -134,8 +134,9 @@ class HookedTransformer(HookedRootModule):
             loss_per_token: return the loss at every position ``[batch, pos - 1]`` instead of the mean.
 
         Example:
-            >>> resid = model(tokens, stop_at_layer=2)                  # doctest: +SKIP
-            >>> logits = model(resid, start_at_layer=2)                 # doctest: +SKIP
+            >>> resid = model(tokens, stop_at_layer=2)
+            >>> torch.equal(model(resid, start_at_layer=2), model(tokens))
+            True
         """
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -229,9 +230,9 @@ class HookedTransformer(HookedRootModule):
         """Run `forward` with temporary hooks, removed afterwards even if the forward raises.
 
         Example:
-            >>> def zero_head_3(z, *, hook):                                          # doctest: +SKIP
+            >>> def zero_head_3(z, *, hook):
             ...     z[:, :, 3] = 0
-            >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_3)])  # doctest: +SKIP
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_3)])
         """
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(*args, **kwargs)
@@ -252,7 +253,9 @@ class HookedTransformer(HookedRootModule):
         scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
 
         Example:
-            >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))  # doctest: +SKIP
+            >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+            >>> cache["blocks.0.attn.hook_z"].shape
+            torch.Size([1, 4, 4, 8])
         """
         store: dict[str, Tensor] = {}
 
