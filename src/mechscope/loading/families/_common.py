@@ -9,6 +9,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, WeightConversionError
 from mechscope.hooks import closest_names
+from mechscope.model.config import ModelConfig
 
 HF_ACTIVATIONS = {
     "gelu_new": "gelu_new",
@@ -64,6 +65,15 @@ class StateDictReader:
             )
         self.used.add(key)
         return tensor
+
+    def take_unembed(self, key: str, cfg: ModelConfig) -> dict[str, Tensor]:
+        """The unembedding; with tied embeddings the key is optional (checked, then unused)."""
+        shape = (cfg.d_vocab, cfg.d_model)
+        if not cfg.tie_word_embeddings:
+            return {"unembed.w_u": self.take(key, shape)}
+        if self.has(key):
+            self.take(key, shape)
+        return {}
 
     def finish(self) -> None:
         extra = sorted(k for k in self.state_dict if k not in self.used and not self.ignore(k))

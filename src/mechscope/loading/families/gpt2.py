@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError
@@ -81,10 +80,6 @@ def convert_weights(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str
                 dst + "mlp.b_out": r.take(src + "mlp.c_proj.bias", (d,)),
             }
         )
-    if cfg.tie_word_embeddings:
-        if r.has("lm_head.weight"):
-            r.take("lm_head.weight", (v, d))
-    else:
-        out["unembed.w_u"] = r.take("lm_head.weight", (v, d))
+    out.update(r.take_unembed("lm_head.weight", cfg))
     r.finish()
-    return {key: value.contiguous() if isinstance(value, torch.Tensor) else value for key, value in out.items()}
+    return {key: value.contiguous() for key, value in out.items()}  # transposed views -> [out, in] storage

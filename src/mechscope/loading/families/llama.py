@@ -107,10 +107,6 @@ def convert_weights(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str
             out[dst + "mlp.b_gate"] = r.take(mlp + "gate_proj.bias", (m,))
             out[dst + "mlp.b_in"] = r.take(mlp + "up_proj.bias", (m,))
             out[dst + "mlp.b_out"] = r.take(mlp + "down_proj.bias", (d,))
-    if cfg.tie_word_embeddings:
-        if r.has("lm_head.weight"):
-            r.take("lm_head.weight", (v, d))
-    else:
-        out["unembed.w_u"] = r.take("lm_head.weight", (v, d))
+    out.update(r.take_unembed("lm_head.weight", cfg))
     r.finish()
     return out
