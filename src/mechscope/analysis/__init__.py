@@ -1,0 +1,1 @@
+"""Reading mechanisms: logit attribution, logit lens, head detectors, weight-space analysis, MLP linearisation."""

@@ -1,0 +1,1 @@
+"""Text corpora and task datasets (IOI, induction, greater-than, factual recall)."""

@@ -1,0 +1,1 @@
+"""Localising behaviour: activation patching, path patching, attribution patching (AtP, AtP*)."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: architectures, activation store, trainer, evaluation, file formats, splicing."""

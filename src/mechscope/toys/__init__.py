@@ -1,0 +1,1 @@
+"""Toy models that reproduce classic results: grokking, superposition, induction heads."""

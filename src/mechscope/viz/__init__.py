@@ -1,0 +1,1 @@
+"""Self-contained HTML views: attention patterns, token colouring, heatmaps."""
