@@ -83,3 +83,15 @@ def test_remove_batch_dim_and_nbytes(small_model):
     assert cache["blocks.0.hook_resid_post"].data_ptr() == cache["blocks.1.hook_resid_pre"].data_ptr()
     naive = sum(t.numel() * t.element_size() for t in cache.values())
     assert 0 < cache.nbytes() < naive
+
+
+def test_attention_only_model_decomposes():
+    from tests.conftest import tiny_model
+
+    model = tiny_model(attn_only=True)
+    assert not any("mlp" in name or "resid_mid" in name for name in model.hook_dict)
+    _, cache = model.run_with_cache(TOKENS)
+    stack, labels = cache.decompose_resid(return_labels=True)
+    assert labels == ["embed", "pos_embed", "0_attn_out", "1_attn_out", "2_attn_out"]
+    torch.testing.assert_close(stack.sum(0), cache["resid_post", 2], atol=1e-5, rtol=1e-5)
+    assert cache.accumulated_resid(incl_mid=True).shape[0] == 4

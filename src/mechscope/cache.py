@@ -190,7 +190,7 @@ class ActivationCache:
         """
         n = self.model.cfg.n_layers
         layer = n if layer is None or layer == -1 else layer
-        parallel = self.model.cfg.parallel_attn_mlp
+        has_mid = not (self.model.cfg.parallel_attn_mlp or self.model.cfg.attn_only)
         components, labels = [], []
         for layer_ in range(layer + 1):
             if layer_ == n:
@@ -199,7 +199,7 @@ class ActivationCache:
                 continue
             components.append(self["resid_pre", layer_])
             labels.append(f"{layer_}_pre")
-            if not parallel and ((incl_mid and layer_ < layer) or (mlp_input and layer_ == layer)):
+            if has_mid and ((incl_mid and layer_ < layer) or (mlp_input and layer_ == layer)):
                 components.append(self["resid_mid", layer_])
                 labels.append(f"{layer_}_mid")
         stack = _slice_pos(torch.stack(components), pos_slice, _POS_DIM)
@@ -238,7 +238,7 @@ class ActivationCache:
             if mode != "mlp":
                 components.append(self["attn_out", layer_])
                 labels.append(f"{layer_}_attn_out")
-            if mode != "attn" and layer_ < layer:
+            if mode != "attn" and layer_ < layer and not cfg.attn_only:
                 components.append(self["mlp_out", layer_])
                 labels.append(f"{layer_}_mlp_out")
         stack = _slice_pos(torch.stack(components), pos_slice, _POS_DIM)

@@ -359,19 +359,21 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
+        self.ln1 = make_norm(cfg)
         self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_in = HookPoint(opt_in=True)
         self.hook_q_input = HookPoint(opt_in=True)
         self.hook_k_input = HookPoint(opt_in=True)
         self.hook_v_input = HookPoint(opt_in=True)
         self.hook_attn_out = HookPoint()
-        if not cfg.parallel_attn_mlp:
-            self.hook_resid_mid = HookPoint()
-        self.hook_mlp_in = HookPoint(opt_in=True)
-        self.hook_mlp_out = HookPoint()
+        if not cfg.attn_only:
+            self.ln2 = make_norm(cfg)
+            self.mlp = MLP(cfg)
+            if not cfg.parallel_attn_mlp:
+                self.hook_resid_mid = HookPoint()
+            self.hook_mlp_in = HookPoint(opt_in=True)
+            self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def _norm(self, norm: nn.Module | None, x: Tensor) -> Tensor:
@@ -402,6 +404,8 @@ class TransformerBlock(nn.Module):
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Tensor:
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self.attn(*self._attention_inputs(resid_pre), ctx))
+        if self.cfg.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
         resid = resid_pre if self.cfg.parallel_attn_mlp else self.hook_resid_mid(resid_pre + attn_out)
         mlp_in = resid
         if self.cfg.use_hook_mlp_in or self.hook_mlp_in.has_hooks:

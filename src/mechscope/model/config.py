@@ -82,6 +82,8 @@ class ModelConfig:
     """If true the unembedding is the transposed embedding (one shared tensor)."""
     sliding_window: int | None = None
     """If set, each query attends only to the last ``sliding_window`` positions (itself included)."""
+    attn_only: bool = False
+    """If true blocks have attention but no MLP (and no ``ln2``, ``hook_resid_mid`` or MLP hooks)."""
     parallel_attn_mlp: bool = False
     """If true attention and MLP both read ``resid_pre`` and their outputs are added together
     (GPT-J / GPT-NeoX); there is then no ``hook_resid_mid``."""
