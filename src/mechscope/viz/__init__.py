@@ -1,1 +1,15 @@
-"""Self-contained HTML views: attention patterns, token colouring, heatmaps."""
+"""Self-contained HTML views: attention patterns, token colouring, heatmaps.
+
+Every view is one HTML document with inline CSS and JavaScript (nothing is fetched when it is
+opened) and every token string in it is escaped.
+
+Example:
+    >>> from mechscope.viz import attention_heads_html, colored_tokens_html, save_html
+    >>> doc = colored_tokens_html(["a", "b"], torch.tensor([1.0, -1.0]))
+"""
+
+from mechscope.viz.attention import attention_heads_html
+from mechscope.viz.html import page, save_html, script_json
+from mechscope.viz.tokens import colored_tokens_html
+
+__all__ = ["attention_heads_html", "colored_tokens_html", "page", "save_html", "script_json"]

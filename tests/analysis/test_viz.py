@@ -1,0 +1,115 @@
+"""HTML views: hostile token text is escaped, pages are self-contained, embedded data round-trips."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+import mechscope as ms
+from mechscope.viz import attention_heads_html, colored_tokens_html, save_html
+
+HOSTILE = ['<script>alert("x")</script>', '" onmouseover="alert(1)', "it's", "&amp;", "</script><b>", "a\nb"]
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.scripts, self.token_texts = [], [], []
+        self._in_script = self._in_tok = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "script":
+            self._in_script = True
+            self.scripts.append("")
+        if tag == "span" and dict(attrs).get("class") == "tok":
+            self._in_tok = True
+            self.token_texts.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+        if tag == "span":
+            self._in_tok = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts[-1] += data
+        elif self._in_tok:
+            self.token_texts[-1] += data
+
+
+def _parse(doc: str) -> _Collector:
+    parser = _Collector()
+    parser.feed(doc)
+    parser.close()
+    return parser
+
+
+def _check_safe(doc: str, n_scripts: int) -> _Collector:
+    parsed = _parse(doc)
+    assert [t for t, _ in parsed.tags].count("script") == n_scripts
+    for tag, attrs in parsed.tags:
+        assert tag in {"html", "head", "meta", "title", "style", "body", "h2", "div", "table", "script", "span", "select", "option"}
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+        assert "src" not in attrs and "href" not in attrs
+    assert "http" not in doc and "<link" not in doc and "@import" not in doc
+    markup = re.sub(r'(<script type="application/json"[^>]*>).*?(</script>)', r"\1\2", doc, flags=re.S)
+    for bad in ('<script>alert', "</script><b>", '" onmouseover'):
+        assert bad not in markup  # token text never appears as markup or attribute text
+    assert "<script>alert" not in doc and "</script><b>" not in doc  # nor can it close the JSON block
+    return parsed
+
+
+def test_attention_view_escapes_and_round_trips():
+    pattern = torch.softmax(torch.randn(3, 6, 6), -1).tril()
+    doc = attention_heads_html(pattern, HOSTILE, head_labels=["L0H0", "<i>H1</i>", "L0H2"], title="<title>")
+    parsed = _check_safe(doc, n_scripts=3)
+    data = json.loads(parsed.scripts[0])
+    assert data["tokens"] == [t.replace("\n", "↵") for t in HOSTILE]
+    assert data["heads"][1] == "<i>H1</i>" and "<i>" not in doc
+    assert torch.allclose(torch.tensor(data["patterns"]), pattern, atol=1e-4)
+    assert "&lt;title&gt;" in doc
+
+
+def test_token_view_escapes_and_round_trips():
+    values = torch.tensor([[0.5, -1.0, 0.0, 2.0, 0.1, -0.3], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    doc = colored_tokens_html(HOSTILE, values, series_labels=["neuron <7>", "flat"])
+    parsed = _check_safe(doc, n_scripts=1)
+    assert parsed.token_texts == [t.replace("\n", "↵") for t in HOSTILE] * 2
+    titles = [attrs["title"] for tag, attrs in parsed.tags if tag == "span"]
+    assert titles[0] == f"[0] {HOSTILE[0]!r}: 0.5" and titles[1].startswith("[1] ")
+    assert "neuron &lt;7&gt;" in doc
+    colours = re.findall(r"background:rgba\((\d+,\d+,\d+),([\d.]+)\)", doc)
+    assert colours[3] == ("214,39,40", "1.000") and colours[1] == ("31,119,180", "0.500")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_inline_scripts_are_valid_javascript(tmp_path):
+    pattern = torch.softmax(torch.randn(2, 4, 4), -1)
+    for doc in (attention_heads_html(pattern, HOSTILE[:4]), colored_tokens_html(HOSTILE[:4], torch.ones(2, 4))):
+        for i, script in enumerate(_parse(doc).scripts):
+            if script.lstrip().startswith(("{", "[")):
+                continue  # the JSON data block
+            path = tmp_path / f"s{i}.js"
+            path.write_text(script)
+            subprocess.run(["node", "--check", str(path)], check=True, capture_output=True)
+
+
+def test_view_input_errors(tmp_path):
+    with pytest.raises(ms.InputError, match="3 tokens"):
+        attention_heads_html(torch.ones(2, 4, 4), ["a", "b", "c"])
+    with pytest.raises(ms.InputError, match="head, query_pos, key_pos"):
+        attention_heads_html(torch.ones(2, 4, 5), ["a"] * 4)
+    with pytest.raises(ms.InputError, match="pos=2"):
+        colored_tokens_html(["a", "b"], torch.ones(3))
+    with pytest.raises(ms.InputError, match="series labels"):
+        colored_tokens_html(["a", "b"], torch.ones(2, 2), series_labels=["x"])
+    out = save_html(attention_heads_html(torch.ones(4, 4).tril(), ["a"] * 4), tmp_path / "sub" / "view.html")
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>") and list(out.parent.iterdir()) == [out]
