@@ -8,105 +8,14 @@ d_model]``, ``W_in [d_model, d_mlp]``, ...) are properties returning views of th
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.hooks import HookPoint
 from mechscope.model.config import ModelConfig
-
-
-@dataclass
-class AttentionContext:
-    """Per-forward state shared by every attention layer: positions, padding and masks.
-
-    ``key_padding`` is ``None`` when no token is padding; masks and rotary tables are built
-    lazily, once per forward, and reused by every layer.
-    """
-
-    positions: Int[Tensor, "batch pos"]
-    key_padding: Bool[Tensor, "batch pos"] | None = None
-    _masks: dict = field(default_factory=dict)
-    _rotary: dict = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, attention_mask: Tensor | None, batch: int, seq: int, device: torch.device) -> AttentionContext:
-        """Positions count only real tokens, so a left-padded prompt sees positions 0, 1, ..."""
-        if attention_mask is None or bool(attention_mask.all()):
-            positions = torch.arange(seq, device=device).expand(batch, seq)
-            return cls(positions)
-        mask = attention_mask.to(device=device, dtype=torch.bool)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return cls(positions, mask)
-
-    def mask(self, sliding_window: int | None) -> Bool[Tensor, "batch 1 query_pos key_pos"] | None:
-        """The boolean attention mask (``True`` = may attend), or ``None`` for plain causal."""
-        seq = self.positions.shape[-1]
-        window = sliding_window if sliding_window is not None and sliding_window < seq else None
-        if self.key_padding is None and window is None:
-            return None
-        if window not in self._masks:
-            device = self.positions.device
-            q = torch.arange(seq, device=device)[:, None]
-            k = torch.arange(seq, device=device)[None, :]
-            allowed = k <= q
-            if window is not None:
-                allowed = allowed & (k > q - window)
-            allowed = allowed[None, None]  # [1, 1, query_pos, key_pos]
-            if self.key_padding is not None:
-                allowed = allowed & self.key_padding[:, None, None, :]
-                # A padding query may see no key at all; let it see itself so softmax stays finite.
-                allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None, None] & ~allowed.any(
-                    -1, keepdim=True
-                )
-            self._masks[window] = allowed
-        return self._masks[window]
-
-    def rotary(self, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """RoPE ``cos, sin`` of shape ``[batch, pos, 1, rotary_dim]`` for these positions."""
-        key = (cfg.rotary_dim, cfg.rotary_base, str(cfg.rope_scaling), dtype)
-        if key not in self._rotary:
-            inv_freq = rotary_inv_freq(cfg).to(self.positions.device)
-            freqs = self.positions[..., None].float() * inv_freq  # [batch, pos, rotary_dim / 2]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-            self._rotary[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return self._rotary[key]
-
-
-def rotary_inv_freq(cfg: ModelConfig) -> Float[Tensor, " half_rotary_dim"]:
-    """RoPE inverse frequencies, with ``linear`` or ``llama3`` scaling when configured."""
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling
-    if not scaling:
-        return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type == "linear":
-        return inv_freq / scaling["factor"]
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled)
-    return inv_freq  # "default"
-
-
-def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``rotary_dim`` dimensions of each head (half-split pairing, as in Llama)."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)
+from mechscope.model.context import AttentionContext, apply_rotary
 
 
 def _activation(name: str):
@@ -128,14 +37,18 @@ def _optional_param(module: nn.Module, name: str, enabled: bool, *shape: int) ->
 
 
 class Embed(nn.Module):
-    """Token embedding ``W_E [d_vocab, d_model]``."""
+    """Token embedding ``W_E [d_vocab, d_model]``, times ``cfg.embed_scale`` when set."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_E = _param(cfg.d_vocab, cfg.d_model)
+        self.scale = cfg.embed_scale
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        x = F.embedding(tokens, self.W_E)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
 
 
 class PosEmbed(nn.Module):
@@ -160,11 +73,11 @@ class LayerNorm(nn.Module):
     Runs the fused kernel unless a hook on ``hook_scale`` needs the scale itself.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, size: int | None = None) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+        self.w = nn.Parameter(torch.ones(size or cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(size or cfg.d_model))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
@@ -181,10 +94,10 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as in ``transformers``), with ``hook_scale`` and ``hook_normalized``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, size: int | None = None) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.w = nn.Parameter(torch.ones(size or cfg.d_model))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
@@ -199,27 +112,38 @@ class RMSNorm(nn.Module):
         return self.hook_normalized(self.w * x.to(dtype))
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module | None:
-    return {"layernorm": LayerNorm, "rmsnorm": RMSNorm, None: lambda cfg: None}[cfg.normalization_type](cfg)
+def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True) -> nn.Module | None:
+    """The configured norm over ``size`` features (default ``d_model``), or ``None``."""
+    if not enabled or cfg.normalization_type is None:
+        return None
+    return {"layernorm": LayerNorm, "rmsnorm": RMSNorm}[cfg.normalization_type](cfg, size)
 
 
 class Attention(nn.Module):
     """Multi-head, grouped-query or multi-query attention.
 
     Runs ``scaled_dot_product_attention`` unless a hook (or ``cfg.attn_implementation="eager"``)
-    needs ``hook_attn_scores``/``hook_pattern``; both paths compute the same function.
+    needs ``hook_attn_scores``/``hook_pattern``; both paths compute the same function. Soft-capped
+    scores (``cfg.attn_scores_soft_cap``) always take the explicit path, which is exact for them.
+    With a key/value cache in the context, keys and values of earlier positions are reused.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, dh, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        self.sliding_window = cfg.layer_window(layer)
+        self.rotary_base, self.rope_scaling = cfg.layer_rope(layer)
         self.w_q, self.w_k, self.w_v = _param(h * dh, d), _param(kv * dh, d), _param(kv * dh, d)
         self.w_o = _param(d, h * dh)
         for name, size in (("b_q", h * dh), ("b_k", kv * dh), ("b_v", kv * dh)):
             _optional_param(self, name, cfg.attn_qkv_bias, size)
         _optional_param(self, "b_o", cfg.attn_out_bias, d)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        if cfg.qk_norm is not None:
+            full = cfg.qk_norm == "full"
+            self.q_norm = make_norm(cfg, h * dh if full else dh)
+            self.k_norm = make_norm(cfg, kv * dh if full else dh)
         if cfg.positional_embedding_type == "rotary":
             self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
@@ -250,6 +174,11 @@ class Attention(nn.Module):
         out = torch.einsum("bphd,hkd->bphk", x, weight.view(heads, self.cfg.d_head, -1))
         return out if bias is None else out + bias.view(heads, self.cfg.d_head)
 
+    def _qk_norm(self, norm: nn.Module, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
+        if self.cfg.qk_norm == "head":
+            return norm(x)
+        return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
+
     def forward(
         self,
         q_in: Tensor,
@@ -261,18 +190,28 @@ class Attention(nn.Module):
         q = self.hook_q(self._project(q_in, self.w_q, self.b_q, cfg.n_heads))  # [batch, pos, head, d_head]
         k = self.hook_k(self._project(k_in, self.w_k, self.b_k, cfg.n_key_value_heads))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(self._project(v_in, self.w_v, self.b_v, cfg.n_key_value_heads))
+        if cfg.qk_norm is not None:
+            q, k = self._qk_norm(self.q_norm, q), self._qk_norm(self.k_norm, k)
         if cfg.positional_embedding_type == "rotary":
-            cos, sin = ctx.rotary(cfg, q.dtype)
-            q = self.hook_rot_q(apply_rotary(q, cos, sin))
-            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+            cos, sin = ctx.rotary(cfg.rotary_dim, self.rotary_base, self.rope_scaling, cfg.rotary_interleaved, q.dtype)
+            q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_interleaved))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_interleaved))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head or kv_head, pos, d_head]
-        mask = ctx.mask(cfg.sliding_window)
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.append(self.layer, k, v)  # [batch, kv_head, past + pos, d_head]
+        mask = ctx.mask(self.sliding_window)
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.d_head**-0.5
-        if cfg.attn_implementation == "eager" or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+        if (
+            cfg.attn_implementation == "eager"
+            or cfg.attn_scores_soft_cap is not None
+            or self.hook_attn_scores.has_hooks
+            or self.hook_pattern.has_hooks
+        ):
             z = self._explicit_attention(q, k, v, mask, scale)
         else:
+            causal = mask is None and q.shape[-2] > 1
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=cfg.n_kv_groups > 1
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=cfg.n_kv_groups > 1
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
         if cfg.use_attn_result or self.hook_result.has_hooks:
@@ -282,13 +221,15 @@ class Attention(nn.Module):
         return F.linear(z.flatten(-2), self.w_o, self.b_o)
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-        groups = self.cfg.n_kv_groups
+        groups, cap = self.cfg.n_kv_groups, self.cfg.attn_scores_soft_cap
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [batch, head, query_pos, key_pos]
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
         if mask is None:
-            n = scores.shape[-1]
-            mask = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+            n_q, n_k = scores.shape[-2:]
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)
@@ -354,13 +295,19 @@ class Unembed(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """One residual block: attention then MLP (or both reading ``resid_pre`` when parallel)."""
+    """One residual block: attention then MLP (or both reading ``resid_pre`` when parallel).
+
+    Each sublayer reads ``ln1``/``ln2`` of its input (``cfg.pre_norm``) and its output passes
+    through ``ln1_post``/``ln2_post`` (``cfg.post_norm``) before joining the residual stream;
+    ``hook_attn_out`` and ``hook_mlp_out`` see exactly what is added.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.ln1 = make_norm(cfg)
+        self.ln1 = make_norm(cfg, enabled=cfg.pre_norm)
         self.attn = Attention(cfg, layer)
+        self.ln1_post = make_norm(cfg, enabled=cfg.post_norm)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_in = HookPoint(opt_in=True)
         self.hook_q_input = HookPoint(opt_in=True)
@@ -368,8 +315,9 @@ class TransformerBlock(nn.Module):
         self.hook_v_input = HookPoint(opt_in=True)
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = make_norm(cfg)
+            self.ln2 = make_norm(cfg, enabled=cfg.pre_norm)
             self.mlp = MLP(cfg)
+            self.ln2_post = make_norm(cfg, enabled=cfg.post_norm)
             if not cfg.parallel_attn_mlp:
                 self.hook_resid_mid = HookPoint()
             self.hook_mlp_in = HookPoint(opt_in=True)
@@ -403,14 +351,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Tensor:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(*self._attention_inputs(resid_pre), ctx))
+        attn_out = self.hook_attn_out(self._norm(self.ln1_post, self.attn(*self._attention_inputs(resid_pre), ctx)))
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid = resid_pre if self.cfg.parallel_attn_mlp else self.hook_resid_mid(resid_pre + attn_out)
         mlp_in = resid
         if self.cfg.use_hook_mlp_in or self.hook_mlp_in.has_hooks:
             mlp_in = self.hook_mlp_in(resid.clone())
-        mlp_out = self.hook_mlp_out(self.mlp(self._norm(self.ln2, mlp_in)))
+        mlp_out = self.hook_mlp_out(self._norm(self.ln2_post, self.mlp(self._norm(self.ln2, mlp_in))))
         if self.cfg.parallel_attn_mlp:
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         return self.hook_resid_post(resid + mlp_out)

@@ -16,6 +16,8 @@ from mechscope.errors import ConfigError
 NormType = Literal["layernorm", "rmsnorm"]
 PositionalType = Literal["learned", "rotary", "none"]
 ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
+LayerType = Literal["full_attention", "sliding_attention"]
+QKNorm = Literal["head", "full"]
 
 _ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -82,6 +84,28 @@ class ModelConfig:
     """If true the unembedding is the transposed embedding (one shared tensor)."""
     sliding_window: int | None = None
     """If set, each query attends only to the last ``sliding_window`` positions (itself included)."""
+    layer_types: list[LayerType] | None = None
+    """Per layer, ``"full_attention"`` or ``"sliding_attention"`` (only the latter use
+    ``sliding_window``); ``None`` means every layer uses ``sliding_window`` when it is set."""
+    rotary_base_local: float | None = None
+    """RoPE base of the ``"sliding_attention"`` layers (Gemma 3), which then use no
+    ``rope_scaling``; ``None`` means every layer uses ``rotary_base``."""
+    rotary_interleaved: bool = False
+    """RoPE pairs dimensions ``(2i, 2i + 1)`` (GPT-J) instead of ``(i, i + rotary_dim / 2)``."""
+    qk_norm: QKNorm | None = None
+    """RMSNorm on queries and keys before RoPE: ``"head"`` normalises each head over ``d_head``
+    (Qwen3, Gemma 3), ``"full"`` normalises all heads together (OLMo-2); ``None`` for none."""
+    pre_norm: bool = True
+    """Normalise each sublayer's input (``ln1``, ``ln2``)."""
+    post_norm: bool = False
+    """Normalise each sublayer's output before it joins the residual stream (``ln1_post``,
+    ``ln2_post``; Gemma 2/3 use both pre- and post-norms, OLMo-2 only post-norms)."""
+    embed_scale: float | None = None
+    """Token embeddings are multiplied by this, rounded to the model dtype (Gemma: ``sqrt(d_model)``)."""
+    attn_scores_soft_cap: float | None = None
+    """If set, attention scores become ``cap * tanh(scores / cap)`` before masking (Gemma 2)."""
+    output_logits_soft_cap: float | None = None
+    """If set, logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
     attn_only: bool = False
     """If true blocks have attention but no MLP (and no ``ln2``, ``hook_resid_mid`` or MLP hooks)."""
     parallel_attn_mlp: bool = False
@@ -148,6 +172,34 @@ class ModelConfig:
             raise ConfigError(f"attn_implementation must be 'auto' or 'eager', got {self.attn_implementation!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            bad = sorted({t for t in self.layer_types if t not in ("full_attention", "sliding_attention")})
+            if bad:
+                raise ConfigError(f"unknown layer_types {bad}; choose 'full_attention' or 'sliding_attention'")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ConfigError(f"qk_norm must be 'head', 'full' or None, got {self.qk_norm!r}")
+        if (self.qk_norm or self.post_norm) and self.normalization_type is None:
+            raise ConfigError("qk_norm and post_norm need a normalization_type ('rmsnorm' or 'layernorm')")
+        for name in ("attn_scores_soft_cap", "output_logits_soft_cap", "embed_scale"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive or None, got {value}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (``None``: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> tuple[float, dict[str, Any] | None]:
+        """``(base, scaling)`` of the RoPE of ``layer``."""
+        local = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        if local and self.rotary_base_local is not None:
+            return self.rotary_base_local, None
+        return self.rotary_base, self.rope_scaling
 
     @property
     def n_kv_groups(self) -> int:

@@ -13,15 +13,10 @@ from torch import Tensor, nn
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
 from mechscope.hooks import HookedRootModule, HookFn, HookPoint, HookTarget, NamesFilter
-from mechscope.model.components import (
-    AttentionContext,
-    Embed,
-    PosEmbed,
-    TransformerBlock,
-    Unembed,
-    make_norm,
-)
+from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from mechscope.model.config import ModelConfig
+from mechscope.model.context import AttentionContext, KVCache
+from mechscope.model.generate import generate
 from mechscope.model.tokenize import PaddingSide, Tokenizer
 
 ModelInput = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"], Float[Tensor, "batch pos d_model"]]
@@ -117,6 +112,7 @@ class HookedTransformer(HookedRootModule):
         prepend_bos: bool | None = None,
         padding_side: PaddingSide = "right",
         loss_per_token: bool = False,
+        past_kv_cache: KVCache | None = None,
     ):
         """Run the model.
 
@@ -132,6 +128,8 @@ class HookedTransformer(HookedRootModule):
             tokens: the token ids, needed for the loss when ``start_at_layer`` is set.
             prepend_bos, padding_side: tokenisation of string input (see `to_tokens`).
             loss_per_token: return the loss at every position ``[batch, pos - 1]`` instead of the mean.
+            past_kv_cache: a `KVCache` holding earlier positions; this forward attends to them,
+                continues their positions and appends its own keys and values (see `generate`).
 
         Example:
             >>> resid = model(tokens, stop_at_layer=2)
@@ -145,10 +143,12 @@ class HookedTransformer(HookedRootModule):
         stop = self._layer_index(stop_at_layer, "stop_at_layer", n_layers)
         if start > stop:
             raise InputError(f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer}")
+        if past_kv_cache is not None and (start_at_layer is not None or stop_at_layer is not None):
+            raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
         if start_at_layer is None:
             tokens, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
             batch, seq = tokens.shape
-            ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device)
+            ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device, past_kv_cache)
             resid = self.hook_embed(self.embed(tokens))
             if self.cfg.positional_embedding_type == "learned":
                 resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
@@ -163,12 +163,19 @@ class HookedTransformer(HookedRootModule):
             attention_mask = self._check_mask(attention_mask, (batch, seq))
             ctx = AttentionContext.build(attention_mask, batch, seq, input.device)
         for block in self.blocks[start:stop]:
+            device = block.attn.w_o.device
+            if resid.device != device:  # blocks placed over several devices (see `device_map`)
+                resid, ctx = resid.to(device), ctx.to(device)
             resid = block(resid, ctx)
         if stop_at_layer is not None:
             return resid
+        resid = resid.to(self.unembed.w_u.device)
         if self.ln_final is not None:
             resid = self.ln_final(resid)
         logits = self.unembed(resid)
+        cap = self.cfg.output_logits_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -276,6 +283,47 @@ class HookedTransformer(HookedRootModule):
                     raise InputError("incl_bwd=True needs a scalar output: use return_type='loss' or a metric")
                 out.backward()
         return out, ActivationCache(store, self)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input: str | list[str] | Tensor,
+        max_new_tokens: int = 10,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        use_kv_cache: bool = True,
+        attention_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        seed: int | None = None,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        verbose: bool = False,
+    ) -> str | list[str] | Tensor:
+        """Continue a prompt (or a batch of prompts) by up to ``max_new_tokens`` tokens.
+
+        Runs under every attached hook (``with model.hooks(...)``). Lists of strings are
+        left-padded; token input may bring a left-padded ``attention_mask``. Greedy unless
+        ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``seed`` apply). Rows stop
+        at ``eos_token_id`` (the tokenizer's EOS by default) and are then filled with it.
+        ``use_kv_cache`` reuses past keys and values (same tokens, much faster). Returns the
+        prompt plus continuation: strings for string input, else token ids ``[batch, pos]``
+        (``return_type="str"``/``"tokens"`` forces one).
+
+        Example:
+            >>> out = model.generate(tokens, max_new_tokens=3)
+            >>> out.shape, torch.equal(out, model.generate(tokens, max_new_tokens=3, use_kv_cache=False))
+            (torch.Size([1, 7]), True)
+        """
+        return generate(
+            self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, use_kv_cache=use_kv_cache,
+            attention_mask=attention_mask, prepend_bos=prepend_bos, seed=seed, return_type=return_type,
+            verbose=verbose,
+        )
 
     # ------------------------------------------------------------------ tokens
     def _tokenizer(self) -> Tokenizer:
