@@ -1,1 +1,24 @@
-"""Localising behaviour: activation patching, path patching, attribution patching (AtP, AtP*)."""
+"""Localising behaviour: activation patching, path patching, attribution patching (AtP, AtP*).
+
+Example:
+    >>> from mechscope.patching import activation_patch
+    >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+    >>> activation_patch(model, clean, corrupted, lambda logits: logits[:, -1, 7], "resid_pre").shape
+    torch.Size([3, 4])
+"""
+
+from mechscope.patching.activation import SITES, Site, ablate, activation_patch, get_site, run_patches
+from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
+
+__all__ = [
+    "SITES",
+    "KLDivergence",
+    "LogitDiff",
+    "Normalized",
+    "ProbDiff",
+    "Site",
+    "ablate",
+    "activation_patch",
+    "get_site",
+    "run_patches",
+]
