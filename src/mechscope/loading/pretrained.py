@@ -25,6 +25,8 @@ from torch import Tensor
 from mechscope.errors import LoadError
 from mechscope.loading.families import adapter_for
 from mechscope.model.config import ModelConfig
+from mechscope.model.placement import DeviceMap, place
+from mechscope.model.processing import process_weights, resolve_steps
 from mechscope.model.tokenize import Tokenizer, tokenizer_adds_bos
 from mechscope.model.transformer import HookedTransformer
 
@@ -54,18 +56,36 @@ def load(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: DeviceMap | None = None,
+    fold_ln: bool | None = None,
+    center_writing_weights: bool | None = None,
+    center_unembed: bool | None = None,
+    fold_value_biases: bool | None = None,
+    processed: bool = False,
 ) -> HookedTransformer:
     """Load a pretrained model as a `HookedTransformer`, weights equal to the source's.
 
-    ``name_or_path`` is a bundled name (``"smollm2-135m"``), a local Hugging Face directory,
-    a ``.gguf`` file or a hub id (downloaded through ``huggingface_hub`` as usual).
-    ``device`` defaults to CUDA when available, else CPU.
+    ``name_or_path`` is a bundled name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
+    Face directory, a ``.gguf`` file or a hub id (downloaded through ``huggingface_hub`` as usual).
+    ``device`` defaults to CUDA when available, else CPU. ``dtype`` may be ``torch.bfloat16`` or
+    ``torch.float16``; norms and attention softmax still compute in float32.
+
+    ``device_map`` places the blocks over several devices instead, e.g. ``{"cuda:0": range(0, 15),
+    "cuda:1": range(15, 30)}`` or ``"auto"`` (see `mechscope.model.placement`).
+
+    Weight processing is off by default, so activations equal those of ``transformers``.
+    ``fold_ln``, ``center_writing_weights``, ``center_unembed`` and ``fold_value_biases`` turn
+    single steps on; ``processed=True`` turns on every step valid for the architecture
+    (LayerNorm models: all four; RMSNorm models: folding only, as RMSNorm does not centre).
+    Processing never changes the log-probabilities (see `mechscope.model.processing`).
 
     Example:
         >>> model = load("smollm2-135m")  # doctest: +SKIP
         >>> model.cfg.n_layers            # doctest: +SKIP
         30
     """
+    if device is not None and device_map is not None:
+        raise LoadError("pass either device or device_map, not both")
     device = torch.device(device) if device is not None else _default_device()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LoadError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
@@ -86,7 +106,17 @@ def load(
         else:
             cfg, weights, hf_tok = _load_hf_dir(_download(name))
         cfg.model_name = name if cfg.model_name == "custom" else cfg.model_name
-    return build_model(cfg, weights, hf_tok, device=device, dtype=dtype)
+    steps = resolve_steps(
+        cfg, processed, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+    )
+    if device_map is not None:
+        device = torch.device("cpu")
+    if any(steps.values()):  # process in float32, then cast
+        model = process_weights(build_model(cfg, weights, hf_tok, device=device), **steps).to(dtype)
+    else:
+        model = build_model(cfg, weights, hf_tok, device=device, dtype=dtype)
+    return model if device_map is None else place(model, device_map)
 
 
 def _default_device() -> torch.device:
