@@ -1,1 +1,37 @@
-"""Sparse autoencoders: architectures, activation store, trainer, evaluation, file formats, splicing."""
+"""Sparse autoencoders: architectures, activation store, trainer, evaluation, file formats, splicing.
+
+Example:
+    >>> from mechscope.sae import SAEConfig, make_sae
+    >>> sae = make_sae(SAEConfig(d_in=32, d_sae=128, architecture="topk", k=8,
+    ...                          hook_name="blocks.1.hook_resid_post"))
+    >>> _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+    >>> sae.encode(cache["blocks.1.hook_resid_post"]).shape
+    torch.Size([1, 4, 128])
+"""
+
+from mechscope.sae import architectures
+from mechscope.sae.architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, StandardSAE, TopKSAE
+from mechscope.sae.base import SAE, SAE_REGISTRY, TrainStepOutput, make_sae, register_sae
+from mechscope.sae.config import ARCHITECTURES, SAEConfig
+from mechscope.sae.trainer import SAETrainer, TensorSource, TrainConfig, geometric_median, train_sae
+
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "SAE_REGISTRY",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "SAEConfig",
+    "SAETrainer",
+    "StandardSAE",
+    "TensorSource",
+    "TopKSAE",
+    "TrainConfig",
+    "TrainStepOutput",
+    "architectures",
+    "geometric_median",
+    "make_sae",
+    "register_sae",
+    "train_sae",
+]

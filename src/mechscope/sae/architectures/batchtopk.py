@@ -1,0 +1,75 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the ``k * batch`` largest activations over the whole batch.
+
+Inference uses the learned global threshold, so the saved SAE is a JumpReLU SAE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mechscope.sae.architectures.topk import aux_k_loss
+from mechscope.sae.base import SAE, register_sae
+
+
+@register_sae("batchtopk")
+class BatchTopKSAE(SAE):
+    """Training keeps the top ``k * n_tokens`` of ``relu(pre)`` over the flattened batch and tracks a
+    moving average of the smallest kept value; inference is ``pre * 1[pre > threshold]``.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="batchtopk", k=2))
+        >>> out = sae.training_loss(torch.randn(6, 8))
+        >>> int((out.acts != 0).sum()) <= 12
+        True
+        >>> sae.to_jumprelu().architecture
+        'jumprelu'
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros((), dtype=self.dtype))
+
+    def _pre(self, x: Tensor) -> Tensor:
+        return self.hook_sae_acts_pre(self.sae_input(x) @ self.W_enc + self.b_enc)
+
+    def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._pre(x)
+        return pre, self.hook_sae_acts_post(pre * (pre > self.threshold).to(pre))
+
+    def training_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._pre(x)
+        relu = torch.relu(pre)
+        flat = relu.reshape(-1)
+        n_keep = min(self.cfg.k * relu[..., 0].numel(), flat.numel())
+        values, indices = flat.topk(n_keep)
+        acts = torch.zeros_like(flat).scatter(-1, indices, values).reshape(relu.shape)
+        self._update_threshold(values)
+        return pre, self.hook_sae_acts_post(acts)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel():
+            lowest = positive.min().to(self.threshold.dtype)
+            if self.threshold == 0:
+                self.threshold.copy_(lowest)
+            else:
+                lr = self.cfg.topk_threshold_lr
+                self.threshold.mul_(1 - lr).add_(lr * lowest)
+
+    def sparsity_losses(self, x, target, pre, acts, recons, coefficient_scale, dead_mask):
+        return aux_k_loss(self, pre, target, recons, dead_mask)
+
+    def to_jumprelu(self) -> SAE:
+        """The inference SAE: a `JumpReLUSAE` with every threshold equal to the learned one."""
+        from dataclasses import replace
+
+        from mechscope.sae.architectures.jumprelu import JumpReLUSAE
+
+        jump = JumpReLUSAE(replace(self.cfg, architecture="jumprelu")).to(self.device)
+        state = {k: v for k, v in self.state_dict().items() if k != "threshold"}
+        state["log_threshold"] = torch.full_like(self.b_enc, float(self.threshold.clamp_min(1e-12))).log()
+        jump.load_state_dict(state)
+        return jump

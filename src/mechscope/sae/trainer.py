@@ -1,0 +1,460 @@
+"""Training SAEs: `TrainConfig`, `SAETrainer` (several SAEs from one activation stream) and `train_sae`.
+
+One step per batch for every SAE: sparsity-coefficient warm-up, Adam with LR warm-up and
+decay, the unit-norm decoder constraint with its gradient projection, dead-latent tracking,
+Anthropic-style resampling and the aux-K loss. Activations are normalised to mean norm
+``sqrt(d_in)`` during training and the scale is folded back into the returned weights.
+Checkpoints are written atomically and resume exactly; under ``torchrun`` gradients and
+statistics are averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError, LoadError
+from mechscope.sae import distributed as ddp
+from mechscope.sae.base import SAE, make_sae
+from mechscope.sae.config import SAEConfig
+
+
+class BatchSource(Protocol):
+    """Anything that yields training batches ``{hook_name: [batch, d]}`` and can resume exactly."""
+
+    def next_batch(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every SAE a trainer trains.
+
+    Example:
+        >>> TrainConfig(steps=100, lr_warmup_steps=10).lr_at(4)
+        0.0001...
+    """
+
+    steps: int = 1000
+    """Optimisation steps (each on one batch from the source)."""
+    lr: float = 2e-4
+    """Peak Adam learning rate."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_steps: int = 0
+    """Linear warm-up of the learning rate from 0 over these steps."""
+    lr_decay_steps: int = 0
+    """Linear decay to ``lr * lr_end_fraction`` over the final steps."""
+    lr_end_fraction: float = 0.0
+    coefficient_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient (L1 / L0) from 0 over these steps."""
+    decoder_constraint: Literal["unit_norm", "norm_penalty"] = "unit_norm"
+    """``unit_norm``: renormalise decoder rows after each step and project their gradient;
+    ``norm_penalty``: leave norms free (the penalties weight latents by decoder norm)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial decoder bias, from the first batch."""
+    normalize_activations: bool = True
+    """Scale inputs (and targets) so their mean norm is ``sqrt(d)``; folded back at the end."""
+    dead_window: int = 1000
+    """A latent that has not fired for this many steps counts as dead (aux-K, resampling, stats)."""
+    resample_steps: tuple[int, ...] = ()
+    """Steps at which dead latents are resampled (Anthropic, Towards Monosemanticity)."""
+    max_grad_norm: float | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    """Write ``checkpoint_dir/checkpoint.pt`` every this many steps (0: never)."""
+    log_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        self.resample_steps = tuple(self.resample_steps)
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be positive, got {self.steps}")
+        if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
+            raise ConfigError(
+                f"lr_warmup_steps + lr_decay_steps = {self.lr_warmup_steps + self.lr_decay_steps} exceeds steps={self.steps}"
+            )
+        if self.decoder_constraint not in ("unit_norm", "norm_penalty"):
+            raise ConfigError(f"decoder_constraint must be 'unit_norm' or 'norm_penalty', got {self.decoder_constraint!r}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ConfigError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError("checkpoint_every needs checkpoint_dir")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used at ``step`` (0-based)."""
+        factor = 1.0
+        if self.lr_warmup_steps and step < self.lr_warmup_steps:
+            factor = (step + 1) / self.lr_warmup_steps
+        decay_start = self.steps - self.lr_decay_steps
+        if self.lr_decay_steps and step >= decay_start:
+            progress = (step - decay_start + 1) / self.lr_decay_steps
+            factor *= 1 - (1 - self.lr_end_fraction) * progress
+        return self.lr * factor
+
+    def coefficient_scale_at(self, step: int) -> float:
+        if not self.coefficient_warmup_steps:
+            return 1.0
+        return min(1.0, (step + 1) / self.coefficient_warmup_steps)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], valid, n=1)
+            raise ConfigError(f"unknown train config key {unknown[0]!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        return cls(**data)
+
+
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm).
+
+    Example:
+        >>> geometric_median(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]]))
+        tensor([0.5000, 0.5000])
+    """
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(max_iter):
+        dist = (points - median).norm(dim=-1).clamp_min(1e-12)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * max(1.0, float(median.norm())):
+            median = new
+            break
+        median = new
+    return median.float()
+
+
+def _fvu(recons: Tensor, target: Tensor) -> Tensor:
+    total = (target - target.mean(0)).pow(2).sum()
+    return (recons - target).pow(2).sum() / total.clamp_min(1e-12)
+
+
+class _SAEState:
+    """One SAE's optimiser, schedule, normalisation scales and firing statistics."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig) -> None:
+        self.sae = sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.steps_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
+        self.scale_in = 1.0
+        self.scale_out = 1.0
+
+    def state_dict(self) -> dict:
+        return {
+            "sae_cfg": self.sae.cfg.to_dict(),
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_since_fired": self.steps_since_fired,
+            "scale_in": self.scale_in,
+            "scale_out": self.scale_out,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_since_fired.copy_(state["steps_since_fired"])
+        self.scale_in = float(state["scale_in"])
+        self.scale_out = float(state["scale_out"])
+
+
+class SAETrainer:
+    """Train one or several SAEs on the batches of one source (e.g. several hooks of one model pass).
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, TensorSource
+        >>> acts = torch.randn(512, 8)
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2, hook_name="x"))
+        >>> trainer = SAETrainer([sae], TensorSource({"x": acts}, batch_size=64),
+        ...                      TrainConfig(steps=20, progress=False))
+        >>> [trained] = trainer.train()
+        >>> trainer.step, len(trainer.history) > 0
+        (20, True)
+    """
+
+    def __init__(self, saes: list[SAE] | SAE, source: BatchSource, cfg: TrainConfig) -> None:
+        self.saes = [saes] if isinstance(saes, SAE) else list(saes)
+        if not self.saes:
+            raise ConfigError("SAETrainer needs at least one SAE")
+        self.source = source
+        self.cfg = cfg
+        self.states = [_SAEState(sae, cfg) for sae in self.saes]
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.rank, self.world_size = ddp.rank_and_world()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.cfg.checkpoint_dir) / "checkpoint.pt" if self.cfg.checkpoint_dir else None
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "states": [s.state_dict() for s in self.states],
+            "source": self.source.state_dict(),
+            "history": self.history,
+            "train_cfg": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["states"]) != len(self.states):
+            raise LoadError(f"checkpoint holds {len(state['states'])} SAEs, this trainer has {len(self.states)}")
+        for s, saved in zip(self.states, state["states"]):
+            if saved["sae_cfg"] != s.sae.cfg.to_dict():
+                raise LoadError("checkpoint SAE config differs from this trainer's SAE config; start a new checkpoint_dir")
+            s.load_state_dict(saved)
+        self.source.load_state_dict(state["source"])
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the full training state atomically (temp file, then ``os.replace``); rank 0 only."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ConfigError("no checkpoint path: set TrainConfig.checkpoint_dir or pass a path")
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> bool:
+        """Resume from ``path`` (default ``checkpoint_dir/checkpoint.pt``); ``False`` when it does not exist."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LoadError(f"cannot read checkpoint {path}: {exc}") from exc
+        self.load_state_dict(state)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _batch_for(self, sae: SAE, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        names = (sae.cfg.hook_name, sae.cfg.output_hook)
+        for name in names:
+            if name not in batch:
+                raise ConfigError(f"the batch source has no activations for {name!r}; it provides {sorted(batch)}")
+        x = sae._flatten_input(batch[names[0]].to(sae.device))
+        target = batch[names[1]].to(sae.device) if sae.cfg.is_transcoder else None
+        return x, target
+
+    @torch.no_grad()
+    def _initialise(self, state: _SAEState, x: Tensor, target: Tensor | None) -> None:
+        sae, cfg = state.sae, self.cfg
+        x_all = ddp.all_gather_cat(x)
+        target_all = x_all if target is None else ddp.all_gather_cat(target)
+        if cfg.normalize_activations:
+            state.scale_in = math.sqrt(sae.cfg.d_in) / float(x_all.norm(dim=-1).mean())
+            state.scale_out = (
+                state.scale_in if target is None else math.sqrt(sae.cfg.d_out) / float(target_all.norm(dim=-1).mean())
+            )
+        out = target_all * state.scale_out
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(out))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(out.mean(0))
+        if cfg.decoder_constraint == "unit_norm":
+            sae.set_decoder_norm_to_unit_norm()
+
+    def _train_step(self, state: _SAEState, x: Tensor, target: Tensor | None) -> dict[str, float]:
+        sae, cfg = state.sae, self.cfg
+        x = x * state.scale_in
+        target = None if target is None else target * state.scale_out
+        for group in state.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        dead_mask = state.steps_since_fired >= cfg.dead_window
+        out = sae.training_loss(x, target, coefficient_scale=cfg.coefficient_scale_at(self.step), dead_mask=dead_mask)
+        state.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        ddp.average_gradients(sae)
+        if cfg.decoder_constraint == "unit_norm":
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
+        state.optimizer.step()
+        if cfg.decoder_constraint == "unit_norm":
+            sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            if hasattr(sae, "threshold") and isinstance(sae.threshold, Tensor) and sae.threshold.dim() == 0:
+                ddp.all_reduce_mean_(sae.threshold)
+            fired = ddp.all_reduce_max_((out.acts > 0).any(0).to(torch.long))
+            state.steps_since_fired.add_(1).mul_(1 - fired)
+            if self.step + 1 in cfg.resample_steps:
+                self._resample(state, x, target)
+            return {
+                "loss": float(out.loss),
+                "l0": float((out.acts > 0).sum(-1).float().mean()),
+                "fvu": float(_fvu(out.recons, x if target is None else target)),
+                "dead": float((state.steps_since_fired >= cfg.dead_window).float().mean()),
+            }
+
+    @torch.no_grad()
+    def _resample(self, state: _SAEState, x: Tensor, target: Tensor | None) -> None:
+        """Re-initialise dead latents towards inputs the SAE reconstructs badly (chosen ∝ loss²)."""
+        sae = state.sae
+        dead = (state.steps_since_fired >= self.cfg.dead_window).nonzero().squeeze(-1)
+        if dead.numel() == 0:
+            return
+        x_all = ddp.all_gather_cat(x)
+        target_all = x_all if target is None else ddp.all_gather_cat(target)
+        recons = sae.decode(sae.encode(x_all), x_all if sae.W_skip is not None else None)
+        loss = (recons - target_all).pow(2).sum(-1)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        picks = torch.multinomial(loss.pow(2).cpu() + 1e-12, dead.numel(), replacement=True, generator=gen)
+        picks = picks.to(sae.device)
+        directions = target_all[picks] - (sae.b_dec if sae.cfg.d_out == sae.cfg.d_in else 0)
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = state.steps_since_fired < self.cfg.dead_window
+        enc_norm = float(sae.W_enc[:, alive].norm(dim=0).mean()) if alive.any() else 1.0
+        sae.W_dec[dead] = directions
+        if sae.cfg.d_out == sae.cfg.d_in:
+            sae.W_enc[:, dead] = directions.T * enc_norm * 0.2
+        else:
+            inputs = x_all[picks] / x_all[picks].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            sae.W_enc[:, dead] = inputs.T * enc_norm * 0.2
+        sae.b_enc[dead] = 0.0
+        for param in (sae.W_enc, sae.W_dec, sae.b_enc):
+            opt_state = state.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in opt_state:
+                    buf = opt_state[key]
+                    if param is sae.W_enc:
+                        buf[:, dead] = 0.0
+                    else:
+                        buf[dead] = 0.0
+        state.steps_since_fired[dead] = 0
+
+    def train(self) -> list[SAE]:
+        """Run until ``cfg.steps`` (resuming from the checkpoint when there is one) and return the
+        trained SAEs with the normalisation folded into their weights."""
+        cfg = self.cfg
+        if self.step == 0 and self.checkpoint_path is not None:
+            self.load_checkpoint()
+        progress = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.steps, initial=self.step, desc="training SAE", dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                batch = self.source.next_batch()
+                records = []
+                for state in self.states:
+                    x, target = self._batch_for(state.sae, batch)
+                    if self.step == 0:
+                        self._initialise(state, x, target)
+                    records.append(self._train_step(state, x, target))
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log(records, progress)
+                if progress is not None:
+                    progress.update(1)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+        return self.trained_saes()
+
+    def _log(self, records: list[dict[str, float]], progress) -> None:
+        entry: dict[str, float] = {"step": self.step}
+        for i, record in enumerate(records):
+            prefix = "" if len(records) == 1 else f"{i}/"
+            entry.update({prefix + k: v for k, v in record.items()})
+        self.history.append(entry)
+        if progress is not None:
+            first = records[0]
+            progress.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", dead=f"{first['dead']:.1%}")
+
+    def trained_saes(self) -> list[SAE]:
+        """Copies of the SAEs as used on raw activations: normalisation folded in, BatchTopK as JumpReLU."""
+        out = []
+        for state in self.states:
+            sae = copy.deepcopy(state.sae)
+            sae.fold_activation_scale(state.scale_in, state.scale_out)
+            if hasattr(sae, "to_jumprelu"):
+                sae = sae.to_jumprelu()
+            out.append(sae.eval())
+        return out
+
+
+class TensorSource:
+    """Batches drawn from in-memory tensors (all keys share dim 0), reshuffled each epoch.
+
+    Under ``torch.distributed`` each rank takes its slice of every global batch of
+    ``batch_size`` rows, so N ranks see exactly the rows one process would.
+
+    Example:
+        >>> src = TensorSource({"x": torch.arange(10.0)[:, None]}, batch_size=4, seed=0)
+        >>> src.next_batch()["x"].shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int = 0) -> None:
+        sizes = {t.shape[0] for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ConfigError(f"every tensor of a TensorSource needs the same first dimension, got {sorted(sizes)}")
+        self.n = sizes.pop()
+        self.rank, self.world_size = ddp.rank_and_world()
+        if batch_size % self.world_size or batch_size > self.n:
+            raise ConfigError(f"batch_size={batch_size} must divide by {self.world_size} ranks and be at most {self.n} rows")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_served = 0
+
+    def _order(self, epoch: int) -> Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def next_batch(self) -> dict[str, Tensor]:
+        per_epoch = self.n // self.batch_size
+        epoch, index = divmod(self.batches_served, per_epoch)
+        rows = self._order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        share = self.batch_size // self.world_size
+        rows = rows[self.rank * share : (self.rank + 1) * share]
+        self.batches_served += 1
+        return {name: t[rows] for name, t in self.tensors.items()}
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_served = int(state["batches_served"])
+
+
+def train_sae(
+    sae_cfg: SAEConfig | dict, source: BatchSource, train_cfg: TrainConfig | dict | None = None, seed: int = 0
+) -> SAE:
+    """Build an SAE from ``sae_cfg``, train it on ``source`` and return it, ready to use on raw activations.
+
+    Example:
+        >>> from mechscope.sae import TensorSource
+        >>> sae = train_sae({"d_in": 8, "d_sae": 16, "hook_name": "x"},
+        ...                 TensorSource({"x": torch.randn(256, 8)}, 64), {"steps": 5, "progress": False})
+        >>> sae.cfg.architecture
+        'standard'
+    """
+    if isinstance(sae_cfg, dict):
+        sae_cfg = SAEConfig.from_dict(sae_cfg)
+    if train_cfg is None or isinstance(train_cfg, dict):
+        train_cfg = TrainConfig.from_dict(train_cfg or {})
+    return SAETrainer([make_sae(sae_cfg, seed)], source, train_cfg).train()[0]
