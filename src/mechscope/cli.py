@@ -69,6 +69,10 @@ def tour(args: argparse.Namespace) -> int:
     print(f"\nrun_with_cache: {len(cache)} activations in {elapsed:.2f}s, {_format_bytes(cache.nbytes())}")
     for line in cache_summary(cache):
         print("  " + line)
+    if not args.no_heads:
+        from mechscope.analysis.tour import heads_tour
+
+        heads_tour(model, out_dir=args.out_dir)
     return 0
 
 
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-heads", action="store_true", help="skip the head detectors section")
+    p.add_argument("--out-dir", default="mechscope-tour", help="where HTML views are written")
     p.set_defaults(func=tour)
     return parser
 

@@ -218,6 +218,7 @@ def _neuron_components(cache: ActivationCache, index: Tensor, layer: int) -> tup
     return post, [f"L{layer}N{n}" for n in range(post.shape[-1])], mlp.b_out
 
 
+@torch.no_grad()
 def direct_logit_attribution(
     cache: ActivationCache,
     answer: TokenLike | Tensor,

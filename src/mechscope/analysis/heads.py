@@ -37,7 +37,8 @@ def repeated_random_tokens(
     """Random token sequences repeated twice, ``[batch, 2 * seq_len]`` (plus BOS when prepended).
 
     Tokens are drawn from the whole vocabulary minus the tokenizer's special tokens.
-    ``prepend_bos`` defaults to the model's convention (``cfg.default_prepend_bos``).
+    ``prepend_bos`` defaults to the model's convention (``cfg.default_prepend_bos``) when it
+    has a tokenizer with a BOS token, and to no BOS otherwise.
 
     Example:
         >>> toks = repeated_random_tokens(model, seq_len=5, batch=2, prepend_bos=False)
@@ -51,9 +52,9 @@ def repeated_random_tokens(
     gen = torch.Generator().manual_seed(seed)
     half = allowed[torch.randint(len(allowed), (batch, seq_len), generator=gen)]
     tokens = torch.cat([half, half], dim=1)
-    prepend = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    prepend = (model.cfg.default_prepend_bos and bos is not None) if prepend_bos is None else prepend_bos
     if prepend:
-        bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
         if bos is None:
             raise InputError("prepend_bos=True needs a tokenizer with a BOS token; pass prepend_bos=False")
         tokens = torch.cat([torch.full((batch, 1), bos), tokens], dim=1)
