@@ -79,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
         self.resample_steps = tuple(self.resample_steps)
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}")
         if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
@@ -343,10 +345,14 @@ class SAETrainer:
                         buf[dead] = 0.0
         state.steps_since_fired[dead] = 0
 
-    def train(self) -> list[SAE]:
+    def train(self, stop_after: int | None = None) -> list[SAE]:
         """Run until ``cfg.steps`` (resuming from the checkpoint when there is one) and return the
-        trained SAEs with the normalisation folded into their weights."""
+        trained SAEs with the normalisation folded into their weights.
+
+        ``stop_after`` pauses at that step (the schedule still spans ``cfg.steps``); call again to go on.
+        """
         cfg = self.cfg
+        end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         if self.step == 0 and self.checkpoint_path is not None:
             self.load_checkpoint()
         progress = None
@@ -355,7 +361,7 @@ class SAETrainer:
 
             progress = tqdm(total=cfg.steps, initial=self.step, desc="training SAE", dynamic_ncols=True)
         try:
-            while self.step < cfg.steps:
+            while self.step < end:
                 batch = self.source.next_batch()
                 records = []
                 for state in self.states:
