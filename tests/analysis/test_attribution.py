@@ -143,3 +143,18 @@ def test_logit_lens(run):
     assert_close(some.logits[-1], logits[:, [6, 2]], rtol=1e-5, atol=1e-5)
     with pytest.raises(ms.InputError, match="out of range"):
         logit_lens(cache, pos=9)
+
+
+def test_folded_weights_give_the_same_exact_decomposition(small_model):
+    """After fold_ln (and centring), DLA still sums to the logits and every component is unchanged."""
+    from mechscope.model.processing import process_weights
+
+    _, cache = small_model.run_with_cache(TOKENS)
+    before = direct_logit_attribution(cache, answer=4, against=9, by="head")
+    process_weights(small_model, processed=True, fold_value_biases=False)
+    logits, cache = small_model.run_with_cache(TOKENS)
+    after = direct_logit_attribution(cache, answer=4, against=9, by="head")
+    assert_close(after.total(), logits[:, -1, 4] - logits[:, -1, 9], rtol=1e-5, atol=1e-5)
+    for label in before.labels:
+        if label in after.labels and label not in ("ln_final.b", "unembed.b_U"):
+            assert_close(after[label], before[label], rtol=1e-4, atol=1e-5)
