@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import mechscope as ms
 from tests.conftest import save_hf_model
@@ -24,6 +37,20 @@ def llama(**kw):
     )
     return LlamaConfig(**{**base, **kw})
 
+
+def small(**kw):
+    """Common sizes for the Llama-layout families."""
+    base = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    return {**base, **kw}
+
+
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+}
 
 CASES = {
     "gpt2": lambda: gpt2(),
@@ -49,6 +76,35 @@ CASES = {
         vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, tie_word_embeddings=False,
     ),
+    "qwen2-window-layers": lambda: Qwen2Config(**small(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3": lambda: Qwen3Config(**small(head_dim=16, tie_word_embeddings=True)),
+    "qwen3-window-bias": lambda: Qwen3Config(**small(
+        head_dim=8, attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=2,
+    )),
+    "gpt-neox-parallel": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                     "partial_rotary_factor": 0.5},
+    ),
+    "gpt-neox-sequential": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        max_position_embeddings=64, use_parallel_residual=False, attention_bias=False, hidden_act="gelu_new",
+    ),
+    "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
+    "gemma": lambda: GemmaConfig(**small(head_dim=16)),
+    "gemma2": lambda: Gemma2Config(**small(
+        head_dim=16, sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=1.5,
+        final_logit_softcapping=4.0,
+    )),
+    "gemma3": lambda: Gemma3TextConfig(**small(
+        head_dim=16, sliding_window=5, query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )),
+    "phi3": lambda: Phi3Config(**small(
+        sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+    )),
+    "olmo2": lambda: Olmo2Config(**small(num_key_value_heads=4)),
+    "olmo2-gqa": lambda: Olmo2Config(**small(num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
 
@@ -56,7 +112,7 @@ CASES = {
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(CASES[request.param](), path, seed=len(request.param))
-    return hf_model, ms.load(path, device="cpu")
+    return hf_model, ms.load(path, device="cpu"), path
 
 
 def _tokens(seed: int, batch: int = 3, seq: int = 17) -> torch.Tensor:
@@ -65,7 +121,7 @@ def _tokens(seed: int, batch: int = 3, seq: int = 17) -> torch.Tensor:
 
 @pytest.mark.parametrize("implementation", ["auto", "eager"])
 def test_logits_match_transformers(pair, implementation):
-    hf_model, model = pair
+    hf_model, model, _ = pair
     tokens = _tokens(0)
     model.cfg.attn_implementation = implementation
     try:
@@ -80,7 +136,7 @@ def test_logits_match_transformers(pair, implementation):
 
 def test_cached_pattern_path_matches_transformers(pair):
     """Caching the attention pattern forces the explicit path; logits stay equal."""
-    hf_model, model = pair
+    hf_model, model, _ = pair
     tokens = _tokens(1, batch=2, seq=13)
     with torch.no_grad():
         expected = hf_model(tokens).logits
@@ -89,6 +145,29 @@ def test_cached_pattern_path_matches_transformers(pair):
     pattern = cache["blocks.0.attn.hook_pattern"]
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
     assert torch.all(pattern.triu(1) == 0)
+
+
+def test_processed_weights_keep_log_probs(pair):
+    """Every processing step valid for the family (``processed=True``) keeps the log-probabilities."""
+    hf_model, _, path = pair
+    model = ms.load(path, device="cpu", processed=True)
+    assert model.cfg.extra["weight_processing"], "no processing step ran"
+    tokens = _tokens(2)
+    with torch.no_grad():
+        expected = hf_model(tokens).logits.log_softmax(-1)
+        actual = model(tokens).log_softmax(-1)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    """The key/value-cache path continues prompts exactly as transformers' own generate."""
+    hf_model, model, _ = pair
+    tokens = _tokens(3, batch=1, seq=9)
+    expected = hf_model.generate(
+        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False, eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert torch.equal(model.generate(tokens, max_new_tokens=8, stop_at_eos=False), expected)
 
 
 def test_conversion_rejects_missing_and_unexpected_keys(tmp_path):

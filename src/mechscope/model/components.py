@@ -48,7 +48,7 @@ class Embed(nn.Module):
         x = F.embedding(tokens, self.W_E)
         if self.scale is None:
             return x
-        return x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        return x * torch.tensor(self.scale, device=x.device).to(x.dtype)  # rounded as in transformers
 
 
 class PosEmbed(nn.Module):

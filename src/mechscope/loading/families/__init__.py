@@ -11,9 +11,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from mechscope.errors import ConfigError
-from mechscope.loading.families import gpt2, llama
+from mechscope.loading.families import gemma, gpt2, gpt_neox, gptj, llama, olmo2, phi3, qwen3
 
-_ADAPTERS: tuple[ModuleType, ...] = (gpt2, llama)
+_ADAPTERS: tuple[ModuleType, ...] = (gpt2, gpt_neox, gptj, llama, qwen3, gemma, phi3, olmo2)
 REGISTRY: dict[str, ModuleType] = {model_type: module for module in _ADAPTERS for model_type in module.MODEL_TYPES}
 
 
