@@ -8,10 +8,13 @@ Example:
 """
 
 from mechscope.patching.activation import SITES, Site, ablate, activation_patch, get_site, run_patches
+from mechscope.patching.attribution import AtPStarResult, FalseNegativeEstimate, atp_star, attribution_patch
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
 
 __all__ = [
     "SITES",
+    "AtPStarResult",
+    "FalseNegativeEstimate",
     "KLDivergence",
     "LogitDiff",
     "Normalized",
@@ -19,6 +22,8 @@ __all__ = [
     "Site",
     "ablate",
     "activation_patch",
+    "atp_star",
+    "attribution_patch",
     "get_site",
     "run_patches",
 ]

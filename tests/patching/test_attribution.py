@@ -1,0 +1,165 @@
+"""AtP and AtP* against independent gradients and exact answers on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import mechscope as ms
+from mechscope.cache import act_name
+from mechscope.patching import activation_patch, atp_star, attribution_patch
+from mechscope.patching.attribution import _binomial_upper, _head_names, gradient_pass, qk_fix_components
+from tests.conftest import tiny_model
+from tests.patching.oracle import cache_site
+from tests.patching.test_activation import _pair, gqa_model, gpt2_model
+
+
+def naive_grad(model, tokens, name, metric, drop_layer=None):
+    """dM/d(activation) by adding a zero leaf at the hook point (one forward and backward per call)."""
+    shape = cache_site_shape(model, tokens, name)
+    delta = torch.zeros(shape, requires_grad=True)
+
+    def add(act, *, hook):
+        return act + delta
+
+    def zero(grad, *, hook):
+        return torch.zeros_like(grad)
+
+    bwd = []
+    if drop_layer is not None:
+        bwd = [(n, zero) for n in (act_name("attn_out", drop_layer), act_name("mlp_out", drop_layer)) if n in model.hook_dict]
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(name, add)], bwd_hooks=bwd)
+    (grad,) = torch.autograd.grad(metric(logits).sum(), delta)
+    return grad
+
+
+def cache_site_shape(model, tokens, name):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[name])
+    return cache[name].shape
+
+
+@pytest.mark.parametrize("make_model", [gqa_model, gpt2_model])
+def test_gradients_and_graddrop_copies_match_naive(make_model):
+    model = make_model()
+    clean, corrupted, metric = _pair(model)
+    names = [act_name("z", 0), act_name("resid_pre", 1), act_name("post", 0)]
+    acts, grads = gradient_pass(model, corrupted, names, metric, drop_layers=[None, 1, 0])
+    for name in names:
+        assert_close(grads[name][0], naive_grad(model, corrupted, name, metric), atol=1e-5, rtol=1e-4)
+        assert_close(grads[name][1], naive_grad(model, corrupted, name, metric, drop_layer=1), atol=1e-5, rtol=1e-4)
+        assert_close(grads[name][2], naive_grad(model, corrupted, name, metric, drop_layer=0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_atp_is_activation_difference_times_gradient(direction):
+    model = gqa_model()
+    clean, corrupted, metric = _pair(model, n=3)
+    base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    sites = ["z", "resid_pre", "attn_out", "mlp_out", "post"]
+    est = attribution_patch(model, clean, corrupted, metric, sites, direction=direction)
+    reduce = {"z": (0, 1, 3), "resid_pre": (0, 2), "attn_out": (0, 2), "mlp_out": (0, 2), "post": (0, 1)}
+    for site in sites:
+        src, base_acts = cache_site(model, source, site), cache_site(model, base, site)
+        for layer in range(model.cfg.n_layers):
+            grad = naive_grad(model, base, act_name(site, layer), metric)
+            expected = ((src[layer] - base_acts[layer]) * grad).sum(reduce[site]) / base.shape[0]
+            assert_close(est[site][layer], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_atp_exact_where_the_metric_is_linear():
+    """Without a final norm the logit difference is linear in the last layer's outputs."""
+    model = tiny_model(n_layers=2, normalization_type=None)
+    clean, corrupted, metric = _pair(model)
+    est = attribution_patch(model, clean, corrupted, metric, ["mlp_out", "resid_post"])
+    with torch.no_grad():
+        base = metric(model(corrupted)).mean()
+    for site in ("mlp_out", "resid_post"):
+        exact = activation_patch(model, clean, corrupted, metric, site, layers=[1])[0] - base
+        assert_close(est[site][1], exact, atol=1e-5, rtol=0)
+
+
+def tiny_model_std(seed, std, **overrides):
+    model = tiny_model(seed=seed, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(std / 0.2)
+    return model
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_qk_fix_components_are_exact_for_linear_attention(positional):
+    model = tiny_model_std(4, 0.6, n_layers=1, attn_only=True, normalization_type=None, n_key_value_heads=2,
+                           positional_embedding_type=positional)
+    clean, _, metric = _pair(model, n=2, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 1], corrupted[:, 4] = (clean[:, 1] + 7) % 61, (clean[:, 4] + 3) % 61  # the final query changes
+    names = _head_names(model, 0)
+    acts, grads = gradient_pass(model, corrupted, names, metric)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=names)
+        base = metric(model(corrupted)).mean()
+    query, key, value = qk_fix_components(model, 0, acts, {n: cache[n] for n in names}, grads[names[0]][0])
+    exact_q = activation_patch(model, clean, corrupted, metric, "q")[0] - base  # [head]
+    assert_close(query.mean(0), exact_q, atol=1e-5, rtol=1e-5)
+    groups = model.cfg.n_kv_groups
+    exact_v = activation_patch(model, clean, corrupted, metric, "v")[0] - base  # [kv_head]
+    assert_close(value.mean(0).view(-1, groups).sum(-1), exact_v, atol=1e-5, rtol=1e-5)
+    exact_k = activation_patch(model, clean, corrupted, metric, "k", by=("pos", "kv_head"))[0] - base  # [pos, kv]
+    key_by_kv = key.mean(0).view(-1, groups, key.shape[-1]).sum(1).T  # [pos, kv_head]
+    assert_close(key_by_kv, exact_k, atol=1e-5, rtol=1e-5)
+    # Plain AtP on the queries misses the softmax's curvature, so it is not exact here.
+    grad_q = naive_grad(model, corrupted, act_name("q", 0), metric)
+    q_src, q_base = cache_site(model, clean, "q")[0], cache_site(model, corrupted, "q")[0]
+    plain_q = ((q_src - q_base) * grad_q).sum((0, 1, 3)) / 2
+    assert (plain_q - exact_q).abs().max() > 1e-3
+
+
+def test_atp_star_graddrop_verification_and_false_negatives():
+    model = gqa_model()
+    clean, corrupted, metric = _pair(model, n=2)
+    result = atp_star(model, clean, corrupted, metric, top_k=3, n_samples=3, seed=1)
+    n_layers = model.cfg.n_layers
+    # GradDrop scores from naive per-layer gradients, plain AtP on z for simplicity.
+    plain = atp_star(model, clean, corrupted, metric, qk_fix=False, top_k=3, verify=False)
+    src, base_acts = cache_site(model, clean, "z"), cache_site(model, corrupted, "z")
+    expected = torch.zeros(n_layers, model.cfg.n_heads)
+    for drop in range(n_layers):
+        for layer in range(n_layers):
+            grad = naive_grad(model, corrupted, act_name("z", layer), metric, drop_layer=drop)
+            expected[layer] += (((src[layer] - base_acts[layer]) * grad).sum((1, 3)).mean(0)).abs()
+    assert_close(plain.graddrop, expected / (n_layers - 1), atol=1e-5, rtol=1e-4)
+    assert_close(plain.estimates, plain.atp)
+    # Ranking by GradDrop score, exact verification of the top-k with the patching engine.
+    order = result.scores.flatten().argsort(descending=True)[:3]
+    assert result.top.tolist() == [[int(i) // 4, int(i) % 4] for i in order]
+    with torch.no_grad():
+        base = metric(model(corrupted)).mean()
+    grid = activation_patch(model, clean, corrupted, metric, "z") - base
+    assert_close(result.verified, grid[result.top[:, 0], result.top[:, 1]], atol=1e-5, rtol=0)
+    fn = result.false_negatives
+    assert fn.sampled == 3 and 0 <= fn.found <= 3 and fn.upper_bound >= fn.estimate >= 0
+    assert fn.threshold == pytest.approx(float(result.verified.abs().min()))
+
+
+def test_atp_star_neurons_and_errors():
+    model = gpt2_model()
+    clean, corrupted, metric = _pair(model)
+    result = atp_star(model, clean, corrupted, metric, nodes="neurons", top_k=4, graddrop=False)
+    assert result.estimates.shape == (2, 8) and result.graddrop is None
+    with torch.no_grad():
+        base = metric(model(corrupted)).mean()
+    exact = activation_patch(model, clean, corrupted, metric, "post", patches=result.top) - base
+    assert_close(result.verified, exact, atol=1e-5, rtol=0)
+    with pytest.raises(ms.InputError, match="nodes"):
+        atp_star(model, clean, corrupted, metric, nodes="mlps")
+    with pytest.raises(ms.InputError, match="threshold"):
+        atp_star(model, clean, corrupted, metric, verify=False, n_samples=2)
+
+
+def test_binomial_upper_bound():
+    assert _binomial_upper(0, 10, 0.05) == pytest.approx(1 - 0.05 ** (1 / 10), abs=1e-9)
+    assert _binomial_upper(10, 10, 0.05) == 1.0
+    assert 0.3 < _binomial_upper(2, 10, 0.05) < 0.6
+
