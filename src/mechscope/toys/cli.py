@@ -1,0 +1,261 @@
+"""``mechscope toys grokking|superposition|induction``: train a toy, write an HTML report and a JSON of numbers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from mechscope.toys import induction, modular, superposition
+from mechscope.toys.report import heatmap_figure, line_figure, write_report
+
+
+def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool = True) -> dict:
+    """Analyse a grokking run (Fourier structure, progress measures) and write its report; return the numbers.
+
+    Example:
+        >>> run = modular.train_grokking(modular.GrokkingConfig(p=11, d_model=16, d_mlp=32, n_epochs=20),
+        ...                              progress=False)
+        >>> numbers = grokking_report(run, "grokking.html")  # doctest: +SKIP
+    """
+    cfg = run.config
+    analysis = modular.analyse_model(run.model, run.data, cfg.p)
+    key_freqs = analysis["key_freqs_neurons"] or analysis["key_freqs_embed"]
+    measures = modular.progress_measures(run, key_freqs, progress=progress)
+    grok = run.grokking_epoch()
+    train_fit = next((h["epoch"] for h in run.history if h["train_acc"] >= 0.99), None)
+    numbers = {
+        "config": cfg.to_dict(),
+        "epochs_trained": run.epoch,
+        "train_acc_99_epoch": train_fit,
+        "test_acc_99_epoch": grok,
+        "final": run.history[-1],
+        "key_freqs": key_freqs,
+        **analysis,
+        "progress_measures": measures,
+        "history": run.history,
+    }
+    epochs = [h["epoch"] for h in run.history]
+    ckpt = [m["epoch"] for m in measures]
+    losses = line_figure(
+        {"train loss": epochs, "test loss": epochs, "restricted loss": ckpt, "excluded loss": ckpt},
+        {"train loss": [h["train_loss"] for h in run.history], "test loss": [h["test_loss"] for h in run.history],
+         "restricted loss": [m["restricted_loss"] for m in measures],
+         "excluded loss": [m["excluded_loss"] for m in measures]},
+        "Losses and progress measures (key frequencies of the final model)", "epoch", log_y=True,
+    )
+    acc = line_figure(epochs, {"train accuracy": [h["train_acc"] for h in run.history],
+                               "test accuracy": [h["test_acc"] for h in run.history]}, "Accuracy", "epoch")
+    weights = line_figure(ckpt, {"sum of squared weights": [m["sum_sq_weights"] for m in measures]},
+                          "Total squared weight norm", "epoch")
+    share = line_figure(ckpt, {"embedding share in key frequencies": [m["embed_key_share"] for m in measures]},
+                        "Fraction of the embedding's Fourier norm in the key frequencies", "epoch")
+    freqs = list(range(1, cfg.p // 2 + 1))
+    embed = line_figure(freqs, {"‖W_E‖² per frequency": analysis["embed_freq_norms"]},
+                        "Embedding norm per Fourier frequency (final model)", "frequency k")
+    order = sorted(range(cfg.d_mlp), key=lambda i: (analysis["neuron_freq"][i], -analysis["neuron_frac_explained"][i]))
+    neurons = line_figure(
+        list(range(cfg.d_mlp)),
+        {"fraction explained": [analysis["neuron_frac_explained"][i] for i in order],
+         "dominant frequency / (p/2)": [analysis["neuron_freq"][i] / (cfg.p // 2) for i in order]},
+        "Neurons sorted by dominant frequency: variance fraction explained by it", "neuron (sorted)",
+    )
+    summary = [
+        f"p = {cfg.p}, {cfg.frac_train:.0%} of pairs for training, {run.epoch} epochs",
+        f"train accuracy >= 99% at epoch {train_fit}; test accuracy >= 99% at epoch {grok}",
+        f"key frequencies (neurons): {analysis['key_freqs_neurons']}; (embedding): {analysis['key_freqs_embed']}",
+        f"mean fraction of variance explained by a neuron's key frequency: {analysis['frac_explained_by_key']:.3f}",
+        f"final train/test loss {run.history[-1]['train_loss']:.3g} / {run.history[-1]['test_loss']:.3g}; "
+        f"restricted {measures[-1]['restricted_loss']:.3g}; excluded {measures[-1]['excluded_loss']:.3g}",
+    ]
+    sections = [("Loss curves", losses), ("Accuracy", acc), ("Weight norm", weights), ("Embedding sparsity", share),
+                ("Embedding in the Fourier basis", embed), ("Neuron frequencies", neurons)]
+    write_report(path, "Modular addition: grokking", sections, numbers, summary)
+    return numbers
+
+
+def superposition_report(
+    n_features: int, n_hidden: int, n_instances: int, training: superposition.SuperpositionTraining, path,
+    phase_training: superposition.SuperpositionTraining | None = None, progress: bool = True,
+) -> dict:
+    """Train the intro sweep (importance ``0.9^i``, density ``20^-t``), the phase diagram; write the report."""
+    density = (20.0 ** -torch.linspace(0, 1, n_instances))[:, None]
+    importance = 0.9 ** torch.arange(n_features, dtype=torch.float32)
+    toy = superposition.ToyModel(n_features, n_hidden, n_instances, density, importance, seed=training.seed)
+    losses = superposition.train_toy_model(toy, training, progress=progress)
+    W = toy.W.detach()
+    gram = torch.einsum("ihf,ihg->ifg", W, W)
+    norms, interference = superposition.feature_norms(W), superposition.feature_superposition(W)
+    dims = superposition.feature_dimensionality(W)
+    diagram = superposition.phase_diagram(training=phase_training or training, progress=progress)
+    labels = [f"1-S={d:.3g}" for d in density[:, 0].tolist()]
+    numbers = {
+        "n_features": n_features, "n_hidden": n_hidden, "training": dataclasses.asdict(training),
+        "density": density[:, 0].tolist(), "importance": importance.tolist(), "final_loss": losses[-1],
+        "feature_norms": norms.tolist(), "feature_superposition": interference.tolist(),
+        "feature_dimensionality": dims.tolist(),
+        "dimensions_per_feature": superposition.dimensions_per_feature(W).tolist(),
+        "phase_diagram": {"densities": diagram.densities, "importances": diagram.importances,
+                          "phases": diagram.phases, "W": diagram.W.tolist(), "b": diagram.b.tolist()},
+    }
+    sections = []
+    for i in range(n_instances):
+        sections.append((f"WᵀW, instance {i} ({labels[i]})", heatmap_figure(gram[i].tolist(), f"WᵀW ({labels[i]})")))
+    sections.append(("Feature norms ‖W_i‖", heatmap_figure(norms.tolist(), "‖W_i‖ per instance (rows) and feature",
+                                                          y=labels, colorscale="Blues", zmid=None)))
+    sections.append(("Superposition Σ_j (Ŵ_i·W_j)²", heatmap_figure(
+        interference.tolist(), "interference per instance and feature (0 = dedicated)", y=labels,
+        colorscale="Reds", zmid=None)))
+    sections.append(("Feature dimensionality", heatmap_figure(
+        dims.tolist(), "D_i = ‖W_i‖² / Σ_j (Ŵ_i·W_j)²", y=labels, colorscale="Viridis", zmid=None)))
+    code = {p: i for i, p in enumerate(superposition.PHASES)}
+    sections.append(("Phase diagram (2 features, 1 dimension)", heatmap_figure(
+        [[code[p] for p in row] for row in diagram.phases], "0 = not represented, 1 = dedicated, 2 = superposition",
+        x=[f"{v:.3g}" for v in diagram.importances], y=[f"{v:.3g}" for v in diagram.densities], colorscale="Viridis",
+        zmid=None, x_title="relative importance of feature 2", y_title="feature density 1-S")))
+    sections.append(("Phase table", "\n".join(
+        f"1-S={d:<7.3g} " + " ".join(f"{p.split()[0][:5]:>6}" for p in row)
+        for d, row in zip(diagram.densities, diagram.phases))))
+    summary = [f"{n_instances} instances of {n_features} features in {n_hidden} dimensions, {training.steps} steps",
+               f"dimensions per feature: {[round(v, 3) for v in numbers['dimensions_per_feature']]}"]
+    write_report(path, "Toy models of superposition", sections, numbers, summary)
+    return numbers
+
+
+def induction_report(run: induction.InductionRun, path) -> dict:
+    """Score the heads of a trained induction toy and write its report; return the numbers."""
+    numbers = {**induction.induction_summary(run), "history": run.history}
+    steps = [h["step"] for h in run.history]
+    tokens = induction.repeated_tokens(run.config.d_vocab, run.config.seq_len // 2, 1, seed=7)
+    _, cache = run.model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    (l0, h0), (l1, h1) = numbers["previous_token_head"], numbers["induction_head"]
+    sections = [
+        ("Loss", line_figure(steps, {"loss (all positions)": [h["loss"] for h in run.history],
+                                     "loss (repeated span)": [h["induction_loss"] for h in run.history]},
+                             "Training loss", "step")),
+        ("Previous-token scores", heatmap_figure(numbers["previous_token_scores"], "layer × head", colorscale="Blues",
+                                                 zmid=None, x_title="head", y_title="layer")),
+        ("Induction scores", heatmap_figure(numbers["induction_scores"], "layer × head", colorscale="Blues", zmid=None,
+                                            x_title="head", y_title="layer")),
+        ("K-composition", heatmap_figure(numbers["k_composition"], "layer-0 head (rows) → layer-1 head (columns)",
+                                         colorscale="Blues", zmid=None, x_title="layer-1 head",
+                                         y_title="layer-0 head")),
+        (f"Attention of head {l0}.{h0}", heatmap_figure(cache["pattern", l0][0, h0].tolist(), "previous-token head",
+                                                        colorscale="Blues", zmid=None)),
+        (f"Attention of head {l1}.{h1}", heatmap_figure(cache["pattern", l1][0, h1].tolist(), "induction head",
+                                                        colorscale="Blues", zmid=None)),
+    ]
+    summary = [
+        f"loss on repeated half {numbers['second_half_loss']:.3f} vs chance {numbers['chance_loss']:.3f} "
+        f"(first half {numbers['first_half_loss']:.3f})",
+        f"previous-token head {l0}.{h0}, induction head {l1}.{h1}; highest K-composition pair "
+        f"{numbers['k_composition_best_pair']} (matches: {numbers['detected_pair_has_highest_k_composition']})",
+    ]
+    write_report(path, "Induction heads in a 2-layer attention-only transformer", sections, numbers, summary)
+    return numbers
+
+
+def _grokking(args: argparse.Namespace) -> int:
+    cfg = modular.GrokkingConfig(
+        p=args.p, frac_train=args.frac_train, d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp,
+        lr=args.lr, weight_decay=args.weight_decay, n_epochs=args.epochs, stop_after_grokking=args.stop_after_grokking,
+        seed=args.seed, data_seed=args.data_seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+    )
+    out = Path(args.out)
+    start = time.perf_counter()
+    run = modular.train_grokking(cfg, out / "run", device=args.device or "cpu", progress=not args.quiet)
+    print(f"trained {run.epoch} epochs in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
+    numbers = grokking_report(run, out / "grokking.html", progress=not args.quiet)
+    print(f"train accuracy >= 99% at epoch {numbers['train_acc_99_epoch']}, "
+          f"test accuracy >= 99% at epoch {numbers['test_acc_99_epoch']}")
+    print(f"key frequencies: {numbers['key_freqs']}; "
+          f"neuron variance explained by its key frequency: {numbers['frac_explained_by_key']:.3f}")
+    print(f"report: {out / 'grokking.html'} and {out / 'grokking.json'}")
+    return 0
+
+
+def _superposition(args: argparse.Namespace) -> int:
+    training = superposition.SuperpositionTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                   seed=args.seed)
+    phase = dataclasses.replace(training, steps=args.phase_steps)
+    out = Path(args.out)
+    numbers = superposition_report(args.n_features, args.n_hidden, args.n_instances, training,
+                                   out / "superposition.html", phase, progress=not args.quiet)
+    print("phase diagram (rows: density 1-S; columns: importance " +
+          ", ".join(f"{v:.2g}" for v in numbers["phase_diagram"]["importances"]) + ")")
+    for d, row in zip(numbers["phase_diagram"]["densities"], numbers["phase_diagram"]["phases"]):
+        print(f"  {d:<7.3g} " + " ".join(f"{p.split()[0][:5]:>6}" for p in row))
+    print(f"report: {out / 'superposition.html'} and {out / 'superposition.json'}")
+    return 0
+
+
+def _induction(args: argparse.Namespace) -> int:
+    cfg = induction.InductionConfig(d_vocab=args.d_vocab, seq_len=args.seq_len, d_model=args.d_model,
+                                    n_heads=args.n_heads, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                                    seed=args.seed)
+    out = Path(args.out)
+    start = time.perf_counter()
+    run = induction.train_induction(cfg, progress=not args.quiet)
+    print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s")
+    n = induction_report(run, out / "induction.html")
+    print(f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
+          f"head {n['previous_token_head']}, induction head {n['induction_head']}; highest K-composition pair "
+          f"{n['k_composition_best_pair']}")
+    print(f"report: {out / 'induction.html'} and {out / 'induction.json'}")
+    return 0
+
+
+def add_toys_parser(sub) -> None:
+    """Register ``mechscope toys ...`` on the main parser's subcommands."""
+    toys = sub.add_parser("toys", help="train a toy model (grokking, superposition, induction) and write a report")
+    kinds = toys.add_subparsers(dest="toy", required=True)
+
+    def common(p: argparse.ArgumentParser, out: str) -> None:
+        p.add_argument("--out", default=out, help="output directory for the report (and resumable state)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    g = kinds.add_parser("grokking", help="modular addition; the defaults are the paper's (slow on CPU)")
+    common(g, "toys-grokking")
+    d = modular.GrokkingConfig()
+    g.add_argument("--p", type=int, default=d.p)
+    g.add_argument("--frac-train", type=float, default=d.frac_train)
+    g.add_argument("--d-model", type=int, default=d.d_model)
+    g.add_argument("--n-heads", type=int, default=d.n_heads)
+    g.add_argument("--d-mlp", type=int, default=d.d_mlp)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--epochs", type=int, default=d.n_epochs)
+    g.add_argument("--stop-after-grokking", type=int, default=None,
+                   help="stop this many epochs after test accuracy reaches 99%%")
+    g.add_argument("--data-seed", type=int, default=d.data_seed)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--device", default=None, help="cpu (default) or cuda")
+    g.set_defaults(func=_grokking)
+
+    s = kinds.add_parser("superposition", help="ReLU-output toy models, feature geometry and the phase diagram")
+    common(s, "toys-superposition")
+    s.add_argument("--n-features", type=int, default=5)
+    s.add_argument("--n-hidden", type=int, default=2)
+    s.add_argument("--n-instances", type=int, default=8)
+    s.add_argument("--steps", type=int, default=5000)
+    s.add_argument("--phase-steps", type=int, default=5000)
+    s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.set_defaults(func=_superposition)
+
+    i = kinds.add_parser("induction", help="2-layer attention-only transformer on repeated random spans")
+    common(i, "toys-induction")
+    d = induction.InductionConfig()
+    i.add_argument("--d-vocab", type=int, default=d.d_vocab)
+    i.add_argument("--seq-len", type=int, default=d.seq_len)
+    i.add_argument("--d-model", type=int, default=d.d_model)
+    i.add_argument("--n-heads", type=int, default=d.n_heads)
+    i.add_argument("--lr", type=float, default=d.lr)
+    i.add_argument("--steps", type=int, default=d.steps)
+    i.add_argument("--batch-size", type=int, default=d.batch_size)
+    i.set_defaults(func=_induction)

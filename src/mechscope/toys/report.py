@@ -1,0 +1,103 @@
+"""Self-contained HTML reports (plotly, its JavaScript inlined once) and JSON numbers for the toys.
+
+Every figure's toolbar has plotly's camera button, which saves a PNG in the browser without
+any server or extra package.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import ConfigError
+
+
+def _plotly():
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError as exc:  # pragma: no cover - plotly is a dependency
+        raise ConfigError("the toy reports need plotly: pip install plotly") from exc
+    return go, make_subplots
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    path: str | os.PathLike, title: str, sections: list[tuple[str, Any]], numbers: dict, summary: list[str] = ()
+) -> tuple[Path, Path]:
+    """Write ``path`` (HTML) and the same name with ``.json`` (the numbers); return both paths.
+
+    ``sections`` are ``(heading, figure)`` pairs, a figure being a plotly figure or plain text.
+    All text is HTML-escaped; plotly's JavaScript is inlined once, so the page works offline.
+
+    Example:
+        >>> import tempfile, plotly.graph_objects as go
+        >>> out = Path(tempfile.mkdtemp()) / "r.html"
+        >>> html_path, json_path = write_report(out, "<demo>", [("a", go.Figure())], {"x": 1})
+        >>> "&lt;demo&gt;" in html_path.read_text(), json.loads(json_path.read_text())
+        (True, {'x': 1})
+    """
+    path = Path(path)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "pre{background:#f4f4f4;padding:.6em}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if summary:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>")
+    first = True
+    for heading, figure in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(figure, str):
+            parts.append(f"<pre>{html.escape(figure)}</pre>")
+            continue
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=first))
+        first = False
+    parts.append("</body></html>")
+    _atomic_write(path, "\n".join(parts))
+    json_path = path.with_suffix(".json")
+    _atomic_write(json_path, json.dumps(numbers, indent=2))
+    return path, json_path
+
+
+def line_figure(x: list, series: dict[str, list], title: str, x_title: str, log_y: bool = False):
+    """A plotly line chart of several named series sharing ``x`` (``None`` values are gaps).
+
+    Example:
+        >>> fig = line_figure([0, 1], {"loss": [2.0, 1.0]}, "t", "step", log_y=True)
+        >>> fig.layout.yaxis.type
+        'log'
+    """
+    go, _ = _plotly()
+    fig = go.Figure()
+    for name, values in series.items():
+        xs = x[name] if isinstance(x, dict) else x
+        fig.add_trace(go.Scatter(x=xs, y=values, mode="lines", name=name))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_type="log" if log_y else "linear", height=420)
+    return fig
+
+
+def heatmap_figure(z, title: str, x: list | None = None, y: list | None = None, colorscale: str = "RdBu",
+                   zmid: float | None = 0.0, x_title: str = "", y_title: str = ""):
+    """A plotly heatmap of a 2-D array (rows top to bottom).
+
+    Example:
+        >>> heatmap_figure([[1, -1], [0, 2]], "W").data[0].type
+        'heatmap'
+    """
+    go, _ = _plotly()
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=colorscale, zmid=zmid))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420)
+    fig.update_yaxes(autorange="reversed")
+    return fig

@@ -1,0 +1,12 @@
+"""The toy models are tiny: one thread avoids thread-synchronisation overhead on a busy machine."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
