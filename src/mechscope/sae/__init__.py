@@ -13,10 +13,22 @@ from mechscope.sae import architectures
 from mechscope.sae.architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, StandardSAE, TopKSAE
 from mechscope.sae.base import SAE, SAE_REGISTRY, TrainStepOutput, make_sae, register_sae
 from mechscope.sae.config import ARCHITECTURES, SAEConfig
+from mechscope.sae.evaluate import SAEEvaluation, evaluate_sae
+from mechscope.sae.formats import load_sae, save_sae
+from mechscope.sae.splice import run_with_cache_with_saes, run_with_saes, splice
+from mechscope.sae.store import ActivationStore
 from mechscope.sae.trainer import SAETrainer, TensorSource, TrainConfig, geometric_median, train_sae
 
 __all__ = [
     "ARCHITECTURES",
+    "ActivationStore",
+    "SAEEvaluation",
+    "evaluate_sae",
+    "load_sae",
+    "run_with_cache_with_saes",
+    "run_with_saes",
+    "save_sae",
+    "splice",
     "SAE",
     "SAE_REGISTRY",
     "BatchTopKSAE",
