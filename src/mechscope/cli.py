@@ -73,6 +73,10 @@ def tour(args: argparse.Namespace) -> int:
         from mechscope.analysis.tour import heads_tour
 
         heads_tour(model, out_dir=args.out_dir)
+    if args.toys:
+        from mechscope.toys.cli import tour_toys
+
+        tour_toys()
     return 0
 
 
@@ -86,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu or cuda (default: cuda when available)")
     p.add_argument("--no-heads", action="store_true", help="skip the head detectors section")
     p.add_argument("--out-dir", default="mechscope-tour", help="where HTML views are written")
+    p.add_argument("--toys", action="store_true", help="also train the toy models (grokking, superposition, "
+                   "induction; about half a minute)")
     p.set_defaults(func=tour)
+    from mechscope.toys.cli import add_toys_parser
+
+    add_toys_parser(sub)
     return parser
 
 

@@ -159,6 +159,7 @@ def induction_report(run: induction.InductionRun, path) -> dict:
 
 
 def _grokking(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
     cfg = modular.GrokkingConfig(
         p=args.p, frac_train=args.frac_train, d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp,
         lr=args.lr, weight_decay=args.weight_decay, n_epochs=args.epochs, stop_after_grokking=args.stop_after_grokking,
@@ -178,6 +179,7 @@ def _grokking(args: argparse.Namespace) -> int:
 
 
 def _superposition(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
     training = superposition.SuperpositionTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                                    seed=args.seed)
     phase = dataclasses.replace(training, steps=args.phase_steps)
@@ -193,6 +195,7 @@ def _superposition(args: argparse.Namespace) -> int:
 
 
 def _induction(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
     cfg = induction.InductionConfig(d_vocab=args.d_vocab, seq_len=args.seq_len, d_model=args.d_model,
                                     n_heads=args.n_heads, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                                     seed=args.seed)
@@ -217,6 +220,8 @@ def add_toys_parser(sub) -> None:
         p.add_argument("--out", default=out, help="output directory for the report (and resumable state)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: the toys are too small to gain from more)")
 
     g = kinds.add_parser("grokking", help="modular addition; the defaults are the paper's (slow on CPU)")
     common(g, "toys-grokking")
@@ -259,3 +264,38 @@ def add_toys_parser(sub) -> None:
     i.add_argument("--steps", type=int, default=d.steps)
     i.add_argument("--batch-size", type=int, default=d.batch_size)
     i.set_defaults(func=_induction)
+
+
+def tour_toys() -> None:
+    """The tour's toy section (about half a minute on one core): reduced versions of the three toys.
+
+    Example:
+        >>> tour_toys()  # doctest: +SKIP
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the toys are tiny; one thread avoids synchronisation overhead
+    try:
+        print("\n== toy models ==")
+        start = time.perf_counter()
+        run = modular.train_grokking(modular.GrokkingConfig.quick(), progress=False)
+        memorised = next(h["epoch"] for h in run.history if h["train_acc"] == 1.0)
+        analysis = modular.analyse_model(run.model, run.data, run.config.p)
+        print(f"grokking (p={run.config.p}, {run.config.frac_train:.0%} training pairs): train accuracy 100% at "
+              f"epoch {memorised}, test accuracy >= 99% at epoch {run.grokking_epoch()}; key frequencies "
+              f"{analysis['key_freqs_neurons']} [{time.perf_counter() - start:.0f}s]")
+        start = time.perf_counter()
+        toy = superposition.ToyModel(2, 1, n_instances=2, feature_probability=torch.tensor([[1.0], [0.03]]), seed=0)
+        superposition.train_toy_model(toy, superposition.SuperpositionTraining(steps=1000, lr=1e-2), progress=False)
+        phases = superposition.classify_two_feature_phase(toy.W.detach())
+        w = [[round(v, 2) for v in row] for row in toy.W.detach()[:, 0].tolist()]
+        print(f"superposition (2 features, 1 dimension): dense -> W={w[0]} ({phases[0]} for feature 2); "
+              f"density 0.03 -> W={w[1]} ({phases[1]}) [{time.perf_counter() - start:.0f}s]")
+        start = time.perf_counter()
+        cfg = induction.InductionConfig(d_vocab=32, seq_len=24, d_model=32, lr=1e-2, steps=800)
+        n = induction.induction_summary(induction.train_induction(cfg, progress=False))
+        print(f"induction (2-layer attention-only): loss on repeated tokens {n['second_half_loss']:.2f} vs chance "
+              f"{n['chance_loss']:.2f}; previous-token head {n['previous_token_head']}, induction head "
+              f"{n['induction_head']}, highest K-composition pair {n['k_composition_best_pair']} "
+              f"[{time.perf_counter() - start:.0f}s]")
+    finally:
+        torch.set_num_threads(threads)

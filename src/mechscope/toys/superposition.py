@@ -228,7 +228,7 @@ def phase_diagram(
     0.1 to 10, log-spaced.
 
     Example:
-        >>> diagram = phase_diagram([1.0], [0.1, 10.0], SuperpositionTraining(steps=300, batch_size=256, lr=1e-2),
+        >>> diagram = phase_diagram([1.0], [0.1, 10.0], SuperpositionTraining(steps=150, batch_size=256, lr=3e-2),
         ...                         progress=False)
         >>> diagram.phases[0]
         ['not represented', 'dedicated dimension']

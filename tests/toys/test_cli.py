@@ -1,0 +1,51 @@
+"""``mechscope toys ...``: each subcommand trains, writes a self-contained HTML report and a JSON of numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mechscope.cli import build_parser, main
+
+
+def _check_report(path, title):
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>") and title in text
+    assert len(text) > 1_000_000 and "plotly" in text  # plotly.js inlined, no CDN
+    assert '<script src="http' not in text and "<script src='http" not in text
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def test_toys_grokking_cli_writes_report_and_resumes(tmp_path, capsys):
+    argv = ["toys", "grokking", "--p", "11", "--d-model", "16", "--d-mlp", "32", "--epochs", "40", "--log-every",
+            "10", "--checkpoint-every", "20", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    numbers = _check_report(tmp_path / "grokking.html", "grokking")
+    assert numbers["epochs_trained"] == 40 and len(numbers["progress_measures"]) == 3
+    assert {"restricted_loss", "excluded_loss"} <= set(numbers["progress_measures"][0])
+    assert "key frequencies" in capsys.readouterr().out
+    assert main(argv[:9] + ["60"] + argv[10:]) == 0  # more epochs: resumes from the saved state
+    assert json.loads((tmp_path / "grokking.json").read_text())["epochs_trained"] == 60
+
+
+def test_toys_superposition_cli(tmp_path, capsys):
+    assert main(["toys", "superposition", "--steps", "100", "--phase-steps", "100", "--n-instances", "2",
+                 "--batch-size", "128", "--out", str(tmp_path), "--quiet"]) == 0
+    numbers = _check_report(tmp_path / "superposition.html", "superposition")
+    assert len(numbers["feature_dimensionality"]) == 2 and len(numbers["phase_diagram"]["phases"]) == 8
+    assert "phase diagram" in capsys.readouterr().out
+
+
+def test_toys_induction_cli(tmp_path):
+    assert main(["toys", "induction", "--d-vocab", "16", "--seq-len", "12", "--d-model", "16", "--steps", "20",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    numbers = _check_report(tmp_path / "induction.html", "Induction")
+    assert len(numbers["k_composition"]) == 4
+
+
+def test_toys_needs_a_known_toy(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["toys", "othello"])
+    assert "grokking" in capsys.readouterr().err
+    assert build_parser().parse_args(["tour", "--toys"]).toys
