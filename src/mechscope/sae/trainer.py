@@ -142,11 +142,6 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
     return median.float()
 
 
-def _fvu(recons: Tensor, target: Tensor) -> Tensor:
-    total = (target - target.mean(0)).pow(2).sum()
-    return (recons - target).pow(2).sum() / total.clamp_min(1e-12)
-
-
 class _SAEState:
     """One SAE's optimiser, schedule, normalisation scales and firing statistics."""
 
@@ -302,12 +297,26 @@ class SAETrainer:
             state.steps_since_fired.add_(1).mul_(1 - fired)
             if self.step + 1 in cfg.resample_steps:
                 self._resample(state, x, target)
-            return {
-                "loss": float(out.loss),
-                "l0": float((out.acts > 0).sum(-1).float().mean()),
-                "fvu": float(_fvu(out.recons, x if target is None else target)),
-                "dead": float((state.steps_since_fired >= cfg.dead_window).float().mean()),
-            }
+            return self._metrics(out, x if target is None else target, state)
+
+    def _metrics(self, out, target: Tensor, state: _SAEState) -> dict[str, float]:
+        """Loss, L0, FVU and dead fraction over the global batch (summed over ranks)."""
+        n = target.shape[0]
+        sums = torch.cat([
+            torch.stack([out.loss.detach() * n, (out.acts > 0).sum().to(target), (out.recons - target).pow(2).sum(),
+                         target.pow(2).sum(), torch.tensor(float(n), dtype=target.dtype, device=target.device)]),
+            target.sum(0),
+        ]).double()  # fmt: skip
+        if ddp.is_distributed():
+            ddp.all_reduce_mean_(sums)
+        loss_sum, active, sq_err, sq_norm, count = sums[:5].tolist()
+        variance = sq_norm - float(sums[5:].pow(2).sum()) / count
+        return {
+            "loss": loss_sum / count,
+            "l0": active / count,
+            "fvu": sq_err / max(variance, 1e-12),
+            "dead": float((state.steps_since_fired >= self.cfg.dead_window).float().mean()),
+        }
 
     @torch.no_grad()
     def _resample(self, state: _SAEState, x: Tensor, target: Tensor | None) -> None:
