@@ -9,7 +9,8 @@ from torch.testing import assert_close
 import mechscope as ms
 from mechscope.cache import act_name
 from mechscope.patching import activation_patch, atp_star, attribution_patch
-from mechscope.patching.attribution import _binomial_upper, _head_names, gradient_pass, qk_fix_components
+from mechscope.patching.atp_star import _binomial_upper, head_names, qk_fix_components
+from mechscope.patching.attribution import gradient_pass
 from tests.conftest import tiny_model
 from tests.patching.oracle import cache_site
 from tests.patching.test_activation import _pair, gqa_model, gpt2_model
@@ -95,20 +96,23 @@ def test_qk_fix_components_are_exact_for_linear_attention(positional):
     clean, _, metric = _pair(model, n=2, seq=5)
     corrupted = clean.clone()
     corrupted[:, 1], corrupted[:, 4] = (clean[:, 1] + 7) % 61, (clean[:, 4] + 3) % 61  # the final query changes
-    names = _head_names(model, 0)
+    names = head_names(model, 0)
     acts, grads = gradient_pass(model, corrupted, names, metric)
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=names)
         base = metric(model(corrupted)).mean()
-    query, key, value = qk_fix_components(model, 0, acts, {n: cache[n] for n in names}, grads[names[0]][0])
+    query, key = qk_fix_components(model, 0, acts, {n: cache[n] for n in names}, grads[names[0]][0])
     exact_q = activation_patch(model, clean, corrupted, metric, "q")[0] - base  # [head]
     assert_close(query.mean(0), exact_q, atol=1e-5, rtol=1e-5)
     groups = model.cfg.n_kv_groups
-    exact_v = activation_patch(model, clean, corrupted, metric, "v")[0] - base  # [kv_head]
-    assert_close(value.mean(0).view(-1, groups).sum(-1), exact_v, atol=1e-5, rtol=1e-5)
     exact_k = activation_patch(model, clean, corrupted, metric, "k", by=("pos", "kv_head"))[0] - base  # [pos, kv]
     key_by_kv = key.mean(0).view(-1, groups, key.shape[-1]).sum(1).T  # [pos, kv_head]
     assert_close(key_by_kv, exact_k, atol=1e-5, rtol=1e-5)
+    # The same through atp_star, whose value estimates are exact here too.
+    for nodes, site in (("queries", "q"), ("values", "v")):
+        result = atp_star(model, clean, corrupted, metric, nodes=nodes, n_verify=0)
+        exact = activation_patch(model, clean, corrupted, metric, site)[0] - base
+        assert_close(result.estimates[0], exact, atol=1e-5, rtol=1e-5)
     # Plain AtP on the queries misses the softmax's curvature, so it is not exact here.
     grad_q = naive_grad(model, corrupted, act_name("q", 0), metric)
     q_src, q_base = cache_site(model, clean, "q")[0], cache_site(model, corrupted, "q")[0]
@@ -119,28 +123,39 @@ def test_qk_fix_components_are_exact_for_linear_attention(positional):
 def test_atp_star_graddrop_verification_and_false_negatives():
     model = gqa_model()
     clean, corrupted, metric = _pair(model, n=2)
-    result = atp_star(model, clean, corrupted, metric, top_k=3, n_samples=3, seed=1)
+    result = atp_star(model, clean, corrupted, metric, top_k=2, n_verify=4, n_samples=3, seed=1)
     n_layers = model.cfg.n_layers
-    # GradDrop scores from naive per-layer gradients, plain AtP on z for simplicity.
-    plain = atp_star(model, clean, corrupted, metric, qk_fix=False, top_k=3, verify=False)
+    # GradDrop scores from naive per-layer gradients: heads (AtP on z) and keys (QK fix).
+    plain = atp_star(model, clean, corrupted, metric, nodes="heads", n_verify=0)
+    keys = atp_star(model, clean, corrupted, metric, nodes="keys", n_verify=0)
     src, base_acts = cache_site(model, clean, "z"), cache_site(model, corrupted, "z")
+    names = [head_names(model, layer) for layer in range(n_layers)]
+    with torch.no_grad():
+        _, src_cache = model.run_with_cache(clean, names_filter=sum(names, []))
+        _, base_cache = model.run_with_cache(corrupted, names_filter=sum(names, []))
     expected = torch.zeros(n_layers, model.cfg.n_heads)
+    expected_keys = torch.zeros(n_layers, model.cfg.n_key_value_heads)
     for drop in range(n_layers):
         for layer in range(n_layers):
             grad = naive_grad(model, corrupted, act_name("z", layer), metric, drop_layer=drop)
             expected[layer] += (((src[layer] - base_acts[layer]) * grad).sum((1, 3)).mean(0)).abs()
+            _, key = qk_fix_components(model, layer, base_cache.cache_dict, src_cache.cache_dict, grad)
+            expected_keys[layer] += key.sum(-1).mean(0).view(-1, model.cfg.n_kv_groups).sum(-1).abs()
     assert_close(plain.graddrop, expected / (n_layers - 1), atol=1e-5, rtol=1e-4)
+    assert_close(keys.graddrop, expected_keys / (n_layers - 1), atol=1e-5, rtol=1e-4)
     assert_close(plain.estimates, plain.atp)
-    # Ranking by GradDrop score, exact verification of the top-k with the patching engine.
-    order = result.scores.flatten().argsort(descending=True)[:3]
-    assert result.top.tolist() == [[int(i) // 4, int(i) % 4] for i in order]
+    # Candidates in GradDrop order, verified exactly; the top-k are the largest verified effects.
+    order = result.scores.flatten().argsort(descending=True)[:4]
+    assert result.candidates.tolist() == [[int(i) // 4, int(i) % 4] for i in order]
     with torch.no_grad():
         base = metric(model(corrupted)).mean()
     grid = activation_patch(model, clean, corrupted, metric, "z") - base
-    assert_close(result.verified, grid[result.top[:, 0], result.top[:, 1]], atol=1e-5, rtol=0)
+    assert_close(result.verified, grid[result.candidates[:, 0], result.candidates[:, 1]], atol=1e-5, rtol=0)
+    best = result.verified.abs().argsort(descending=True)[:2]
+    assert result.top.tolist() == result.candidates[best].tolist()
     fn = result.false_negatives
     assert fn.sampled == 3 and 0 <= fn.found <= 3 and fn.upper_bound >= fn.estimate >= 0
-    assert fn.threshold == pytest.approx(float(result.verified.abs().min()))
+    assert fn.threshold == pytest.approx(float(result.verified[best].abs().min()))
 
 
 def test_atp_star_neurons_and_errors():
@@ -150,12 +165,12 @@ def test_atp_star_neurons_and_errors():
     assert result.estimates.shape == (2, 8) and result.graddrop is None
     with torch.no_grad():
         base = metric(model(corrupted)).mean()
-    exact = activation_patch(model, clean, corrupted, metric, "post", patches=result.top) - base
+    exact = activation_patch(model, clean, corrupted, metric, "post", patches=result.candidates) - base
     assert_close(result.verified, exact, atol=1e-5, rtol=0)
     with pytest.raises(ms.InputError, match="nodes"):
         atp_star(model, clean, corrupted, metric, nodes="mlps")
     with pytest.raises(ms.InputError, match="threshold"):
-        atp_star(model, clean, corrupted, metric, verify=False, n_samples=2)
+        atp_star(model, clean, corrupted, metric, n_verify=0, n_samples=2)
 
 
 def test_binomial_upper_bound():

@@ -8,7 +8,8 @@ Example:
 """
 
 from mechscope.patching.activation import SITES, Site, ablate, activation_patch, get_site, run_patches
-from mechscope.patching.attribution import AtPStarResult, FalseNegativeEstimate, atp_star, attribution_patch
+from mechscope.patching.atp_star import AtPStarResult, FalseNegativeEstimate, atp_star
+from mechscope.patching.attribution import attribution_patch
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
 
 __all__ = [
