@@ -11,6 +11,7 @@ from mechscope.patching.activation import SITES, Site, ablate, activation_patch,
 from mechscope.patching.atp_star import AtPStarResult, FalseNegativeEstimate, atp_star
 from mechscope.patching.attribution import attribution_patch
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
+from mechscope.patching.path import path_patch
 
 __all__ = [
     "SITES",
@@ -26,5 +27,6 @@ __all__ = [
     "atp_star",
     "attribution_patch",
     "get_site",
+    "path_patch",
     "run_patches",
 ]
