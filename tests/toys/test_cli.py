@@ -18,15 +18,15 @@ def _check_report(path, title):
 
 
 def test_toys_grokking_cli_writes_report_and_resumes(tmp_path, capsys):
-    argv = ["toys", "grokking", "--p", "11", "--d-model", "16", "--d-mlp", "32", "--epochs", "40", "--log-every",
-            "10", "--checkpoint-every", "20", "--out", str(tmp_path), "--quiet"]
+    argv = ["toys", "grokking", "--p", "11", "--d-model", "16", "--d-mlp", "32", "--epochs", "20", "--log-every",
+            "5", "--checkpoint-every", "10", "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 0
     numbers = _check_report(tmp_path / "grokking.html", "grokking")
-    assert numbers["epochs_trained"] == 40 and len(numbers["progress_measures"]) == 3
+    assert numbers["epochs_trained"] == 20 and len(numbers["progress_measures"]) == 3
     assert {"restricted_loss", "excluded_loss"} <= set(numbers["progress_measures"][0])
     assert "key frequencies" in capsys.readouterr().out
-    assert main(argv[:9] + ["60"] + argv[10:]) == 0  # more epochs: resumes from the saved state
-    assert json.loads((tmp_path / "grokking.json").read_text())["epochs_trained"] == 60
+    assert main(argv[:9] + ["30"] + argv[10:]) == 0  # more epochs: resumes from the saved state
+    assert json.loads((tmp_path / "grokking.json").read_text())["epochs_trained"] == 30
 
 
 def test_toys_superposition_cli(tmp_path, capsys):

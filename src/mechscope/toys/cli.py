@@ -17,8 +17,7 @@ def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool =
     """Analyse a grokking run (Fourier structure, progress measures) and write its report; return the numbers.
 
     Example:
-        >>> run = modular.train_grokking(modular.GrokkingConfig(p=11, d_model=16, d_mlp=32, n_epochs=20),
-        ...                              progress=False)
+        >>> run = modular.train_grokking(modular.GrokkingConfig.quick())  # doctest: +SKIP
         >>> numbers = grokking_report(run, "grokking.html")  # doctest: +SKIP
     """
     cfg = run.config
@@ -111,6 +110,13 @@ def superposition_report(
         colorscale="Reds", zmid=None)))
     sections.append(("Feature dimensionality", heatmap_figure(
         dims.tolist(), "D_i = ‖W_i‖² / Σ_j (Ŵ_i·W_j)²", y=labels, colorscale="Viridis", zmid=None)))
+    inverse_density = (1 / density[:, 0]).tolist()
+    scatter = line_figure(inverse_density, {"dimensions per feature": numbers["dimensions_per_feature"]},
+                          "Dimensions per feature (line) and each feature's D_i (points) against 1/(1-S)", "1/(1-S)")
+    scatter.add_scatter(x=[x for x in inverse_density for _ in range(n_features)], y=dims.flatten().tolist(),
+                        mode="markers", name="D_i")
+    scatter.update_xaxes(type="log")
+    sections.append(("Dimensionality against sparsity", scatter))
     code = {p: i for i, p in enumerate(superposition.PHASES)}
     sections.append(("Phase diagram (2 features, 1 dimension)", heatmap_figure(
         [[code[p] for p in row] for row in diagram.phases], "0 = not represented, 1 = dedicated, 2 = superposition",

@@ -139,7 +139,7 @@ def train_induction(cfg: InductionConfig | None = None, progress: bool = True) -
     """Train the attention-only model on repeated-span sequences (next-token loss on every position).
 
     Example:
-        >>> run = train_induction(InductionConfig(d_vocab=16, seq_len=12, d_model=16, steps=30), progress=False)
+        >>> run = train_induction(InductionConfig(d_vocab=16, seq_len=12, d_model=16, steps=10), progress=False)
         >>> len(run.history) > 1, run.model.cfg.attn_only
         (True, True)
     """
