@@ -1,0 +1,177 @@
+"""Heatmaps of patching results: layer x position (with token labels) and layer x head.
+
+Figures are plotly figures; `save_heatmaps` writes several into one self-contained HTML file
+with plotly's JavaScript inlined once (no network needed to view it; each figure's camera
+button saves a PNG from the browser). `save_png` writes a PNG when ``kaleido`` can run and
+otherwise warns and returns ``None``. Token labels are HTML-escaped, since plotly renders a
+subset of HTML in labels.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import InputError
+
+
+def _plotly():
+    try:
+        import plotly.graph_objects as go
+    except ImportError as exc:  # pragma: no cover - plotly is a dependency
+        raise ImportError("heatmaps need plotly: pip install plotly") from exc
+    return go
+
+
+def _matrix(values: Tensor, what: str) -> list[list[float]]:
+    values = torch.as_tensor(values).detach().float().cpu()
+    if values.dim() != 2:
+        raise InputError(f"{what} must be 2-D [layer, ...], got shape {tuple(values.shape)}")
+    return values.tolist()
+
+
+def token_labels(str_tokens: Sequence[str]) -> list[str]:
+    """Unique, escaped axis labels ``"{i} {token}"`` (plotly merges equal category labels).
+
+    Example:
+        >>> token_labels(["<b>", " John", " John"])
+        ['0 &lt;b&gt;', '1 \u00a0John', '2 \u00a0John']
+    """
+    shown = [html.escape(t).replace(" ", "\u00a0").replace("\n", "\u21b5") for t in str_tokens]
+    return [f"{i} {t}" for i, t in enumerate(shown)]
+
+
+def heatmap_figure(
+    values: Tensor,
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    title: str,
+    x_title: str,
+    y_title: str = "layer",
+    colorbar_title: str = "",
+):
+    """A diverging (zero-centred, red-blue) heatmap with hover values; ``values`` is ``[y, x]``.
+
+    Example:
+        >>> fig = heatmap_figure(torch.zeros(2, 3), ["a", "b", "c"], ["0", "1"], "demo", "pos")
+        >>> fig.layout.title.text, len(fig.data[0].z)
+        ('demo', 2)
+    """
+    go = _plotly()
+    z = _matrix(values, "values")
+    if len(z) != len(y_labels) or len(z[0]) != len(x_labels):
+        raise InputError(f"values are {len(z)} x {len(z[0])} but labels are {len(y_labels)} x {len(x_labels)}")
+    limit = max((abs(v) for row in z for v in row), default=0.0) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=list(x_labels), y=list(y_labels), colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit,
+            colorbar={"title": {"text": html.escape(colorbar_title)}},
+            hovertemplate=f"{html.escape(y_title)} %{{y}}<br>{html.escape(x_title)} %{{x}}<br>%{{z:.4f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": html.escape(title)}, xaxis_title=html.escape(x_title), yaxis_title=html.escape(y_title),
+        yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"},
+        width=max(500, 40 * len(x_labels) + 200), height=max(350, 18 * len(y_labels) + 150),
+    )
+    return fig
+
+
+def layer_pos_heatmap(values: Tensor, str_tokens: Sequence[str], title: str, colorbar_title: str = ""):
+    """Layer x position results ``[layer, pos]`` with the prompt's tokens on the x axis.
+
+    Example:
+        >>> fig = layer_pos_heatmap(torch.randn(3, 2), ["When", " Mary"], "resid_pre")
+        >>> list(fig.data[0].x)
+        ['0 When', '1 \u00a0Mary']
+    """
+    values = torch.as_tensor(values)
+    if values.dim() != 2 or values.shape[1] != len(str_tokens):
+        raise InputError(f"values {tuple(values.shape)} need one column per token ({len(str_tokens)} tokens)")
+    layers = [str(i) for i in range(values.shape[0])]
+    return heatmap_figure(values, token_labels(str_tokens), layers, title, "position", colorbar_title=colorbar_title)
+
+
+def layer_head_heatmap(values: Tensor, title: str, colorbar_title: str = ""):
+    """Layer x head results ``[layer, head]``.
+
+    Example:
+        >>> layer_head_heatmap(torch.randn(3, 4), "z").layout.xaxis.title.text
+        'head'
+    """
+    values = torch.as_tensor(values)
+    if values.dim() != 2:
+        raise InputError(f"values must be [layer, head], got shape {tuple(values.shape)}")
+    heads = [str(i) for i in range(values.shape[1])]
+    layers = [str(i) for i in range(values.shape[0])]
+    return heatmap_figure(values, heads, layers, title, "head", colorbar_title=colorbar_title)
+
+
+def figures_html(figures: Sequence, title: str, intro: str = "", sections: Sequence[str] | None = None) -> str:
+    """One HTML document with every figure; plotly's JavaScript is inlined once.
+
+    ``sections`` are optional HTML fragments (already escaped) placed after each figure.
+
+    Example:
+        >>> doc = figures_html([layer_head_heatmap(torch.ones(2, 2), "x")], "<report>")
+        >>> "&lt;report&gt;" in doc and "<script src=" not in doc
+        True
+    """
+    parts = []
+    for i, fig in enumerate(figures):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False}))
+        if sections is not None and i < len(sections):
+            parts.append(sections[i])
+    body = "\n".join(parts)
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n"
+        "<style>body{font-family:sans-serif;margin:1.5em;} table{border-collapse:collapse;} "
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right;}</style>\n"
+        f"</head><body>\n<h1>{html.escape(title)}</h1>\n{intro}\n{body}\n</body></html>\n"
+    )
+
+
+def save_heatmaps(figures: Sequence, path: str | os.PathLike, title: str, intro: str = "", sections=None) -> Path:
+    """Write `figures_html` to ``path`` atomically (temporary file, then rename); returns the path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = save_heatmaps([layer_head_heatmap(torch.ones(2, 2), "x")], pathlib.Path(tempfile.mkdtemp()) / "r.html", "r")
+        >>> out.stat().st_size > 100_000
+        True
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(figures_html(figures, title, intro, sections))
+    os.replace(tmp, path)
+    return path
+
+
+def save_png(figure, path: str | os.PathLike) -> Path | None:
+    """Write the figure as a PNG via plotly's ``kaleido`` export; without a working ``kaleido``
+    (it needs a Chrome install for plotly 6+), warn and return ``None``.
+
+    Example:
+        >>> save_png(layer_head_heatmap(torch.ones(2, 2), "x"), "/tmp/x.png")  # doctest: +SKIP
+    """
+    try:
+        figure.write_image(str(path))
+    except (ImportError, RuntimeError, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"PNG export skipped ({first_line}); install kaleido>=1 with a Chrome browser to enable it, "
+            "or use the camera button of the HTML figure",
+            stacklevel=2,
+        )
+        return None
+    return Path(path)
