@@ -158,3 +158,26 @@ def test_bad_inputs_raise_clear_errors():
     attn_only = tiny_model(attn_only=True)
     with pytest.raises(ms.HookNameError, match="hook_resid_mid"):
         activation_patch(attn_only, clean, corrupted, metric, "resid_mid")
+
+
+def test_left_padded_prompts_with_attention_mask():
+    model = gqa_model()
+    clean, corrupted, metric = _pair(model, n=2, seq=5)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0  # the second prompt is left-padded by two tokens
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"), attention_mask=mask)
+    sources = {layer: cache["z", layer] for layer in range(2)}
+    expected = torch.empty(2, 4)
+    for layer in range(2):
+        for head in range(4):
+            def hook(z, *, hook, layer=layer, head=head):
+                z = z.clone()
+                z[:, :, head] = sources[layer][:, :, head]
+                return z
+
+            with torch.no_grad():
+                logits = model.run_with_hooks(corrupted, attention_mask=mask, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
+            expected[layer, head] = metric(logits).mean()
+    got = activation_patch(model, clean, corrupted, metric, "z", attention_mask=mask, batch_size=6)
+    assert_close(got, expected, atol=1e-5, rtol=0)
