@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mechscope.errors import ConfigError, LoadError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import modular
 
@@ -100,3 +100,9 @@ def test_quick_run_groks_and_the_analysis_finds_its_frequencies():
     assert final["excluded_loss"] > 10 * final["train_loss"]
     assert final["embed_key_share"] > at_memorised["embed_key_share"]
     assert final["sum_sq_weights"] < max(m["sum_sq_weights"] for m in measures)
+
+
+def test_missing_checkpoint_names_the_nearest():
+    run = modular.train_grokking(dataclasses.replace(_small(), n_epochs=10), progress=False)
+    with pytest.raises(InputError, match="nearest is epoch 10"):
+        run.model_at(12)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.errors import ConfigError, LoadError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.components import AttentionContext
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
@@ -206,7 +206,8 @@ class GrokkingRun:
     def model_at(self, epoch: int) -> HookedTransformer:
         """A copy of the model with the weights of checkpoint ``epoch``."""
         if epoch not in self.checkpoints:
-            raise KeyError(f"no checkpoint at epoch {epoch}; checkpoints: {sorted(self.checkpoints)[:5]} ...")
+            nearest = min(self.checkpoints, key=lambda e: abs(e - epoch), default=None)
+            raise InputError(f"no checkpoint at epoch {epoch}; the nearest is epoch {nearest}")
         model = HookedTransformer(self.config.model_config())
         model.load_state_dict(self.checkpoints[epoch])
         return model.to(self.model.device)
