@@ -101,6 +101,14 @@ def test_zero_ablation_of_whole_attention_layer_matches_manual():
     assert_close(got[1], expected, atol=1e-5, rtol=0)
 
 
+def test_final_position_logits_only():
+    model = gqa_model()
+    clean, corrupted, metric = _pair(model, n=3)
+    full = activation_patch(model, clean, corrupted, metric, "resid_post", batch_size=9)
+    last = activation_patch(model, clean, corrupted, metric, "resid_post", logit_positions=-1)
+    assert_close(last, full, atol=1e-5, rtol=0)
+
+
 def test_explicit_patch_list_and_per_prompt(small_model):
     model = small_model
     clean, corrupted, metric = _pair(model, n=3)

@@ -100,18 +100,20 @@ def patch_grid(sizes: tuple[int, ...], layers: list[int]) -> Tensor:
     return torch.tensor(list(itertools.product(*ranges)), dtype=torch.long).reshape(-1, 1 + len(sizes))
 
 
-def rows_per_forward(model, seq: int, memory_budget: int) -> int:
+def rows_per_forward(model, seq: int, memory_budget: int, logit_seq: int | None = None) -> int:
     """How many sequences of length ``seq`` one patched forward may hold within ``memory_budget`` bytes.
 
-    An estimate of the activations alive at once under ``torch.no_grad`` (logits, residual
-    copies, attention scores and MLP activations, with a factor for temporaries).
+    An estimate of the activations alive at once under ``torch.no_grad`` (logits at
+    ``logit_seq`` positions, default all; residual copies, attention scores and MLP
+    activations, with a factor for temporaries).
 
     Example:
         >>> rows_per_forward(model, seq=4, memory_budget=2**20) > 0
         True
     """
     cfg = model.cfg
-    per_row = seq * (cfg.d_vocab + 8 * cfg.d_model + 3 * cfg.d_mlp + 3 * cfg.n_heads * seq)
+    logit_seq = seq if logit_seq is None else logit_seq
+    per_row = logit_seq * cfg.d_vocab + seq * (8 * cfg.d_model + 3 * cfg.d_mlp + 3 * cfg.n_heads * seq)
     per_row *= 2 * torch.finfo(model.dtype).bits // 8
     return max(1, int(memory_budget // per_row))
 
@@ -129,6 +131,7 @@ def run_patches(
     attention_mask: Tensor | None = None,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """The engine: metric values ``[n_patches, n_prompts]`` for each patch of ``patches``.
@@ -137,7 +140,8 @@ def run_patches(
     in the run being patched; ``sources[l]`` is the replacement activation at layer ``l``
     (``[n_prompts or 1, *site.axes]``). ``patches`` is ``[n_patches, 1 + len(by)]`` (layer,
     then one index per ``by`` axis). ``batch_size`` caps the rows of one forward; otherwise
-    `rows_per_forward` fits them to ``memory_budget`` bytes.
+    `rows_per_forward` fits them to ``memory_budget`` bytes. ``logit_positions`` (e.g. ``-1``)
+    unembeds only those positions: the metric then sees ``[batch, len(positions), d_vocab]``.
 
     Example:
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_pre"))
@@ -153,7 +157,8 @@ def run_patches(
     mask_shape = [axis_sizes[a] if a in by else 1 for a in site.axes]
     if patches.dim() != 2 or patches.shape[1] != 1 + len(by):
         raise InputError(f"patches must be [n_patches, {1 + len(by)}] (layer, then {by}), got {tuple(patches.shape)}")
-    rows = batch_size if batch_size is not None else rows_per_forward(model, seq, memory_budget)
+    keep = None if logit_positions is None else [logit_positions] if isinstance(logit_positions, int) else list(logit_positions)
+    rows = batch_size or rows_per_forward(model, seq, memory_budget, None if keep is None else len(keep))
     per_chunk = max(1, rows // n_prompts)
     order = torch.argsort(patches[:, 0], stable=True)
     device = model.device
@@ -177,7 +182,14 @@ def run_patches(
             hooks.append((site.hook(layer), _patch_hook(row_index, mask.repeat_interleave(n_prompts, 0), sources[layer])))
         resid = base_resid[first].repeat(len(chunk), 1, 1)
         chunk_mask = None if mask_rows is None else mask_rows.repeat(len(chunk), 1)
-        logits = model.run_with_hooks(resid, start_at_layer=first, attention_mask=chunk_mask, fwd_hooks=hooks)
+        if keep is None:
+            logits = model.run_with_hooks(resid, start_at_layer=first, attention_mask=chunk_mask, fwd_hooks=hooks)
+        else:
+            n_layers = model.cfg.n_layers
+            resid = model.run_with_hooks(
+                resid, start_at_layer=first, stop_at_layer=n_layers, attention_mask=chunk_mask, fwd_hooks=hooks
+            )
+            logits = model(resid[:, keep], start_at_layer=n_layers)  # the final norm and unembedding only
         values = metric(logits)
         if values.shape != (logits.shape[0],):
             raise InputError(f"the metric must return one value per row [batch], got shape {tuple(values.shape)}")
@@ -253,6 +265,7 @@ def activation_patch(
     per_prompt: bool = False,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Patch one site at every ``(layer, *by)`` index and return the metric of each patched run.
@@ -266,6 +279,8 @@ def activation_patch(
     Returns ``[len(layers), *sizes of by]`` (the metric averaged over prompts; ``per_prompt``
     keeps a trailing ``[n_prompts]`` axis), or ``[n_patches]`` for an explicit ``patches`` list
     ``[n_patches, 1 + len(by)]``. Prompts must share one length (or pass ``attention_mask``).
+    ``logit_positions=-1`` skips the unembedding of the other positions (for metrics that read
+    the final position only); ``batch_size``/``memory_budget`` bound each forward (see `run_patches`).
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -294,7 +309,7 @@ def activation_patch(
 
     return _sweep(
         model, base, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt,
-        batch_size=batch_size, memory_budget=memory_budget, progress=progress,
+        batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
     )
 
 
@@ -313,6 +328,7 @@ def ablate(
     per_prompt: bool = False,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Ablate one site at every ``(layer, *by)`` index: zero, mean or resample ablation.
@@ -351,5 +367,5 @@ def ablate(
 
     return _sweep(
         model, tokens, sources_fn, metric, site, by, layers, patches, None, per_prompt,
-        batch_size=batch_size, memory_budget=memory_budget, progress=progress,
+        batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
     )

@@ -223,6 +223,7 @@ def atp_star(
     attention_mask: Tensor | None = None,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
 ) -> AtPStarResult:
     """AtP* for every node of one type (see the module docstring), with exact verification.
 
@@ -231,6 +232,7 @@ def atp_star(
     forwards and keeps the ``top_k`` largest verified effects. With ``n_samples > 0`` a stratified
     random sample of the other nodes is verified too, to bound how many nodes with ``|effect| >
     threshold`` (default: the smallest ``|effect|`` among the top-k) were missed.
+    ``batch_size``, ``memory_budget`` and ``logit_positions`` go to the verifying `activation_patch`.
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -269,7 +271,7 @@ def atp_star(
         effects = activation_patch(
             model, clean_tokens, corrupted_tokens, metric, _NODE_SITES[nodes], direction=direction,
             patches=torch.stack((picked // width, picked % width), -1), attention_mask=attention_mask,
-            batch_size=batch_size, memory_budget=memory_budget,
+            batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions,
         ).cpu() - base_value
     verified = effects[:n_verify] if n_verify else None
     if verified is not None:
