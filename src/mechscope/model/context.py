@@ -125,7 +125,7 @@ class AttentionContext:
         Causal attention is aligned at the end: query ``i`` of ``pos`` new tokens is key ``past + i``.
         The sliding window counts positions, so padding never eats into it.
         """
-        batch, seq = self.positions.shape
+        seq = self.positions.shape[1]
         past = 0 if self.key_positions is None else self.key_positions.shape[1] - seq
         n_keys = past + seq
         window = sliding_window if sliding_window is not None and sliding_window < n_keys else None
