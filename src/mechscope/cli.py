@@ -77,6 +77,10 @@ def tour(args: argparse.Namespace) -> int:
         from mechscope.toys.cli import tour_toys
 
         tour_toys()
+    if args.sae:
+        from mechscope.sae.run import tour_section
+
+        tour_section(model)
     if args.ioi:
         from mechscope.patching.tour import ioi_tour
 
@@ -96,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="mechscope-tour", help="where HTML views are written")
     p.add_argument("--toys", action="store_true", help="also train the toy models (grokking, superposition, "
                    "induction; about half a minute)")
+    p.add_argument("--sae", action="store_true", help="also train and evaluate a small SAE (a minute or two)")
     p.add_argument("--ioi", action="store_true", help="also run IOI activation patching and AtP* with an HTML "
                    "report (about a minute on CPU)")
     p.set_defaults(func=tour)
     from mechscope.toys.cli import add_toys_parser
 
     add_toys_parser(sub)
+    from mechscope.sae.run import add_sae_parser
+
+    add_sae_parser(sub)
     return parser
 
 
