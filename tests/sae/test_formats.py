@@ -93,6 +93,17 @@ def test_saelens_flat_pre_v6_topk_config(tmp_path, weights, x):
     _check(sae, x, acts, acts @ weights["W_dec"] + weights["b_dec"])
 
 
+def test_saelens_topk_with_decoder_norm_rescaling(tmp_path, weights, x):
+    cfg = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": 3, "rescale_acts_by_decoder_norm": True,
+           "metadata": {"hook_name": "h"}}
+    sae = load_sae(_write_saelens(tmp_path / "rescaled", cfg, weights))
+    norms = weights["W_dec"].norm(dim=-1)
+    pre = ((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) * norms
+    top = pre.topk(3, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    _check(sae, x, acts, (acts / norms) @ weights["W_dec"] + weights["b_dec"])
+
+
 def test_saelens_skip_transcoder(tmp_path, weights, x):
     d_out = 4
     tensors = {**weights, "W_dec": _rand(D_SAE, d_out, seed=10), "b_dec": _rand(d_out, seed=11), "W_skip": _rand(d_out, D_IN, seed=12)}

@@ -232,7 +232,11 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
     )
     if arch == "topk":
         if cfg.get("rescale_acts_by_decoder_norm"):
-            raise LoadError(f"{path / SAELENS_CFG}: rescale_acts_by_decoder_norm=True is not supported; fold the decoder norm first")
+            # acts = topk(pre * ||d_i||), decoded as acts / ||d_i|| @ W_dec: fold the norms into the weights
+            norms = weights["W_dec"].norm(dim=-1)
+            weights["W_enc"] = weights["W_enc"] * norms
+            weights["b_enc"] = weights["b_enc"] * norms
+            weights["W_dec"] = weights["W_dec"] / norms[:, None]
         kwargs["k"] = int(cfg.get("k", 100))
     if transcoder and not kwargs["hook_name_out"]:
         kwargs["hook_name_out"] = hook_name + ".out"
