@@ -69,6 +69,10 @@ def tour(args: argparse.Namespace) -> int:
     print(f"\nrun_with_cache: {len(cache)} activations in {elapsed:.2f}s, {_format_bytes(cache.nbytes())}")
     for line in cache_summary(cache):
         print("  " + line)
+    if not args.no_generate:
+        from mechscope.model.generate import generation_tour
+
+        generation_tour(model, args.prompt)
     if not args.no_heads:
         from mechscope.analysis.tour import heads_tour
 
@@ -97,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda (default: cuda when available)")
     p.add_argument("--no-heads", action="store_true", help="skip the head detectors section")
+    p.add_argument("--no-generate", action="store_true", help="skip the generation section")
     p.add_argument("--out-dir", default="mechscope-tour", help="where HTML views are written")
     p.add_argument("--toys", action="store_true", help="also train the toy models (grokking, superposition, "
-                   "induction; about half a minute)")
+                   "induction; under a minute)")
     p.add_argument("--sae", action="store_true", help="also train and evaluate a small SAE (a minute or two)")
     p.add_argument("--ioi", action="store_true", help="also run IOI activation patching and AtP* with an HTML "
                    "report (about a minute on CPU)")

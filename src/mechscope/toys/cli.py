@@ -273,7 +273,7 @@ def add_toys_parser(sub) -> None:
 
 
 def tour_toys() -> None:
-    """The tour's toy section (about half a minute on one core): reduced versions of the three toys.
+    """The tour's toy section (under a minute on one core): reduced versions of the three toys.
 
     Example:
         >>> tour_toys()  # doctest: +SKIP
