@@ -9,7 +9,27 @@ Example:
 """
 
 from mechscope.viz.attention import attention_heads_html
+from mechscope.viz.heatmap import (
+    figures_html,
+    heatmap_figure,
+    layer_head_heatmap,
+    layer_pos_heatmap,
+    save_heatmaps,
+    save_png,
+)
 from mechscope.viz.html import page, save_html, script_json
 from mechscope.viz.tokens import colored_tokens_html
 
-__all__ = ["attention_heads_html", "colored_tokens_html", "page", "save_html", "script_json"]
+__all__ = [
+    "attention_heads_html",
+    "colored_tokens_html",
+    "figures_html",
+    "heatmap_figure",
+    "layer_head_heatmap",
+    "layer_pos_heatmap",
+    "page",
+    "save_heatmaps",
+    "save_html",
+    "save_png",
+    "script_json",
+]
