@@ -30,18 +30,32 @@ def configs() -> list[SAEConfig]:
     ]
 
 
-def train() -> tuple[list, list]:
+def trainer(checkpoint_dir: str | None = None) -> SAETrainer:
     train_cfg = TrainConfig(steps=25, lr=3e-3, lr_warmup_steps=3, lr_decay_steps=5, coefficient_warmup_steps=5,
-                            dead_window=4, resample_steps=(12,), progress=False, log_every=5)
-    trainer = SAETrainer([make_sae(c, seed=0) for c in configs()], TensorSource({"x": data()}, batch_size=128, seed=1), train_cfg)
-    return trainer.train(), trainer.history
+                            dead_window=4, resample_steps=(12,), progress=False, log_every=5,
+                            checkpoint_dir=checkpoint_dir, checkpoint_every=10 if checkpoint_dir else 0)  # fmt: skip
+    return SAETrainer([make_sae(c, seed=0) for c in configs()], TensorSource({"x": data()}, batch_size=128, seed=1), train_cfg)
+
+
+def train() -> tuple[list, list]:
+    run = trainer()
+    return run.train(), run.history
+
+
+def resumed(checkpoint_dir: str) -> list:
+    """Interrupted after step 13 (checkpoint at 10), then resumed by a fresh trainer."""
+    trainer(checkpoint_dir).train(stop_after=13)
+    return trainer(checkpoint_dir).train()
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, world = init_from_env("gloo")
     saes, history = train()
+    again = resumed(sys.argv[1] + "/checkpoints")
+    exact = all(torch.equal(a, b) for s, r in zip(saes, again) for a, b in zip(s.state_dict().values(), r.state_dict().values()))
     if rank == 0:
-        torch.save({"world": world, "saes": [s.state_dict() for s in saes], "history": history}, sys.argv[1] + "/ddp.pt")
+        torch.save({"world": world, "saes": [s.state_dict() for s in saes], "history": history, "resume_exact": exact},
+                   sys.argv[1] + "/ddp.pt")
     dist.barrier()
     dist.destroy_process_group()

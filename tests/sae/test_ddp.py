@@ -1,4 +1,5 @@
-"""Two gloo processes launched by torchrun train the same SAEs as one process on the same batches."""
+"""Two gloo processes launched by torchrun train the same SAEs as one process on the same batches,
+and resume exactly from per-rank checkpoints."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["world"] == 2
+    assert ddp["resume_exact"]  # each rank resumed from its own checkpoint, bit for bit
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint-rank0-of-2.pt", "checkpoint-rank1-of-2.pt"]
 
     single, history = ddp_worker.train()
     for sae, ddp_state in zip(single, ddp["saes"]):

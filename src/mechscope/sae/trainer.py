@@ -198,7 +198,11 @@ class SAETrainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path | None:
-        return Path(self.cfg.checkpoint_dir) / "checkpoint.pt" if self.cfg.checkpoint_dir else None
+        """``checkpoint_dir/checkpoint.pt``; under DDP one file per rank (each holds its data position)."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        name = "checkpoint.pt" if self.world_size == 1 else f"checkpoint-rank{self.rank}-of-{self.world_size}.pt"
+        return Path(self.cfg.checkpoint_dir) / name
 
     def state_dict(self) -> dict:
         return {
@@ -221,15 +225,14 @@ class SAETrainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the full training state atomically (temp file, then ``os.replace``); rank 0 only."""
+        """Write the full training state atomically (temp file, then ``os.replace``)."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("no checkpoint path: set TrainConfig.checkpoint_dir or pass a path")
-        if self.rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> bool:
