@@ -5,15 +5,18 @@ prompts (mechscope.data.ioi_dataset, template 0, "third_name" corruption; the sa
 for every contender), with the mean logit difference (indirect object minus subject) as the
 metric, denoising direction (corrupted run, clean activations patched in):
 
-  * the full residual-stream sweep, layer x position (mechscope ``activation_patch(...,
+  * the residual-stream sweep, layer x position (mechscope ``activation_patch(...,
     "resid_pre")`` vs TransformerLens ``patching.get_act_patch_resid_pre``), and the all-heads
     sweep, layer x head, every position (``activation_patch(..., "z")`` vs
-    ``get_act_patch_attn_head_out_all_pos``): wall time of one complete sweep, the time ratio,
-    and the largest absolute difference between the two result grids;
+    ``get_act_patch_attn_head_out_all_pos``), on the layers 0, s, 2s, ... (``--layer-step s``,
+    default 3, so that TransformerLens' one-forward-per-patch sweeps fit in a few minutes; 1 is
+    the full grid; TransformerLens gets the same cells through its ``index_df``): wall time of
+    one sweep, the time ratio, and the largest absolute difference between the result grids;
   * AtP* (QK fix, GradDrop, verification of the 20 best-scored heads, top 10 kept) against
     exhaustive head patching: Spearman correlation of the AtP* estimates with the exact
     effects, recall of the exact top-10 heads (by |effect|), and the time ratio against the
-    exhaustive sweeps of mechscope and of TransformerLens;
+    exhaustive head sweep over every layer, mechscope's measured and TransformerLens'
+    scaled from its measured layers to all layers;
   * the CPU other processes took while timing (the machine has 2 cores).
 
 TransformerLens runs in its own venvs (benchmarks/.venv-tl: transformer-lens 3.9 via sae-lens,
@@ -23,7 +26,8 @@ transformer-lens 4.3 TransformerBridge), each in a subprocess of this script
 
 Run from the repository root with the project's venv:
 
-    .venv/bin/python benchmarks/patching.py [--prompts 4] [--skip-tl] [--json out.json]
+    .venv/bin/python benchmarks/patching.py [--prompts 2] [--layer-step 3] [--skip-tl] [--skip-atp]
+                                            [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,22 +64,29 @@ def _metric_fn(correct: torch.Tensor, wrong: torch.Tensor):
 
 
 def worker(name: str, data_path: str, out_path: str) -> None:
-    """Runs inside a peer venv: both TransformerLens sweeps on the saved prompts."""
+    """Runs inside a peer venv: both TransformerLens sweeps on the saved prompts and layers."""
     import forward_worker as fw
+    import pandas as pd
     from transformer_lens import patching
 
     data = torch.load(data_path, weights_only=True)
-    clean, corrupted = data["clean"], data["corrupted"]
+    clean, corrupted, layers = data["clean"], data["corrupted"], data["layers"].tolist()
     metric = _metric_fn(data["correct"], data["wrong"])
     model = fw.CONTENDERS[name]().model
+    sweeps = {
+        "resid": (patching.get_act_patch_resid_pre, "pos", clean.shape[1]),
+        "heads": (patching.get_act_patch_attn_head_out_all_pos, "head", model.cfg.n_heads),
+    }
     out = {}
     with torch.no_grad():
         model(clean)  # warm-up
         _, clean_cache = model.run_with_cache(clean)
-        for key, fn in (("resid", patching.get_act_patch_resid_pre), ("heads", patching.get_act_patch_attn_head_out_all_pos)):
+        for key, (fn, axis, size) in sweeps.items():
+            index_df = pd.DataFrame([(layer, i) for layer in layers for i in range(size)], columns=["layer", axis])
             start = time.perf_counter()
-            result = fn(model, corrupted, clean_cache, metric)
-            out[key] = {"seconds": time.perf_counter() - start, "result": result.float().tolist()}
+            result = fn(model, corrupted, clean_cache, metric, index_axis_names=None, index_df=index_df)
+            seconds = time.perf_counter() - start
+            out[key] = {"seconds": seconds, "result": result.float().reshape(len(layers), size).tolist()}
     Path(out_path).write_text(json.dumps(out))
 
 
@@ -97,10 +108,44 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack((ra, rb)))[0, 1])
 
 
+def atp_section(model, clean, corrupted, metric, heads, figures, timed, kw) -> None:
+    """AtP* against exhaustive head patching (every layer), both from mechscope."""
+    from mechscope.patching import activation_patch, atp_star
+
+    if heads is None:
+        heads, _ = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", **kw), "heads sweep, all layers")
+        t_full = figures["_last_timed"]
+    else:
+        t_full = figures["mechscope"]["heads_s"]
+    star, t_star = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, **kw), "AtP*")
+    star_nogd, t_nogd = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, graddrop=False, **kw),
+                              "AtP* without GradDrop")
+    with torch.no_grad():
+        exact = heads - metric(model(corrupted)).mean()
+    exact_top = set(exact.abs().flatten().argsort(descending=True)[:10].tolist())
+    n_heads = model.cfg.n_heads
+
+    def recall(result) -> float:
+        found = {int(layer) * n_heads + int(head) for layer, head in result.top.tolist()}
+        return len(found & exact_top) / 10
+
+    figures["atp_star"] = {
+        "seconds": t_star, "seconds_no_graddrop": t_nogd, "exhaustive_heads_s": t_full,
+        "spearman_estimates": spearman(star.estimates, exact),
+        "spearman_graddrop_scores_vs_abs": spearman(star.scores, exact.abs()),
+        "spearman_no_graddrop_abs": spearman(star_nogd.scores, exact.abs()),
+        "recall_top10": recall(star), "recall_top10_no_graddrop": recall(star_nogd),
+        "false_negatives": None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=4, help="IOI prompts in the batch")
+    parser.add_argument("--prompts", type=int, default=2, help="IOI prompts in the batch")
+    parser.add_argument("--layer-step", type=int, default=3,
+                        help="sweep comparison on layers 0, step, 2*step, ... (1: the full grid)")
     parser.add_argument("--skip-tl", action="store_true", help="mechscope only")
+    parser.add_argument("--skip-atp", action="store_true", help="sweeps only, no AtP* section")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     parser.add_argument("--worker", choices=sorted(PEERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -112,7 +157,7 @@ def main() -> None:
 
     import mechscope as ms
     from mechscope.data import ioi_dataset
-    from mechscope.patching import LogitDiff, activation_patch, atp_star
+    from mechscope.patching import LogitDiff, activation_patch
 
     common.ensure_hf_dir()
     model = ms.load("smollm2-135m", device="cpu")
@@ -122,43 +167,35 @@ def main() -> None:
     print(f"SmolLM2-135M, {len(data)} IOI prompts x {clean.shape[1]} tokens, e.g. {data.clean_prompts[0]!r}")
     monitor = common.CpuMonitor()
 
-    def timed(fn):
+    figures: dict = {}
+
+    def timed(fn, label):
         start = time.perf_counter()
         value = fn()
-        return value, time.perf_counter() - start
+        figures["_last_timed"] = seconds = time.perf_counter() - start
+        print(f"  mechscope {label}: {seconds:.1f}s", flush=True)
+        return value, seconds
 
     # The metric reads the final position only, so only that position is unembedded.
     kw = {"logit_positions": -1}
-    activation_patch(model, clean, corrupted, metric, "resid_pre", layers=[29], **kw)  # warm-up
-    resid, t_resid = timed(lambda: activation_patch(model, clean, corrupted, metric, "resid_pre", **kw))
-    heads, t_heads = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", **kw))
-    star, t_star = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, **kw))
-    star_nogd, t_star_nogd = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, graddrop=False, **kw))
-    with torch.no_grad():
-        base = metric(model(corrupted)).mean()
-    exact = heads - base
-    exact_top = set(exact.abs().flatten().argsort(descending=True)[:10].tolist())
-    n_heads = model.cfg.n_heads
-
-    def recall(result) -> float:
-        found = {int(layer) * n_heads + int(head) for layer, head in result.top.tolist()}
-        return len(found & exact_top) / 10
-
-    figures = {
-        "prompts": len(data), "tokens": clean.shape[1],
-        "mechscope": {"resid_s": t_resid, "heads_s": t_heads, "atp_star_s": t_star, "atp_star_no_graddrop_s": t_star_nogd},
-        "atp_star": {
-            "spearman_estimates": spearman(star.estimates, exact),
-            "spearman_graddrop_scores_vs_abs": spearman(star.scores, exact.abs()),
-            "recall_top10": recall(star),
-            "recall_top10_no_graddrop": recall(star_nogd),
-            "spearman_no_graddrop_abs": spearman(star_nogd.scores, exact.abs()),
-        },
-    }
+    n_layers = model.cfg.n_layers
+    layers = list(range(0, n_layers, args.layer_step))
+    activation_patch(model, clean, corrupted, metric, "resid_pre", layers=[n_layers - 1], **kw)  # warm-up
+    resid, t_resid = timed(
+        lambda: activation_patch(model, clean, corrupted, metric, "resid_pre", layers=layers, **kw), "resid sweep"
+    )
+    heads, t_heads = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", layers=layers, **kw), "heads sweep")
+    figures.update({
+        "prompts": len(data), "tokens": clean.shape[1], "layers": layers,
+        "mechscope": {"resid_s": t_resid, "heads_s": t_heads},
+    })
+    if not args.skip_atp:
+        atp_section(model, clean, corrupted, metric, heads if len(layers) == n_layers else None, figures, timed, kw)
     peers = {}
     if not args.skip_tl:
         with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
-            torch.save({"clean": clean, "corrupted": corrupted, "correct": data.correct, "wrong": data.wrong}, f.name)
+            torch.save({"clean": clean, "corrupted": corrupted, "correct": data.correct, "wrong": data.wrong,
+                        "layers": torch.tensor(layers)}, f.name)
             for name in PEERS:
                 print(f"running {PEERS[name]} ...", flush=True)
                 peers[name] = run_peer(name, f.name)
@@ -181,15 +218,23 @@ def main() -> None:
     for name, peer in peers.items():
         if "error" in peer:
             print(f"{PEERS[name]} failed:\n{peer['error']}")
-    a = figures["atp_star"]
-    print(f"\nAtP* (QK fix + GradDrop, 20 verified): {t_star:.1f}s; without GradDrop {t_star_nogd:.1f}s")
-    print(f"  Spearman(AtP* estimates, exact head effects) = {a['spearman_estimates']:.3f}; "
-          f"Spearman(GradDrop score, |exact|) = {a['spearman_graddrop_scores_vs_abs']:.3f}")
-    print(f"  recall of the exact top-10 heads: {a['recall_top10']:.1f} (without GradDrop {a['recall_top10_no_graddrop']:.1f})")
-    print(f"  time ratio vs exhaustive head patching: mechscope {t_heads / t_star:.1f}x"
-          + "".join(f", {PEERS[n]} {p['heads']['seconds'] / t_star:.1f}x" for n, p in peers.items() if "error" not in p))
+    if "atp_star" in figures:
+        a = figures["atp_star"]
+        t_full = a["exhaustive_heads_s"]
+        print(f"\nAtP* (QK fix, GradDrop, 20 verified): {a['seconds']:.1f}s; without GradDrop {a['seconds_no_graddrop']:.1f}s")
+        print(f"  Spearman(AtP* estimates, exact head effects) = {a['spearman_estimates']:.3f}; "
+              f"Spearman(GradDrop score, |exact|) = {a['spearman_graddrop_scores_vs_abs']:.3f}")
+        print(f"  recall of the exact top-10 heads: {a['recall_top10']:.1f} (without GradDrop {a['recall_top10_no_graddrop']:.1f})")
+        line = f"  time ratio vs exhaustive head patching (all {n_layers} layers): mechscope {t_full / a['seconds']:.1f}x"
+        for name, peer in peers.items():
+            if "error" not in peer:
+                full = peer["heads"]["seconds"] * n_layers / len(layers)
+                a[f"{name}_exhaustive_heads_s_extrapolated"] = full
+                line += f", {PEERS[name]} {full / a['seconds']:.1f}x (its time scaled to all layers)"
+        print(line)
     print(f"\nother processes used {other:.2f} cores (steal {steal:.2f}) while timing")
     if args.json:
+        figures.pop("_last_timed", None)
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import mechscope as ms
-from mechscope.patching import activation_patch, ablate
+from mechscope.patching import ablate, activation_patch
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
 from tests.conftest import tiny_model
 from tests.patching.oracle import cache_site, naive_patch_grid
@@ -52,11 +52,14 @@ def gpt2_model():
     return tiny_model(n_layers=2, d_mlp=8, attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True)
 
 
-CASES = [(gqa_model, "denoising"), (gqa_model, "noising"), (gpt2_model, "denoising")]
+# Every site in both directions on the grouped-query model; the biased LayerNorm model on a few.
+CASES = [(gqa_model, d, site, by) for d in ("denoising", "noising") for site, by in SITES_BY]
+CASES += [(gpt2_model, "denoising", site, None) for site in ("resid_mid", "z", "result", "post")]
 
 
-@pytest.mark.parametrize("site,by", SITES_BY)
-@pytest.mark.parametrize("make_model,direction", CASES, ids=["gqa-denoising", "gqa-noising", "gpt2-denoising"])
+@pytest.mark.parametrize(
+    "make_model,direction,site,by", CASES, ids=[f"{m.__name__[:-6]}-{d}-{s}-{b}" for m, d, s, b in CASES]
+)
 def test_batched_equals_naive(make_model, direction, site, by):
     model = make_model()
     clean, corrupted, metric = _pair(model)
@@ -67,8 +70,10 @@ def test_batched_equals_naive(make_model, direction, site, by):
     assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
-@pytest.mark.parametrize("site,by", [("resid_post", None), ("k", None), ("post", None)])
+@pytest.mark.parametrize(
+    "kind,site,by",
+    [(kind, site, None) for kind in ("zero", "mean", "resample") for site in ("resid_post", "k")] + [("mean", "post", None)],
+)
 def test_ablation_equals_naive(kind, site, by):
     model = gqa_model()
     tokens, reference, metric = _pair(model, seed=3, n=3)

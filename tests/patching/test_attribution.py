@@ -13,7 +13,7 @@ from mechscope.patching.atp_star import _binomial_upper, head_names, qk_fix_comp
 from mechscope.patching.attribution import gradient_pass
 from tests.conftest import tiny_model
 from tests.patching.oracle import cache_site
-from tests.patching.test_activation import _pair, gqa_model, gpt2_model
+from tests.patching.test_activation import _pair, gpt2_model, gqa_model
 
 
 def naive_grad(model, tokens, name, metric, drop_layer=None):
@@ -44,10 +44,13 @@ def cache_site_shape(model, tokens, name):
 @pytest.mark.parametrize("make_model", [gqa_model, gpt2_model])
 def test_gradients_and_graddrop_copies_match_naive(make_model):
     model = make_model()
-    clean, corrupted, metric = _pair(model)
+    _, corrupted, metric = _pair(model)
     names = [act_name("z", 0), act_name("resid_pre", 1), act_name("post", 0)]
     acts, grads = gradient_pass(model, corrupted, names, metric, drop_layers=[None, 1, 0])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(corrupted, names_filter=names)
     for name in names:
+        assert_close(acts[name], cache[name], atol=1e-6, rtol=0)
         assert_close(grads[name][0], naive_grad(model, corrupted, name, metric), atol=1e-5, rtol=1e-4)
         assert_close(grads[name][1], naive_grad(model, corrupted, name, metric, drop_layer=1), atol=1e-5, rtol=1e-4)
         assert_close(grads[name][2], naive_grad(model, corrupted, name, metric, drop_layer=0), atol=1e-5, rtol=1e-4)
@@ -131,8 +134,8 @@ def test_atp_star_graddrop_verification_and_false_negatives():
     src, base_acts = cache_site(model, clean, "z"), cache_site(model, corrupted, "z")
     names = [head_names(model, layer) for layer in range(n_layers)]
     with torch.no_grad():
-        _, src_cache = model.run_with_cache(clean, names_filter=sum(names, []))
-        _, base_cache = model.run_with_cache(corrupted, names_filter=sum(names, []))
+        _, src_cache = model.run_with_cache(clean, names_filter=[n for layer_names in names for n in layer_names])
+        _, base_cache = model.run_with_cache(corrupted, names_filter=[n for layer_names in names for n in layer_names])
     expected = torch.zeros(n_layers, model.cfg.n_heads)
     expected_keys = torch.zeros(n_layers, model.cfg.n_key_value_heads)
     for drop in range(n_layers):

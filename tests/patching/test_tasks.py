@@ -40,7 +40,7 @@ def test_ioi_prompts_answers_and_corruptions(smol, corruption):
 
 
 def test_ioi_model_prefers_indirect_object(smol):
-    data = ioi_dataset(smol, n=8)
+    data = ioi_dataset(smol, n=4)
     with torch.no_grad():
         clean = data.metric()(smol(data.clean_tokens)).mean()
         corrupted = data.metric()(smol(data.corrupted_tokens)).mean()
@@ -85,7 +85,7 @@ def test_greater_than_answer_sets(smol):
 
 
 def test_factual_recall_pairs(smol):
-    data = factual_recall_dataset(smol, n=5, seed=0)
+    data = factual_recall_dataset(smol, n=3, seed=0)
     assert data.clean_tokens.shape == data.corrupted_tokens.shape
     assert bool((data.correct != data.wrong).all())
     with torch.no_grad():

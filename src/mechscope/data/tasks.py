@@ -82,7 +82,9 @@ class TaskDataset:
 
     def to(self, device: torch.device | str) -> TaskDataset:
         """The same dataset with every tensor on ``device``."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return TaskDataset(
             move(self.clean_tokens), move(self.corrupted_tokens), move(self.correct), move(self.wrong),
             self.clean_prompts, self.corrupted_prompts, move(self.attention_mask),
@@ -193,7 +195,7 @@ def ioi_dataset(
     clean, corrupted, correct, wrong = [], [], [], []
     for i in range(n):
         io, s, c = rng.sample(names, 3)
-        fill = dict(PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+        fill = {"PLACE": rng.choice(places), "OBJECT": rng.choice(objects)}
         n1, n2 = (io, s) if i % 2 == 0 else (s, io)
         text = rng.choice(templates)
         clean.append(text.format(N1=n1, N2=n2, S2=s, **fill))

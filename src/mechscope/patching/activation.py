@@ -164,9 +164,8 @@ def run_patches(
     device = model.device
     results = torch.empty(len(patches), n_prompts, device=device)
     mask_rows = None if attention_mask is None else attention_mask.to(device)
-    starts = range(0, len(patches), per_chunk)
-    for start in tqdm(starts, desc=f"patching {site.name}", disable=not progress):
-        idx = order[start : start + per_chunk]
+    for idx in tqdm(_chunks(patches[order, 0], per_chunk, n_prompts * seq), desc=f"patching {site.name}", disable=not progress):
+        idx = order[idx]
         chunk = patches[idx]
         first = int(chunk[:, 0].min())
         hooks = []
@@ -195,6 +194,27 @@ def run_patches(
             raise InputError(f"the metric must return one value per row [batch], got shape {tuple(values.shape)}")
         results[idx.to(device)] = values.float().view(len(chunk), n_prompts)
     return results
+
+
+def _chunks(layers: Tensor, per_chunk: int, tokens_per_patch: int, min_tokens: int = 512) -> list[Tensor]:
+    """Split patches (sorted by layer) into forwards of at most ``per_chunk`` patches.
+
+    A forward starts at its first patch's layer, so rows patched later run the layers in
+    between for nothing: a chunk closes at a layer boundary once it holds ``min_tokens``
+    tokens, large enough for efficient matrix products.
+
+    Example:
+        >>> [c.tolist() for c in _chunks(torch.tensor([0, 0, 1, 1, 2]), per_chunk=3, tokens_per_patch=300)]
+        [[0, 1], [2, 3], [4]]
+    """
+    chunks, start = [], 0
+    for i in range(1, len(layers) + 1):
+        full = i - start == per_chunk
+        boundary = i < len(layers) and layers[i] != layers[i - 1] and (i - start) * tokens_per_patch >= min_tokens
+        if i == len(layers) or full or boundary:
+            chunks.append(torch.arange(start, i))
+            start = i
+    return chunks
 
 
 def _patch_hook(rows: Tensor, mask: Tensor, source: Tensor) -> Callable:

@@ -123,20 +123,20 @@ def path_patch(
             mask = sender_mask[idx.to(model.device), layer].repeat_interleave(n, 0)[:, None, :, None]
             clean_z, corrupted_z = clean_cache["z", layer], corrupted_cache["z", layer]
 
-            def freeze(z, *, hook, mask=mask, clean_z=clean_z, corrupted_z=corrupted_z):
+            def freeze(z, *, hook, mask=mask, clean_z=clean_z, corrupted_z=corrupted_z, k=k):
                 return torch.where(mask, corrupted_z.repeat(k, 1, 1, 1), clean_z.repeat(k, 1, 1, 1)).to(z.dtype)
 
             hooks.append((act_name("z", layer), freeze))
             if freeze_mlps and not cfg.attn_only:
                 clean_mlp = clean_cache["mlp_out", layer]
-                hooks.append((act_name("mlp_out", layer), lambda x, *, hook, c=clean_mlp: c.repeat(k, 1, 1)))
+                hooks.append((act_name("mlp_out", layer), lambda x, *, hook, c=clean_mlp, k=k: c.repeat(k, 1, 1)))
         resid = clean_cache["resid_pre", begin].repeat(k, 1, 1)
         if to_logits:
             logits = model.run_with_hooks(resid, start_at_layer=begin, fwd_hooks=hooks)
         else:
             captured: dict[int, Tensor] = {}
 
-            def capture(x, *, hook):
+            def capture(x, *, hook, captured=captured):
                 captured[int(hook.name.split(".")[1])] = x
 
             hooks += [(act_name("resid_pre", layer), capture) for layer in receiver_layers]

@@ -36,13 +36,14 @@ def ioi_tour(model, out_dir: str | Path = "mechscope-tour", n_prompts: int = 8, 
         f"logit difference (IO - S): clean {float(metric.clean_value):.2f}, corrupted {float(metric.corrupted_value):.2f}"
     )
     start = time.perf_counter()
-    resid = activation_patch(model, clean, corrupted, metric, "resid_pre", progress=True).cpu()
-    heads = activation_patch(model, clean, corrupted, metric, "z", progress=True).cpu()
+    final = {"logit_positions": -1}  # the metric reads the final position only
+    resid = activation_patch(model, clean, corrupted, metric, "resid_pre", progress=True, **final).cpu()
+    heads = activation_patch(model, clean, corrupted, metric, "z", progress=True, **final).cpu()
     t_sweeps = time.perf_counter() - start
     n_pos, n_heads = clean.shape[1], model.cfg.n_heads
     print(f"patched {resid.numel() + heads.numel()} sites ({len(data)} prompts each) in {t_sweeps:.1f}s")
     start = time.perf_counter()
-    star = atp_star(model, clean, corrupted, metric, top_k=top_k)
+    star = atp_star(model, clean, corrupted, metric, top_k=top_k, **final)
     t_star = time.perf_counter() - start
     print(f"AtP* over {heads.numel()} heads, {len(star.candidates)} verified exactly, in {t_star:.1f}s")
     print(f"  {'head':<8}{'AtP*':>9}{'exact':>9}{'sweep':>9}")
