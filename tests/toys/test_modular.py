@@ -78,9 +78,12 @@ def test_load_without_state_explains(tmp_path):
         modular.load_grokking_run(tmp_path)
 
 
-def test_quick_run_groks_and_the_analysis_finds_its_frequencies():
+def test_quick_run_groks_and_the_analysis_finds_its_frequencies(tmp_path):
     """End to end (about 10-30 s): memorise first, generalise much later, sparse in Fourier space."""
-    run = modular.train_grokking(modular.GrokkingConfig.quick(), progress=False)
+    run = modular.train_grokking(modular.GrokkingConfig.quick(), tmp_path, progress=False)
+    assert run.epoch == run.grokking_epoch() + 100  # stop_after_grokking
+    again = modular.train_grokking(modular.GrokkingConfig.quick(), tmp_path, progress=False)
+    assert again.epoch == run.epoch and again.history == run.history  # a finished run is not extended
     memorised = next(h["epoch"] for h in run.history if h["train_acc"] == 1.0)
     grokked = run.grokking_epoch()
     assert grokked is not None, run.history[-1]

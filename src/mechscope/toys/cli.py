@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.toys import induction, modular, superposition
+from mechscope.toys import fourier, induction, modular, superposition
 from mechscope.toys.report import heatmap_figure, line_figure, write_report
 
 
@@ -62,6 +62,13 @@ def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool =
          "dominant frequency / (p/2)": [analysis["neuron_freq"][i] / (cfg.p // 2) for i in order]},
         "Neurons sorted by dominant frequency: variance fraction explained by it", "neuron (sorted)",
     )
+    acts = modular.neuron_activations(run.model, run.data)
+    power = fourier.fourier_2d(acts).pow(2).mean(-1)  # [p, p]: mean over neurons
+    power[0, 0] = 0
+    _, basis_labels = fourier.fourier_basis(cfg.p)
+    neurons_2d = heatmap_figure(power.tolist(), "Mean squared 2-D Fourier coefficient of the neurons (constant removed)",
+                                x=basis_labels, y=basis_labels, colorscale="Blues", zmid=None, x_title="b",
+                                y_title="a")
     summary = [
         f"p = {cfg.p}, {cfg.frac_train:.0%} of pairs for training, {run.epoch} epochs",
         f"train accuracy >= 99% at epoch {train_fit}; test accuracy >= 99% at epoch {grok}",
@@ -71,7 +78,8 @@ def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool =
         f"restricted {measures[-1]['restricted_loss']:.3g}; excluded {measures[-1]['excluded_loss']:.3g}",
     ]
     sections = [("Loss curves", losses), ("Accuracy", acc), ("Weight norm", weights), ("Embedding sparsity", share),
-                ("Embedding in the Fourier basis", embed), ("Neuron frequencies", neurons)]
+                ("Embedding in the Fourier basis", embed), ("Neuron frequencies", neurons),
+                ("Neurons in the 2-D Fourier basis", neurons_2d)]
     write_report(path, "Modular addition: grokking", sections, numbers, summary)
     return numbers
 

@@ -160,8 +160,8 @@ def final_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> 
     """The logits at the last position, computing the last block's MLP only there.
 
     Equal to ``model(tokens)[:, -1]``, but the last block's MLP and the unembedding run on one
-    position instead of all (a training step of the 3-token task took about half the time in
-    our measurements); it fires no hooks in the last block (use the model's forward for analysis).
+    position instead of all (a training step of the 3-token task runs 1.7-2x faster; see
+    BENCHMARKS.md); it fires no hooks in the last block (use the model's forward for analysis).
 
     Example:
         >>> torch.allclose(final_logits(model, tokens), model(tokens)[:, -1], atol=1e-5)
@@ -286,8 +286,11 @@ def train_grokking(
             _atomic_save_file(run.checkpoints[0], _checkpoint_path(out, 0))
     x_train, y_train = data.tokens[data.train_idx], data.labels[data.train_idx]
     grokked_at = run.grokking_epoch()
-    bar = tqdm(range(start + 1, cfg.n_epochs + 1), desc="grokking", disable=not progress, initial=start,
-               total=cfg.n_epochs, leave=False)
+    end = cfg.n_epochs
+    if cfg.stop_after_grokking is not None and grokked_at is not None:
+        end = min(end, max(start, grokked_at + cfg.stop_after_grokking))  # a finished run stays finished
+    bar = tqdm(range(start + 1, end + 1), desc="grokking", disable=not progress, initial=start, total=end,
+               leave=False)
     model.train()
     for epoch in bar:
         loss = fourier.modular_loss(final_logits(model, x_train)[:, : cfg.p], y_train)
