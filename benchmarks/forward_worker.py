@@ -15,8 +15,8 @@ Workloads:
 Subcommands (results are written as JSON to --out):
   time  load the contenders, time each workload (warm-up + --runs runs),
         optionally save the forward logits to --save-logits
-  mem   load one contender, then run one workload (warm-up + one run) and
-        report peak RSS and the increase over the RSS after load
+  mem   load one contender, run one workload as a warm-up, then once more,
+        reporting that run's peak RSS and its increase over the RSS before it
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 common.set_offline_env()
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(2)
 
@@ -169,8 +169,8 @@ class BridgeContender(HookedTransformerContender):
 CONTENDERS = {c.name: c for c in (HFContender, MechscopeContender, HookedTransformerContender, BridgeContender)}
 
 
-def workloads_of(contender: Contender) -> list[str]:
-    return ["forward"] if isinstance(contender, HFContender) else list(WORKLOADS)
+# Plain transformers has no hooks, so no run_with_cache.
+WORKLOADS_OF = {name: ("forward",) if name == "hf" else WORKLOADS for name in CONTENDERS}
 
 
 def run_workload(contender: Contender, workload: str, tokens):
@@ -183,22 +183,21 @@ def run_workload(contender: Contender, workload: str, tokens):
 
 def cache_stats(cache) -> dict:
     """Number of cached entries and their size, counting shared storage once."""
-    seen, total = set(), 0
-    names = list(cache.keys())
-    for name in names:
-        tensor = cache[name]
+    seen, total, entries = set(), 0, 0
+    for tensor in cache.values():
+        entries += 1
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
-    return {"entries": len(names), "unique_tensors": len(seen), "mib": total / 2**20}
+    return {"entries": entries, "unique_tensors": len(seen), "mib": total / 2**20}
 
 
 def load_tokens(path: str | Path):
     return torch.load(path, weights_only=True)
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc)."""
     gc.collect()
     try:
@@ -216,7 +215,7 @@ def load_contender(name: str) -> tuple[Contender, float]:
 def time_contenders(contenders: list[Contender], tokens, runs: int) -> dict:
     """Warm each workload up once, then time ``runs`` rounds, interleaving the
     contenders' workloads within each round so that drift hits all alike."""
-    jobs = [(c, w) for c in contenders for w in workloads_of(c)]
+    jobs = [(c, w) for c in contenders for w in WORKLOADS_OF[c.name]]
     times = {(c.name, w): [] for c, w in jobs}
     extra = {}
     with torch.inference_mode():
@@ -225,14 +224,14 @@ def time_contenders(contenders: list[Contender], tokens, runs: int) -> dict:
             if workload == "cache":
                 extra[contender.name] = cache_stats(out[1])
             del out
-            _release_memory()
+            release_memory()
         for _ in range(runs):
             for contender, workload in jobs:
                 start = time.perf_counter()
                 out = run_workload(contender, workload, tokens)
                 times[(contender.name, workload)].append(time.perf_counter() - start)
                 del out
-                _release_memory()
+                release_memory()
     results = {}
     for (name, workload), samples in times.items():
         results.setdefault(name, {})[workload] = {
@@ -253,30 +252,40 @@ def forward_logits(contender: Contender, tokens):
 def measure_memory(name: str, workload: str, tokens) -> dict:
     """Peak RSS of one workload in this (fresh) process.
 
-    After the model is loaded, garbage is collected and freed heap returned to
-    the OS; the RSS then is the post-load RSS and the peak-RSS counter is reset
-    to it, so the peak read after the workload belongs to the workload."""
+    The model is loaded, then the workload runs once as a warm-up: weights
+    that are memory-mapped become resident only when first used, and
+    first-call work (kernel code pages, lazily built buffers) lands here too.
+    After each step garbage is collected and freed heap handed back to the OS.
+    The RSS then is the resident model; the peak-RSS counter is reset to it and
+    the workload runs once more: its peak and the increase over that RSS are
+    the figures reported."""
     contender, load_s = load_contender(name)
-    _release_memory()
-    load_peak = common.maxrss_mib()
+    release_memory()
+    load_peak = common.peak_rss_mib()
     after_load = common.current_rss_mib()
     reset = common.reset_peak_rss()
     with torch.inference_mode():
-        for _ in range(2):  # warm-up and one run, outputs freed in between
-            out = run_workload(contender, workload, tokens)
-            del out
-            _release_memory()
-    workload_peak = common.maxrss_mib()
-    if not reset:  # the counter still holds the load peak
-        workload_peak = max(workload_peak, load_peak)
+        out = run_workload(contender, workload, tokens)
+        del out
+        release_memory()
+        warmup_peak = common.peak_rss_mib()
+        before_run = common.current_rss_mib()
+        reset = common.reset_peak_rss() and reset
+        out = run_workload(contender, workload, tokens)
+        del out
+    run_peak = common.peak_rss_mib()
+    if not reset:  # the counter still holds the earlier peaks
+        run_peak = max(run_peak, warmup_peak, load_peak)
     return {
         "contender": name,
         "workload": workload,
         "load_s": load_s,
         "load_peak_mib": load_peak,
         "rss_after_load_mib": after_load,
-        "peak_mib": workload_peak,
-        "increase_mib": workload_peak - after_load,
+        "warmup_peak_mib": warmup_peak,
+        "rss_before_run_mib": before_run,
+        "peak_mib": run_peak,
+        "increase_mib": run_peak - before_run,
         "peak_reset": reset,
     }
 
