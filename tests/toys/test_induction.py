@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from mechscope.errors import ConfigError, InputError
 from mechscope.model.transformer import HookedTransformer
@@ -23,7 +22,7 @@ def test_repeated_spans_are_copies_and_the_mask_marks_predictable_targets():
         second = positions[0]
         copy = row[second : second + span]
         # The span occurs earlier, entirely before the second copy.
-        assert any(row[s : s + span] == copy for s in range(0, second - span + 1))
+        assert any(row[s : s + span] == copy for s in range(second - span + 1))
     with pytest.raises(ConfigError, match="min_span"):
         induction.InductionConfig(seq_len=10, min_span=6)
 

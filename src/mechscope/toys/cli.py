@@ -74,8 +74,8 @@ def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool =
         f"train accuracy >= 99% at epoch {train_fit}; test accuracy >= 99% at epoch {grok}",
         f"key frequencies (neurons): {analysis['key_freqs_neurons']}; (embedding): {analysis['key_freqs_embed']}",
         f"mean fraction of variance explained by a neuron's key frequency: {analysis['frac_explained_by_key']:.3f}",
-        f"final train/test loss {run.history[-1]['train_loss']:.3g} / {run.history[-1]['test_loss']:.3g}; "
-        f"restricted {measures[-1]['restricted_loss']:.3g}; excluded {measures[-1]['excluded_loss']:.3g}",
+        (f"final train/test loss {run.history[-1]['train_loss']:.3g} / {run.history[-1]['test_loss']:.3g}; "
+         f"restricted {measures[-1]['restricted_loss']:.3g}; excluded {measures[-1]['excluded_loss']:.3g}"),
     ]
     sections = [("Loss curves", losses), ("Accuracy", acc), ("Weight norm", weights), ("Embedding sparsity", share),
                 ("Embedding in the Fourier basis", embed), ("Neuron frequencies", neurons),
@@ -163,10 +163,12 @@ def induction_report(run: induction.InductionRun, path) -> dict:
                                                         colorscale="Blues", zmid=None)),
     ]
     summary = [
-        f"loss on repeated half {numbers['second_half_loss']:.3f} vs chance {numbers['chance_loss']:.3f} "
-        f"(first half {numbers['first_half_loss']:.3f})",
-        f"previous-token head {l0}.{h0}, induction head {l1}.{h1}; highest K-composition pair "
-        f"{numbers['k_composition_best_pair']} (matches: {numbers['detected_pair_has_highest_k_composition']})",
+        (f"loss on repeated half {numbers['second_half_loss']:.3f} vs chance {numbers['chance_loss']:.3f} "
+         f"(first half {numbers['first_half_loss']:.3f})"),
+        (f"previous-token head {l0}.{h0}, induction head {l1}.{h1} (layer-1 induction heads: "
+         f"{numbers['layer1_induction_heads']}); highest K-composition pair {numbers['k_composition_best_pair']}: "
+         f"the detected pair {numbers['detected_pair_has_highest_k_composition']}, previous-token head into an "
+         f"induction head {numbers['highest_k_composition_is_previous_token_to_induction']}"),
     ]
     write_report(path, "Induction heads in a 2-layer attention-only transformer", sections, numbers, summary)
     return numbers

@@ -102,8 +102,8 @@ class GrokkingConfig:
             >>> GrokkingConfig.quick(seed=1).p
             31
         """
-        settings = dict(p=31, frac_train=0.5, d_model=64, d_mlp=128, lr=3e-3, weight_decay=2.0, n_epochs=2000,
-                        stop_after_grokking=100, log_every=20, checkpoint_every=50)
+        settings = {"p": 31, "frac_train": 0.5, "d_model": 64, "d_mlp": 128, "lr": 3e-3, "weight_decay": 2.0,
+                    "n_epochs": 2000, "stop_after_grokking": 100, "log_every": 20, "checkpoint_every": 50}
         settings.update(overrides)
         return cls(**settings)
 
@@ -384,7 +384,7 @@ def neuron_activations(model: HookedTransformer, data: ModularData) -> Float[Ten
         >>> acts.shape
         torch.Size([7, 7, 8])
     """
-    p = int(round(data.labels.numel() ** 0.5))
+    p = round(data.labels.numel() ** 0.5)
     name = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
     _, cache = model.run_with_cache(data.tokens, names_filter=name)
     return cache[name][:, -1].reshape(p, p, -1)

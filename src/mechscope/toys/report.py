@@ -50,8 +50,8 @@ def write_report(
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "pre{background:#f4f4f4;padding:.6em}</style></head><body>",
+        ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+         "pre{background:#f4f4f4;padding:.6em}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
     ]
     if summary:
