@@ -188,12 +188,12 @@ class Attribution:
 
 def _layer_components(cache: ActivationCache, index: Tensor) -> tuple[list[Tensor], list[str]]:
     stack, labels = cache.decompose_resid(return_labels=True)  # [component, batch, pos, d_model]
-    return list(stack[:, torch.arange(stack.shape[1]), index]), labels
+    return list(stack[:, torch.arange(stack.shape[1], device=index.device), index]), labels
 
 
 def _head_components(cache: ActivationCache, index: Tensor) -> tuple[list[Tensor], list[str]]:
     model, cfg = cache.model, cache.model.cfg
-    rows = torch.arange(index.shape[0])
+    rows = torch.arange(index.shape[0], device=index.device)
     parts, labels = [cache["hook_embed"][rows, index]], ["embed"]
     if "hook_pos_embed" in model.hook_dict:
         parts.append(cache["hook_pos_embed"][rows, index])
