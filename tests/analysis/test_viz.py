@@ -113,3 +113,56 @@ def test_view_input_errors(tmp_path):
         colored_tokens_html(["a", "b"], torch.ones(2, 2), series_labels=["x"])
     out = save_html(attention_heads_html(torch.ones(4, 4).tril(), ["a"] * 4), tmp_path / "sub" / "view.html")
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>") and list(out.parent.iterdir()) == [out]
+
+
+_DOM_STUB = """
+class El {
+  constructor(tag) { this.tagName = tag; this.children = []; this.cells = []; this.rows = []; this.style = {};
+    this.dataset = {}; this.listeners = {}; this.textContent = ''; this.className = '';
+    this.classList = { toggle: () => {} }; }
+  appendChild(c) { this.children.push(c); if (c.tagName === 'th' || c.tagName === 'td') this.cells.push(c); return c; }
+  replaceChildren() { this.children = []; this.rows = []; this.cells = []; }
+  addEventListener(type, fn) { (this.listeners[type] = this.listeners[type] || []).push(fn); }
+  fire(type) { (this.listeners[type] || []).forEach(fn => fn({clientX: 0, clientY: 0})); }
+  insertRow() { const r = new El('tr'); this.rows.push(r); this.children.push(r); return r; }
+  insertCell() { return this.appendChild(new El('td')); }
+}
+const ids = {};
+const document = {
+  getElementById: id => ids[id] || (ids[id] = new El(id === 'grid' ? 'table' : 'div')),
+  createElement: tag => new El(tag),
+  querySelectorAll: () => [],
+};
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_attention_view_script_runs(tmp_path):
+    """Run the page's script against a minimal DOM: cells are painted per head, hovering shows both tokens."""
+    pattern = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]], [[1.0, 0, 0], [1.0, 0, 0], [0.0, 1.0, 0]]])
+    doc = attention_heads_html(pattern, ["a", "<b>", '"c"'], head_labels=["H0", "H1"])
+    scripts = _parse(doc).scripts
+    driver = (
+        _DOM_STUB
+        + f"ids['mechscope-data'] = {{textContent: {json.dumps(scripts[0])}}};\n"
+        + scripts[1] + "\n" + scripts[2] + "\n"
+        + """
+const g = ids['grid'], hd = ids['heads'], tp = ids['mechscope-tip'], tx = ids['text'];
+const out = {head0: g.rows[3].cells[2].style.background};
+hd.children[1].fire('click');
+out.head1 = g.rows[3].cells[2].style.background;
+g.rows[3].cells[2].fire('mousemove');
+out.tip = tp.textContent;
+tx.children[2].fire('mouseenter');
+out.text = tx.children.map(s => s.style.background);
+out.tokens = tx.children.map(s => s.textContent);
+console.log(JSON.stringify(out));
+"""
+    )
+    path = tmp_path / "driver.js"
+    path.write_text(driver)
+    out = json.loads(subprocess.run(["node", str(path)], check=True, capture_output=True, text=True).stdout)
+    assert out["head0"] == "rgba(31,95,191,0.3)" and out["head1"] == "rgba(31,95,191,1)"
+    assert out["tip"].splitlines() == ["H1", 'destination [2] "\\"c\\""', 'source      [1] "<b>"', "attention   1.0000"]
+    assert out["text"] == ["rgba(31,95,191,0)", "rgba(31,95,191,1)", "rgba(31,95,191,0)"]
+    assert out["tokens"] == ["a", "<b>", '"c"']
