@@ -48,7 +48,7 @@ from mechscope.sae import (  # noqa: E402
 )
 
 HOOK = "blocks.6.hook_resid_post"
-CONTEXT, EVAL_ROWS = 128, 16
+CONTEXT, EVAL_ROWS = 128, 8
 LR = 1e-3
 L1 = {"mechscope": 5.0, "saelens": 5.0}
 
