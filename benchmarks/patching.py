@@ -135,7 +135,6 @@ def atp_section(model, clean, corrupted, metric, heads, figures, timed, kw) -> N
         "spearman_graddrop_scores_vs_abs": spearman(star.scores, exact.abs()),
         "spearman_no_graddrop_abs": spearman(star_nogd.scores, exact.abs()),
         "recall_top10": recall(star), "recall_top10_no_graddrop": recall(star_nogd),
-        "false_negatives": None,
     }
 
 
