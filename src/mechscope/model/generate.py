@@ -104,7 +104,22 @@ def generate(
     return_type: GenerateReturn = "input",
     verbose: bool = False,
 ) -> str | list[str] | Int[Tensor, "batch pos"]:
-    """Continue ``input`` by up to ``max_new_tokens`` tokens; see `HookedTransformer.generate`."""
+    """Continue a prompt (or a batch of prompts) by up to ``max_new_tokens`` tokens.
+
+    Runs under every attached hook (``with model.hooks(...)``). Lists of strings are
+    left-padded; token input may bring a left-padded ``attention_mask``. Greedy unless
+    ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``seed`` apply). Rows stop
+    at ``eos_token_id`` (the tokenizer's EOS by default) and are then filled with it.
+    ``use_kv_cache`` reuses past keys and values (same tokens, much faster). Returns the
+    prompt plus continuation: strings for string input (the prompt text as given, then the
+    new tokens up to any EOS), else token ids ``[batch, pos]`` (``return_type="str"``/``"tokens"``
+    forces one).
+
+    Example:
+        >>> out = model.generate(tokens, max_new_tokens=3)
+        >>> out.shape, torch.equal(out, model.generate(tokens, max_new_tokens=3, use_kv_cache=False))
+        (torch.Size([1, 7]), True)
+    """
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if return_type not in ("input", "str", "tokens"):

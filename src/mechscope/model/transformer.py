@@ -285,46 +285,7 @@ class HookedTransformer(HookedRootModule):
         return out, ActivationCache(store, self)
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        input: str | list[str] | Tensor,
-        max_new_tokens: int = 10,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_at_eos: bool = True,
-        eos_token_id: int | None = None,
-        use_kv_cache: bool = True,
-        attention_mask: Tensor | None = None,
-        prepend_bos: bool | None = None,
-        seed: int | None = None,
-        return_type: Literal["input", "str", "tokens"] = "input",
-        verbose: bool = False,
-    ) -> str | list[str] | Tensor:
-        """Continue a prompt (or a batch of prompts) by up to ``max_new_tokens`` tokens.
-
-        Runs under every attached hook (``with model.hooks(...)``). Lists of strings are
-        left-padded; token input may bring a left-padded ``attention_mask``. Greedy unless
-        ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``seed`` apply). Rows stop
-        at ``eos_token_id`` (the tokenizer's EOS by default) and are then filled with it.
-        ``use_kv_cache`` reuses past keys and values (same tokens, much faster). Returns the
-        prompt plus continuation: strings for string input (the prompt text as given, then the
-        new tokens up to any EOS), else token ids ``[batch, pos]`` (``return_type="str"``/``"tokens"``
-        forces one).
-
-        Example:
-            >>> out = model.generate(tokens, max_new_tokens=3)
-            >>> out.shape, torch.equal(out, model.generate(tokens, max_new_tokens=3, use_kv_cache=False))
-            (torch.Size([1, 7]), True)
-        """
-        return generate(
-            self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, use_kv_cache=use_kv_cache,
-            attention_mask=attention_mask, prepend_bos=prepend_bos, seed=seed, return_type=return_type,
-            verbose=verbose,
-        )
+    generate = generate  # `mechscope.model.generate.generate`, as a method
 
     # ------------------------------------------------------------------ tokens
     def _tokenizer(self) -> Tokenizer:
