@@ -195,3 +195,23 @@ def test_exact_sae_has_no_error_and_no_pathology(model, tokens):
     assert result.ce_spliced == pytest.approx(result.ce_clean, abs=1e-5)
     assert result.ce_random_perturbation == pytest.approx(result.ce_clean, abs=1e-5)
     assert result.kl_spliced == pytest.approx(0, abs=1e-5) and result.ce_loss_recovered == pytest.approx(1, abs=1e-5)
+
+
+def test_patched_latents_with_error_term_change_output_by_the_reconstruction_change(model, tokens):
+    sae = _sae()
+    name = f"{RESID}.hook_sae_acts_post"
+
+    def double_feature_5(acts, *, hook):
+        acts = acts.clone()
+        acts[..., 5] *= 2
+        return acts
+
+    def manual(a):
+        acts = sae.encode(a)
+        doubled = acts.clone()
+        doubled[..., 5] *= 2
+        return a + sae.decode(doubled) - sae.decode(acts)
+
+    got = run_with_saes(model, tokens, saes=sae, use_error_term=True, fwd_hooks=[(name, double_feature_5)])
+    torch.testing.assert_close(got, model.run_with_hooks(tokens, fwd_hooks=[(RESID, _replace_with(manual))]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, model(tokens), atol=1e-3)

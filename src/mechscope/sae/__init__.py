@@ -1,4 +1,5 @@
-"""Sparse autoencoders: architectures, activation store, trainer, evaluation, file formats, splicing.
+"""Sparse autoencoders: architectures, activation store, trainer, evaluation, file formats, splicing,
+and feature patching, ablation and attribution.
 
 Example:
     >>> from mechscope.sae import SAEConfig, make_sae
@@ -14,6 +15,7 @@ from mechscope.sae.architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, Sta
 from mechscope.sae.base import SAE, SAE_REGISTRY, TrainStepOutput, make_sae, register_sae
 from mechscope.sae.config import ARCHITECTURES, SAEConfig
 from mechscope.sae.evaluate import SAEEvaluation, evaluate_sae
+from mechscope.sae.features import FeatureSite, acts_name, feature_ablate, feature_attribution_patch, feature_patch
 from mechscope.sae.formats import load_sae, save_sae
 from mechscope.sae.splice import run_with_cache_with_saes, run_with_saes, splice
 from mechscope.sae.store import ActivationStore
@@ -22,6 +24,11 @@ from mechscope.sae.trainer import SAETrainer, TensorSource, TrainConfig, geometr
 __all__ = [
     "ARCHITECTURES",
     "ActivationStore",
+    "FeatureSite",
+    "acts_name",
+    "feature_ablate",
+    "feature_attribution_patch",
+    "feature_patch",
     "SAEEvaluation",
     "evaluate_sae",
     "load_sae",

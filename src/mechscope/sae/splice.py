@@ -7,7 +7,9 @@ activations can be cached, patched or ablated with the usual ``fwd_hooks``.
 
 With ``use_error_term=True`` the output is ``recons + error`` with ``error = act - recons``
 (``hook_sae_error``): downstream activations equal the clean model's (to float rounding),
-gradients to upstream activations are exact, and gradients still reach the latents.
+gradients to upstream activations are exact, and gradients still reach the latents. The error
+is that of the unpatched SAE, so a hook that patches or ablates latents changes the output by
+exactly the change of the reconstruction (`mechscope.sae.features` builds on this).
 """
 
 from __future__ import annotations
@@ -38,14 +40,42 @@ def _check(model, saes: Sequence[SAE]) -> list[SAE]:
     return saes
 
 
+_INNER_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
+
+
+@contextmanager
+def _inner_hooks_muted(sae: SAE) -> Iterator[None]:
+    """Run the SAE's encoder and decoder without the hooks on its inner points."""
+    points = [sae.hook_dict[name] for name in _INNER_POINTS]
+    saved = [(point._fwd, point._bwd) for point in points]
+    for point in points:
+        point._fwd, point._bwd = [], []
+    try:
+        yield
+    finally:
+        for point, (fwd, bwd) in zip(points, saved):
+            point._fwd, point._bwd = fwd, bwd
+
+
 def _replace(sae: SAE, act: Tensor, source: Tensor, use_error_term: bool) -> Tensor:
-    """The spliced output for the true output activation ``act`` given the SAE input ``source``."""
+    """The spliced output for the true output activation ``act`` given the SAE input ``source``.
+
+    With the error term, ``error = act - recons_clean`` where ``recons_clean`` is the
+    reconstruction with no hook on the SAE's inner points, so a hook that patches latents or
+    the reconstruction changes the output by exactly its change of the reconstruction.
+    """
     shape = act.shape
     sae_in = source.detach() if use_error_term else source
-    recons = sae.decode(sae.encode(sae_in), sae_in if sae.W_skip is not None else None)
+    skip_in = sae_in if sae.W_skip is not None else None
+    recons = sae.decode(sae.encode(sae_in), skip_in)
     flat_act = act.reshape(*shape[:2], -1).to(recons.dtype) if act.shape[-1] != recons.shape[-1] else act.to(recons.dtype)
     if use_error_term:
-        error = sae.hook_sae_error(flat_act - recons.detach())
+        if any(sae.hook_dict[name].has_hooks for name in _INNER_POINTS):
+            with torch.no_grad(), _inner_hooks_muted(sae):
+                clean = sae.decode(sae.encode(sae_in), skip_in)
+        else:
+            clean = recons.detach()
+        error = sae.hook_sae_error(flat_act - clean)
         out = recons + error
     else:
         out = recons

@@ -1,0 +1,369 @@
+"""Patching, ablating and attributing SAE features with the batched patching engine.
+
+The SAEs are spliced in with their error term, so an unpatched run equals the clean model and
+patching a feature changes the SAE's output by exactly the change of its reconstruction.
+Results are keyed by the full name of the patched hook point, e.g.
+``"blocks.1.hook_resid_post.hook_sae_acts_post"`` (and ``...hook_sae_error`` for the error
+node of `feature_attribution_patch`).
+
+``by="feature"`` patches a feature at every position; ``by=("pos", "feature")`` one position of
+one feature. ``features`` picks feature ids (a list for every SAE, or a dict keyed by the SAE's
+hook); by default every *live* feature is patched, one whose activation differs between the
+patched run and the source somewhere, and every other feature reports the unpatched metric
+(patching it changes nothing).
+
+Patches run as batch elements of `mechscope.patching.run_patches`: each forward starts at the
+SAE's block from the cached residual stream, chunks fit ``memory_budget`` (the SAE's latents
+included) and metric values stay on the device.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mechscope.cache import act_name
+from mechscope.errors import ConfigError, InputError
+from mechscope.patching.activation import AblationKind, Direction, Site, rows_per_forward, run_patches
+from mechscope.patching.metrics import Metric
+from mechscope.sae.base import SAE
+from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes
+
+FeatureBy = Literal["feature"] | tuple[str, ...]
+Features = Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor] | None
+
+ACTS = "hook_sae_acts_post"
+ERROR = "hook_sae_error"
+
+
+@dataclass(frozen=True)
+class FeatureSite(Site):
+    """The latents ``[batch, pos, d_sae]`` of one spliced SAE as a patching site.
+
+    Example:
+        >>> FeatureSite("f", ("pos", "d_sae"), ("d_sae",), "blocks.1.hook_resid_post.hook_sae_acts_post").hook(1)
+        'blocks.1.hook_resid_post.hook_sae_acts_post'
+    """
+
+    hook_name: str = ""
+
+    def hook(self, layer: int) -> str:
+        return self.hook_name
+
+
+class _SplicedModel:
+    """The model as `run_patches` sees it: every forward runs with ``saes`` spliced in, error term kept."""
+
+    def __init__(self, model, saes: list[SAE]) -> None:
+        self.model, self.saes = model, saes
+
+    def run_with_hooks(self, *args, fwd_hooks=None, **kwargs):
+        return run_with_saes(self.model, *args, saes=self.saes, use_error_term=True, fwd_hooks=fwd_hooks, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return run_with_saes(self.model, *args, saes=self.saes, use_error_term=True, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def acts_name(sae: SAE) -> str:
+    """The full name of a spliced SAE's latents, the key of its results.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> acts_name(make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post")))
+        'blocks.1.hook_resid_post.hook_sae_acts_post'
+    """
+    return f"{sae.cfg.output_hook}.{ACTS}"
+
+
+def _start_layer(sae: SAE) -> int:
+    """The block where patched forwards start: the one holding the SAE's input hook."""
+    layers = []
+    for name in (sae.cfg.hook_name, sae.cfg.output_hook):
+        match = re.match(r"blocks\.(\d+)\.", name)
+        if match is None:
+            raise ConfigError(
+                f"feature patching starts the patched forwards at the SAE's block, but the SAE at {name!r} is "
+                "outside the blocks; use an SAE on a blocks.{layer}.* hook (e.g. blocks.0.hook_resid_pre)"
+            )
+        layers.append(int(match.group(1)))
+    return min(layers)
+
+
+def _by_axes(by: FeatureBy) -> tuple[str, ...]:
+    axes = (by,) if isinstance(by, str) else tuple(by)
+    if sorted(axes) == ["feature"]:
+        return ("d_sae",)
+    if sorted(axes) == ["feature", "pos"]:
+        return ("pos", "d_sae")
+    raise InputError(f"by must be 'feature' or ('pos', 'feature'), got {by!r}")
+
+
+def _feature_ids(features: Features, sae: SAE) -> Tensor | None:
+    if features is None:
+        return None
+    if isinstance(features, Mapping):
+        keys = (sae.cfg.output_hook, acts_name(sae))
+        chosen = next((features[k] for k in keys if k in features), None)
+        if chosen is None:
+            raise InputError(f"features has no entry for the SAE at {sae.cfg.output_hook!r}; keys: {sorted(features)}")
+        features = chosen
+    ids = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+    if not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= sae.cfg.d_sae:
+        raise InputError(f"feature ids must be a non-empty list in [0, d_sae={sae.cfg.d_sae}), got {ids.tolist()[:10]}")
+    return ids
+
+
+def _rows(model, sae: SAE, seq: int, memory_budget: int, logit_positions, batch_size: int | None) -> int:
+    """Rows per patched forward: the model's activations plus the SAE's latents, masks and copies."""
+    if batch_size is not None:
+        return batch_size
+    keep = None if logit_positions is None else len([logit_positions] if isinstance(logit_positions, int) else logit_positions)
+    model_rows = rows_per_forward(model, seq, memory_budget, keep)
+    sae_bytes = seq * (6 * sae.cfg.d_sae + 4 * sae.cfg.d_out) * torch.finfo(sae.dtype).bits // 8
+    return max(1, int(memory_budget // (memory_budget / model_rows + sae_bytes)))
+
+
+def _tokens(model, tokens) -> Tensor:
+    return model._tokens_and_mask(tokens, None, None, "right")[0]
+
+
+def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, attention_mask, per_prompt, batch_size,
+           memory_budget, logit_positions, progress) -> dict[str, Tensor]:  # fmt: skip
+    saes = _check(model, saes)
+    axes = _by_axes(by)
+    layers = {acts_name(sae): _start_layer(sae) for sae in saes}
+    ids = {acts_name(sae): _feature_ids(features, sae) for sae in saes}
+    names = [act_name("resid_pre", layer) for layer in sorted(set(layers.values()))] + list(layers)
+    with torch.no_grad():
+        base_logits, cache = run_with_cache_with_saes(
+            model, base_tokens, saes=saes, use_error_term=True, names_filter=names, attention_mask=attention_mask
+        )
+        base_metric = metric(base_logits).float()
+    sources = sources_fn(saes, cache)
+    n_prompts, seq = base_tokens.shape
+    out = {}
+    for sae in saes:
+        name, layer = acts_name(sae), layers[acts_name(sae)]
+        base, source = cache[name], sources[name]
+        if ids[name] is None:
+            differs = (source != base).any(0)  # [pos, d_sae]
+            live = differs if axes == ("pos", "d_sae") else differs.any(0)
+            index = live.nonzero()  # [n_patches, len(axes)]
+            grid = tuple(live.shape)
+        else:
+            chosen = ids[name].to(base.device)
+            if axes == ("pos", "d_sae"):
+                index = torch.cartesian_prod(torch.arange(seq, device=base.device), chosen).reshape(-1, 2)
+                grid = (seq, len(chosen))
+            else:
+                index = chosen[:, None]
+                grid = (len(chosen),)
+        values = base_metric.expand(*grid, n_prompts).clone()
+        if len(index):
+            patches = torch.cat([torch.full((len(index), 1), layer, device=index.device), index], 1).cpu()
+            site = FeatureSite(name, ("pos", "d_sae"), ("d_sae",), name)
+            got = run_patches(
+                _SplicedModel(model, [sae]), {layer: cache["resid_pre", layer]}, {layer: source}, site, axes, patches,
+                metric, attention_mask=attention_mask, batch_size=_rows(model, sae, seq, memory_budget, logit_positions,
+                batch_size), logit_positions=logit_positions, progress=progress,
+            )  # fmt: skip
+            if ids[name] is None:
+                values[tuple(index.T)] = got.to(values.device)
+            else:
+                values = got.to(values.device).reshape(*grid, n_prompts)
+        out[name] = values if per_prompt else values.mean(-1)
+    return out
+
+
+def feature_patch(
+    model,
+    saes: SAE | Sequence[SAE],
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: Metric,
+    by: FeatureBy = "feature",
+    *,
+    direction: Direction = "denoising",
+    features: Features = None,
+    attention_mask: Tensor | None = None,
+    per_prompt: bool = False,
+    batch_size: int | None = None,
+    memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Activation patching of SAE features: the metric of each patched run, per SAE.
+
+    ``direction="denoising"`` runs the corrupted prompts with clean feature activations patched
+    in, ``"noising"`` the reverse. Returns ``{acts_name: values}`` with values ``[d_sae]`` for
+    ``by="feature"`` or ``[pos, d_sae]`` for ``by=("pos", "feature")`` (``[n_features]`` /
+    ``[pos, n_features]`` for an explicit ``features`` list, in its order), averaged over prompts
+    (``per_prompt`` keeps a trailing ``[n_prompts]`` axis). Other arguments as in
+    `mechscope.patching.activation_patch`.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> out = feature_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7])
+        >>> out["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
+        torch.Size([64])
+        >>> feature_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7], by=("pos", "feature"),
+        ...               features=[3, 5])["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
+        torch.Size([4, 2])
+    """
+    if direction not in ("denoising", "noising"):
+        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    clean_tokens, corrupted_tokens = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise InputError(
+            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in "
+            "shape; build pairs of equal length (mechscope.data.tasks aligns them with align=True)"
+        )
+    base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+
+    def sources_fn(saes: list[SAE], base_cache) -> dict[str, Tensor]:
+        with torch.no_grad():
+            _, cache = run_with_cache_with_saes(
+                model, source, saes=saes, use_error_term=True, names_filter=[acts_name(s) for s in saes],
+                attention_mask=attention_mask,
+            )  # fmt: skip
+        return {acts_name(s): cache[acts_name(s)] for s in saes}
+
+    return _sweep(model, saes, base, sources_fn, metric, by, features, attention_mask, per_prompt, batch_size,
+                  memory_budget, logit_positions, progress)  # fmt: skip
+
+
+def feature_ablate(
+    model,
+    saes: SAE | Sequence[SAE],
+    tokens: Tensor,
+    metric: Metric,
+    by: FeatureBy = "feature",
+    *,
+    kind: AblationKind = "zero",
+    reference: Tensor | None = None,
+    seed: int = 0,
+    features: Features = None,
+    per_prompt: bool = False,
+    batch_size: int | None = None,
+    memory_budget: int = 2**30,
+    logit_positions: int | list[int] | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Zero, mean or resample ablation of SAE features: the metric of each ablated run, per SAE.
+
+    ``kind="mean"`` replaces a feature by its mean over the ``reference`` prompts at each
+    position; ``"resample"`` gives each prompt the activations of a reference prompt drawn at
+    random (``seed``, drawn as in `mechscope.patching.ablate`). ``reference`` defaults to
+    ``tokens``. Results as in `feature_patch`.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+        >>> out = feature_ablate(model, sae, tokens, lambda logits: logits[:, -1, 7], kind="zero")
+        >>> out["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
+        torch.Size([64])
+    """
+    if kind not in ("zero", "mean", "resample"):
+        raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
+    tokens = _tokens(model, tokens)
+    ref = tokens if reference is None else _tokens(model, reference)
+    if kind != "zero" and ref.shape[1] != tokens.shape[1]:
+        raise InputError(
+            f"reference prompts have {ref.shape[1]} tokens but the ablated prompts have {tokens.shape[1]}; "
+            "mean and resample ablation replace activations position by position, so use prompts of equal length"
+        )
+
+    def sources_fn(saes: list[SAE], base_cache) -> dict[str, Tensor]:
+        names = [acts_name(s) for s in saes]
+        if kind == "zero":
+            return {name: torch.zeros_like(base_cache[name][:1]) for name in names}
+        with torch.no_grad():
+            _, cache = run_with_cache_with_saes(model, ref, saes=saes, use_error_term=True, names_filter=names)
+        if kind == "mean":
+            return {name: cache[name].mean(0, keepdim=True) for name in names}
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randint(ref.shape[0], (tokens.shape[0],), generator=gen).to(model.device)
+        return {name: cache[name][pick] for name in names}
+
+    return _sweep(model, saes, tokens, sources_fn, metric, by, features, None, per_prompt, batch_size,
+                  memory_budget, logit_positions, progress)  # fmt: skip
+
+
+def feature_attribution_patch(
+    model,
+    saes: SAE | Sequence[SAE],
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: Metric,
+    by: FeatureBy = "feature",
+    *,
+    direction: Direction = "denoising",
+    attention_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """AtP estimates for every feature and each SAE's error term: two forwards and one backward.
+
+    The estimate of patching a node from the base run to the source run is
+    ``(source - base) . d metric / d node`` at the base run (all SAEs spliced, error terms
+    kept), summed over the node's other axes and averaged over prompts, as in
+    `mechscope.patching.attribution_patch`. Returns, per SAE, ``{acts_name: [d_sae]}`` and
+    ``{"...hook_sae_error": []}`` for ``by="feature"``, or ``[pos, d_sae]`` and ``[pos]`` for
+    ``by=("pos", "feature")``. Compare with ``feature_patch(...) - metric(base)``.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> est = feature_attribution_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7])
+        >>> est["blocks.1.hook_resid_post.hook_sae_acts_post"].shape, est["blocks.1.hook_resid_post.hook_sae_error"].shape
+        (torch.Size([64]), torch.Size([]))
+    """
+    if direction not in ("denoising", "noising"):
+        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    saes = _check(model, saes)
+    per_pos = _by_axes(by) == ("pos", "d_sae")
+    clean_tokens, corrupted_tokens = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise InputError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in shape")
+    base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+    names = [f"{sae.cfg.output_hook}.{point}" for sae in saes for point in (ACTS, ERROR)]
+    store: dict[str, Tensor] = {}
+
+    def leaf(x: Tensor, *, hook) -> Tensor | None:
+        return None if x.requires_grad else x.detach().requires_grad_(True)
+
+    def keep(x: Tensor, *, hook) -> Tensor:
+        x = x if x.requires_grad else x.detach().requires_grad_(True)
+        store[hook.name] = x
+        return x
+
+    with torch.enable_grad():
+        logits = run_with_saes(
+            model, base, saes=saes, use_error_term=True, attention_mask=attention_mask,
+            fwd_hooks=[("hook_embed", leaf)] + [(name, keep) for name in names],
+        )  # fmt: skip
+        grads = torch.autograd.grad(metric(logits).sum(), [store[name] for name in names], allow_unused=True)
+    with torch.no_grad():
+        _, src = run_with_cache_with_saes(model, source, saes=saes, use_error_term=True, names_filter=names,
+                                          attention_mask=attention_mask)  # fmt: skip
+    out = {}
+    for name, grad in zip(names, grads):
+        act = store[name].detach()
+        grad = torch.zeros_like(act) if grad is None else grad
+        prod = (src[name] - act) * grad  # [n_prompts, pos, d_sae or d_out]
+        if name.endswith(ERROR):
+            prod = prod.sum(-1)  # the error is one node per position: [n_prompts, pos]
+        out[name] = (prod if per_pos else prod.sum(1)).mean(0)
+    return out
+
+
+__all__ = ["FeatureSite", "acts_name", "feature_ablate", "feature_attribution_patch", "feature_patch"]
