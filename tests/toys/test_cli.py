@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mechscope.cli import build_parser, main
 
@@ -35,13 +36,20 @@ def test_toys_superposition_cli(tmp_path, capsys):
     numbers = _check_report(tmp_path / "superposition.html", "superposition")
     assert len(numbers["feature_dimensionality"]) == 2 and len(numbers["phase_diagram"]["phases"]) == 8
     assert "phase diagram" in capsys.readouterr().out
+    for part in ("intro", "phase"):
+        assert torch.load(tmp_path / "run" / part / "state.pt", weights_only=True)["step"] == 100
 
 
-def test_toys_induction_cli(tmp_path):
-    assert main(["toys", "induction", "--d-vocab", "16", "--seq-len", "12", "--d-model", "16", "--steps", "20",
-                 "--out", str(tmp_path), "--quiet"]) == 0
+def test_toys_induction_cli_writes_report_and_resumes(tmp_path):
+    argv = ["toys", "induction", "--d-vocab", "16", "--seq-len", "12", "--d-model", "16", "--steps", "20",
+            "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
     numbers = _check_report(tmp_path / "induction.html", "Induction")
     assert len(numbers["k_composition"]) == 4
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 20
+    assert main(argv[:9] + ["30"] + argv[10:]) == 0  # more steps: resumes from the saved state
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 30
+    assert json.loads((tmp_path / "induction.json").read_text())["history"][-1]["step"] == 29
 
 
 def test_toys_needs_a_known_toy(capsys):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from mechscope.errors import ConfigError, InputError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import induction
 
@@ -93,3 +94,38 @@ def test_training_learns_induction_above_chance():
     assert prev[0, layer0_head] > 0.3 and prev[0, layer0_head] > 2 * prev[1].max()
     assert ind[1, layer1_head] > 0.5 and ind[1, layer1_head] > 2 * ind[0].max()
     assert summary["highest_k_composition_is_previous_token_to_induction"]
+
+
+def _interrupt_after(monkeypatch, module, name, calls):
+    """Make ``module.name`` raise KeyboardInterrupt on its call number ``calls + 1``."""
+    original = getattr(module, name)
+    count = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
+    cfg = induction.InductionConfig(d_vocab=16, seq_len=12, d_model=16, steps=30, save_every=10)
+    straight = induction.train_induction(cfg, progress=False)
+    _interrupt_after(monkeypatch, induction, "_masked_losses", 25)  # dies in step 26; last save at step 20
+    with pytest.raises(KeyboardInterrupt):
+        induction.train_induction(cfg, tmp_path, progress=False)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 20
+    assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    resumed = induction.train_induction(cfg, tmp_path, progress=False)
+    assert resumed.history == straight.history
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    again = induction.train_induction(cfg, tmp_path, progress=False)  # finished: loads, trains nothing
+    assert torch.equal(again.model.blocks[1].attn.w_q, straight.model.blocks[1].attn.w_q)
+    with pytest.raises(LoadError, match=r"lr=0\.003"):
+        induction.train_induction(dataclasses.replace(cfg, lr=1e-2), tmp_path, progress=False)
+    with pytest.raises(LoadError, match="steps >= 30"):
+        induction.train_induction(dataclasses.replace(cfg, steps=20), tmp_path, progress=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from mechscope.errors import ConfigError, InputError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.toys import superposition as sp
 
 
@@ -103,3 +105,35 @@ def test_phase_diagram_corners():
     assert diagram.phases[0][2] == "dedicated dimension"  # dense, more important than feature 1
     assert diagram.phases[1][1] == "superposition"  # sparse, equally important
     assert diagram.W.shape == (2, 3, 1, 2) and diagram.b.shape == (2, 3, 2)
+
+
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
+    def toy():
+        return sp.ToyModel(5, 2, n_instances=3, feature_probability=torch.tensor([[1.0], [0.3], [0.05]]),
+                           importance=0.9 ** torch.arange(5.0), seed=0)
+
+    training = sp.SuperpositionTraining(steps=60, batch_size=64, lr=1e-2, save_every=20)
+    straight = toy()
+    straight_history = sp.train_toy_model(straight, training, progress=False)
+    original, calls = sp.ToyModel.loss_per_instance, {"n": 0}
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 50:  # dies in step 51; the last save was after step 40
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(sp.ToyModel, "loss_per_instance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sp.train_toy_model(toy(), training, progress=False, out_dir=tmp_path)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 40
+    monkeypatch.undo()
+    resumed = toy()
+    assert sp.train_toy_model(resumed, training, progress=False, out_dir=tmp_path) == straight_history
+    assert torch.equal(resumed.W, straight.W) and torch.equal(resumed.b_final, straight.b_final)
+    assert not list(tmp_path.glob("*.tmp"))
+    other = sp.ToyModel(5, 2, n_instances=3, feature_probability=0.5, seed=0)
+    with pytest.raises(LoadError, match="feature_probability="):
+        sp.train_toy_model(other, training, progress=False, out_dir=tmp_path)
+    with pytest.raises(LoadError, match="steps >= 60"):
+        sp.train_toy_model(toy(), dataclasses.replace(training, steps=30), progress=False, out_dir=tmp_path)

@@ -87,17 +87,27 @@ def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool =
 def superposition_report(
     n_features: int, n_hidden: int, n_instances: int, training: superposition.SuperpositionTraining, path,
     phase_training: superposition.SuperpositionTraining | None = None, progress: bool = True,
+    state_dir: str | Path | None = None,
 ) -> dict:
-    """Train the intro sweep (importance ``0.9^i``, density ``20^-t``), the phase diagram; write the report."""
+    """Train the intro sweep (importance ``0.9^i``, density ``20^-t``), the phase diagram; write the report.
+
+    With ``state_dir`` both trainings are resumable (``state_dir/intro`` and ``state_dir/phase``).
+
+    Example:
+        >>> numbers = superposition_report(5, 2, 8, superposition.SuperpositionTraining(), "sp.html")  # doctest: +SKIP
+    """
     density = (20.0 ** -torch.linspace(0, 1, n_instances))[:, None]
     importance = 0.9 ** torch.arange(n_features, dtype=torch.float32)
     toy = superposition.ToyModel(n_features, n_hidden, n_instances, density, importance, seed=training.seed)
-    losses = superposition.train_toy_model(toy, training, progress=progress)
+    state_dir = Path(state_dir) if state_dir is not None else None
+    losses = superposition.train_toy_model(toy, training, progress=progress,
+                                           out_dir=state_dir / "intro" if state_dir is not None else None)
     W = toy.W.detach()
     gram = torch.einsum("ihf,ihg->ifg", W, W)
     norms, interference = superposition.feature_norms(W), superposition.feature_superposition(W)
     dims = superposition.feature_dimensionality(W)
-    diagram = superposition.phase_diagram(training=phase_training or training, progress=progress)
+    diagram = superposition.phase_diagram(training=phase_training or training, progress=progress,
+                                          out_dir=state_dir / "phase" if state_dir is not None else None)
     labels = [f"1-S={d:.3g}" for d in density[:, 0].tolist()]
     numbers = {
         "n_features": n_features, "n_hidden": n_hidden, "training": dataclasses.asdict(training),
@@ -200,8 +210,10 @@ def _superposition(args: argparse.Namespace) -> int:
                                                    seed=args.seed)
     phase = dataclasses.replace(training, steps=args.phase_steps)
     out = Path(args.out)
+    start = time.perf_counter()
     numbers = superposition_report(args.n_features, args.n_hidden, args.n_instances, training,
-                                   out / "superposition.html", phase, progress=not args.quiet)
+                                   out / "superposition.html", phase, progress=not args.quiet, state_dir=out / "run")
+    print(f"trained and analysed in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     print("phase diagram (rows: density 1-S; columns: importance " +
           ", ".join(f"{v:.2g}" for v in numbers["phase_diagram"]["importances"]) + ")")
     for d, row in zip(numbers["phase_diagram"]["densities"], numbers["phase_diagram"]["phases"]):
@@ -217,8 +229,8 @@ def _induction(args: argparse.Namespace) -> int:
                                     seed=args.seed)
     out = Path(args.out)
     start = time.perf_counter()
-    run = induction.train_induction(cfg, progress=not args.quiet)
-    print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s")
+    run = induction.train_induction(cfg, out / "run", progress=not args.quiet)
+    print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     n = induction_report(run, out / "induction.html")
     print(f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
           f"head {n['previous_token_head']}, induction head {n['induction_head']}; highest K-composition pair "

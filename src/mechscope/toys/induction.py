@@ -10,6 +10,7 @@ with simple attention scores and the weight-based composition scores of Elhage e
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.errors import ConfigError, InputError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
+from mechscope.toys import checkpoint
 
 
 @dataclass
@@ -43,6 +45,8 @@ class InductionConfig:
     """Residual stream width."""
     n_heads: int = 4
     """Heads per layer."""
+    d_head: int | None = None
+    """Width of each head; ``None`` means ``d_model // n_heads``."""
     n_layers: int = 2
     """Number of attention-only layers."""
     lr: float = 3e-3
@@ -55,6 +59,8 @@ class InductionConfig:
     """Training steps."""
     seed: int = 0
     """Seed of the initialisation and of the data."""
+    save_every: int = 500
+    """With an output directory, write the resumable training state every this many steps."""
 
     def __post_init__(self) -> None:
         if self.max_span is None:
@@ -64,7 +70,7 @@ class InductionConfig:
                 f"need 1 <= min_span ({self.min_span}) <= max_span ({self.max_span}) <= seq_len // 2 "
                 f"({self.seq_len // 2}) so the span fits twice"
             )
-        for name in ("d_vocab", "steps", "batch_size"):
+        for name in ("d_vocab", "steps", "batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         self.model_config()
@@ -75,6 +81,7 @@ class InductionConfig:
             d_model=self.d_model,
             n_layers=self.n_layers,
             n_heads=self.n_heads,
+            d_head=self.d_head,
             d_mlp=4 * self.d_model,
             d_vocab=self.d_vocab,
             n_ctx=self.seq_len,
@@ -135,8 +142,19 @@ def _masked_losses(model: HookedTransformer, tokens: Tensor, mask: Tensor) -> tu
     return per_token.mean(), (per_token * target_mask).sum() / target_mask.sum().clamp_min(1)
 
 
-def train_induction(cfg: InductionConfig | None = None, progress: bool = True) -> InductionRun:
+_RESUMABLE = ("steps", "save_every")
+"""Config fields that may change when a run resumes."""
+
+
+def train_induction(
+    cfg: InductionConfig | None = None, out_dir: str | os.PathLike | None = None, *, progress: bool = True
+) -> InductionRun:
     """Train the attention-only model on repeated-span sequences (next-token loss on every position).
+
+    With ``out_dir`` the run is resumable: the training state (weights, optimiser, the data
+    generator's state, the curve) goes to ``out_dir/state.pt`` every ``save_every`` steps and
+    at the end, atomically, and calling again with the same directory and settings (``steps``
+    may grow) continues from it, ending with the same weights as an uninterrupted run.
 
     Example:
         >>> run = train_induction(InductionConfig(d_vocab=16, seq_len=12, d_model=16, steps=10), progress=False)
@@ -147,10 +165,24 @@ def train_induction(cfg: InductionConfig | None = None, progress: bool = True) -
     model = HookedTransformer(cfg.model_config()).init_weights(seed=cfg.seed, std=cfg.d_model**-0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start = 0
+    state = checkpoint.load_state(out_dir, dataclasses.asdict(cfg), _RESUMABLE) if out_dir is not None else None
+    if state is not None:
+        if state["step"] > cfg.steps:
+            raise LoadError(
+                f"{out_dir} holds a run trained for {state['step']} steps, more than steps={cfg.steps}; "
+                f"pass steps >= {state['step']} or another directory"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, start = state["history"], state["step"]
     log_every = max(1, cfg.steps // 100)
-    history = []
     model.train()
-    for step in tqdm(range(cfg.steps), desc="induction", disable=not progress, leave=False):
+    bar = tqdm(range(start, cfg.steps), desc="induction", disable=not progress, leave=False, initial=start,
+               total=cfg.steps)
+    for step in bar:
         tokens, mask = repeated_span_batch(cfg, cfg.batch_size, generator)
         loss, induction_loss = _masked_losses(model, tokens, mask)
         loss.backward()
@@ -158,6 +190,10 @@ def train_induction(cfg: InductionConfig | None = None, progress: bool = True) -
         optimizer.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item(), "induction_loss": induction_loss.item()})
+        done = step + 1
+        if out_dir is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            checkpoint.save_state(out_dir, dataclasses.asdict(cfg), done, model=model.state_dict(),
+                                  optimizer=optimizer.state_dict(), generator=generator.get_state(), history=history)
     model.eval()
     return InductionRun(cfg, model, history)
 

@@ -9,6 +9,8 @@ one batched model, so a whole sweep (e.g. the phase diagram) is one training run
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechscope.errors import ConfigError, InputError
+from mechscope.errors import ConfigError, InputError, LoadError
+from mechscope.toys import checkpoint
 
 
 class ToyModel(nn.Module):
@@ -92,19 +95,41 @@ class SuperpositionTraining:
     """Adam learning rate."""
     seed: int = 0
     """Seed of the data stream."""
+    save_every: int = 1000
+    """With an output directory, write the resumable training state every this many steps."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+_RESUMABLE = ("steps", "save_every")
+"""Training settings that may change when a run resumes."""
+
+
+def _run_settings(model: ToyModel, training: SuperpositionTraining) -> dict:
+    """What a saved run must share with the one resuming it: the models' shapes, their data and the training."""
+    return {
+        **dataclasses.asdict(training), "n_features": model.n_features, "n_hidden": model.n_hidden,
+        "n_instances": model.n_instances, "feature_probability": model.feature_probability.tolist(),
+        "importance": model.importance.tolist(),
+    }
+
+
 def train_toy_model(
-    model: ToyModel, training: SuperpositionTraining | None = None, progress: bool = True
+    model: ToyModel,
+    training: SuperpositionTraining | None = None,
+    progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
 ) -> list[list[float]]:
     """Train every instance at once (the total loss is the sum of the instances' independent losses).
 
     Returns the per-instance loss every 1% of the steps (the last entry is the final loss).
+    With ``out_dir`` the run is resumable: the state (weights, optimiser, the data generator's
+    state, the curve) goes to ``out_dir/state.pt`` every ``save_every`` steps and at the end,
+    atomically, and training the same model again with the same directory and settings
+    (``steps`` may grow) continues from it, ending with the same weights as an uninterrupted run.
 
     Example:
         >>> toy = ToyModel(5, 2, n_instances=2, feature_probability=0.1, seed=0)
@@ -115,9 +140,24 @@ def train_toy_model(
     training = training or SuperpositionTraining()
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
     generator = torch.Generator(device=model.W.device).manual_seed(training.seed)
+    settings = _run_settings(model, training)
+    history: list[list[float]] = []
+    start = 0
+    state = checkpoint.load_state(out_dir, settings, _RESUMABLE) if out_dir is not None else None
+    if state is not None:
+        if state["step"] > training.steps:
+            raise LoadError(
+                f"{out_dir} holds a run trained for {state['step']} steps, more than steps={training.steps}; "
+                f"pass steps >= {state['step']} or another directory"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, start = state["history"], state["step"]
     log_every = max(1, training.steps // 100)
-    history = []
-    for step in tqdm(range(training.steps), desc="superposition", disable=not progress, leave=False):
+    bar = tqdm(range(start, training.steps), desc="superposition", disable=not progress, leave=False, initial=start,
+               total=training.steps)
+    for step in bar:
         features = model.generate_batch(training.batch_size, generator)
         loss = model.loss_per_instance(features, model(features))
         loss.sum().backward()
@@ -125,6 +165,10 @@ def train_toy_model(
         optimizer.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == training.steps - 1:
             history.append(loss.detach().tolist())
+        done = step + 1
+        if out_dir is not None and (done % training.save_every == 0 or done == training.steps):
+            checkpoint.save_state(out_dir, settings, done, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                  generator=generator.get_state(), history=history)
     return history
 
 
@@ -219,13 +263,14 @@ def phase_diagram(
     n_restarts: int = 3,
     seed: int = 0,
     progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
 ) -> PhaseDiagram:
     """The 2-feature, 1-dimension phase diagram over density ``1 - S`` and relative importance.
 
     Every cell is an instance of one batched model; each cell trains ``n_restarts`` times from
     different initialisations and keeps the lowest-loss solution (plain gradient descent can
     stall in a local minimum). Defaults: 8 densities from 1 to 0.01 and 8 importances from
-    0.1 to 10, log-spaced.
+    0.1 to 10, log-spaced. ``out_dir`` makes the training resumable (see `train_toy_model`).
 
     Example:
         >>> diagram = phase_diagram([1.0], [0.1, 10.0], SuperpositionTraining(steps=150, batch_size=256, lr=3e-2),
@@ -240,7 +285,7 @@ def phase_diagram(
     density = torch.tensor(densities).repeat_interleave(ni).repeat(n_restarts)  # [restart * nd * ni]
     importance = torch.stack([torch.ones(nd * ni), torch.tensor(importances).repeat(nd)], -1).repeat(n_restarts, 1)
     model = ToyModel(2, 1, n_restarts * nd * ni, density[:, None], importance, seed=seed)
-    train_toy_model(model, training, progress=progress)
+    train_toy_model(model, training, progress=progress, out_dir=out_dir)
     with torch.no_grad():
         features = model.generate_batch(8192, torch.Generator().manual_seed(training.seed + 1))
         loss = model.loss_per_instance(features, model(features)).view(n_restarts, nd * ni)

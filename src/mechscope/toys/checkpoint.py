@@ -1,0 +1,83 @@
+"""Resumable training state for the toys: atomic writes, and a settings check when resuming.
+
+A training loop saves everything its next step depends on (weights, optimiser, the data
+generator's state, the curves so far) with `save_state` every few steps, and calls
+`load_state` when it starts: a run interrupted at any point continues from the last save and
+ends with the same weights as an uninterrupted run. (`mechscope.toys.modular` keeps its own
+copy of this logic for now.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mechscope.errors import LoadError
+
+STATE_FILE = "state.pt"
+"""Name of the training-state file inside a run directory."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, then ``os.replace`` it: the file is never half written.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "x.pt"
+        >>> atomic_save({"step": 3}, path)
+        >>> torch.load(path, weights_only=True), sorted(p.name for p in path.parent.iterdir())
+        ({'step': 3}, ['x.pt'])
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_state(out_dir: str | os.PathLike, config: dict, step: int, **state) -> None:
+    """Write ``out_dir/state.pt`` atomically: the run's ``config``, the ``step`` reached and ``state``.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> save_state(out, {"lr": 0.1, "steps": 10}, 4, history=[1.0])
+        >>> load_state(out, {"lr": 0.1, "steps": 20}, resumable=("steps",))["step"]
+        4
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"config": config, "step": step, **state}, out / STATE_FILE)
+
+
+def load_state(out_dir: str | os.PathLike, config: dict, resumable: tuple[str, ...] = ()) -> dict | None:
+    """The state saved in ``out_dir`` (``None`` if there is none), after checking its settings.
+
+    Every entry of ``config`` except those named in ``resumable`` must equal the saved run's;
+    otherwise a `LoadError` names the differing fields with their saved values. Tensors load
+    on the CPU, with ``weights_only=True``.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> load_state(out, {"lr": 0.1}) is None
+        True
+        >>> save_state(out, {"lr": 0.1}, 4)
+        >>> load_state(out, {"lr": 0.2})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechscope.errors.LoadError: ... holds a run with other settings (lr=0.1); use another directory or the same settings
+    """
+    path = Path(out_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["config"]
+    changed = sorted(k for k in config if k not in resumable and saved.get(k) != config[k])
+    if changed:
+        raise LoadError(
+            f"{Path(out_dir)} holds a run with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
+            "use another directory or the same settings"
+        )
+    return state
