@@ -10,7 +10,7 @@ from mechscope.cache import act_name
 from mechscope.patching.activation import get_site
 
 
-def naive_patch_grid(model, base_tokens, source_acts, metric, site, by, layers=None):
+def naive_patch_grid(model, base_tokens, source_acts, metric, site, by, layers=None, attention_mask=None):
     """For every (layer, *index): a full forward of ``base_tokens`` with a hook copying the
     source entries at that index; returns the mean metric over prompts, in grid order."""
     site, by = get_site(site, by)
@@ -32,15 +32,17 @@ def naive_patch_grid(model, base_tokens, source_acts, metric, site, by, layers=N
                 return act
 
             with torch.no_grad():
-                logits = model.run_with_hooks(base_tokens, fwd_hooks=[(act_name(site.name, layer), hook)])
+                logits = model.run_with_hooks(
+                    base_tokens, attention_mask=attention_mask, fwd_hooks=[(act_name(site.name, layer), hook)]
+                )
             out[(li, *index)] = metric(logits).mean()
     return out
 
 
-def cache_site(model, tokens, site, layers=None):
+def cache_site(model, tokens, site, layers=None, attention_mask=None):
     site, _ = get_site(site)
     layers = list(range(model.cfg.n_layers)) if layers is None else layers
     names = [site.hook(layer) for layer in layers]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        _, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
     return {layer: cache[site.hook(layer)] for layer in layers}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mechscope.cache import act_name
 from mechscope.errors import InputError
 from mechscope.hooks import unknown_name_error
+from mechscope.model.context import AttentionContext, KVCache
 from mechscope.patching.metrics import Metric
 
 Direction = Literal["denoising", "noising"]
@@ -100,6 +101,72 @@ def patch_grid(sizes: tuple[int, ...], layers: list[int]) -> Tensor:
     return torch.tensor(list(itertools.product(*ranges)), dtype=torch.long).reshape(-1, 1 + len(sizes))
 
 
+@dataclass
+class BaseRun:
+    """What the suffix path of `run_patches` reuses from the unpatched run being patched.
+
+    ``logits`` ``[n_prompts, pos, d_vocab]`` and ``kv`` (a `KVCache` of every layer's keys
+    and values, as attention sees them). A patch at position ``p`` leaves every position
+    before ``p`` as in this run (attention is causal), so those positions are not recomputed:
+    the patched forward runs positions ``p:`` only, attends to this run's keys and values for
+    the earlier ones, and the metric sees this run's logits there.
+
+    Example:
+        >>> base = base_run(model, tokens)
+        >>> base.logits.shape, base.kv.keys[0].shape
+        (torch.Size([1, 4, 50]), torch.Size([1, 4, 4, 8]))
+    """
+
+    logits: Tensor
+    kv: KVCache
+
+
+def base_run(model, tokens: Tensor, attention_mask: Tensor | None = None, names: list[str] | None = None):
+    """Run ``tokens`` once, keeping a `BaseRun`; with ``names``, also return an activation cache of them.
+
+    Example:
+        >>> base, cache = base_run(model, tokens, names=["blocks.0.hook_resid_pre"])
+        >>> torch.equal(base.logits, model(tokens)), cache["resid_pre", 0].shape
+        (True, torch.Size([1, 4, 32]))
+    """
+    kv = KVCache(model.cfg.n_layers)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(
+            tokens, names_filter=names or [], attention_mask=attention_mask, past_kv_cache=kv
+        )
+    run = BaseRun(logits, kv)
+    return run if names is None else (run, cache)
+
+
+class _PrefixKV(KVCache):
+    """A read-only key/value cache holding the base run's positions ``< start``, repeated per patch."""
+
+    def __init__(self, kv: KVCache, start: int, copies: int) -> None:
+        super().__init__(len(kv.keys))
+        self.source, self.start, self.copies = kv, start, copies
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        past_k = self.source.keys[layer][:, :, : self.start].to(k.device)
+        past_v = self.source.values[layer][:, :, : self.start].to(v.device)
+        k = torch.cat((past_k.repeat(self.copies, 1, 1, 1), k), dim=2)  # [rows, kv_head, pos, d_head]
+        v = torch.cat((past_v.repeat(self.copies, 1, 1, 1), v), dim=2)
+        return k, v
+
+
+def _suffix_forward(model, resid: Tensor, first: int, start: int, attention_mask: Tensor | None, prefix: _PrefixKV):
+    """Blocks ``first:`` on positions ``start:`` of ``resid`` ``[rows, pos - start, d_model]``;
+    returns the residual stream after the last block."""
+    rows, seq = resid.shape[0], resid.shape[1] + start
+    full = AttentionContext.build(attention_mask, rows, seq, resid.device)
+    ctx = AttentionContext(full.positions[:, start:], full.key_padding, prefix, full.positions)
+    for block in model.blocks[first:]:
+        device = block.attn.w_o.device
+        if resid.device != device:  # blocks placed over several devices (see `device_map`)
+            resid, ctx = resid.to(device), ctx.to(device)
+        resid = block(resid, ctx)
+    return resid
+
+
 def rows_per_forward(model, seq: int, memory_budget: int, logit_seq: int | None = None) -> int:
     """How many sequences of length ``seq`` one patched forward may hold within ``memory_budget`` bytes.
 
@@ -133,6 +200,7 @@ def run_patches(
     memory_budget: int = 2**30,
     logit_positions: int | list[int] | None = None,
     progress: bool = False,
+    base: BaseRun | None = None,
 ) -> Tensor:
     """The engine: metric values ``[n_patches, n_prompts]`` for each patch of ``patches``.
 
@@ -143,50 +211,54 @@ def run_patches(
     `rows_per_forward` fits them to ``memory_budget`` bytes. ``logit_positions`` (e.g. ``-1``)
     unembeds only those positions: the metric then sees ``[batch, len(positions), d_vocab]``.
 
+    With ``base`` (the `BaseRun` of the run being patched) and a site patched by position, a
+    forward whose patches all sit at positions ``>= p`` runs positions ``p:`` only (see
+    `BaseRun`); the metric still sees logits at every position (or at ``logit_positions``),
+    taken from ``base`` before ``p``. Patches are grouped so that each forward has one start
+    layer and one start position.
+
     Example:
-        >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_pre"))
+        >>> base, cache = base_run(model, tokens, names=[f"blocks.{l}.hook_resid_pre" for l in range(3)])
         >>> zeros = {l: torch.zeros(1, 4, 32) for l in range(3)}
         >>> site, by = get_site("resid_pre")
         >>> out = run_patches(model, {l: cache["resid_pre", l] for l in range(3)}, zeros, site, by,
-        ...                   patch_grid((4,), [0, 1, 2]), lambda logits: logits[:, -1, 0])
+        ...                   patch_grid((4,), [0, 1, 2]), lambda logits: logits[:, -1, 0], base=base)
         >>> out.shape
         torch.Size([12, 1])
     """
     n_prompts, seq = next(iter(base_resid.values())).shape[:2]
-    axis_sizes = dict(zip(site.axes, next(iter(sources.values())).shape[1:]))
-    mask_shape = [axis_sizes[a] if a in by else 1 for a in site.axes]
     if patches.dim() != 2 or patches.shape[1] != 1 + len(by):
         raise InputError(f"patches must be [n_patches, {1 + len(by)}] (layer, then {by}), got {tuple(patches.shape)}")
     keep = None if logit_positions is None else [logit_positions] if isinstance(logit_positions, int) else list(logit_positions)
+    if keep is not None and any(not -seq <= k < seq for k in keep):
+        raise InputError(f"logit_positions {keep} out of range for {seq} positions")
     rows = batch_size or rows_per_forward(model, seq, memory_budget, None if keep is None else len(keep))
     per_chunk = max(1, rows // n_prompts)
-    order = torch.argsort(patches[:, 0], stable=True)
+    suffix = base is not None and "pos" in by and site.axes[0] == "pos"
+    starts = patches[:, 1 + by.index("pos")] if suffix else torch.zeros(len(patches), dtype=torch.long)
+    order, chunks = _schedule(patches[:, 0], starts, per_chunk, n_prompts, seq, model.cfg.n_layers)
     device = model.device
     results = torch.empty(len(patches), n_prompts, device=device)
     mask_rows = None if attention_mask is None else attention_mask.to(device)
-    for idx in tqdm(_chunks(patches[order, 0], per_chunk, n_prompts * seq), desc=f"patching {site.name}", disable=not progress):
+    n_layers = model.cfg.n_layers
+    for idx in tqdm(chunks, desc=f"patching {site.name}", disable=not progress):
         idx = order[idx]
         chunk = patches[idx]
-        first = int(chunk[:, 0].min())
-        hooks = []
-        for layer in chunk[:, 0].unique().tolist():
-            local = (chunk[:, 0] == layer).nonzero()[:, 0]
-            mask = torch.zeros(len(local), *mask_shape, dtype=torch.bool, device=device)
-            index = [torch.arange(len(local), device=device)]
-            cols = iter(range(1, chunk.shape[1]))
-            for axis in site.axes:
-                index.append(chunk[local, next(cols)].to(device) if axis in by else torch.zeros_like(index[0]))
-            mask[tuple(index)] = True
-            row_index = (local.to(device)[:, None] * n_prompts + torch.arange(n_prompts, device=device)).flatten()
-            hooks.append((site.hook(layer), _patch_hook(row_index, mask.repeat_interleave(n_prompts, 0), sources[layer])))
-        resid = base_resid[first].repeat(len(chunk), 1, 1)
+        first, start = int(chunk[:, 0].min()), int(starts[idx].min())
+        hooks = _chunk_hooks(site, by, chunk, sources, n_prompts, start, device)
         chunk_mask = None if mask_rows is None else mask_rows.repeat(len(chunk), 1)
-        if keep is None:
+        if start > 0:
+            resid = base_resid[first][:, start:].repeat(len(chunk), 1, 1)
+            with model.hooks(fwd_hooks=hooks):
+                resid = _suffix_forward(model, resid, first, start, chunk_mask, _PrefixKV(base.kv, start, len(chunk)))
+            logits = _suffix_logits(model, resid, base.logits, start, keep, len(chunk))
+        elif keep is None:
+            resid = base_resid[first].repeat(len(chunk), 1, 1)
             logits = model.run_with_hooks(resid, start_at_layer=first, attention_mask=chunk_mask, fwd_hooks=hooks)
         else:
-            n_layers = model.cfg.n_layers
             resid = model.run_with_hooks(
-                resid, start_at_layer=first, stop_at_layer=n_layers, attention_mask=chunk_mask, fwd_hooks=hooks
+                base_resid[first].repeat(len(chunk), 1, 1), start_at_layer=first, stop_at_layer=n_layers,
+                attention_mask=chunk_mask, fwd_hooks=hooks,
             )
             logits = model(resid[:, keep], start_at_layer=n_layers)  # the final norm and unembedding only
         values = metric(logits)
@@ -196,24 +268,86 @@ def run_patches(
     return results
 
 
-def _chunks(layers: Tensor, per_chunk: int, tokens_per_patch: int, min_tokens: int = 512) -> list[Tensor]:
-    """Split patches (sorted by layer) into forwards of at most ``per_chunk`` patches.
+def _chunk_hooks(site: Site, by, chunk: Tensor, sources: dict[int, Tensor], n_prompts: int, start: int, device) -> list:
+    """One patch hook per layer of ``chunk``; positions count from ``start`` (the forward's first)."""
+    source_shape = next(iter(sources.values())).shape[1:]
+    mask_shape = [size if axis in by else 1 for axis, size in zip(site.axes, source_shape)]
+    if start:
+        mask_shape[0] -= start  # the position axis: only positions start: run
+    hooks = []
+    for layer in chunk[:, 0].unique().tolist():
+        local = (chunk[:, 0] == layer).nonzero()[:, 0]
+        mask = torch.zeros(len(local), *mask_shape, dtype=torch.bool, device=device)
+        index = [torch.arange(len(local), device=device)]
+        cols = iter(range(1, chunk.shape[1]))
+        for axis in site.axes:
+            if axis in by:
+                index.append(chunk[local, next(cols)].to(device) - (start if axis == "pos" else 0))
+            else:
+                index.append(torch.zeros_like(index[0]))
+        mask[tuple(index)] = True
+        row_index = (local.to(device)[:, None] * n_prompts + torch.arange(n_prompts, device=device)).flatten()
+        source = sources[layer][:, start:] if start else sources[layer]
+        hooks.append((site.hook(layer), _patch_hook(row_index, mask.repeat_interleave(n_prompts, 0), source)))
+    return hooks
 
-    A forward starts at its first patch's layer, so rows patched later run the layers in
-    between for nothing: a chunk closes at a layer boundary once it holds ``min_tokens``
-    tokens, large enough for efficient matrix products.
+
+def _suffix_logits(model, resid: Tensor, base_logits: Tensor, start: int, keep: list[int] | None, copies: int) -> Tensor:
+    """Logits at every position (or at ``keep``): the base run's before ``start``, ``resid``'s after."""
+    n_layers, seq = model.cfg.n_layers, base_logits.shape[1]
+    if keep is None:
+        late = model(resid, start_at_layer=n_layers)  # the final norm and unembedding only
+        return torch.cat((base_logits[:, :start].repeat(copies, 1, 1).to(late.device), late), dim=1)
+    keep = [k % seq for k in keep]
+    logits = base_logits[:, keep].repeat(copies, 1, 1)
+    late = [i for i, k in enumerate(keep) if k >= start]
+    if late:
+        logits[:, late] = model(resid[:, [keep[i] - start for i in late]], start_at_layer=n_layers).to(logits.device)
+    return logits
+
+
+def _schedule(layers: Tensor, starts: Tensor, per_chunk: int, n_prompts: int, seq: int, n_layers: int):
+    """Order patches (layer-major or position-major, whichever costs fewer token-layers) and
+    split them into forwards; returns ``(order, chunks of positions in order)``.
+
+    Example:
+        >>> order, chunks = _schedule(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 3, 0, 3]), 2, 1, 4, 2)
+        >>> order.tolist(), [c.tolist() for c in chunks]
+        ([0, 2, 1, 3], [[0, 1], [2, 3]])
+    """
+    best = None
+    for key in (layers * seq + starts, starts * n_layers + layers):
+        order = torch.argsort(key, stable=True)
+        chunks = _chunks(key[order], per_chunk, n_prompts * (seq - starts[order]))
+        cost = sum(
+            len(c) * (n_layers - int(layers[order[c]].min())) * (seq - int(starts[order[c]].min())) for c in chunks
+        )
+        if best is None or cost < best[0]:
+            best = (cost, order, chunks)
+    return best[1], best[2]
+
+
+def _chunks(keys: Tensor, per_chunk: int, tokens_per_patch: int | Tensor, min_tokens: int = 512) -> list[Tensor]:
+    """Split patches (sorted by ``keys``: their start layer, or start layer and position) into
+    forwards of at most ``per_chunk`` patches.
+
+    A forward starts at its first patch's layer (and position), so rows patched later run the
+    layers in between for nothing: a chunk closes where the key changes once it holds
+    ``min_tokens`` tokens, large enough for efficient matrix products.
 
     Example:
         >>> [c.tolist() for c in _chunks(torch.tensor([0, 0, 1, 1, 2]), per_chunk=3, tokens_per_patch=300)]
         [[0, 1], [2, 3], [4]]
     """
-    chunks, start = [], 0
-    for i in range(1, len(layers) + 1):
+    tokens = torch.as_tensor(tokens_per_patch).expand(len(keys)).tolist()
+    chunks, start, count = [], 0, 0
+    for i in range(1, len(keys) + 1):
+        count += tokens[i - 1]
         full = i - start == per_chunk
-        boundary = i < len(layers) and layers[i] != layers[i - 1] and (i - start) * tokens_per_patch >= min_tokens
-        if i == len(layers) or full or boundary:
+        boundary = i < len(keys) and keys[i] != keys[i - 1] and count >= min_tokens
+        if i == len(keys) or full or boundary:
             chunks.append(torch.arange(start, i))
-            start = i
+            start, count = i, 0
     return chunks
 
 
@@ -242,9 +376,8 @@ def _layers(model, layers: list[int] | range | None) -> list[int]:
 def _base_runs(model, tokens: Tensor, site: Site, layers: list[int], attention_mask: Tensor | None):
     names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     names += [site.hook(layer) for layer in layers]
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=list(dict.fromkeys(names)), attention_mask=attention_mask)
-    return logits, {layer: cache["resid_pre", layer] for layer in range(model.cfg.n_layers)}, cache
+    base, cache = base_run(model, tokens, attention_mask, list(dict.fromkeys(names)))
+    return base, {layer: cache["resid_pre", layer] for layer in range(model.cfg.n_layers)}, cache
 
 
 def _sweep(model, base_tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt, **kw) -> Tensor:
@@ -252,7 +385,7 @@ def _sweep(model, base_tokens, sources_fn, metric, site, by, layers, patches, at
     layers = _layers(model, layers)
     _check_site_exists(model, site, layers)
     base_tokens = model._tokens_and_mask(base_tokens, None, None, "right")[0]
-    _, base_resid, base_cache = _base_runs(model, base_tokens, site, layers, attention_mask)
+    base, base_resid, base_cache = _base_runs(model, base_tokens, site, layers, attention_mask)
     sources = sources_fn(site, layers, base_cache)
     sizes = tuple(sources[layers[0]].shape[1 + site.axes.index(axis)] for axis in by)
     grid = patches is None
@@ -265,7 +398,7 @@ def _sweep(model, base_tokens, sources_fn, metric, site, by, layers, patches, at
             limits = torch.tensor(sizes, dtype=torch.long)
             if bool(bad_layer.any()) or bool(((patches[:, 1:] < 0) | (patches[:, 1:] >= limits)).any()):
                 raise InputError(f"patch indices out of range: layers {layers}, {dict(zip(by, sizes))}")
-    out = run_patches(model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask, **kw)
+    out = run_patches(model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask, base=base, **kw)
     out = out if per_prompt else out.mean(-1)
     return out.reshape(len(layers), *sizes, *out.shape[1:]) if grid else out
 
