@@ -9,7 +9,12 @@ from torch.testing import assert_close
 import mechscope as ms
 from mechscope.cache import act_name
 from mechscope.patching import activation_patch, atp_star, attribution_patch
-from mechscope.patching.atp_star import _binomial_upper, head_names, qk_fix_components
+from mechscope.patching.atp_star import (
+    _binomial_upper,
+    graddrop_pass,
+    head_names,
+    qk_fix_components,
+)
 from mechscope.patching.attribution import gradient_pass
 from tests.conftest import tiny_model
 from tests.patching.oracle import cache_site
@@ -181,3 +186,30 @@ def test_binomial_upper_bound():
     assert _binomial_upper(10, 10, 0.05) == 1.0
     assert 0.3 < _binomial_upper(2, 10, 0.05) < 0.6
 
+
+
+THREE_LAYERS = {
+    "gqa": {"seed": 1, "d_mlp": 8, "n_key_value_heads": 2, "normalization_type": "rmsnorm",
+                "positional_embedding_type": "rotary", "gated_mlp": True, "act_fn": "silu"},
+    "gpt2": {"d_mlp": 8, "attn_qkv_bias": True, "attn_out_bias": True, "mlp_bias": True},
+}
+
+
+@pytest.mark.parametrize("kind", list(THREE_LAYERS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_graddrop_pass_equals_batched_copies(kind, padded):
+    """One forward and partial backwards give the gradients of one backward per dropped layer."""
+    model = tiny_model(**THREE_LAYERS[kind])
+    _, corrupted, metric = _pair(model, n=2)
+    mask = None
+    if padded:
+        mask = torch.ones_like(corrupted)
+        mask[1, :1] = 0
+    names = [n for layer in range(3) for n in head_names(model, layer)] + [act_name("post", layer) for layer in range(3)]
+    acts, grads = graddrop_pass(model, corrupted, names, metric, mask)
+    ref_acts, ref_grads = gradient_pass(model, corrupted, names, metric, [None, 0, 1, 2], mask)
+    for name in names:
+        assert_close(acts[name], ref_acts[name], atol=1e-6, rtol=0)
+        assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ms.InputError, match="attention and MLP nodes"):
+        graddrop_pass(model, corrupted, ["blocks.0.hook_resid_pre"], metric)

@@ -11,8 +11,10 @@ ungrouped or copied), ``"neurons"`` (``post`` by neuron).
   logit column at a time, in closed form) and summed over positions. A head output ``z`` taken
   from the source run already went through its own softmax exactly, so heads and values use AtP.
 * **GradDrop**: estimates are recomputed with the gradient through each layer's attention and
-  MLP outputs dropped in turn (all layers as copies in one batched backward); a node's score
-  is ``sum_l |estimate_without_l| / (n_layers - 1)``, which cancelling paths cannot hide.
+  MLP outputs dropped in turn; a node's score is ``sum_l |estimate_without_l| / (n_layers - 1)``,
+  which cancelling paths cannot hide. Dropping layer ``l`` leaves the gradient of later layers
+  unchanged and only the skip path at layer ``l``, so one forward and one ordinary backward
+  serve every ``l``, plus a backward over the layers below ``l`` (see `graddrop_pass`).
 * **Verification**: the best-scored candidates are patched exactly with the batched engine,
   and a stratified random sample of the remaining nodes bounds the false negatives.
 """
@@ -20,6 +22,7 @@ ungrouped or copied), ``"neurons"`` (``post`` by neuron).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +106,72 @@ def qk_fix_components(model, layer: int, base: dict[str, Tensor], source: dict[s
     return query.to(grad_z.dtype), key.to(grad_z.dtype)
 
 
+def graddrop_pass(
+    model, tokens: Tensor, names: list[str], metric: Metric, attention_mask: Tensor | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Activations and gradients ``[1 + n_layers, n_prompts, ...]``: the plain gradient, then
+    GradDrop of each layer, for nodes inside attention and MLP sublayers (``blocks.{l}.attn.*``,
+    ``blocks.{l}.mlp.*``). Equals ``gradient_pass(..., drop_layers=[None, 0, 1, ...])``.
+
+    Dropping layer ``l``'s attention and MLP outputs from the backward zeroes the gradient of
+    layer ``l``'s nodes, leaves later layers' nodes as they are, and makes the gradient entering
+    layer ``l`` equal to the one leaving it (the skip path only). So one forward and the plain
+    backward give every layer's gradient, and each ``l`` adds one backward over layers ``< l``
+    only: about half the layer-backwards of running every drop through the whole model.
+
+    Example:
+        >>> names = ["blocks.0.attn.hook_z", "blocks.2.mlp.hook_post"]
+        >>> acts, grads = graddrop_pass(model, tokens, names, lambda x: x[:, -1, 0])
+        >>> grads["blocks.0.attn.hook_z"].shape
+        torch.Size([4, 1, 4, 4, 8])
+    """
+    n_layers = model.cfg.n_layers
+    layer_of = {}
+    for name in names:
+        match = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.hook_\w+", name)
+        if match is None:
+            raise InputError(f"graddrop_pass takes attention and MLP nodes (blocks.{{l}}.attn.*, blocks.{{l}}.mlp.*), got {name!r}")
+        layer_of[name] = int(match.group(1))
+    store: dict[str, Tensor] = {}
+
+    def save(x: Tensor, *, hook) -> None:
+        store[hook.name] = x
+
+    def leaf(x: Tensor, *, hook) -> Tensor | None:
+        return None if x.requires_grad else x.detach().requires_grad_(True)
+
+    resid = [act_name("resid_pre", layer) for layer in range(1, n_layers)]
+    post = [act_name("resid_post", layer) for layer in range(1, n_layers)]
+    with torch.enable_grad():
+        logits = model.run_with_hooks(
+            tokens, attention_mask=attention_mask,
+            fwd_hooks=[("hook_embed", leaf)] + [(name, save) for name in [*names, *resid, *post]],
+        )
+        wanted = [*names, *post]
+        plain = torch.autograd.grad(
+            metric(logits).sum(), [store[n] for n in wanted], retain_graph=True, allow_unused=True
+        )
+        plain = {n: torch.zeros_like(store[n]) if g is None else g for n, g in zip(wanted, plain)}
+        grads = {name: [plain[name]] + [None] * n_layers for name in names}
+        for drop in range(n_layers):
+            below = [n for n in names if layer_of[n] < drop]
+            if below:
+                # Gradient entering layer `drop` := gradient leaving it; backward through layers < drop.
+                partial = torch.autograd.grad(
+                    store[resid[drop - 1]], [store[n] for n in below], grad_outputs=plain[post[drop - 1]],
+                    retain_graph=True, allow_unused=True,
+                )
+                for name, g in zip(below, partial):
+                    grads[name][1 + drop] = torch.zeros_like(store[name]) if g is None else g
+            for name in names:
+                if layer_of[name] == drop:
+                    grads[name][1 + drop] = torch.zeros_like(store[name])
+                elif layer_of[name] > drop:
+                    grads[name][1 + drop] = plain[name]
+    acts = {name: store[name].detach() for name in names}
+    return acts, {name: torch.stack(g).detach() for name, g in grads.items()}
+
+
 def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, drops, attention_mask):
     """AtP* and plain AtP estimates ``[n_drops, n_prompts, layer, index]`` for one node type."""
     n_layers, groups = model.cfg.n_layers, model.cfg.n_kv_groups
@@ -110,7 +179,10 @@ def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, drops
         names = [act_name("post", layer) for layer in range(n_layers)]
     else:
         names = [name for layer in range(n_layers) for name in head_names(model, layer)]
-    acts, grads = gradient_pass(model, base_tokens, names, metric, drops, attention_mask)
+    if drops == [None, *range(n_layers)]:
+        acts, grads = graddrop_pass(model, base_tokens, names, metric, attention_mask)
+    else:
+        acts, grads = gradient_pass(model, base_tokens, names, metric, drops, attention_mask)
     src = _source_acts(model, source_tokens, names, attention_mask)
 
     def atp(name: str) -> Tensor:  # sum over positions and feature dims, keep the head/neuron axis
