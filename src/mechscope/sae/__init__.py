@@ -17,7 +17,7 @@ from mechscope.sae.config import ARCHITECTURES, SAEConfig
 from mechscope.sae.evaluate import SAEEvaluation, evaluate_sae
 from mechscope.sae.features import FeatureSite, acts_name, feature_ablate, feature_attribution_patch, feature_patch
 from mechscope.sae.formats import load_sae, save_sae
-from mechscope.sae.splice import run_with_cache_with_saes, run_with_saes, splice
+from mechscope.sae.splice import run_with_cache_with_saes, run_with_saes, splice, spliced_hooks
 from mechscope.sae.store import ActivationStore
 from mechscope.sae.trainer import SAETrainer, TensorSource, TrainConfig, geometric_median, train_sae
 
@@ -36,6 +36,7 @@ __all__ = [
     "run_with_saes",
     "save_sae",
     "splice",
+    "spliced_hooks",
     "SAE",
     "SAE_REGISTRY",
     "BatchTopKSAE",

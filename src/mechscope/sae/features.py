@@ -29,10 +29,10 @@ from torch import Tensor
 
 from mechscope.cache import act_name
 from mechscope.errors import ConfigError, InputError
-from mechscope.patching.activation import AblationKind, Direction, Site, rows_per_forward, run_patches
+from mechscope.patching.activation import AblationKind, Direction, Site, base_run, rows_per_forward, run_patches
 from mechscope.patching.metrics import Metric
 from mechscope.sae.base import SAE
-from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes
+from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes, spliced_hooks
 
 FeatureBy = Literal["feature"] | tuple[str, ...]
 Features = Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor] | None
@@ -57,16 +57,24 @@ class FeatureSite(Site):
 
 
 class _SplicedModel:
-    """The model as `run_patches` sees it: every forward runs with ``saes`` spliced in, error term kept."""
+    """The model as the patching engine sees it: every forward runs with ``saes`` spliced in,
+    error terms kept, and hooks may name the SAEs' hook points."""
 
     def __init__(self, model, saes: list[SAE]) -> None:
         self.model, self.saes = model, saes
 
-    def run_with_hooks(self, *args, fwd_hooks=None, **kwargs):
-        return run_with_saes(self.model, *args, saes=self.saes, use_error_term=True, fwd_hooks=fwd_hooks, **kwargs)
+    def hooks(self, fwd_hooks=None, bwd_hooks=None):
+        return spliced_hooks(self.model, self.saes, True, fwd_hooks, bwd_hooks)
+
+    def run_with_hooks(self, *args, fwd_hooks=None, bwd_hooks=None, **kwargs):
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self.model(*args, **kwargs)
+
+    def run_with_cache(self, *args, **kwargs):
+        return run_with_cache_with_saes(self.model, *args, saes=self.saes, use_error_term=True, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        return run_with_saes(self.model, *args, saes=self.saes, use_error_term=True, **kwargs)
+        return self.run_with_hooks(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -142,26 +150,24 @@ def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, attention
     layers = {acts_name(sae): _start_layer(sae) for sae in saes}
     ids = {acts_name(sae): _feature_ids(features, sae) for sae in saes}
     names = [act_name("resid_pre", layer) for layer in sorted(set(layers.values()))] + list(layers)
+    base, cache = base_run(_SplicedModel(model, saes), base_tokens, attention_mask, names)
     with torch.no_grad():
-        base_logits, cache = run_with_cache_with_saes(
-            model, base_tokens, saes=saes, use_error_term=True, names_filter=names, attention_mask=attention_mask
-        )
-        base_metric = metric(base_logits).float()
+        base_metric = metric(base.logits).float()
     sources = sources_fn(saes, cache)
     n_prompts, seq = base_tokens.shape
     out = {}
     for sae in saes:
         name, layer = acts_name(sae), layers[acts_name(sae)]
-        base, source = cache[name], sources[name]
+        base_acts, source = cache[name], sources[name]
         if ids[name] is None:
-            differs = (source != base).any(0)  # [pos, d_sae]
+            differs = (source != base_acts).any(0)  # [pos, d_sae]
             live = differs if axes == ("pos", "d_sae") else differs.any(0)
             index = live.nonzero()  # [n_patches, len(axes)]
             grid = tuple(live.shape)
         else:
-            chosen = ids[name].to(base.device)
+            chosen = ids[name].to(base_acts.device)
             if axes == ("pos", "d_sae"):
-                index = torch.cartesian_prod(torch.arange(seq, device=base.device), chosen).reshape(-1, 2)
+                index = torch.cartesian_prod(torch.arange(seq, device=base_acts.device), chosen).reshape(-1, 2)
                 grid = (seq, len(chosen))
             else:
                 index = chosen[:, None]
@@ -173,7 +179,7 @@ def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, attention
             got = run_patches(
                 _SplicedModel(model, [sae]), {layer: cache["resid_pre", layer]}, {layer: source}, site, axes, patches,
                 metric, attention_mask=attention_mask, batch_size=_rows(model, sae, seq, memory_budget, logit_positions,
-                batch_size), logit_positions=logit_positions, progress=progress,
+                batch_size), logit_positions=logit_positions, progress=progress, base=base,
             )  # fmt: skip
             if ids[name] is None:
                 values[tuple(index.T)] = got.to(values.device)

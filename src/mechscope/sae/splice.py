@@ -145,6 +145,41 @@ def _split_hooks(saes: list[SAE], fwd_hooks: Sequence[tuple[HookTarget, HookFn]]
     return model_hooks, sae_hooks
 
 
+@contextmanager
+def spliced_hooks(
+    model,
+    saes: SAE | Sequence[SAE],
+    use_error_term: bool = False,
+    fwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
+    bwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
+) -> Iterator[dict[str, SAE]]:
+    """`splice` plus temporary hooks: ``fwd_hooks`` may name model hook points or SAE hook points
+    such as ``"blocks.1.hook_resid_post.hook_sae_acts_post"``; ``bwd_hooks`` name model hook points.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+        >>> seen = []
+        >>> with spliced_hooks(model, sae, fwd_hooks=[("blocks.1.hook_resid_post.hook_sae_acts_post",
+        ...                                           lambda acts, *, hook: seen.append(acts.shape))]):
+        ...     logits = model(tokens)
+        >>> seen
+        [torch.Size([1, 4, 64])]
+    """
+    saes = _check(model, saes)
+    with splice(model, saes, use_error_term) as spliced:
+        model_hooks, sae_hooks = _split_hooks(saes, fwd_hooks)
+        handles = []
+        try:
+            for sae, local, fn in sae_hooks:
+                handles.extend(sae.add_hook(local, fn))
+            with model.hooks(fwd_hooks=model_hooks, bwd_hooks=bwd_hooks):
+                yield spliced
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def run_with_saes(
     model,
     *args,
@@ -164,18 +199,8 @@ def run_with_saes(
         >>> logits = run_with_saes(model, tokens, saes=sae,
         ...     fwd_hooks=[("blocks.1.hook_resid_post.hook_sae_acts_post", ablate_feature_3)])
     """
-    saes = _check(model, saes)
-    with splice(model, saes, use_error_term):
-        model_hooks, sae_hooks = _split_hooks(saes, fwd_hooks)
-        handles = []
-        try:
-            for sae, local, fn in sae_hooks:
-                handles.extend(sae.add_hook(local, fn))
-            with model.hooks(fwd_hooks=model_hooks):
-                return model(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with spliced_hooks(model, saes, use_error_term, fwd_hooks):
+        return model(*args, **kwargs)
 
 
 def run_with_cache_with_saes(
