@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, make_sae
-from mechscope.sae.distributed import init_from_env
+from mechscope.sae.distributed import global_topk_threshold, init_from_env
 
 
 def data() -> torch.Tensor:
@@ -42,6 +42,13 @@ def train() -> tuple[list, list]:
     return run.train(), run.history
 
 
+def skewed_batch() -> torch.Tensor:
+    """A global batch ``[2, 64, 40]`` of pre-activations whose half for rank 0 is much larger."""
+    values = torch.rand(2, 64, 40, generator=torch.Generator().manual_seed(3))
+    values[0] *= 3
+    return values
+
+
 def resumed(checkpoint_dir: str) -> list:
     """Interrupted after step 13 (checkpoint at 10), then resumed by a fresh trainer."""
     trainer(checkpoint_dir).train(stop_after=13)
@@ -53,9 +60,12 @@ if __name__ == "__main__":
     rank, world = init_from_env("gloo")
     saes, history = train()
     again = resumed(sys.argv[1] + "/checkpoints")
+    threshold = global_topk_threshold(skewed_batch()[rank], k=4 * 128)
+    kept = torch.tensor([int((skewed_batch()[rank] >= threshold).sum())])
+    dist.all_reduce(kept)
     exact = all(torch.equal(a, b) for s, r in zip(saes, again) for a, b in zip(s.state_dict().values(), r.state_dict().values()))
     if rank == 0:
-        torch.save({"world": world, "saes": [s.state_dict() for s in saes], "history": history, "resume_exact": exact},
-                   sys.argv[1] + "/ddp.pt")
+        torch.save({"world": world, "saes": [s.state_dict() for s in saes], "history": history, "resume_exact": exact,
+                    "threshold": threshold, "kept": int(kept)}, sys.argv[1] + "/ddp.pt")
     dist.barrier()
     dist.destroy_process_group()

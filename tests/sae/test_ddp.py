@@ -33,6 +33,12 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint-rank0-of-2.pt", "checkpoint-rank1-of-2.pt"]
 
+    # BatchTopK's selection across ranks: the threshold of one process holding the whole batch
+    batch = ddp_worker.skewed_batch()
+    single_threshold = batch.reshape(-1).topk(4 * 128).values[-1]
+    assert ddp["threshold"] == single_threshold and ddp["kept"] == 4 * 128
+    assert batch[1].reshape(-1).topk(4 * 64).values[-1] < single_threshold  # a per-rank top-k would differ
+
     single, history = ddp_worker.train()
     for sae, ddp_state in zip(single, ddp["saes"]):
         for name, value in sae.state_dict().items():

@@ -82,6 +82,29 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def global_topk_threshold(values: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry of every rank's ``values`` taken together, as a 0-d tensor.
+
+    Each rank contributes its own ``k`` largest entries (padded with ``-inf``), among which the
+    global top ``k`` lie, so keeping ``values >= threshold`` on every rank keeps the global top
+    ``k`` (barring ties): the selection one process holding the whole batch makes, as BatchTopK
+    needs under data parallelism. ``-inf`` when there are fewer than ``k`` entries in all.
+
+    Example:
+        >>> global_topk_threshold(torch.tensor([[0.5, 3.0], [2.0, 1.0]]), k=2)
+        tensor(2.)
+    """
+    flat = values.detach().reshape(-1)
+    top = flat.topk(min(k, flat.numel())).values
+    if is_distributed():
+        padded = torch.full((k,), -torch.inf, dtype=flat.dtype, device=flat.device)
+        padded[: top.numel()] = top
+        top = all_gather_cat(padded)
+    if top.numel() < k:
+        return torch.tensor(-torch.inf, dtype=flat.dtype, device=flat.device)
+    return top.topk(k).values[-1]
+
+
 def average_gradients(module: torch.nn.Module) -> None:
     """Average the gradient of every parameter of ``module`` over ranks (one flat all-reduce)."""
     if not is_distributed():
