@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
+from mechscope.analysis import heads, weights
 from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import induction
@@ -33,37 +35,55 @@ def _model(seed=0):
     return HookedTransformer(cfg).init_weights(seed=seed, std=0.3)
 
 
-def test_attention_scores_against_loops():
+def test_scoring_tokens_are_distinct_halves_repeated():
+    tokens = induction.repeated_tokens(20, 10, 50, seed=3)
+    assert torch.equal(tokens[:, :10], tokens[:, 10:])
+    assert all(len(set(row)) == 10 for row in tokens[:, :10].tolist())
+    with pytest.raises(InputError, match="d_vocab=8"):
+        induction.repeated_tokens(8, 9, 2)
+
+
+def test_head_scores_against_loops_and_the_detectors():
     model = _model()
     tokens = induction.repeated_tokens(30, 8, 3, seed=1)
-    scores = induction.attention_scores(model, tokens)
+    scores = induction.head_scores(model, tokens)
     _, cache = model.run_with_cache(tokens)
     for layer in range(2):
         pattern = cache["pattern", layer]
         for head in range(4):
-            prev = [pattern[b, head, q, q - 1] for b in range(3) for q in range(1, 16)]
-            ind = [pattern[b, head, q, q - 8 + 1] for b in range(3) for q in range(8, 16)]
-            assert scores["previous_token"][layer, head].item() == pytest.approx(torch.stack(prev).mean().item(),
-                                                                               rel=1e-5)
-            assert scores["induction"][layer, head].item() == pytest.approx(torch.stack(ind).mean().item(), rel=1e-5)
+            for b in range(3):
+                prev = torch.stack([pattern[b, head, q, q - 1] for q in range(1, 16)]).mean()
+                ind = torch.stack([pattern[b, head, q, q - 8 + 1] for q in range(8, 16)]).mean()
+                assert_close(scores["previous_token"][b, layer, head], prev)
+                assert_close(scores["induction"][b, layer, head], ind)
+    # The mean over sequences is the analysis detectors' score on the whole batch.
+    assert_close(scores["previous_token"].mean(0), heads.previous_token_scores(model, tokens))
+    assert_close(scores["induction"].mean(0), heads.induction_scores(model, tokens))
     with pytest.raises(InputError, match="repeated"):
-        induction.attention_scores(model, torch.randint(30, (2, 16)))
+        induction.head_scores(model, torch.randint(30, (2, 16)))
 
 
-def test_composition_scores_against_the_definition():
-    model = _model(seed=3)
+def test_k_composition_ablation_against_a_naive_key_patch():
+    """Mean-ablating layer-0 head i in layer-1 keys equals recomputing layer-1 attention by hand."""
+    model = _model(seed=2)
+    tokens = induction.repeated_tokens(30, 8, 6, seed=2)
+    drops = induction.k_composition_ablation(model, tokens)
+    _, cache = model.run_with_cache(tokens)
     attn0, attn1 = model.blocks[0].attn, model.blocks[1].attn
-    for mode in ("Q", "K", "V"):
-        scores = induction.composition_scores(model, mode)
-        for i in range(4):
-            ov0 = attn0.W_V[i] @ attn0.W_O[i]
-            for j in range(4):
-                qk1 = attn1.W_Q[j] @ attn1.W_K[j].T
-                right = {"Q": qk1, "K": qk1.T, "V": attn1.W_V[j] @ attn1.W_O[j]}[mode]
-                expected = (ov0 @ right).norm() / (ov0.norm() * right.norm())
-                assert scores[i, j].item() == pytest.approx(expected.item(), rel=1e-4)
-    with pytest.raises(InputError, match="'Q', 'K' or 'V'"):
-        induction.composition_scores(model, "X")
+    resid = cache["resid_pre", 1]  # [batch, pos, d_model]
+    target = heads.induction_target(tokens)
+    base = heads.induction_scores(model, tokens)[1]
+    for i in range(4):
+        out = cache["z", 0][:, :, i] @ attn0.W_O[i]  # [batch, pos, d_model]
+        keys_in = resid - (out - out.mean(0))
+        for j in range(4):
+            q = resid @ attn1.W_Q[j] + (attn1.b_q.view(4, 8)[j] if attn1.b_q is not None else 0)
+            k = keys_in @ attn1.W_K[j] + (attn1.b_k.view(4, 8)[j] if attn1.b_k is not None else 0)
+            scores = q @ k.transpose(-1, -2) / 8**0.5
+            scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+            pattern = scores.softmax(-1)
+            score = heads.score_patterns(pattern[None, :, None], target)[0, 0]
+            assert_close(drops[i, j], base[j] - score, atol=1e-5, rtol=1e-4)
 
 
 def test_k_composition_detects_a_constructed_circuit():
@@ -71,12 +91,12 @@ def test_k_composition_detects_a_constructed_circuit():
     model = _model(seed=4)
     with torch.no_grad():
         d = 32
-        basis = torch.linalg.qr(torch.randn(d, d))[0]
+        basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0]
         write = basis[:, :8]  # the subspace layer-0 head 2 writes to
         attn0, attn1 = model.blocks[0].attn, model.blocks[1].attn
         attn0.w_o.view(d, 4, 8)[:, 2] = write * 3
         attn1.w_k.view(4, 8, d)[1] = write.T * 3  # layer-1 head 1 keys read that subspace only
-    scores = induction.composition_scores(model, "K")
+    scores = weights.composition_scores(model, "K")[0, :, 1]
     assert divmod(int(scores.argmax()), 4) == (2, 1)
 
 
@@ -129,3 +149,13 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
         induction.train_induction(dataclasses.replace(cfg, lr=1e-2), tmp_path, progress=False)
     with pytest.raises(LoadError, match="steps >= 30"):
         induction.train_induction(dataclasses.replace(cfg, steps=20), tmp_path, progress=False)
+
+
+def test_top_heads_ties_within_two_standard_errors():
+    generator = torch.Generator().manual_seed(0)
+    per_sequence = torch.tensor([0.8, 0.8, 0.5, 0.1]) + torch.randn(400, 4, generator=generator) * 0.05
+    per_sequence[:, 1] = per_sequence[:, 0].flip(0)  # the same scores on other sequences: the same mean
+    best, tied, strong = induction._top_heads(per_sequence)
+    assert best in (0, 1) and tied == [0, 1] and strong == [0, 1, 2]
+    per_sequence[:, 1] -= 0.02  # now clearly below head 0 (paired standard error about 0.0035)
+    assert induction._top_heads(per_sequence)[:2] == (0, [0])

@@ -5,7 +5,7 @@
 - `mechscope.toys.superposition`: the ReLU-output toy models, batched over instances, with
   feature geometry and the two-feature phase diagram.
 - `mechscope.toys.induction`: a two-layer attention-only transformer that forms induction heads,
-  with head scores and composition scores.
+  with head scores, composition scores and their causal check.
 
 ``mechscope toys grokking|superposition|induction`` runs each and writes an HTML report.
 
@@ -18,9 +18,9 @@ Example:
 from mechscope.toys import fourier
 from mechscope.toys.induction import (
     InductionConfig,
-    attention_scores,
-    composition_scores,
+    head_scores,
     induction_summary,
+    k_composition_ablation,
     train_induction,
 )
 from mechscope.toys.modular import (
@@ -47,11 +47,11 @@ __all__ = [
     "SuperpositionTraining",
     "ToyModel",
     "analyse_model",
-    "attention_scores",
-    "composition_scores",
     "feature_dimensionality",
     "fourier",
+    "head_scores",
     "induction_summary",
+    "k_composition_ablation",
     "load_grokking_run",
     "modular_addition_data",
     "phase_diagram",

@@ -150,7 +150,11 @@ def superposition_report(
 
 
 def induction_report(run: induction.InductionRun, path) -> dict:
-    """Score the heads of a trained induction toy and write its report; return the numbers."""
+    """Score the heads of a trained induction toy and write its report; return the numbers.
+
+    Example:
+        >>> numbers = induction_report(induction.train_induction(), "induction.html")  # doctest: +SKIP
+    """
     numbers = {**induction.induction_summary(run), "history": run.history}
     steps = [h["step"] for h in run.history]
     tokens = induction.repeated_tokens(run.config.d_vocab, run.config.seq_len // 2, 1, seed=7)
@@ -164,9 +168,13 @@ def induction_report(run: induction.InductionRun, path) -> dict:
                                                  zmid=None, x_title="head", y_title="layer")),
         ("Induction scores", heatmap_figure(numbers["induction_scores"], "layer × head", colorscale="Blues", zmid=None,
                                             x_title="head", y_title="layer")),
-        ("K-composition", heatmap_figure(numbers["k_composition"], "layer-0 head (rows) → layer-1 head (columns)",
-                                         colorscale="Blues", zmid=None, x_title="layer-1 head",
+        ("K-composition", heatmap_figure(numbers["k_composition"], f"layer-0 head (rows) → layer-{l1} head (columns)",
+                                         colorscale="Blues", zmid=None, x_title=f"layer-{l1} head",
                                          y_title="layer-0 head")),
+        ("K-composition by ablation", heatmap_figure(
+            numbers["k_composition_ablation"], "fall in the induction score when the row head is mean-ablated in "
+            "the column head's keys", colorscale="Blues", zmid=None, x_title=f"layer-{l1} head",
+            y_title="layer-0 head")),
         (f"Attention of head {l0}.{h0}", heatmap_figure(cache["pattern", l0][0, h0].tolist(), "previous-token head",
                                                         colorscale="Blues", zmid=None)),
         (f"Attention of head {l1}.{h1}", heatmap_figure(cache["pattern", l1][0, h1].tolist(), "induction head",
@@ -175,10 +183,16 @@ def induction_report(run: induction.InductionRun, path) -> dict:
     summary = [
         (f"loss on repeated half {numbers['second_half_loss']:.3f} vs chance {numbers['chance_loss']:.3f} "
          f"(first half {numbers['first_half_loss']:.3f})"),
-        (f"previous-token head {l0}.{h0}, induction head {l1}.{h1} (layer-1 induction heads: "
-         f"{numbers['layer1_induction_heads']}); highest K-composition pair {numbers['k_composition_best_pair']}: "
-         f"the detected pair {numbers['detected_pair_has_highest_k_composition']}, previous-token head into an "
-         f"induction head {numbers['highest_k_composition_is_previous_token_to_induction']}"),
+        (f"previous-token head {l0}.{h0} (tied within two standard errors: {numbers['top_previous_token_heads']}; "
+         f"at least half its score: {numbers['previous_token_heads']}), induction head {l1}.{h1} (tied: "
+         f"{numbers['top_induction_heads']}; at least half its score: {numbers['induction_heads']})"),
+        (f"highest K-composition pair {numbers['k_composition_best_pair']}: the detected pair "
+         f"{numbers['detected_pair_has_highest_k_composition']}; a pair of top heads "
+         f"{numbers['highest_k_composition_is_top_pair']}; a previous-token head into an induction head "
+         f"{numbers['highest_k_composition_is_previous_token_to_induction']}"),
+        (f"each induction head's most K-composed layer-0 head is a previous-token head: by weights "
+         f"{numbers['each_induction_head_composes_most_with_a_previous_token_head']}, by ablation "
+         f"{numbers['each_induction_head_depends_most_on_a_previous_token_head']}"),
     ]
     write_report(path, "Induction heads in a 2-layer attention-only transformer", sections, numbers, summary)
     return numbers
@@ -225,16 +239,19 @@ def _superposition(args: argparse.Namespace) -> int:
 def _induction(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = induction.InductionConfig(d_vocab=args.d_vocab, seq_len=args.seq_len, d_model=args.d_model,
-                                    n_heads=args.n_heads, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-                                    seed=args.seed)
+                                    n_heads=args.n_heads, d_head=args.d_head, lr=args.lr,
+                                    weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
+                                    seed=args.seed, save_every=args.save_every)
     out = Path(args.out)
     start = time.perf_counter()
     run = induction.train_induction(cfg, out / "run", progress=not args.quiet)
     print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     n = induction_report(run, out / "induction.html")
     print(f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
-          f"head {n['previous_token_head']}, induction head {n['induction_head']}; highest K-composition pair "
-          f"{n['k_composition_best_pair']}")
+          f"head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
+          f"{n['induction_head']} (tied {n['top_induction_heads']}, induction heads {n['induction_heads']}); "
+          f"highest K-composition pair "
+          f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}")
     print(f"report: {out / 'induction.html'} and {out / 'induction.json'}")
     return 0
 
@@ -288,9 +305,12 @@ def add_toys_parser(sub) -> None:
     i.add_argument("--seq-len", type=int, default=d.seq_len)
     i.add_argument("--d-model", type=int, default=d.d_model)
     i.add_argument("--n-heads", type=int, default=d.n_heads)
+    i.add_argument("--d-head", type=int, default=None, help="head width (default d_model / n_heads)")
     i.add_argument("--lr", type=float, default=d.lr)
+    i.add_argument("--weight-decay", type=float, default=d.weight_decay)
     i.add_argument("--steps", type=int, default=d.steps)
     i.add_argument("--batch-size", type=int, default=d.batch_size)
+    i.add_argument("--save-every", type=int, default=d.save_every, help="steps between saves of the resumable state")
     i.set_defaults(func=_induction)
 
 

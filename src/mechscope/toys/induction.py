@@ -4,7 +4,8 @@ Trained on sequences of random tokens in which a random span repeats, the model 
 a *previous-token head* in layer 0 writes each token's predecessor into its residual stream, and
 an *induction head* in layer 1 uses that (K-composition) to attend from a token to the token
 after its previous occurrence, and copies it. This module trains the model and finds both heads
-with simple attention scores and the weight-based composition scores of Elhage et al. (2021).
+with the detectors of `mechscope.analysis.heads`, the weight-based composition scores of
+Elhage et al. (2021) (`mechscope.analysis.weights`) and a causal check of them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechscope.analysis import heads, weights
 from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
@@ -116,13 +118,20 @@ def repeated_span_batch(
 
 
 def repeated_tokens(d_vocab: int, half: int, batch_size: int, seed: int = 0) -> Int[Tensor, "batch pos"]:
-    """``batch`` sequences of ``half`` random tokens repeated twice (``[batch, 2 * half]``), for scoring.
+    """``batch`` sequences of ``half`` distinct random tokens repeated twice (``[batch, 2 * half]``), for scoring.
+
+    The tokens of a half are distinct, so the only earlier copies of a token are the planted ones
+    and every sequence has the same ``half`` induction targets.
 
     Example:
-        >>> repeated_tokens(10, 4, 2)[0, :4].tolist() == repeated_tokens(10, 4, 2)[0, 4:].tolist()
-        True
+        >>> tokens = repeated_tokens(10, 4, 2)
+        >>> torch.equal(tokens[:, :4], tokens[:, 4:]), len(set(tokens[0, :4].tolist()))
+        (True, 4)
     """
-    first = torch.randint(d_vocab, (batch_size, half), generator=torch.Generator().manual_seed(seed))
+    if not 1 <= half <= d_vocab:
+        raise InputError(f"half must be in [1, d_vocab={d_vocab}] to hold distinct tokens, got {half}")
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.stack([torch.randperm(d_vocab, generator=generator)[:half] for _ in range(batch_size)])
     return torch.cat([first, first], dim=1)
 
 
@@ -198,83 +207,102 @@ def train_induction(
     return InductionRun(cfg, model, history)
 
 
-@torch.no_grad()
-def attention_scores(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
-    """Previous-token and induction scores of every head on sequences repeated twice.
-
-    ``tokens`` must be a random half repeated (see `repeated_tokens`). The previous-token score
-    is the mean attention from each position to the one before; the induction score is the mean
-    attention from each position of the second half to the position after the same token's
-    first occurrence. Both are ``[layer, head]``.
-
-    Example:
-        >>> scores = attention_scores(model, repeated_tokens(50, 5, 2))
-        >>> scores["previous_token"].shape, scores["induction"].shape
-        (torch.Size([3, 4]), torch.Size([3, 4]))
-    """
+def _check_repeated(tokens: Tensor) -> int:
     seq = tokens.shape[1]
     if seq % 2 or not torch.equal(tokens[:, : seq // 2], tokens[:, seq // 2 :]):
-        raise InputError("attention_scores needs sequences made of one half repeated twice; use repeated_tokens")
-    half = seq // 2
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    patterns = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)])
-    # patterns: [layer, batch, head, query_pos, key_pos]
-    previous = patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean((1, -1))
-    induction = patterns.diagonal(offset=1 - half, dim1=-2, dim2=-1)[..., 1:].mean((1, -1))
-    return {"previous_token": previous, "induction": induction}
+        raise InputError("the induction scores need sequences made of one half repeated twice; use repeated_tokens")
+    return seq // 2
 
 
-def ov_matrices(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_model d_model"]:
-    """``W_V W_O`` of each head (residual in, residual out, row-vector convention)."""
-    attn = model.blocks[layer].attn
-    W_V = attn.W_V.repeat_interleave(model.cfg.n_kv_groups, dim=0)
-    return W_V @ attn.W_O
+@torch.no_grad()
+def head_scores(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
+    """Previous-token and induction scores of every head, per sequence: ``[batch, layer, head]`` each.
 
-
-def qk_matrices(model: HookedTransformer, layer: int) -> Float[Tensor, "head d_model d_model"]:
-    """``W_Q W_Kᵀ`` of each head (query residual on the left, key residual on the right)."""
-    attn = model.blocks[layer].attn
-    W_K = attn.W_K.repeat_interleave(model.cfg.n_kv_groups, dim=0)
-    return attn.W_Q @ W_K.transpose(-1, -2)
-
-
-def composition_scores(
-    model: HookedTransformer, mode: str = "K", first_layer: int = 0, second_layer: int = 1
-) -> Float[Tensor, "head head"]:
-    """Q-, K- or V-composition of each head of ``first_layer`` into each head of ``second_layer``.
-
-    ``score[i, j] = ‖A_i B_j‖_F / (‖A_i‖_F ‖B_j‖_F)`` with ``A = W_OV`` of the earlier head and
-    ``B`` the later head's ``W_QKᵀ`` (K), ``W_QK`` (Q) or ``W_OV`` (V), as in Elhage et al. (2021).
+    The scores of `mechscope.analysis.heads` (attention to the previous position; attention to
+    the position after an earlier copy of the current token), computed on each sequence alone
+    so that their spread over sequences gives a standard error. ``tokens`` must be a half
+    repeated twice; on halves of distinct tokens (`repeated_tokens`) every sequence has the same
+    targets, and the mean over sequences equals `previous_token_scores` / `induction_scores`.
 
     Example:
-        >>> composition_scores(model, "K").shape
+        >>> scores = head_scores(model, repeated_tokens(50, 5, 2))
+        >>> scores["previous_token"].shape, scores["induction"].shape
+        (torch.Size([2, 3, 4]), torch.Size([2, 3, 4]))
+    """
+    _check_repeated(tokens)
+    patterns = heads.attention_patterns(model, tokens)  # [layer, batch, head, query_pos, key_pos]
+    scores = {}
+    for name, target_fn in (("previous_token", heads.previous_token_target), ("induction", heads.induction_target)):
+        target = target_fn(tokens)
+        scores[name] = torch.stack(
+            [heads.score_patterns(patterns[:, b : b + 1], target[b : b + 1]) for b in range(tokens.shape[0])]
+        )
+    return scores
+
+
+@torch.no_grad()
+def k_composition_ablation(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], first_layer: int = 0, second_layer: int = 1
+) -> Float[Tensor, "head head"]:
+    """Causal K-composition: ``drop[i, j]``, the fall in the induction score of head ``j`` of
+    ``second_layer`` when the output of head ``i`` of ``first_layer`` is mean-ablated in its keys only.
+
+    Head ``i``'s output (``z W_O`` at every position) is replaced by its mean over the batch in
+    the key input of ``second_layer`` (``hook_k_input``); queries, values and every other path
+    are unchanged. A weight-free check of what the K-composition scores claim.
+
+    Example:
+        >>> k_composition_ablation(model, repeated_tokens(50, 5, 4)).shape
         torch.Size([4, 4])
     """
-    if mode not in ("Q", "K", "V"):
-        raise InputError(f"composition mode must be 'Q', 'K' or 'V', got {mode!r}")
+    _check_repeated(tokens)
     if not 0 <= first_layer < second_layer < model.cfg.n_layers:
         raise InputError(
             f"need 0 <= first_layer < second_layer < {model.cfg.n_layers}, got {first_layer}, {second_layer}"
         )
-    with torch.no_grad():
-        left = ov_matrices(model, first_layer)  # [head, d_model, d_model]
-        right = {"Q": qk_matrices(model, second_layer), "K": qk_matrices(model, second_layer).transpose(-1, -2),
-                 "V": ov_matrices(model, second_layer)}[mode]
-        product = torch.einsum("iab,jbc->ijac", left, right).flatten(-2).norm(dim=-1)
-        return product / (left.flatten(-2).norm(dim=-1)[:, None] * right.flatten(-2).norm(dim=-1)[None, :])
+    target = heads.induction_target(tokens)
+    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{first_layer}.attn.hook_z", return_type=None)
+    z = cache[f"blocks.{first_layer}.attn.hook_z"]  # [batch, pos, head, d_head]
+    outputs = torch.einsum("bphd,hdm->bphm", z, model.blocks[first_layer].attn.W_O)  # [batch, pos, head, d_model]
+    deviation = outputs - outputs.mean(0, keepdim=True)
+    base = heads.score_patterns(heads.attention_patterns(model, tokens)[second_layer : second_layer + 1], target)[0]
+    drops = []
+    for i in range(model.cfg.n_heads):
+        def remove(k_input: Tensor, *, hook, i: int = i) -> Tensor:  # k_input: [batch, pos, kv_head, d_model]
+            return k_input - deviation[:, :, i, None]
+
+        with model.hooks(fwd_hooks=[(f"blocks.{second_layer}.hook_k_input", remove)]):
+            patterns = heads.attention_patterns(model, tokens)[second_layer : second_layer + 1]
+        drops.append(base - heads.score_patterns(patterns, target)[0])
+    return torch.stack(drops)
+
+
+def _top_heads(per_sequence: Float[Tensor, "batch head"]) -> tuple[int, list[int], list[int]]:
+    """The best head, the heads within two standard errors of it (paired over sequences), and
+    those with at least half its score."""
+    mean = per_sequence.mean(0)
+    best = int(mean.argmax())
+    gap = per_sequence[:, best, None] - per_sequence  # [batch, head]
+    stderr = gap.std(0) / gap.shape[0] ** 0.5 if gap.shape[0] > 1 else torch.zeros_like(mean)
+    tied = [h for h in range(mean.shape[0]) if gap[:, h].mean() <= 2 * stderr[h]]
+    strong = [h for h in range(mean.shape[0]) if mean[h] >= 0.5 * mean[best]]
+    return best, tied, strong
 
 
 @torch.no_grad()
-def induction_summary(run: InductionRun, n_sequences: int = 64, seed: int = 1234) -> dict:
-    """The numbers the report shows: losses, both heads, their scores and the K-composition table.
+def induction_summary(run: InductionRun, n_sequences: int = 256, seed: int = 1234) -> dict:
+    """The numbers the report shows: losses, the heads, their scores and the K-composition tables.
 
-    On fresh random halves repeated twice: the loss on the second half (and chance, ``log
-    d_vocab``), the head of layer 0 with the highest previous-token score, the head of the last
-    layer with the highest induction score, the layer-1 *induction heads* (score at least half
-    the best), and whether the highest K-composition of all layer-0 → layer-1 pairs is the
-    detected pair (``detected_pair_has_highest_k_composition``) or at least goes from the
-    previous-token head into an induction head
-    (``highest_k_composition_is_previous_token_to_induction``).
+    On ``n_sequences`` fresh halves repeated twice: the loss on each half (and chance, ``log
+    d_vocab``); every head's previous-token and induction score (`head_scores`, with standard
+    errors over sequences); in layer 0 the best previous-token head, and in the last layer the
+    best induction head, each with the heads within two standard errors of it (``top_...``:
+    redundant heads score alike) and the heads with at least half its score; the K-composition
+    of every layer-0 head into every last-layer head (`mechscope.analysis.weights.composition_scores`)
+    and its causal counterpart (`k_composition_ablation`). The checks: whether the highest
+    K-composition pair is the detected pair, a pair of top heads, or a previous-token head into
+    an induction head; and whether every induction head's most K-composed layer-0 head is a
+    previous-token head, by weights and by ablation.
 
     Example:
         >>> run = train_induction(InductionConfig(d_vocab=16, seq_len=12, d_model=16, steps=5), progress=False)
@@ -282,33 +310,48 @@ def induction_summary(run: InductionRun, n_sequences: int = 64, seed: int = 1234
         2.773
     """
     cfg, model = run.config, run.model
-    half = cfg.seq_len // 2
+    half, last = cfg.seq_len // 2, cfg.n_layers - 1
     tokens = repeated_tokens(cfg.d_vocab, half, n_sequences, seed)
     per_token = model(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
-    scores = attention_scores(model, tokens)
-    prev_head = int(scores["previous_token"][0].argmax())
-    last = cfg.n_layers - 1
-    ind_head = int(scores["induction"][last].argmax())
-    k_comp = composition_scores(model, "K", 0, 1)
-    best_pair = divmod(int(k_comp.argmax()), k_comp.shape[1])
-    layer1_induction = scores["induction"][1]
-    induction_heads = [h for h, v in enumerate(layer1_induction.tolist()) if v >= 0.5 * float(layer1_induction.max())]
+    per_sequence = head_scores(model, tokens)  # [batch, layer, head] each
+    prev_head, top_prev, prev_heads = _top_heads(per_sequence["previous_token"][:, 0])
+    ind_head, top_ind, ind_heads = _top_heads(per_sequence["induction"][:, last])
+    k_comp = weights.composition_scores(model, "K")[0, :, last]  # [layer-0 head, last-layer head]
+    ablation = k_composition_ablation(model, tokens, 0, last)
+    best_pair = divmod(int(k_comp.argmax()), cfg.n_heads)
+    stderr = {name: (v.std(0) / n_sequences**0.5).tolist() if n_sequences > 1 else None
+              for name, v in per_sequence.items()}
     return {
         "config": dataclasses.asdict(cfg),
+        "n_sequences": n_sequences,
         "chance_loss": float(torch.log(torch.tensor(float(cfg.d_vocab)))),
         "first_half_loss": per_token[:, : half - 1].mean().item(),
         "second_half_loss": per_token[:, half:].mean().item(),
         "previous_token_head": [0, prev_head],
         "induction_head": [last, ind_head],
-        "previous_token_scores": scores["previous_token"].tolist(),
-        "induction_scores": scores["induction"].tolist(),
+        "previous_token_scores": per_sequence["previous_token"].mean(0).tolist(),
+        "previous_token_stderr": stderr["previous_token"],
+        "induction_scores": per_sequence["induction"].mean(0).tolist(),
+        "induction_stderr": stderr["induction"],
+        "top_previous_token_heads": top_prev,
+        "previous_token_heads": prev_heads,
+        "top_induction_heads": top_ind,
+        "induction_heads": ind_heads,
         "k_composition": k_comp.tolist(),
         "k_composition_best_pair": list(best_pair),
-        "layer1_induction_heads": induction_heads,
-        "k_composition_of_detected_pair": k_comp[prev_head, ind_head].item() if last == 1 else None,
-        "detected_pair_has_highest_k_composition": last == 1 and best_pair == (prev_head, ind_head),
-        "highest_k_composition_is_previous_token_to_induction": best_pair[0] == prev_head
-        and best_pair[1] in induction_heads,
+        "k_composition_of_detected_pair": k_comp[prev_head, ind_head].item(),
+        "k_composition_ablation": ablation.tolist(),
+        "k_composition_ablation_best_pair": list(divmod(int(ablation.argmax()), cfg.n_heads)),
+        "detected_pair_has_highest_k_composition": best_pair == (prev_head, ind_head),
+        "highest_k_composition_is_top_pair": best_pair[0] in top_prev and best_pair[1] in top_ind,
+        "highest_k_composition_is_previous_token_to_induction": best_pair[0] in prev_heads
+        and best_pair[1] in ind_heads,
+        "each_induction_head_composes_most_with_a_previous_token_head": all(
+            int(k_comp[:, h].argmax()) in prev_heads for h in ind_heads
+        ),
+        "each_induction_head_depends_most_on_a_previous_token_head": all(
+            int(ablation[:, h].argmax()) in prev_heads for h in ind_heads
+        ),
         "final_train_loss": run.history[-1]["loss"],
         "final_induction_loss": run.history[-1]["induction_loss"],
     }
