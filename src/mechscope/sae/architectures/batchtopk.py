@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mechscope.sae.architectures.topk import aux_k_loss
+from mechscope.sae.architectures.sparse_ops import select_flat
+from mechscope.sae.architectures.topk import aux_k_loss, sparse_training_loss
 from mechscope.sae.base import SAE, register_sae
 
 
@@ -47,6 +48,20 @@ class BatchTopKSAE(SAE):
         acts = torch.zeros_like(flat).scatter(-1, indices, values).reshape(relu.shape)
         self._update_threshold(values)
         return pre, self.hook_sae_acts_post(acts)
+
+    def training_loss(self, x, target=None, *, coefficient_scale=1.0, dead_mask=None):
+        """As `SAE.training_loss` with the sparse kernels of `TopKSAE.training_loss` (dense when
+        the latent hook points are hooked)."""
+        if self.hook_sae_acts_pre.has_hooks or self.hook_sae_acts_post.has_hooks:
+            return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
+
+        def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+            flat = torch.relu(pre).reshape(-1)
+            values, indices = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
+            self._update_threshold(values)
+            return select_flat(indices, pre.shape[-1])
+
+        return sparse_training_loss(self, x, target, select, dead_mask)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mechscope.sae.base import SAE, register_sae
+from mechscope.sae.architectures.sparse_ops import dense_from_sparse, gather_pre, select_per_row, sparse_decode
+from mechscope.sae.base import SAE, TrainStepOutput, register_sae
 
 
 def aux_k_loss(sae: SAE, pre: Tensor, target: Tensor, recons: Tensor, dead_mask: Tensor | None) -> dict[str, Tensor]:
@@ -48,3 +49,54 @@ class TopKSAE(SAE):
 
     def sparsity_losses(self, x, target, pre, acts, recons, coefficient_scale, dead_mask):
         return aux_k_loss(self, pre, target, recons, dead_mask)
+
+    def training_loss(self, x, target=None, *, coefficient_scale=1.0, dead_mask=None) -> TrainStepOutput:
+        """As `SAE.training_loss`, computed sparsely: only the ``k`` selected latents (and the
+        aux-K latents) enter the decoder and the encoder's backward. Hooks on the latent hook
+        points switch back to the dense computation so that they see (and may edit) the graph.
+
+        Example:
+            >>> from mechscope.sae import SAEConfig, make_sae
+            >>> sae = make_sae(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=3))
+            >>> x = torch.randn(16, 8)
+            >>> sparse = sae.training_loss(x).loss
+            >>> torch.allclose(sparse, SAE.training_loss(sae, x).loss, atol=1e-6)
+            True
+        """
+        if self.hook_sae_acts_pre.has_hooks or self.hook_sae_acts_post.has_hooks:
+            return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
+        return sparse_training_loss(self, x, target, lambda pre: select_per_row(pre.topk(self.cfg.k, dim=-1).indices), dead_mask)
+
+
+def sparse_training_loss(sae: SAE, x: Tensor, target: Tensor | None, select, dead_mask: Tensor | None) -> TrainStepOutput:
+    """MSE (plus aux-K) of a rank-selected SAE through the sparse kernels of `sparse_ops`.
+
+    ``select(pre) -> (rows, cols)`` picks the active latents from the pre-activations.
+    """
+    x = sae._flatten_input(x)
+    target = x if target is None else target.to(sae.dtype)
+    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
+    with torch.no_grad():
+        pre = sae.hook_sae_acts_pre(sae.sae_input(x) @ sae.W_enc + sae.b_enc)
+        rows, cols = select(pre)
+    values = torch.relu(gather_pre(x, sae.W_enc, sae.b_enc, b_dec, pre, rows, cols))
+    acts = sae.hook_sae_acts_post(dense_from_sparse(values.detach(), rows, cols, pre.shape))
+    recons = sparse_decode(values, rows, cols, sae.W_dec, x.shape[0]) + sae.b_dec
+    if sae.W_skip is not None:
+        recons = recons + x @ sae.W_skip.T
+    recons = sae.hook_sae_recons(recons)
+    losses = {"mse": (recons - target).pow(2).sum(-1).mean()}
+    cfg = sae.cfg
+    if dead_mask is not None and cfg.aux_k_coefficient != 0:
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            losses["aux_k"] = pre.new_zeros(())
+        else:
+            with torch.no_grad():
+                dead_pre = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+                aux_rows, aux_cols = select_per_row(dead_pre.topk(min(cfg.aux_k, n_dead), dim=-1).indices)
+            aux_values = torch.relu(gather_pre(x, sae.W_enc, sae.b_enc, b_dec, pre, aux_rows, aux_cols))
+            aux_recons = sparse_decode(aux_values, aux_rows, aux_cols, sae.W_dec, x.shape[0])
+            scale = min(n_dead / cfg.aux_k, 1.0) * cfg.aux_k_coefficient
+            losses["aux_k"] = scale * (aux_recons - (target - recons).detach()).pow(2).sum(-1).mean()
+    return TrainStepOutput(loss=sum(losses.values()), losses=losses, acts=acts, recons=recons)
