@@ -307,21 +307,32 @@ def _suffix_logits(model, resid: Tensor, base_logits: Tensor, start: int, keep: 
 
 
 def _schedule(layers: Tensor, starts: Tensor, per_chunk: int, n_prompts: int, seq: int, n_layers: int):
-    """Order patches (layer-major or position-major, whichever costs fewer token-layers) and
-    split them into forwards; returns ``(order, chunks of positions in order)``.
+    """Order patches and split them into forwards; returns ``(order, chunks of positions in order)``.
+
+    A forward costs about ``rows x (n_layers - first layer) x (seq - first position)``. Without
+    start positions, patches go layer-major. With them, layer-major, position-major and tilings
+    of the (position, layer) grid are scored with that cost and the cheapest is kept.
 
     Example:
         >>> order, chunks = _schedule(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 3, 0, 3]), 2, 1, 4, 2)
         >>> order.tolist(), [c.tolist() for c in chunks]
         ([0, 2, 1, 3], [[0, 1], [2, 3]])
     """
+    by_layer = layers * seq + starts
+    plans = [(by_layer, by_layer)]
+    if bool(starts.any()):
+        by_pos = starts * n_layers + layers
+        plans.append((by_pos, by_pos))
+        for tile_pos, tile_layer in itertools.product((2, 4, 8), (2, 4, 8)):
+            tile = (starts // tile_pos) * n_layers + layers // tile_layer
+            plans.append((tile * seq * n_layers + by_pos, tile))
     best = None
-    for key in (layers * seq + starts, starts * n_layers + layers):
-        order = torch.argsort(key, stable=True)
-        chunks = _chunks(key[order], per_chunk, n_prompts * (seq - starts[order]))
-        cost = sum(
-            len(c) * (n_layers - int(layers[order[c]].min())) * (seq - int(starts[order[c]].min())) for c in chunks
-        )
+    for sort_key, boundary in plans:
+        order = torch.argsort(sort_key, stable=True)
+        chunks = _chunks(boundary[order], per_chunk, n_prompts * (seq - starts[order]))
+        first_layer = [int(layers[order[c]].min()) for c in chunks]
+        first_pos = [int(starts[order[c]].min()) for c in chunks]
+        cost = sum(len(c) * (n_layers - fl) * (seq - fp) for c, fl, fp in zip(chunks, first_layer, first_pos))
         if best is None or cost < best[0]:
             best = (cost, order, chunks)
     return best[1], best[2]
