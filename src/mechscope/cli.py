@@ -85,10 +85,10 @@ def tour(args: argparse.Namespace) -> int:
         from mechscope.sae.run import tour_section
 
         tour_section(model)
-    if args.ioi:
+    if args.ioi or args.ioi_full:
         from mechscope.patching.tour import ioi_tour
 
-        ioi_tour(model, out_dir=args.out_dir)
+        ioi_tour(model, out_dir=args.out_dir, full=args.ioi_full)
     return 0
 
 
@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "induction; under a minute)")
     p.add_argument("--sae", action="store_true", help="also train and evaluate a small SAE (a minute or two)")
     p.add_argument("--ioi", action="store_true", help="also run IOI activation patching and AtP* with an HTML "
-                   "report (about a minute on CPU)")
+                   "report (quick: 4 prompts, the residual stream at every third layer; about a minute on CPU)")
+    p.add_argument("--ioi-full", action="store_true", help="the IOI section with 8 prompts and every layer "
+                   "(several minutes on CPU)")
     p.set_defaults(func=tour)
     from mechscope.toys.cli import add_toys_parser
 

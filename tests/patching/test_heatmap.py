@@ -27,6 +27,14 @@ def test_layer_pos_heatmap_values_and_escaped_token_labels(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_layer_labels_for_a_subset_of_layers():
+    fig = layer_pos_heatmap(torch.zeros(2, 3), ["a", "b", "c"], "x", layers=[0, 27])
+    assert list(fig.data[0].y) == ["0", "27"]
+    assert list(layer_head_heatmap(torch.zeros(2, 4), "x", layers=[3, 5]).data[0].y) == ["3", "5"]
+    with pytest.raises(ms.InputError, match="3 layer labels for 2 rows"):
+        layer_head_heatmap(torch.zeros(2, 4), "x", layers=[0, 1, 2])
+
+
 def test_shape_errors():
     with pytest.raises(ms.InputError, match="one column per token"):
         layer_pos_heatmap(torch.zeros(2, 3), ["a", "b"], "x")

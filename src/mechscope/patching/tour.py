@@ -14,19 +14,37 @@ from mechscope.patching.atp_star import atp_star
 from mechscope.patching.metrics import LogitDiff, Normalized
 
 
-def ioi_tour(model, out_dir: str | Path = "mechscope-tour", n_prompts: int = 8, top_k: int = 10) -> Path:
+def ioi_tour(
+    model,
+    out_dir: str | Path = "mechscope-tour",
+    n_prompts: int | None = None,
+    top_k: int = 10,
+    *,
+    full: bool = False,
+    layer_step: int | None = None,
+) -> Path:
     """Denoising patching on IOI prompts: residual stream by layer x position, heads by layer x
     head, and AtP* top heads with their exact effects; writes ``ioi_patching.html`` in ``out_dir``.
 
     The metric is the logit difference (indirect object minus subject) normalised to 0 on the
-    corrupted run ("third name" corruption) and 1 on the clean run.
+    corrupted run ("third name" corruption) and 1 on the clean run. By default the section is
+    quick (4 prompts; the residual stream at every third layer and the last; every head);
+    ``full=True`` uses 8 prompts and every layer. ``n_prompts`` and ``layer_step`` override either.
 
     Example:
         >>> ioi_tour(ms.load("smollm2-135m"), "/tmp/tour")  # doctest: +SKIP
     """
-    from mechscope.viz.heatmap import layer_head_heatmap, layer_pos_heatmap, save_heatmaps
+    from mechscope.viz.heatmap import (
+        layer_head_heatmap,
+        layer_pos_heatmap,
+        save_heatmaps,
+    )
 
     print("\n== IOI: activation patching and AtP* ==")
+    n_prompts = n_prompts or (8 if full else 4)
+    layer_step = layer_step or (1 if full else 3)
+    n_layers = model.cfg.n_layers
+    resid_layers = sorted(set(range(0, n_layers, layer_step)) | {n_layers - 1})
     data = ioi_dataset(model, n=n_prompts).to(model.device)
     clean, corrupted = data.clean_tokens, data.corrupted_tokens
     with torch.no_grad():
@@ -37,11 +55,17 @@ def ioi_tour(model, out_dir: str | Path = "mechscope-tour", n_prompts: int = 8, 
     )
     start = time.perf_counter()
     final = {"logit_positions": -1}  # the metric reads the final position only
-    resid = activation_patch(model, clean, corrupted, metric, "resid_pre", progress=True, **final).cpu()
+    resid = activation_patch(
+        model, clean, corrupted, metric, "resid_pre", layers=resid_layers, progress=True, **final
+    ).cpu()
     heads = activation_patch(model, clean, corrupted, metric, "z", progress=True, **final).cpu()
     t_sweeps = time.perf_counter() - start
     n_pos, n_heads = clean.shape[1], model.cfg.n_heads
-    print(f"patched {resid.numel() + heads.numel()} sites ({len(data)} prompts each) in {t_sweeps:.1f}s")
+    print(
+        f"patched {resid.numel() + heads.numel()} sites ({len(data)} prompts each; residual stream at "
+        f"{len(resid_layers)} of {n_layers} layers) in {t_sweeps:.1f}s"
+        + ("" if full else "; --ioi-full patches every layer with 8 prompts")
+    )
     start = time.perf_counter()
     star = atp_star(model, clean, corrupted, metric, top_k=top_k, **final)
     t_star = time.perf_counter() - start
@@ -55,7 +79,9 @@ def ioi_tour(model, out_dir: str | Path = "mechscope-tour", n_prompts: int = 8, 
         rows.append(f"<tr><td>L{layer}H{head}</td>" + "".join(f"<td>{v:.3f}</td>" for v in values) + "</tr>")
     tokens = model.to_str_tokens(clean[0])
     figures = [
-        layer_pos_heatmap(resid, tokens, "Residual stream (resid_pre), denoising: normalised logit difference", "metric"),
+        layer_pos_heatmap(
+            resid, tokens, "Residual stream (resid_pre), denoising: normalised logit difference", "metric", resid_layers
+        ),
         layer_head_heatmap(heads, "Head outputs (z, all positions), denoising: normalised logit difference", "metric"),
     ]
     table = (

@@ -84,8 +84,12 @@ def heatmap_figure(
     return fig
 
 
-def layer_pos_heatmap(values: Tensor, str_tokens: Sequence[str], title: str, colorbar_title: str = ""):
+def layer_pos_heatmap(
+    values: Tensor, str_tokens: Sequence[str], title: str, colorbar_title: str = "", layers: Sequence[int] | None = None
+):
     """Layer x position results ``[layer, pos]`` with the prompt's tokens on the x axis.
+
+    ``layers`` labels the rows (default ``0, 1, ...``), e.g. for a sweep over every third layer.
 
     Example:
         >>> fig = layer_pos_heatmap(torch.randn(3, 2), ["When", " Mary"], "resid_pre")
@@ -95,12 +99,20 @@ def layer_pos_heatmap(values: Tensor, str_tokens: Sequence[str], title: str, col
     values = torch.as_tensor(values)
     if values.dim() != 2 or values.shape[1] != len(str_tokens):
         raise InputError(f"values {tuple(values.shape)} need one column per token ({len(str_tokens)} tokens)")
-    layers = [str(i) for i in range(values.shape[0])]
-    return heatmap_figure(values, token_labels(str_tokens), layers, title, "position", colorbar_title=colorbar_title)
+    rows = _layer_labels(values, layers)
+    return heatmap_figure(values, token_labels(str_tokens), rows, title, "position", colorbar_title=colorbar_title)
 
 
-def layer_head_heatmap(values: Tensor, title: str, colorbar_title: str = ""):
-    """Layer x head results ``[layer, head]``.
+def _layer_labels(values: Tensor, layers: Sequence[int] | None) -> list[str]:
+    if layers is None:
+        return [str(i) for i in range(values.shape[0])]
+    if len(layers) != values.shape[0]:
+        raise InputError(f"{len(layers)} layer labels for {values.shape[0]} rows of values")
+    return [str(int(layer)) for layer in layers]
+
+
+def layer_head_heatmap(values: Tensor, title: str, colorbar_title: str = "", layers: Sequence[int] | None = None):
+    """Layer x head results ``[layer, head]`` (``layers`` labels the rows, default ``0, 1, ...``).
 
     Example:
         >>> layer_head_heatmap(torch.randn(3, 4), "z").layout.xaxis.title.text
@@ -110,8 +122,7 @@ def layer_head_heatmap(values: Tensor, title: str, colorbar_title: str = ""):
     if values.dim() != 2:
         raise InputError(f"values must be [layer, head], got shape {tuple(values.shape)}")
     heads = [str(i) for i in range(values.shape[1])]
-    layers = [str(i) for i in range(values.shape[0])]
-    return heatmap_figure(values, heads, layers, title, "head", colorbar_title=colorbar_title)
+    return heatmap_figure(values, heads, _layer_labels(values, layers), title, "head", colorbar_title=colorbar_title)
 
 
 def figures_html(figures: Sequence, title: str, intro: str = "", sections: Sequence[str] | None = None) -> str:
