@@ -2,8 +2,8 @@
 
 Figures are plotly figures; `save_heatmaps` writes several into one self-contained HTML file
 with plotly's JavaScript inlined once (no network needed to view it; each figure's camera
-button saves a PNG from the browser). `save_png` writes a PNG when ``kaleido`` can run and
-otherwise warns and returns ``None``. Token labels are HTML-escaped, since plotly renders a
+button saves a PNG from the browser). `save_png` (from `mechscope.viz.png`) writes a PNG with
+``kaleido`` or, offline, with matplotlib. Token labels are HTML-escaped, since plotly renders a
 subset of HTML in labels.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,12 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
+from mechscope.viz.png import save_png
+
+__all__ = [
+    "figures_html", "heatmap_figure", "layer_head_heatmap", "layer_pos_heatmap", "save_heatmaps", "save_png",
+    "token_labels",
+]
 
 
 def _plotly():
@@ -166,23 +171,3 @@ def save_heatmaps(figures: Sequence, path: str | os.PathLike, title: str, intro:
         f.write(figures_html(figures, title, intro, sections))
     os.replace(tmp, path)
     return path
-
-
-def save_png(figure, path: str | os.PathLike) -> Path | None:
-    """Write the figure as a PNG via plotly's ``kaleido`` export; without a working ``kaleido``
-    (it needs a Chrome install for plotly 6+), warn and return ``None``.
-
-    Example:
-        >>> save_png(layer_head_heatmap(torch.ones(2, 2), "x"), "/tmp/x.png")  # doctest: +SKIP
-    """
-    try:
-        figure.write_image(str(path))
-    except (ImportError, RuntimeError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(
-            f"PNG export skipped ({first_line}); install kaleido>=1 with a Chrome browser to enable it, "
-            "or use the camera button of the HTML figure",
-            stacklevel=2,
-        )
-        return None
-    return Path(path)
