@@ -25,6 +25,7 @@ def data() -> torch.Tensor:
 def configs() -> list[SAEConfig]:
     return [
         SAEConfig(d_in=16, d_sae=48, architecture="topk", k=3, hook_name="x"),
+        SAEConfig(d_in=16, d_sae=48, architecture="batchtopk", k=3, hook_name="x"),
         SAEConfig(d_in=16, d_sae=32, architecture="standard", sparsity_coefficient=0.3, hook_name="x"),
         SAEConfig(d_in=16, d_sae=32, architecture="jumprelu", sparsity_coefficient=0.1, jumprelu_init_threshold=0.05, hook_name="x"),
     ]

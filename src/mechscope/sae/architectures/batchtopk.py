@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mechscope.sae import distributed as ddp
 from mechscope.sae.architectures.sparse_ops import select_flat
 from mechscope.sae.architectures.topk import aux_k_loss, sparse_training_loss
 from mechscope.sae.base import SAE, register_sae
@@ -41,13 +42,24 @@ class BatchTopKSAE(SAE):
 
     def training_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = self._pre(x)
-        relu = torch.relu(pre)
-        flat = relu.reshape(-1)
-        n_keep = min(self.cfg.k * relu[..., 0].numel(), flat.numel())
-        values, indices = flat.topk(n_keep)
-        acts = torch.zeros_like(flat).scatter(-1, indices, values).reshape(relu.shape)
-        self._update_threshold(values)
+        flat = torch.relu(pre).reshape(-1)
+        indices = self._batch_select(pre)
+        acts = torch.zeros_like(flat).scatter(-1, indices, flat[indices]).reshape(pre.shape)
         return pre, self.hook_sae_acts_post(acts)
+
+    def _batch_select(self, pre: Tensor) -> Tensor:
+        """Flat indices of the kept latents: the ``k * tokens`` largest of ``relu(pre)`` over the
+        batch, or over the global batch of all ranks under data parallelism (so that DDP
+        selects what one process holding the whole batch would). Updates the threshold."""
+        flat = torch.relu(pre.detach()).reshape(-1)
+        if ddp.is_distributed():
+            tokens = int(ddp.all_gather_cat(torch.tensor([pre.shape[0]], device=pre.device)).sum())
+            threshold = ddp.global_topk_threshold(flat, self.cfg.k * tokens)
+            indices = ((flat >= threshold) & (flat > 0)).nonzero().squeeze(-1)
+        else:
+            indices = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel())).indices
+        self._update_threshold(flat[indices])
+        return indices
 
     def training_loss(self, x, target=None, *, coefficient_scale=1.0, dead_mask=None):
         """As `SAE.training_loss` with the sparse kernels of `TopKSAE.training_loss` (dense when
@@ -55,19 +67,16 @@ class BatchTopKSAE(SAE):
         if self.hook_sae_acts_pre.has_hooks or self.hook_sae_acts_post.has_hooks:
             return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
 
-        def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-            flat = torch.relu(pre).reshape(-1)
-            values, indices = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
-            self._update_threshold(values)
-            return select_flat(indices, pre.shape[-1])
-
-        return sparse_training_loss(self, x, target, select, dead_mask)
+        return sparse_training_loss(self, x, target, lambda pre: select_flat(self._batch_select(pre), pre.shape[-1]), dead_mask)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
         positive = kept[kept > 0]
-        if positive.numel():
-            lowest = positive.min().to(self.threshold.dtype)
+        lowest = positive.min() if positive.numel() else kept.new_tensor(torch.inf)
+        if ddp.is_distributed():
+            lowest = -ddp.all_reduce_max_(-lowest)
+        if torch.isfinite(lowest):
+            lowest = lowest.to(self.threshold.dtype)
             if self.threshold == 0:
                 self.threshold.copy_(lowest)
             else:
