@@ -18,3 +18,5 @@ def test_ioi_tour_writes_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "IOI report" in out and str(path) in out
     assert "residual stream at 2 of 4 layers" in out and "--ioi-full" in out  # layers 0 and 3
+    for name in ("ioi_resid.png", "ioi_heads.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and str(tmp_path / name) in out

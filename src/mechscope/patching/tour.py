@@ -38,6 +38,7 @@ def ioi_tour(
         layer_head_heatmap,
         layer_pos_heatmap,
         save_heatmaps,
+        save_png,
     )
 
     print("\n== IOI: activation patching and AtP* ==")
@@ -95,5 +96,8 @@ def ioi_tour(
         "</code>). 0 = corrupted run, 1 = clean run.</p>"
     )
     path = save_heatmaps(figures, Path(out_dir) / "ioi_patching.html", "IOI patching", intro, ["", table])
+    pngs = [save_png(fig, Path(out_dir) / f"ioi_{name}.png") for fig, name in zip(figures, ("resid", "heads"))]
     print(f"IOI report ({n_heads} heads x {model.cfg.n_layers} layers): {path}")
+    if all(pngs):
+        print(f"  heatmaps as PNG: {', '.join(str(p) for p in pngs)}")
     return path
