@@ -114,6 +114,9 @@ def test_training_learns_induction_above_chance():
     assert prev[0, layer0_head] > 0.3 and prev[0, layer0_head] > 2 * prev[1].max()
     assert ind[1, layer1_head] > 0.5 and ind[1, layer1_head] > 2 * ind[0].max()
     assert summary["highest_k_composition_is_previous_token_to_induction"]
+    assert summary["each_induction_head_composes_most_with_a_previous_token_head"]
+    assert summary["each_induction_head_depends_most_on_a_previous_token_head"]
+    assert layer0_head in summary["previous_token_heads"] and layer1_head in summary["top_induction_heads"]
 
 
 def _interrupt_after(monkeypatch, module, name, calls):
