@@ -17,6 +17,10 @@ metric, denoising direction (corrupted run, clean activations patched in):
     effects, recall of the exact top-10 heads (by |effect|), and the time ratio against the
     exhaustive head sweep over every layer, mechscope's measured and TransformerLens'
     scaled from its measured layers to all layers;
+  * mechscope against its own slower paths on the same sweep: the residual sweep recomputing
+    every position (``reuse_prefix=False``) against reusing the base run before each patched
+    position, and AtP*'s GradDrop gradients from one batched copy per dropped layer
+    (``gradient_pass``) against one forward and partial backwards (``graddrop_pass``);
   * the CPU other processes took while timing (the machine has 2 cores).
 
 TransformerLens runs in its own venvs (benchmarks/.venv-tl: transformer-lens 3.9 via sae-lens,
@@ -138,6 +142,23 @@ def atp_section(model, clean, corrupted, metric, heads, figures, timed, kw) -> N
     }
 
 
+def graddrop_section(model, clean, corrupted, metric, figures, timed) -> None:
+    """AtP*'s GradDrop gradients: one forward and partial backwards vs one batched copy per layer."""
+    from mechscope.patching.atp_star import graddrop_pass, head_names
+    from mechscope.patching.attribution import gradient_pass
+
+    n_layers = model.cfg.n_layers
+    names = [name for layer in range(n_layers) for name in head_names(model, layer)]
+    (_, fast), t_fast = timed(lambda: graddrop_pass(model, corrupted, names, metric), "GradDrop gradients (graddrop_pass)")
+    (_, copies), t_copies = timed(
+        lambda: gradient_pass(model, corrupted, names, metric, [None, *range(n_layers)]),
+        "GradDrop gradients, one batched copy per layer (gradient_pass)",
+    )
+    diff = max(float((fast[n] - copies[n]).abs().max()) for n in names)
+    figures["graddrop"] = {"graddrop_pass_s": t_fast, "batched_copies_s": t_copies, "ratio": t_copies / t_fast,
+                           "max_abs_diff": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2, help="IOI prompts in the batch")
@@ -183,12 +204,19 @@ def main() -> None:
     resid, t_resid = timed(
         lambda: activation_patch(model, clean, corrupted, metric, "resid_pre", layers=layers, **kw), "resid sweep"
     )
+    full_length, t_full_length = timed(
+        lambda: activation_patch(model, clean, corrupted, metric, "resid_pre", layers=layers, reuse_prefix=False, **kw),
+        "resid sweep, every position recomputed (reuse_prefix=False)",
+    )
     heads, t_heads = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", layers=layers, **kw), "heads sweep")
     figures.update({
         "prompts": len(data), "tokens": clean.shape[1], "layers": layers,
         "mechscope": {"resid_s": t_resid, "heads_s": t_heads},
+        "prefix_reuse": {"full_length_s": t_full_length, "suffix_s": t_resid, "ratio": t_full_length / t_resid,
+                         "max_abs_diff": float((full_length - resid).abs().max())},
     })
     if not args.skip_atp:
+        graddrop_section(model, clean, corrupted, metric, figures, timed)
         atp_section(model, clean, corrupted, metric, heads if len(layers) == n_layers else None, figures, timed, kw)
     peers = {}
     if not args.skip_tl:
@@ -217,6 +245,13 @@ def main() -> None:
     for name, peer in peers.items():
         if "error" in peer:
             print(f"{PEERS[name]} failed:\n{peer['error']}")
+    r = figures["prefix_reuse"]
+    print(f"\nresid sweep reusing the base run before each patched position: {r['ratio']:.2f}x faster than "
+          f"recomputing every position ({r['full_length_s']:.1f}s -> {r['suffix_s']:.1f}s), max diff {r['max_abs_diff']:.1e}")
+    if "graddrop" in figures:
+        g = figures["graddrop"]
+        print(f"GradDrop gradients: {g['ratio']:.2f}x faster than one batched copy per layer "
+              f"({g['batched_copies_s']:.1f}s -> {g['graddrop_pass_s']:.1f}s), max diff {g['max_abs_diff']:.1e}")
     if "atp_star" in figures:
         a = figures["atp_star"]
         t_full = a["exhaustive_heads_s"]

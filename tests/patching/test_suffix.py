@@ -113,12 +113,17 @@ def test_suffix_runs_fewer_positions():
     """Forwards of patches at later positions run only the positions from there on."""
     model = gqa_rotary()
     clean, corrupted, metric = _pair(model, n=2, seq=5)
-    lengths = []
-    handles = model.add_hook("blocks.1.hook_resid_post", lambda x, *, hook: lengths.append(x.shape[1]))
-    try:
-        activation_patch(model, clean, corrupted, metric, "resid_pre", batch_size=2)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert min(lengths[1:]) == 1 and max(lengths[1:]) == 5  # lengths[0] is the base run
-    assert sum(lengths[1:]) < 5 * (len(lengths) - 1)
+    results, lengths = {}, {}
+    for reuse in (True, False):
+        seen = lengths[reuse] = []
+        handles = model.add_hook("blocks.1.hook_resid_post", lambda x, *, hook, seen=seen: seen.append(x.shape[1]))
+        try:
+            results[reuse] = activation_patch(model, clean, corrupted, metric, "resid_pre", batch_size=2,
+                                              reuse_prefix=reuse)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert_close(results[True], results[False], atol=1e-5, rtol=0)
+    assert set(lengths[False]) == {5}
+    assert min(lengths[True][1:]) == 1 and max(lengths[True][1:]) == 5  # lengths[True][0] is the base run
+    assert sum(lengths[True]) < sum(lengths[False]) and len(lengths[True]) == len(lengths[False])

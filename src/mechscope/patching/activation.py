@@ -391,7 +391,9 @@ def _base_runs(model, tokens: Tensor, site: Site, layers: list[int], attention_m
     return base, {layer: cache["resid_pre", layer] for layer in range(model.cfg.n_layers)}, cache
 
 
-def _sweep(model, base_tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt, **kw) -> Tensor:
+def _sweep(
+    model, base_tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt, reuse_prefix, **kw
+) -> Tensor:
     site, by = get_site(site, by)
     layers = _layers(model, layers)
     _check_site_exists(model, site, layers)
@@ -409,7 +411,10 @@ def _sweep(model, base_tokens, sources_fn, metric, site, by, layers, patches, at
             limits = torch.tensor(sizes, dtype=torch.long)
             if bool(bad_layer.any()) or bool(((patches[:, 1:] < 0) | (patches[:, 1:] >= limits)).any()):
                 raise InputError(f"patch indices out of range: layers {layers}, {dict(zip(by, sizes))}")
-    out = run_patches(model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask, base=base, **kw)
+    out = run_patches(
+        model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask,
+        base=base if reuse_prefix else None, **kw,
+    )
     out = out if per_prompt else out.mean(-1)
     return out.reshape(len(layers), *sizes, *out.shape[1:]) if grid else out
 
@@ -431,6 +436,7 @@ def activation_patch(
     memory_budget: int = 2**30,
     logit_positions: int | list[int] | None = None,
     progress: bool = False,
+    reuse_prefix: bool = True,
 ) -> Tensor:
     """Patch one site at every ``(layer, *by)`` index and return the metric of each patched run.
 
@@ -445,6 +451,8 @@ def activation_patch(
     ``[n_patches, 1 + len(by)]``. Prompts must share one length (or pass ``attention_mask``).
     ``logit_positions=-1`` skips the unembedding of the other positions (for metrics that read
     the final position only); ``batch_size``/``memory_budget`` bound each forward (see `run_patches`).
+    Patches by position run only the positions from the patched one on (``reuse_prefix``; see
+    `BaseRun`), with the same results.
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -474,6 +482,7 @@ def activation_patch(
     return _sweep(
         model, base, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt,
         batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
+        reuse_prefix=reuse_prefix,
     )
 
 
@@ -494,14 +503,15 @@ def ablate(
     memory_budget: int = 2**30,
     logit_positions: int | list[int] | None = None,
     progress: bool = False,
+    reuse_prefix: bool = True,
 ) -> Tensor:
     """Ablate one site at every ``(layer, *by)`` index: zero, mean or resample ablation.
 
     ``kind="mean"`` replaces entries with their mean over the ``reference`` prompts (per
     position, so they must have the same length as ``tokens``); ``"resample"`` gives each
     prompt the activation of a reference prompt drawn at random (``seed``). ``reference``
-    defaults to ``tokens`` itself. Sites, ``by`` and the result layout are as in
-    `activation_patch`.
+    defaults to ``tokens`` itself. Sites, ``by``, the result layout and the other options are as
+    in `activation_patch`.
 
     Example:
         >>> metric = lambda logits: logits[:, -1, 7]
@@ -532,4 +542,5 @@ def ablate(
     return _sweep(
         model, tokens, sources_fn, metric, site, by, layers, patches, None, per_prompt,
         batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
+        reuse_prefix=reuse_prefix,
     )
