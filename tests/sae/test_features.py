@@ -9,6 +9,7 @@ from mechscope.errors import ConfigError, InputError
 from mechscope.patching import LogitDiff
 from mechscope.sae import SAEConfig, make_sae
 from mechscope.sae.features import feature_ablate, feature_attribution_patch, feature_patch
+from mechscope.sae.splice import run_with_saes
 
 from ..conftest import tiny_model
 
@@ -183,6 +184,50 @@ def test_attribution_matches_direct_autograd(model, pair, saes):
         torch.testing.assert_close(per_feature[f"{key}.hook_sae_error"], err.sum(1).mean(0), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(per_pos[f"{key}.hook_sae_error"], err.mean(0), atol=ATOL, rtol=1e-5)
         assert feat.abs().max() > 1e-3 and err.abs().max() > 1e-3
+
+
+def _oracle_error_run(model, tokens, sae, source_error, pos):
+    """One forward whose SAE output is ``recons + error`` with the error at ``pos`` taken from ``source_error``."""
+    captured = {}
+
+    def spliced(x, a):
+        recons = sae.decode(sae.encode(x), x if sae.W_skip is not None else None)
+        error = a - recons
+        error[:, pos] = source_error.expand_as(error)[:, pos]
+        return recons + error
+
+    if sae.cfg.is_transcoder:
+        hooks = [(sae.cfg.hook_name, lambda a, *, hook: captured.__setitem__("x", a)),
+                 (sae.cfg.hook_name_out, lambda a, *, hook: spliced(captured["x"], a))]  # fmt: skip
+    else:
+        hooks = [(sae.cfg.hook_name, lambda a, *, hook: spliced(a.flatten(2), a.flatten(2)).reshape(a.shape))]
+    with torch.no_grad():
+        return METRIC(model.run_with_hooks(tokens, fwd_hooks=hooks))
+
+
+def _oracle_error(model, tokens, sae):
+    _, cache = model.run_with_cache(tokens, names_filter=list(dict.fromkeys([sae.cfg.hook_name, sae.cfg.output_hook])))
+    x, a = cache[sae.cfg.hook_name].flatten(2), cache[sae.cfg.output_hook].flatten(2)
+    return (a - sae.decode(sae.encode(x), x if sae.W_skip is not None else None)).detach()
+
+
+def test_error_node_patching_and_ablation_match_loop(model, pair, saes):
+    clean, corrupted = pair
+    whole = feature_patch(model, saes, clean, corrupted, METRIC, error=True, features=[0], per_prompt=True)
+    per_pos = feature_patch(model, saes, clean, corrupted, METRIC, by=("pos", "feature"), error=True, features=[0],
+                            per_prompt=True)  # fmt: skip
+    zero = feature_ablate(model, saes, clean, METRIC, kind="zero", error=True, features=[0], per_prompt=True)
+    for sae in saes:
+        name = f"{sae.cfg.output_hook}.hook_sae_error"
+        source = _oracle_error(model, clean, sae)
+        expected = _oracle_error_run(model, corrupted, sae, source, slice(None))
+        torch.testing.assert_close(whole[name], expected, atol=ATOL, rtol=0)
+        expected_pos = torch.stack([_oracle_error_run(model, corrupted, sae, source, p) for p in range(6)])
+        torch.testing.assert_close(per_pos[name], expected_pos, atol=ATOL, rtol=0)
+        assert (expected_pos - METRIC(model(corrupted))).abs().max() > 1e-3
+        # zero-ablating the error is running the plain SAE
+        plain = METRIC(run_with_saes(model, clean, saes=sae))
+        torch.testing.assert_close(zero[name], plain, atol=ATOL, rtol=0)
 
 
 def test_bad_input_names_the_fix(model, pair, saes):

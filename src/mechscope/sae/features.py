@@ -10,7 +10,8 @@ node of `feature_attribution_patch`).
 one feature. ``features`` picks feature ids (a list for every SAE, or a dict keyed by the SAE's
 hook); by default every *live* feature is patched, one whose activation differs between the
 patched run and the source somewhere, and every other feature reports the unpatched metric
-(patching it changes nothing).
+(patching it changes nothing). With ``error=True`` each SAE's error term is patched too, as one
+node (or one per position).
 
 Patches run as batch elements of `mechscope.patching.run_patches`: each forward starts at the
 SAE's block from the cached residual stream, chunks fit ``memory_budget`` (the SAE's latents
@@ -143,49 +144,60 @@ def _tokens(model, tokens) -> Tensor:
     return model._tokens_and_mask(tokens, None, None, "right")[0]
 
 
-def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, attention_mask, per_prompt, batch_size,
+def _nodes(sae: SAE, axes: tuple[str, ...], error: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """``(hook name, by axes)`` of the nodes patched for ``sae``: its latents, then its error term."""
+    nodes = [(acts_name(sae), axes)]
+    if error:
+        nodes.append((f"{sae.cfg.output_hook}.{ERROR}", ("pos",) if "pos" in axes else ()))
+    return nodes
+
+
+def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, attention_mask, per_prompt, batch_size,
            memory_budget, logit_positions, progress) -> dict[str, Tensor]:  # fmt: skip
     saes = _check(model, saes)
     axes = _by_axes(by)
-    layers = {acts_name(sae): _start_layer(sae) for sae in saes}
-    ids = {acts_name(sae): _feature_ids(features, sae) for sae in saes}
-    names = [act_name("resid_pre", layer) for layer in sorted(set(layers.values()))] + list(layers)
-    base, cache = base_run(_SplicedModel(model, saes), base_tokens, attention_mask, names)
+    layers = {sae.cfg.output_hook: _start_layer(sae) for sae in saes}
+    names = [name for sae in saes for name, _ in _nodes(sae, axes, error)]
+    resid = [act_name("resid_pre", layer) for layer in sorted(set(layers.values()))]
+    base, cache = base_run(_SplicedModel(model, saes), base_tokens, attention_mask, resid + names)
     with torch.no_grad():
         base_metric = metric(base.logits).float()
-    sources = sources_fn(saes, cache)
+    sources = sources_fn(saes, names, cache)
     n_prompts, seq = base_tokens.shape
     out = {}
     for sae in saes:
-        name, layer = acts_name(sae), layers[acts_name(sae)]
-        base_acts, source = cache[name], sources[name]
-        if ids[name] is None:
-            differs = (source != base_acts).any(0)  # [pos, d_sae]
-            live = differs if axes == ("pos", "d_sae") else differs.any(0)
-            index = live.nonzero()  # [n_patches, len(axes)]
-            grid = tuple(live.shape)
-        else:
-            chosen = ids[name].to(base_acts.device)
-            if axes == ("pos", "d_sae"):
-                index = torch.cartesian_prod(torch.arange(seq, device=base_acts.device), chosen).reshape(-1, 2)
-                grid = (seq, len(chosen))
-            else:
-                index = chosen[:, None]
-                grid = (len(chosen),)
-        values = base_metric.expand(*grid, n_prompts).clone()
-        if len(index):
-            patches = torch.cat([torch.full((len(index), 1), layer, device=index.device), index], 1).cpu()
-            site = FeatureSite(name, ("pos", "d_sae"), ("d_sae",), name)
-            got = run_patches(
-                _SplicedModel(model, [sae]), {layer: cache["resid_pre", layer]}, {layer: source}, site, axes, patches,
-                metric, attention_mask=attention_mask, batch_size=_rows(model, sae, seq, memory_budget, logit_positions,
-                batch_size), logit_positions=logit_positions, progress=progress, base=base,
-            )  # fmt: skip
-            if ids[name] is None:
-                values[tuple(index.T)] = got.to(values.device)
-            else:
-                values = got.to(values.device).reshape(*grid, n_prompts)
-        out[name] = values if per_prompt else values.mean(-1)
+        layer, ids = layers[sae.cfg.output_hook], _feature_ids(features, sae)
+        for name, node_by in _nodes(sae, axes, error):
+            base_acts, source = cache[name], sources[name]
+            device = base_acts.device
+            dense = name.endswith(ACTS) and ids is None
+            if dense:  # only live features: the others leave the run unchanged
+                differs = (source != base_acts).any(0)  # [pos, d_sae]
+                live = differs if "pos" in node_by else differs.any(0)
+                index, grid = live.nonzero(), tuple(live.shape)  # [n_patches, len(node_by)]
+            elif name.endswith(ACTS):
+                chosen = ids.to(device)
+                if "pos" in node_by:
+                    index, grid = torch.cartesian_prod(torch.arange(seq, device=device), chosen).reshape(-1, 2), (seq, len(chosen))
+                else:
+                    index, grid = chosen[:, None], (len(chosen),)
+            else:  # the error term: whole, or one position at a time
+                index = torch.arange(seq, device=device)[:, None] if node_by else torch.zeros(1, 0, dtype=torch.long, device=device)
+                grid = (seq,) if node_by else ()
+            values = base_metric.expand(*grid, n_prompts).clone()
+            if len(index):
+                patches = torch.cat([torch.full((len(index), 1), layer, device=device), index], 1).cpu()
+                site = FeatureSite(name, ("pos", "d_sae" if name.endswith(ACTS) else "d_out"), node_by, name)
+                got = run_patches(
+                    _SplicedModel(model, [sae]), {layer: cache["resid_pre", layer]}, {layer: source}, site, node_by,
+                    patches, metric, attention_mask=attention_mask, logit_positions=logit_positions, progress=progress,
+                    batch_size=_rows(model, sae, seq, memory_budget, logit_positions, batch_size), base=base,
+                ).to(values.device)  # fmt: skip
+                if dense:
+                    values[tuple(index.T)] = got
+                else:
+                    values = got.reshape(*grid, n_prompts)
+            out[name] = values if per_prompt else values.mean(-1)
     return out
 
 
@@ -199,6 +211,7 @@ def feature_patch(
     *,
     direction: Direction = "denoising",
     features: Features = None,
+    error: bool = False,
     attention_mask: Tensor | None = None,
     per_prompt: bool = False,
     batch_size: int | None = None,
@@ -212,8 +225,9 @@ def feature_patch(
     in, ``"noising"`` the reverse. Returns ``{acts_name: values}`` with values ``[d_sae]`` for
     ``by="feature"`` or ``[pos, d_sae]`` for ``by=("pos", "feature")`` (``[n_features]`` /
     ``[pos, n_features]`` for an explicit ``features`` list, in its order), averaged over prompts
-    (``per_prompt`` keeps a trailing ``[n_prompts]`` axis). Other arguments as in
-    `mechscope.patching.activation_patch`.
+    (``per_prompt`` keeps a trailing ``[n_prompts]`` axis). ``error=True`` also patches each SAE's
+    error term as one node (key ``"...hook_sae_error"``; ``[]``, or ``[pos]`` by position).
+    Other arguments as in `mechscope.patching.activation_patch`.
 
     Example:
         >>> from mechscope.sae import SAEConfig, make_sae
@@ -236,15 +250,14 @@ def feature_patch(
         )
     base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
 
-    def sources_fn(saes: list[SAE], base_cache) -> dict[str, Tensor]:
+    def sources_fn(saes: list[SAE], names: list[str], base_cache) -> dict[str, Tensor]:
         with torch.no_grad():
             _, cache = run_with_cache_with_saes(
-                model, source, saes=saes, use_error_term=True, names_filter=[acts_name(s) for s in saes],
-                attention_mask=attention_mask,
-            )  # fmt: skip
-        return {acts_name(s): cache[acts_name(s)] for s in saes}
+                model, source, saes=saes, use_error_term=True, names_filter=names, attention_mask=attention_mask
+            )
+        return {name: cache[name] for name in names}
 
-    return _sweep(model, saes, base, sources_fn, metric, by, features, attention_mask, per_prompt, batch_size,
+    return _sweep(model, saes, base, sources_fn, metric, by, features, error, attention_mask, per_prompt, batch_size,
                   memory_budget, logit_positions, progress)  # fmt: skip
 
 
@@ -259,6 +272,7 @@ def feature_ablate(
     reference: Tensor | None = None,
     seed: int = 0,
     features: Features = None,
+    error: bool = False,
     per_prompt: bool = False,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
@@ -270,7 +284,8 @@ def feature_ablate(
     ``kind="mean"`` replaces a feature by its mean over the ``reference`` prompts at each
     position; ``"resample"`` gives each prompt the activations of a reference prompt drawn at
     random (``seed``, drawn as in `mechscope.patching.ablate`). ``reference`` defaults to
-    ``tokens``. Results as in `feature_patch`.
+    ``tokens``. Results as in `feature_patch`; with ``error=True`` zero-ablating the error term
+    gives the metric of the model with the plain SAE spliced in.
 
     Example:
         >>> from mechscope.sae import SAEConfig, make_sae
@@ -289,8 +304,7 @@ def feature_ablate(
             "mean and resample ablation replace activations position by position, so use prompts of equal length"
         )
 
-    def sources_fn(saes: list[SAE], base_cache) -> dict[str, Tensor]:
-        names = [acts_name(s) for s in saes]
+    def sources_fn(saes: list[SAE], names: list[str], base_cache) -> dict[str, Tensor]:
         if kind == "zero":
             return {name: torch.zeros_like(base_cache[name][:1]) for name in names}
         with torch.no_grad():
@@ -301,7 +315,7 @@ def feature_ablate(
         pick = torch.randint(ref.shape[0], (tokens.shape[0],), generator=gen).to(model.device)
         return {name: cache[name][pick] for name in names}
 
-    return _sweep(model, saes, tokens, sources_fn, metric, by, features, None, per_prompt, batch_size,
+    return _sweep(model, saes, tokens, sources_fn, metric, by, features, error, None, per_prompt, batch_size,
                   memory_budget, logit_positions, progress)  # fmt: skip
 
 
