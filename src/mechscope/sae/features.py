@@ -3,8 +3,8 @@
 The SAEs are spliced in with their error term, so an unpatched run equals the clean model and
 patching a feature changes the SAE's output by exactly the change of its reconstruction.
 Results are keyed by the full name of the patched hook point, e.g.
-``"blocks.1.hook_resid_post.hook_sae_acts_post"`` (and ``...hook_sae_error`` for the error
-node of `feature_attribution_patch`).
+``"blocks.1.hook_resid_post.hook_sae_acts_post"``, and ``"...hook_sae_error"`` for the SAE's
+error term, a node of its own.
 
 ``by="feature"`` patches a feature at every position; ``by=("pos", "feature")`` one position of
 one feature. ``features`` picks feature ids (a list for every SAE, or a dict keyed by the SAE's
@@ -44,7 +44,8 @@ ERROR = "hook_sae_error"
 
 @dataclass(frozen=True)
 class FeatureSite(Site):
-    """The latents ``[batch, pos, d_sae]`` of one spliced SAE as a patching site.
+    """The latents ``[batch, pos, d_sae]`` (or error term ``[batch, pos, d_out]``) of one spliced SAE
+    as a patching site: its hook is the same at every "layer" (the patched forwards' start block).
 
     Example:
         >>> FeatureSite("f", ("pos", "d_sae"), ("d_sae",), "blocks.1.hook_resid_post.hook_sae_acts_post").hook(1)
