@@ -498,6 +498,8 @@ def ablate(
     seed: int = 0,
     layers: list[int] | None = None,
     patches: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    reference_mask: Tensor | None = None,
     per_prompt: bool = False,
     batch_size: int | None = None,
     memory_budget: int = 2**30,
@@ -513,6 +515,12 @@ def ablate(
     defaults to ``tokens`` itself. Sites, ``by``, the result layout and the other options are as
     in `activation_patch`.
 
+    Padded prompts: ``attention_mask`` ``[batch, pos]`` (1 = real token) goes with ``tokens`` and
+    ``reference_mask`` with ``reference`` (default: ``attention_mask`` when ``reference`` is
+    ``tokens``). The mean then counts real tokens only (per position; along ``query_pos`` and
+    ``key_pos`` for ``pattern``), and resampling draws among reference prompts padded exactly
+    like the prompt.
+
     Example:
         >>> metric = lambda logits: logits[:, -1, 7]
         >>> ablate(model, tokens, metric, "z", kind="zero").shape
@@ -520,27 +528,65 @@ def ablate(
     """
     if kind not in ("zero", "mean", "resample"):
         raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
-    tokens = model._tokens_and_mask(tokens, None, None, "right")[0]
-    ref = tokens if reference is None else model._tokens_and_mask(reference, None, None, "right")[0]
+    tokens, attention_mask = model._tokens_and_mask(tokens, attention_mask, None, "right")
+    if reference is None:
+        ref, reference_mask = tokens, attention_mask if reference_mask is None else reference_mask
+    else:
+        ref = model._tokens_and_mask(reference, None, None, "right")[0]
     if kind != "zero" and ref.shape[1] != tokens.shape[1]:
         raise InputError(
             f"reference prompts have {ref.shape[1]} tokens but the ablated prompts have {tokens.shape[1]}; "
             "mean and resample ablation replace activations position by position, so use prompts of equal length"
         )
+    reference_mask = model._check_mask(reference_mask, tuple(ref.shape))
+    mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask
+    ref_mask = torch.ones_like(ref, dtype=torch.bool) if reference_mask is None else reference_mask
+    if kind == "mean" and bool((mask.any(0) & ~ref_mask.any(0)).any()):
+        missing = (mask.any(0) & ~ref_mask.any(0)).nonzero()[:, 0].tolist()
+        raise InputError(f"no reference prompt has a real token at positions {missing}, so there is no mean there")
 
     def sources_fn(site: Site, layers: list[int], base_cache) -> dict[int, Tensor]:
         if kind == "zero":
             return {layer: torch.zeros_like(base_cache[site.hook(layer)][:1]) for layer in layers}
         with torch.no_grad():
-            _, cache = model.run_with_cache(ref, names_filter=[site.hook(layer) for layer in layers])
+            _, cache = model.run_with_cache(
+                ref, names_filter=[site.hook(layer) for layer in layers], attention_mask=reference_mask
+            )
         if kind == "mean":
-            return {layer: cache[site.hook(layer)].mean(0, keepdim=True) for layer in layers}
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randint(ref.shape[0], (tokens.shape[0],), generator=gen).to(model.device)
-        return {layer: cache[site.hook(layer)][pick] for layer in layers}
+            return {layer: _masked_mean(cache[site.hook(layer)], site, ref_mask) for layer in layers}
+        pick = _resample(mask, ref_mask, seed, plain=attention_mask is None and reference_mask is None)
+        return {layer: cache[site.hook(layer)][pick.to(model.device)] for layer in layers}
 
     return _sweep(
-        model, tokens, sources_fn, metric, site, by, layers, patches, None, per_prompt,
+        model, tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt,
         batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
         reuse_prefix=reuse_prefix,
     )
+
+
+def _masked_mean(act: Tensor, site: Site, ref_mask: Tensor) -> Tensor:
+    """Mean over reference prompts ``[1, *site.axes]``, counting only real tokens at each position."""
+    weight = torch.ones(act.shape[0], *[1] * len(site.axes), device=act.device, dtype=act.dtype)
+    for i, axis in enumerate(site.axes):
+        if axis in ("pos", "query_pos", "key_pos"):
+            shape = [act.shape[0]] + [1] * len(site.axes)
+            shape[1 + i] = act.shape[1 + i]
+            weight = weight * ref_mask.to(act.device, act.dtype).view(shape)
+    return (act * weight).sum(0, keepdim=True) / weight.sum(0, keepdim=True).clamp(min=1)
+
+
+def _resample(mask: Tensor, ref_mask: Tensor, seed: int, plain: bool) -> Tensor:
+    """For each prompt, a reference prompt drawn at random among those padded like it."""
+    gen = torch.Generator().manual_seed(seed)
+    if plain:
+        return torch.randint(ref_mask.shape[0], (mask.shape[0],), generator=gen)
+    picks = []
+    for row in mask.cpu():
+        same = (ref_mask.cpu() == row).all(-1).nonzero()[:, 0]
+        if not len(same):
+            raise InputError(
+                f"no reference prompt is padded like prompt {len(picks)}; resampling needs, for each prompt, "
+                "reference prompts with the same attention_mask"
+            )
+        picks.append(int(same[torch.randint(len(same), (1,), generator=gen)]))
+    return torch.tensor(picks)
