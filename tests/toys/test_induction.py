@@ -28,6 +28,8 @@ def test_repeated_spans_are_copies_and_the_mask_marks_predictable_targets():
         assert any(row[s : s + span] == copy for s in range(second - span + 1))
     with pytest.raises(ConfigError, match="min_span"):
         induction.InductionConfig(seq_len=10, min_span=6)
+    with pytest.raises(ConfigError, match="seq_len <= 17"):
+        induction.InductionConfig(d_vocab=8, seq_len=20)
 
 
 def _model(seed=0):

@@ -75,6 +75,11 @@ class InductionConfig:
         for name in ("d_vocab", "steps", "batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len // 2 > self.d_vocab:
+            raise ConfigError(
+                f"seq_len // 2 = {self.seq_len // 2} exceeds d_vocab = {self.d_vocab}: the scoring sequences repeat a "
+                f"half of distinct tokens; use seq_len <= {2 * self.d_vocab + 1}"
+            )
         self.model_config()
 
     def model_config(self) -> ModelConfig:
