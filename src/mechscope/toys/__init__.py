@@ -6,6 +6,8 @@
   feature geometry and the two-feature phase diagram.
 - `mechscope.toys.induction`: a two-layer attention-only transformer that forms induction heads,
   with head scores, composition scores and their causal check.
+- `mechscope.toys.checkpoint`: atomic, resumable training state (used by superposition and
+  induction training).
 
 ``mechscope toys grokking|superposition|induction`` runs each and writes an HTML report.
 
