@@ -81,3 +81,33 @@ def load_state(out_dir: str | os.PathLike, config: dict, resumable: tuple[str, .
             "use another directory or the same settings"
         )
     return state
+
+
+def resume(out_dir: str | os.PathLike | None, config: dict, resumable: tuple[str, ...], steps: int,
+           model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[list, int]:
+    """Restore ``model``, ``optimizer`` and ``generator`` from ``out_dir``'s state, if any.
+
+    Returns the saved curve and the step to continue from (``[]`` and 0 for a fresh run or no
+    directory). A saved run already past ``steps`` raises a `LoadError`.
+
+    Example:
+        >>> import tempfile
+        >>> out, net = tempfile.mkdtemp(), torch.nn.Linear(2, 2)
+        >>> opt, gen = torch.optim.SGD(net.parameters(), lr=0.1), torch.Generator()
+        >>> save_state(out, {"steps": 10}, 4, model=net.state_dict(), optimizer=opt.state_dict(),
+        ...            generator=gen.get_state(), history=[[0.5]])
+        >>> resume(out, {"steps": 10}, ("steps",), 10, net, opt, gen)
+        ([[0.5]], 4)
+    """
+    state = load_state(out_dir, config, resumable) if out_dir is not None else None
+    if state is None:
+        return [], 0
+    if state["step"] > steps:
+        raise LoadError(
+            f"{out_dir} holds a run trained for {state['step']} steps, more than steps={steps}; "
+            f"pass steps >= {state['step']} or another directory"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["history"], state["step"]

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.analysis import heads, weights
-from mechscope.errors import ConfigError, InputError, LoadError
+from mechscope.errors import ConfigError, InputError
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import checkpoint
@@ -179,19 +179,7 @@ def train_induction(
     model = HookedTransformer(cfg.model_config()).init_weights(seed=cfg.seed, std=cfg.d_model**-0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    start = 0
-    state = checkpoint.load_state(out_dir, dataclasses.asdict(cfg), _RESUMABLE) if out_dir is not None else None
-    if state is not None:
-        if state["step"] > cfg.steps:
-            raise LoadError(
-                f"{out_dir} holds a run trained for {state['step']} steps, more than steps={cfg.steps}; "
-                f"pass steps >= {state['step']} or another directory"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history, start = state["history"], state["step"]
+    history, start = checkpoint.resume(out_dir, dataclasses.asdict(cfg), _RESUMABLE, cfg.steps, model, optimizer, generator)
     log_every = max(1, cfg.steps // 100)
     model.train()
     bar = tqdm(range(start, cfg.steps), desc="induction", disable=not progress, leave=False, initial=start,

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechscope.errors import ConfigError, InputError, LoadError
+from mechscope.errors import ConfigError, InputError
 from mechscope.toys import checkpoint
 
 
@@ -141,19 +141,7 @@ def train_toy_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
     generator = torch.Generator(device=model.W.device).manual_seed(training.seed)
     settings = _run_settings(model, training)
-    history: list[list[float]] = []
-    start = 0
-    state = checkpoint.load_state(out_dir, settings, _RESUMABLE) if out_dir is not None else None
-    if state is not None:
-        if state["step"] > training.steps:
-            raise LoadError(
-                f"{out_dir} holds a run trained for {state['step']} steps, more than steps={training.steps}; "
-                f"pass steps >= {state['step']} or another directory"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history, start = state["history"], state["step"]
+    history, start = checkpoint.resume(out_dir, settings, _RESUMABLE, training.steps, model, optimizer, generator)
     log_every = max(1, training.steps // 100)
     bar = tqdm(range(start, training.steps), desc="superposition", disable=not progress, leave=False, initial=start,
                total=training.steps)
