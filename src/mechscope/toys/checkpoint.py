@@ -3,8 +3,8 @@
 A training loop saves everything its next step depends on (weights, optimiser, the data
 generator's state, the curves so far) with `save_state` every few steps, and calls
 `load_state` when it starts: a run interrupted at any point continues from the last save and
-ends with the same weights as an uninterrupted run. (`mechscope.toys.modular` keeps its own
-copy of this logic for now.)
+ends with the same weights as an uninterrupted run. (`mechscope.toys.modular` keeps
+its own state layout, with the epoch and the LR scheduler, written with `atomic_save`.)
 """
 
 from __future__ import annotations

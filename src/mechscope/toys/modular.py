@@ -26,6 +26,7 @@ from mechscope.model.components import AttentionContext
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import fourier
+from mechscope.toys.checkpoint import atomic_save
 
 
 @dataclass
@@ -223,12 +224,6 @@ def _evaluate(model: HookedTransformer, data: ModularData, p: int) -> dict:
     return out
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _atomic_save_file(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -328,7 +323,7 @@ def _save_state(run: GrokkingRun, optimizer, scheduler, out: Path, epoch: int) -
         "scheduler": scheduler.state_dict(),
         "history": run.history,
     }
-    _atomic_save(state, out / "state.pt")
+    atomic_save(state, out / "state.pt")
 
 
 _RESUMABLE = ("n_epochs", "stop_after_grokking", "save_every")

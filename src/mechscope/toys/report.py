@@ -1,7 +1,8 @@
 """Self-contained HTML reports (plotly, its JavaScript inlined once) and JSON numbers for the toys.
 
 Every figure's toolbar has plotly's camera button, which saves a PNG in the browser without
-any server or extra package.
+any server or extra package; `write_report` also writes the figures it can draw offline as PNG
+files beside the report (`write_pngs`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_report(
-    path: str | os.PathLike, title: str, sections: list[tuple[str, Any]], numbers: dict, summary: list[str] = ()
+    path: str | os.PathLike, title: str, sections: list[tuple[str, Any]], numbers: dict, summary: list[str] = (),
+    png: bool = True,
 ) -> tuple[Path, Path]:
     """Write ``path`` (HTML) and the same name with ``.json`` (the numbers); return both paths.
 
     ``sections`` are ``(heading, figure)`` pairs, a figure being a plotly figure or plain text.
     All text is HTML-escaped; plotly's JavaScript is inlined once, so the page works offline.
+    With ``png``, every figure that `mechscope.viz.png.save_png` can draw is also written to
+    ``<name>_png/NN_<heading>.png`` beside the report.
 
     Example:
         >>> import tempfile, plotly.graph_objects as go
@@ -68,7 +73,39 @@ def write_report(
     _atomic_write(path, "\n".join(parts))
     json_path = path.with_suffix(".json")
     _atomic_write(json_path, json.dumps(numbers, indent=2))
+    if png:
+        write_pngs(path.with_name(path.stem + "_png"), sections)
     return path, json_path
+
+
+def write_pngs(folder: str | os.PathLike, sections: list[tuple[str, Any]]) -> list[Path]:
+    """Save each drawable figure of ``sections`` as ``folder/NN_<heading>.png``; return the files.
+
+    Figures the offline renderer cannot draw (subplots, 3-D) are skipped; if no PNG backend is
+    installed, `save_png` warns once and nothing is written.
+
+    Example:
+        >>> import tempfile, plotly.graph_objects as go
+        >>> files = write_pngs(tempfile.mkdtemp(), [("Loss", go.Figure(go.Scatter(y=[2, 1]))), ("note", "text")])
+        >>> [f.name for f in files]
+        ['00_loss.png']
+    """
+    from mechscope.errors import InputError
+    from mechscope.viz.png import save_png
+
+    written = []
+    for i, (heading, figure) in enumerate(sections):
+        if isinstance(figure, str):
+            continue
+        slug = re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_") or "figure"
+        try:
+            out = save_png(figure, Path(folder) / f"{i:02d}_{slug}.png")
+        except InputError:
+            continue
+        if out is None:
+            break
+        written.append(out)
+    return written
 
 
 def line_figure(x: list, series: dict[str, list], title: str, x_title: str, log_y: bool = False):
