@@ -13,9 +13,9 @@ import torch
 from torch.testing import assert_close
 
 from mechscope.patching import activation_patch
-from mechscope.patching.metrics import LogitDiff
 from tests.conftest import tiny_model
 from tests.patching.oracle import cache_site, naive_patch_grid
+from tests.patching.test_activation import _pair
 
 
 def mha_learned():
@@ -39,14 +39,6 @@ def sliding():
     )
 
 
-def _pair(model, n=2, seq=5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(model.cfg.d_vocab, (n, seq), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 1] = torch.randint(model.cfg.d_vocab, (n,), generator=gen)
-    corrupted[:, 3] = torch.randint(model.cfg.d_vocab, (n,), generator=gen)
-    answers = torch.randint(model.cfg.d_vocab, (n, 2), generator=gen)
-    return clean, corrupted, LogitDiff(answers[:, 0], answers[:, 1])
 
 
 def every_position(logits):
@@ -76,7 +68,7 @@ def _check(model, clean, corrupted, metric, site, by, direction, mask=None, **kw
                          ids=[f"{m.__name__}-{d}-{s}-{b}" for m, d, s, b in CASES])
 def test_suffix_equals_naive(make_model, direction, site, by):
     model = make_model()
-    clean, corrupted, metric = _pair(model)
+    clean, corrupted, metric = _pair(model, seq=5)
     # A small batch mixes layers and start positions inside one forward.
     _check(model, clean, corrupted, metric, site, by, direction, batch_size=7)
 
