@@ -78,3 +78,29 @@ def test_kernels_against_dense_matrices():
         torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
         for got, want in zip(sparse_grads, torch.autograd.grad((dense_out * weight).sum(), params)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "batchtopk"])
+def test_folded_b_dec_encoder_equals_subtracting_it(arch):
+    """`encoder_pre` folds b_dec into the bias; an (identity) input hook forces the plain form."""
+    gen = torch.Generator().manual_seed(3)
+    sae = make_sae(SAEConfig(d_in=10, d_sae=24, architecture=arch, k=4), seed=2)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(16, 10, generator=gen)
+    results = []
+    for hooked in (False, True):
+        handle = sae.hook_sae_input.add_hook(lambda t, *, hook: t) if hooked else None
+        sae.zero_grad()
+        if hasattr(sae, "threshold"):
+            sae.threshold.zero_()
+        out = SAE.training_loss(sae, x)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+        if handle is not None:
+            handle.remove()
+    (folded, g_folded), (plain, g_plain) = results
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_folded[name], g_plain[name], atol=1e-5, rtol=1e-5, msg=name)

@@ -196,6 +196,25 @@ class SAE(HookedRootModule):
         x = self.hook_sae_input(self._flatten_input(x))
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
+    def encoder_pre(self, x: Tensor) -> Tensor:
+        """The encoder's affine map ``sae_input(x) @ W_enc + b_enc`` (before the hook and nonlinearity).
+
+        With ``b_dec`` subtracted from the input (and no hook on ``hook_sae_input`` to see it), this
+        is computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)``: the same value, but training's
+        backward then needs no ``[batch, d_sae] x [d_sae, d_in]`` product for the input gradient
+        (``x`` is data; ``b_dec`` gets its encoder-side gradient from a vector product).
+
+        Example:
+            >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16)); x = torch.randn(3, 8)
+            >>> with torch.no_grad():
+            ...     _ = sae.b_dec.normal_()
+            >>> torch.allclose(sae.encoder_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc, atol=1e-5)
+            True
+        """
+        if self.cfg.apply_b_dec_to_input and not self.hook_sae_input.has_hooks:
+            return self._flatten_input(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        return self.sae_input(x) @ self.W_enc + self.b_enc
+
     def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pre-activations and latent activations ``[..., d_sae]`` for a flattened input."""
         raise NotImplementedError

@@ -34,7 +34,7 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.zeros((), dtype=self.dtype))
 
     def _pre(self, x: Tensor) -> Tensor:
-        return self.hook_sae_acts_pre(self.sae_input(x) @ self.W_enc + self.b_enc)
+        return self.hook_sae_acts_pre(self.encoder_pre(x))
 
     def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = self._pre(x)

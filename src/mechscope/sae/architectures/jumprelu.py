@@ -76,7 +76,7 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()
 
     def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.hook_sae_acts_pre(self.sae_input(x) @ self.W_enc + self.b_enc)
+        pre = self.hook_sae_acts_pre(self.encoder_pre(x))
         acts = _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
         return pre, self.hook_sae_acts_post(acts)
 

@@ -21,10 +21,12 @@ class StandardSAE(SAE):
     """
 
     def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.hook_sae_acts_pre(self.sae_input(x) @ self.W_enc + self.b_enc)
+        pre = self.hook_sae_acts_pre(self.encoder_pre(x))
         return pre, self.hook_sae_acts_post(torch.relu(pre))
 
     def sparsity_losses(self, x, target, pre, acts, recons, coefficient_scale, dead_mask):
-        weighted = acts.pow(self.cfg.lp_norm) * self.decoder_norms()
+        norms = self.decoder_norms()
+        # acts >= 0, so the L1 penalty is a matrix-vector product (no [batch, d_sae] temporaries)
+        per_token = acts @ norms if self.cfg.lp_norm == 1 else (acts.pow(self.cfg.lp_norm) * norms).sum(-1)
         coef = self.cfg.sparsity_coefficient * coefficient_scale
-        return {"sparsity": coef * weighted.sum(-1).mean()}
+        return {"sparsity": coef * per_token.mean()}

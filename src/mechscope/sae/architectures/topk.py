@@ -42,7 +42,7 @@ class TopKSAE(SAE):
     """
 
     def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.hook_sae_acts_pre(self.sae_input(x) @ self.W_enc + self.b_enc)
+        pre = self.hook_sae_acts_pre(self.encoder_pre(x))
         values, indices = pre.topk(self.cfg.k, dim=-1)
         acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
         return pre, self.hook_sae_acts_post(acts)
