@@ -32,7 +32,7 @@ def ioi_tour(
     ``full=True`` uses 8 prompts and every layer. ``n_prompts`` and ``layer_step`` override either.
 
     Example:
-        >>> ioi_tour(ms.load("smollm2-135m"), "/tmp/tour")  # doctest: +SKIP
+        >>> ioi_tour(ms.load("smollm2-135m"), "mechscope-tour")  # doctest: +SKIP
     """
     from mechscope.viz.heatmap import (
         layer_head_heatmap,
