@@ -10,6 +10,15 @@ import mechscope as ms
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (tiny models gain nothing from more; a busy machine loses)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
     """Re-draw every parameter so that each weight visibly affects the logits.
 

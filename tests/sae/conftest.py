@@ -7,12 +7,9 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny matrices train faster on one thread, especially on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
 
 
 def unit_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:

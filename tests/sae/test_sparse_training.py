@@ -104,3 +104,22 @@ def test_folded_b_dec_encoder_equals_subtracting_it(arch):
     torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_folded[name], g_plain[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_an_edited_input_trains_through_the_dense_graph(arch):
+    gen = torch.Generator().manual_seed(5)
+    sae = make_sae(SAEConfig(d_in=8, d_sae=24, architecture=arch, k=3), seed=4)
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=gen)
+    x = torch.randn(12, 8, generator=gen)
+    sae.hook_sae_input.add_hook(lambda t, *, hook: 2 * t)
+    (edited, g_edited, _), (dense, g_dense, _) = _dense_and_sparse(sae, x)
+    torch.testing.assert_close(edited.loss, dense.loss)
+    for name in g_dense:
+        torch.testing.assert_close(g_edited[name], g_dense[name], msg=name)
+    # and the edit matters: the same SAE without it trains to another gradient
+    sae.hook_sae_input.remove_hooks()
+    sae.zero_grad()
+    sae.training_loss(x).loss.backward()
+    assert not torch.allclose(sae.W_enc.grad, g_edited["W_enc"])

@@ -1,12 +1,8 @@
 """The toy models are tiny: one thread avoids thread-synchronisation overhead on a busy machine."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)

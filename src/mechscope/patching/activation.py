@@ -419,6 +419,27 @@ def _sweep(
     return out.reshape(len(layers), *sizes, *out.shape[1:]) if grid else out
 
 
+def base_and_source(model, clean_tokens, corrupted_tokens, direction: Direction) -> tuple[Tensor, Tensor]:
+    """Token ids ``(run patched, run patched from)``: (corrupted, clean) for denoising, (clean,
+    corrupted) for noising; strings are tokenised, and the two must have the same shape.
+
+    Example:
+        >>> base, source = base_and_source(model, torch.tensor([[1, 2]]), torch.tensor([[1, 3]]), "denoising")
+        >>> base.tolist(), source.tolist()
+        ([[1, 3]], [[1, 2]])
+    """
+    if direction not in ("denoising", "noising"):
+        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    clean_tokens = model._tokens_and_mask(clean_tokens, None, None, "right")[0]
+    corrupted_tokens = model._tokens_and_mask(corrupted_tokens, None, None, "right")[0]
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise InputError(
+            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in "
+            "shape; build pairs of equal length (mechscope.data.tasks aligns them with align=True)"
+        )
+    return (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+
+
 def activation_patch(
     model,
     clean_tokens: Tensor,
@@ -462,16 +483,7 @@ def activation_patch(
         >>> activation_patch(model, clean, corrupted, metric, "z", by=("pos", "head")).shape
         torch.Size([3, 4, 4])
     """
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    clean_tokens = model._tokens_and_mask(clean_tokens, None, None, "right")[0]
-    corrupted_tokens = model._tokens_and_mask(corrupted_tokens, None, None, "right")[0]
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise InputError(
-            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in "
-            "shape; build pairs of equal length (mechscope.data.tasks aligns them with align=True)"
-        )
-    base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+    base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
 
     def sources_fn(site: Site, layers: list[int], base_cache) -> dict[int, Tensor]:
         names = [site.hook(layer) for layer in layers]

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from mechscope.cache import act_name
 from mechscope.errors import ConfigError, InputError
-from mechscope.patching.activation import Direction, activation_patch
-from mechscope.patching.attribution import _pair, _source_acts, gradient_pass
+from mechscope.patching.activation import Direction, activation_patch, base_and_source
+from mechscope.patching.attribution import _source_acts, gradient_pass
 from mechscope.patching.metrics import Metric
 
 NodeType = Literal["heads", "queries", "keys", "values", "neurons"]
@@ -172,17 +172,18 @@ def graddrop_pass(
     return acts, {name: torch.stack(g).detach() for name, g in grads.items()}
 
 
-def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, drops, attention_mask):
-    """AtP* and plain AtP estimates ``[n_drops, n_prompts, layer, index]`` for one node type."""
+def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, graddrop: bool, attention_mask):
+    """AtP* and plain AtP estimates ``[n_drops, n_prompts, layer, index]`` for one node type: the plain
+    gradient, then (with ``graddrop``) each layer's GradDrop."""
     n_layers, groups = model.cfg.n_layers, model.cfg.n_kv_groups
     if nodes == "neurons":
         names = [act_name("post", layer) for layer in range(n_layers)]
     else:
         names = [name for layer in range(n_layers) for name in head_names(model, layer)]
-    if drops == [None, *range(n_layers)]:
+    if graddrop:
         acts, grads = graddrop_pass(model, base_tokens, names, metric, attention_mask)
     else:
-        acts, grads = gradient_pass(model, base_tokens, names, metric, drops, attention_mask)
+        acts, grads = gradient_pass(model, base_tokens, names, metric, attention_mask=attention_mask)
     src = _source_acts(model, source_tokens, names, attention_mask)
 
     def atp(name: str) -> Tensor:  # sum over positions and feature dims, keep the head/neuron axis
@@ -317,13 +318,13 @@ def atp_star(
     n_verify = 2 * top_k if n_verify is None else n_verify
     if n_samples and not n_verify and threshold is None:
         raise InputError("the false-negative estimate needs a threshold: pass threshold=... or verify (n_verify > 0)")
-    base, source = _pair(model, clean_tokens, corrupted_tokens, direction)
+    base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
     n_layers = model.cfg.n_layers
-    drops = [None] + (list(range(n_layers)) if graddrop and n_layers > 1 else [])
-    star, plain = _estimates(model, nodes, base, source, metric, drops, attention_mask)
+    graddrop = graddrop and n_layers > 1
+    star, plain = _estimates(model, nodes, base, source, metric, graddrop, attention_mask)
     est = (star if qk_fix else plain).mean(1)  # [n_drops, layer, index]: mean over prompts
     estimates, atp = est[0], plain[0].mean(0)
-    graddrop_scores = est[1:].abs().sum(0) / (n_layers - 1) if len(drops) > 1 else None
+    graddrop_scores = est[1:].abs().sum(0) / (n_layers - 1) if graddrop else None
     scores = graddrop_scores if graddrop_scores is not None else estimates.abs()
     order = scores.flatten().argsort(descending=True).cpu()
     width = scores.shape[1]

@@ -14,19 +14,8 @@ import torch
 from torch import Tensor
 
 from mechscope.cache import act_name
-from mechscope.errors import InputError
-from mechscope.patching.activation import Direction, get_site
+from mechscope.patching.activation import Direction, base_and_source, get_site
 from mechscope.patching.metrics import Metric
-
-
-def _pair(model, clean, corrupted, direction: Direction) -> tuple[Tensor, Tensor]:
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    clean = model._tokens_and_mask(clean, None, None, "right")[0]
-    corrupted = model._tokens_and_mask(corrupted, None, None, "right")[0]
-    if clean.shape != corrupted.shape:
-        raise InputError(f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} differ in shape")
-    return (corrupted, clean) if direction == "denoising" else (clean, corrupted)
 
 
 def gradient_pass(
@@ -110,7 +99,7 @@ def attribution_patch(
         >>> est["z"].shape, est["resid_pre"].shape
         (torch.Size([3, 4]), torch.Size([3, 4]))
     """
-    base, source = _pair(model, clean_tokens, corrupted_tokens, direction)
+    base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
     resolved = [get_site(site) for site in sites]
     names = [s.hook(layer) for s, _ in resolved for layer in range(model.cfg.n_layers)]
     acts, grads = gradient_pass(model, base, names, metric, attention_mask=attention_mask)

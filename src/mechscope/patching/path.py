@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from mechscope.cache import act_name
 from mechscope.errors import InputError
-from mechscope.patching.activation import rows_per_forward
-from mechscope.patching.attribution import _pair
+from mechscope.patching.activation import base_and_source, rows_per_forward
 from mechscope.patching.metrics import Metric
 
 Head = tuple[int, int]
@@ -79,7 +78,7 @@ def path_patch(
     cfg = model.cfg
     if receiver_input not in ("q", "k", "v"):
         raise InputError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}")
-    clean, corrupted = _pair(model, clean_tokens, corrupted_tokens, "noising")
+    clean, corrupted = base_and_source(model, clean_tokens, corrupted_tokens, "noising")
     grid = senders is None
     if grid:
         senders = [[(layer, head)] for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]

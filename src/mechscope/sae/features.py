@@ -30,7 +30,9 @@ from torch import Tensor
 
 from mechscope.cache import act_name
 from mechscope.errors import ConfigError, InputError
-from mechscope.patching.activation import AblationKind, Direction, Site, base_run, rows_per_forward, run_patches
+from mechscope.patching.activation import (
+    AblationKind, Direction, Site, base_and_source, base_run, rows_per_forward, run_patches,
+)
 from mechscope.patching.metrics import Metric
 from mechscope.sae.base import SAE
 from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes, spliced_hooks
@@ -241,15 +243,7 @@ def feature_patch(
         ...               features=[3, 5])["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
         torch.Size([4, 2])
     """
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    clean_tokens, corrupted_tokens = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise InputError(
-            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in "
-            "shape; build pairs of equal length (mechscope.data.tasks aligns them with align=True)"
-        )
-    base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+    base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
 
     def sources_fn(saes: list[SAE], names: list[str], base_cache) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -348,14 +342,9 @@ def feature_attribution_patch(
         >>> est["blocks.1.hook_resid_post.hook_sae_acts_post"].shape, est["blocks.1.hook_resid_post.hook_sae_error"].shape
         (torch.Size([64]), torch.Size([]))
     """
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
     saes = _check(model, saes)
     per_pos = _by_axes(by) == ("pos", "d_sae")
-    clean_tokens, corrupted_tokens = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise InputError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in shape")
-    base, source = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
     names = [f"{sae.cfg.output_hook}.{point}" for sae in saes for point in (ACTS, ERROR)]
     store: dict[str, Tensor] = {}
 

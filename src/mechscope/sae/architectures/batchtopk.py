@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mechscope.sae import distributed as ddp
 from mechscope.sae.architectures.sparse_ops import select_flat
-from mechscope.sae.architectures.topk import aux_k_loss, sparse_training_loss
+from mechscope.sae.architectures.topk import aux_k_loss, sparse_training_applies, sparse_training_loss
 from mechscope.sae.base import SAE, register_sae
 
 
@@ -63,8 +63,8 @@ class BatchTopKSAE(SAE):
 
     def training_loss(self, x, target=None, *, coefficient_scale=1.0, dead_mask=None):
         """As `SAE.training_loss` with the sparse kernels of `TopKSAE.training_loss` (dense when
-        the latent hook points are hooked)."""
-        if self.hook_sae_acts_pre.has_hooks or self.hook_sae_acts_post.has_hooks:
+        the input or latent hook points are hooked)."""
+        if not sparse_training_applies(self):
             return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
 
         return sparse_training_loss(self, x, target, lambda pre: select_flat(self._batch_select(pre), pre.shape[-1]), dead_mask)

@@ -53,7 +53,8 @@ class TopKSAE(SAE):
     def training_loss(self, x, target=None, *, coefficient_scale=1.0, dead_mask=None) -> TrainStepOutput:
         """As `SAE.training_loss`, computed sparsely: only the ``k`` selected latents (and the
         aux-K latents) enter the decoder and the encoder's backward. Hooks on the latent hook
-        points switch back to the dense computation so that they see (and may edit) the graph.
+        points (or the input's) switch back to the dense computation so that they see (and may
+        edit) the graph.
 
         Example:
             >>> from mechscope.sae import SAEConfig, make_sae
@@ -63,9 +64,25 @@ class TopKSAE(SAE):
             >>> torch.allclose(sparse, SAE.training_loss(sae, x).loss, atol=1e-6)
             True
         """
-        if self.hook_sae_acts_pre.has_hooks or self.hook_sae_acts_post.has_hooks:
+        if not sparse_training_applies(self):
             return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
         return sparse_training_loss(self, x, target, lambda pre: select_per_row(pre.topk(self.cfg.k, dim=-1).indices), dead_mask)
+
+
+def sparse_training_applies(sae: SAE) -> bool:
+    """Whether the sparse kernels may run: no hook on the encoder input or the latents, which
+    would have to see (and could edit) the dense graph that the kernels' gradients assume.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2))
+        >>> handle = sae.hook_sae_input.add_hook(lambda x, *, hook: 2 * x)
+        >>> sparse_training_applies(sae)
+        False
+        >>> handle.remove(); sparse_training_applies(sae)
+        True
+    """
+    return not any(point.has_hooks for point in (sae.hook_sae_input, sae.hook_sae_acts_pre, sae.hook_sae_acts_post))
 
 
 def sparse_training_loss(sae: SAE, x: Tensor, target: Tensor | None, select, dead_mask: Tensor | None) -> TrainStepOutput:
@@ -77,7 +94,7 @@ def sparse_training_loss(sae: SAE, x: Tensor, target: Tensor | None, select, dea
     target = x if target is None else target.to(sae.dtype)
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     with torch.no_grad():
-        pre = sae.hook_sae_acts_pre(sae.sae_input(x) @ sae.W_enc + sae.b_enc)
+        pre = sae.hook_sae_acts_pre(sae.encoder_pre(x))
         rows, cols = select(pre)
     values = torch.relu(gather_pre(x, sae.W_enc, sae.b_enc, b_dec, pre, rows, cols))
     acts = sae.hook_sae_acts_post(dense_from_sparse(values.detach(), rows, cols, pre.shape))
