@@ -151,5 +151,10 @@ def sparse_decode(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_r
 
 
 def dense_from_sparse(values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
-    """The dense ``shape`` matrix with ``values`` at ``(rows, cols)`` and zeros elsewhere."""
+    """The dense ``shape`` matrix with ``values`` at ``(rows, cols)`` and zeros elsewhere.
+
+    Example:
+        >>> dense_from_sparse(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]), torch.tensor([2, 0]), (2, 3)).tolist()
+        [[0.0, 0.0, 2.0], [3.0, 0.0, 0.0]]
+    """
     return torch.zeros(shape, dtype=values.dtype, device=values.device).index_put_((rows, cols), values)

@@ -89,6 +89,14 @@ def sparse_training_loss(sae: SAE, x: Tensor, target: Tensor | None, select, dea
     """MSE (plus aux-K) of a rank-selected SAE through the sparse kernels of `sparse_ops`.
 
     ``select(pre) -> (rows, cols)`` picks the active latents from the pre-activations.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> from mechscope.sae.architectures.sparse_ops import select_per_row
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2))
+        >>> out = sparse_training_loss(sae, torch.randn(4, 8), None, lambda pre: select_per_row(pre.topk(2).indices), None)
+        >>> sorted(out.losses), int((out.acts != 0).sum(-1).max()) <= 2
+        (['mse'], True)
     """
     x = sae._flatten_input(x)
     target = x if target is None else target.to(sae.dtype)
