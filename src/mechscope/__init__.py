@@ -6,7 +6,8 @@ Example:
     >>> logits, cache = model.run_with_cache("The cat sat on the")        # doctest: +SKIP
 """
 
-from mechscope.cache import ActivationCache, act_name
+from mechscope.cache import ActivationCache
+from mechscope.names import act_name
 from mechscope.errors import (
     ConfigError,
     HookError,

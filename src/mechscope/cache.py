@@ -10,53 +10,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import HookNameError, InputError
-from mechscope.hooks import unknown_name_error
+from mechscope.names import act_name, unknown_name_error
 
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
 PosSlice = Union[None, int, slice, list, Tensor]
 _POS_DIM = -2  # every residual-stream tensor is [..., pos, d_model]
-
-_BLOCK_HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "attn_in": "hook_attn_in",
-    "mlp_in": "hook_mlp_in",
-    "q_input": "hook_q_input",
-    "k_input": "hook_k_input",
-    "v_input": "hook_v_input",
-}
-_ATTN_HOOKS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")
-_MLP_HOOKS = ("pre", "pre_linear", "post")
-
-
-def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -> str:
-    """The full hook name for a short name, as in TransformerLens' ``get_act_name``.
-
-    Example:
-        >>> act_name("z", 3), act_name("resid_pre", 0), act_name("scale", 2, "ln1"), act_name("scale")
-        ('blocks.3.attn.hook_z', 'blocks.0.hook_resid_pre', 'blocks.2.ln1.hook_scale', 'ln_final.hook_scale')
-    """
-    if "." in name or name.startswith("hook_"):
-        return name
-    if name in ("embed", "pos_embed"):
-        return f"hook_{name}"
-    if name in ("scale", "normalized"):
-        return f"ln_final.hook_{name}" if layer is None else f"blocks.{layer}.{sublayer or 'ln1'}.hook_{name}"
-    if layer is None:
-        raise HookNameError(f"short name {name!r} needs a layer, e.g. act_name({name!r}, 0)")
-    if name in _BLOCK_HOOKS:
-        return f"blocks.{layer}.{_BLOCK_HOOKS[name]}"
-    if name in _ATTN_HOOKS:
-        return f"blocks.{layer}.attn.hook_{name}"
-    if name in _MLP_HOOKS:
-        return f"blocks.{layer}.mlp.hook_{name}"
-    raise unknown_name_error(name, [*_BLOCK_HOOKS, *_ATTN_HOOKS, *_MLP_HOOKS, "embed", "pos_embed", "scale"], "short name")
-
 
 def _slice_pos(x: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
     if pos_slice is None:

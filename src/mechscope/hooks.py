@@ -8,7 +8,6 @@ gradient of the activation.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from mechscope.errors import HookError, HookNameError
+from mechscope.names import closest_names, unknown_name_error
 
 HookFn = Callable[..., Union[torch.Tensor, None]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -121,18 +121,6 @@ def _check_replacement(name: str, what: str, old: torch.Tensor, new: object) -> 
         raise HookError(f"hook on {name!r} returned dtype {new.dtype}, expected {old.dtype}")
     if new.device != old.device:
         raise HookError(f"hook on {name!r} returned a tensor on {new.device}, expected {old.device}")
-
-
-def closest_names(name: str, valid: Iterable[str], n: int = 5) -> list[str]:
-    """The valid names most similar to ``name`` (for error messages)."""
-    return difflib.get_close_matches(name, list(valid), n=n, cutoff=0.5)
-
-
-def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook point") -> HookNameError:
-    valid = list(valid)
-    close = closest_names(name, valid)
-    hint = f"; closest valid names: {close}" if close else f"; {len(valid)} valid names, e.g. {valid[:5]}"
-    return HookNameError(f"unknown {what} {name!r}{hint}")
 
 
 class HookedRootModule(nn.Module):

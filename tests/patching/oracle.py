@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.patching.activation import get_site
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import mechscope as ms
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.patching import activation_patch, atp_star, attribution_patch
 from mechscope.patching.atp_star import (
     _binomial_upper,

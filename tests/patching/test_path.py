@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import mechscope as ms
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.patching import path_patch
 from tests.conftest import tiny_model
 from tests.patching.test_activation import _pair, gqa_model

@@ -168,7 +168,7 @@ class Attribution:
 
     def __getitem__(self, label: str) -> Float[Tensor, " batch"]:
         if label not in self.labels:
-            from mechscope.hooks import unknown_name_error
+            from mechscope.names import unknown_name_error
 
             raise unknown_name_error(label, self.labels, "component")
         return self.values[self.labels.index(label)]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mechscope.errors import InputError
 from mechscope.model.context import KVCache
+from mechscope.model.tokenize import input_tokens, max_length, require_tokenizer
 
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
@@ -71,9 +72,9 @@ def _prompt(
     if isinstance(input, (str, list, tuple)):
         if attention_mask is not None:
             raise InputError("attention_mask is built from string input; pass token ids to give your own")
-        tokens, mask = model._tokenizer().encode(input, prepend_bos, "left", model._max_length())
+        tokens, mask = require_tokenizer(model).encode(input, prepend_bos, "left", max_length(model.cfg))
     elif isinstance(input, Tensor):
-        tokens, mask = model._tokens_and_mask(input, attention_mask, None, "left")
+        tokens, mask = input_tokens(model, input, attention_mask, None, "left")
     else:
         raise InputError(f"expected a string, a list of strings or a token tensor, got {type(input).__name__}")
     tokens = tokens.to(model.device)
@@ -125,7 +126,7 @@ def generate(
     if return_type not in ("input", "str", "tokens"):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
     tokens, mask = _prompt(model, input, attention_mask, prepend_bos)
-    limit = model._max_length()
+    limit = max_length(model.cfg)
     if limit is not None and tokens.shape[1] + max_new_tokens > limit:
         raise InputError(
             f"{tokens.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's n_ctx={limit}"

@@ -91,3 +91,79 @@ def tokenizer_adds_bos(hf_tokenizer: Any) -> bool:
         return False
     ids = hf_tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == bos
+
+
+def max_length(cfg: Any) -> int | None:
+    """The most positions a model with config ``cfg`` can take: ``n_ctx`` with learned position
+    embeddings, ``None`` (no hard limit) otherwise.
+
+    Example:
+        >>> max_length(model.cfg)
+        16
+    """
+    return cfg.n_ctx if cfg.positional_embedding_type == "learned" else None
+
+
+def require_tokenizer(model: Any) -> Tokenizer:
+    """The model's `Tokenizer`, or an error saying how to work without one.
+
+    Example:
+        >>> require_tokenizer(model)
+        Traceback (most recent call last):
+        mechscope.errors.InputError: this model has no tokenizer: pass token ids, or load it with mechscope.load
+    """
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer: pass token ids, or load it with mechscope.load")
+    return model.tokenizer
+
+
+def check_mask(attention_mask: Tensor | None, shape: tuple[int, ...], device: torch.device | str) -> Tensor | None:
+    """``attention_mask`` as booleans on ``device``, checked against the tokens' ``shape``.
+
+    Example:
+        >>> check_mask(torch.tensor([[1, 0]]), (1, 2), "cpu")
+        tensor([[ True, False]])
+    """
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}")
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def input_tokens(
+    model: Any,
+    input: Any,
+    attention_mask: Tensor | None = None,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide = "right",
+) -> tuple[Tensor, Tensor | None]:
+    """Token ids ``[batch, pos]`` on the model's device and the attention mask (or ``None``).
+
+    ``input`` is a string, a list of strings (tokenised with the model's tokenizer, padded on
+    ``padding_side``) or token ids ``[batch, pos]`` / ``[pos]`` (checked against the vocabulary;
+    ``attention_mask`` then goes with them).
+
+    Example:
+        >>> tokens, mask = input_tokens(model, torch.tensor([3, 4, 5]))
+        >>> tokens, mask
+        (tensor([[3, 4, 5]]), None)
+    """
+    if isinstance(input, (str, list, tuple)):
+        if attention_mask is not None:
+            raise InputError("attention_mask is built from string input; pass token ids to give your own")
+        tokens, mask = require_tokenizer(model).encode(input, prepend_bos, padding_side, max_length(model.cfg))
+        return tokens.to(model.device), None if mask is None else mask.to(model.device)
+    if not isinstance(input, Tensor):
+        raise InputError(f"expected a string, a list of strings or a token tensor, got {type(input).__name__}")
+    if input.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InputError(
+            f"token ids must be an integer tensor, got {input.dtype}; to feed the residual stream, pass start_at_layer"
+        )
+    tokens = input[None] if input.dim() == 1 else input
+    if tokens.dim() != 2:
+        raise InputError(f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
+    d_vocab = model.cfg.d_vocab
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise InputError(f"token ids must lie in [0, {d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+    return tokens.to(model.device, torch.long), check_mask(attention_mask, tuple(tokens.shape), model.device)

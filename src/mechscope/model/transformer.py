@@ -17,7 +17,7 @@ from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembe
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
-from mechscope.model.tokenize import PaddingSide, Tokenizer
+from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, input_tokens, max_length, require_tokenizer
 
 ModelInput = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"], Float[Tensor, "batch pos d_model"]]
 ReturnType = Literal["logits", "loss", "both", None]
@@ -146,7 +146,7 @@ class HookedTransformer(HookedRootModule):
         if past_kv_cache is not None and (start_at_layer is not None or stop_at_layer is not None):
             raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
         if start_at_layer is None:
-            tokens, attention_mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+            tokens, attention_mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
             batch, seq = tokens.shape
             ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device, past_kv_cache)
             resid = self.hook_embed(self.embed(tokens))
@@ -160,13 +160,9 @@ class HookedTransformer(HookedRootModule):
                 )
             resid = input
             batch, seq = input.shape[:2]
-            attention_mask = self._check_mask(attention_mask, (batch, seq))
+            attention_mask = check_mask(attention_mask, (batch, seq), self.device)
             ctx = AttentionContext.build(attention_mask, batch, seq, input.device)
-        for block in self.blocks[start:stop]:
-            device = block.attn.w_o.device
-            if resid.device != device:  # blocks placed over several devices (see `device_map`)
-                resid, ctx = resid.to(device), ctx.to(device)
-            resid = block(resid, ctx)
+        resid = self.run_blocks(resid, start, stop, ctx)
         if stop_at_layer is not None:
             return resid
         resid = resid.to(self.unembed.w_u.device)
@@ -185,6 +181,28 @@ class HookedTransformer(HookedRootModule):
         loss = next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
+    def run_blocks(
+        self, resid: Float[Tensor, "batch pos d_model"], start: int, stop: int, context: AttentionContext
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Blocks ``start:stop`` on the residual stream ``resid`` under ``context`` (positions,
+        padding, key/value cache); the residual stream leaving block ``stop - 1``.
+
+        The one block loop: `forward`, generation and the patching engine's suffix runs use it.
+        Blocks placed on several devices (``device_map``) are followed hop by hop.
+
+        Example:
+            >>> resid = model(tokens, stop_at_layer=1)
+            >>> ctx = AttentionContext.build(None, 1, 4, resid.device)
+            >>> torch.equal(model.run_blocks(resid, 1, 3, ctx), model(tokens, stop_at_layer=3))
+            True
+        """
+        for block in self.blocks[start:stop]:
+            device = block.attn.w_o.device
+            if resid.device != device:
+                resid, context = resid.to(device), context.to(device)
+            resid = block(resid, context)
+        return resid
+
     def _layer_index(self, value: int | None, what: str, default: int) -> int:
         n = self.cfg.n_layers
         if value is None:
@@ -193,38 +211,6 @@ class HookedTransformer(HookedRootModule):
         if not 0 <= index <= n:
             raise InputError(f"{what}={value} is out of range for a model with {n} layers")
         return index
-
-    def _check_mask(self, attention_mask: Tensor | None, shape: tuple[int, int]) -> Tensor | None:
-        if attention_mask is None:
-            return None
-        if tuple(attention_mask.shape) != tuple(shape):
-            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}")
-        return attention_mask.to(device=self.device, dtype=torch.bool)
-
-    def _tokens_and_mask(
-        self, input: ModelInput, attention_mask: Tensor | None, prepend_bos: bool | None, padding_side: PaddingSide
-    ) -> tuple[Tensor, Tensor | None]:
-        if isinstance(input, (str, list, tuple)):
-            if attention_mask is not None:
-                raise InputError("attention_mask is built from string input; pass token ids to give your own")
-            tokens, mask = self._tokenizer().encode(input, prepend_bos, padding_side, self._max_length())
-            return tokens.to(self.device), None if mask is None else mask.to(self.device)
-        if not isinstance(input, Tensor):
-            raise InputError(f"expected a string, a list of strings or a token tensor, got {type(input).__name__}")
-        if input.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise InputError(
-                f"token ids must be an integer tensor, got {input.dtype}; "
-                "to feed the residual stream, pass start_at_layer"
-            )
-        tokens = input[None] if input.dim() == 1 else input
-        if tokens.dim() != 2:
-            raise InputError(f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise InputError(f"token ids must lie in [0, {self.cfg.d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
-        return tokens.to(self.device, torch.long), self._check_mask(attention_mask, tuple(tokens.shape))
-
-    def _max_length(self) -> int | None:
-        return self.cfg.n_ctx if self.cfg.positional_embedding_type == "learned" else None
 
     # ------------------------------------------------------------------ hooks
     def run_with_hooks(
@@ -288,11 +274,6 @@ class HookedTransformer(HookedRootModule):
     generate = generate  # `mechscope.model.generate.generate`, as a method
 
     # ------------------------------------------------------------------ tokens
-    def _tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise InputError("this model has no tokenizer: pass token ids, or load it with mechscope.load")
-        return self.tokenizer
-
     def to_tokens(
         self,
         input: str | list[str],
@@ -309,7 +290,7 @@ class HookedTransformer(HookedRootModule):
             >>> model.to_tokens("Hello world", prepend_bos=False)   # doctest: +SKIP
             tensor([[19556,   905]])
         """
-        tokens, _ = self._tokenizer().encode(input, prepend_bos, padding_side, self._max_length() if truncate else None)
+        tokens, _ = require_tokenizer(self).encode(input, prepend_bos, padding_side, max_length(self.cfg) if truncate else None)
         return tokens.to(self.device) if move_to_device else tokens
 
     def to_str_tokens(
@@ -321,7 +302,7 @@ class HookedTransformer(HookedRootModule):
             >>> model.to_str_tokens("Hello world", prepend_bos=False)  # doctest: +SKIP
             ['Hello', ' world']
         """
-        tok = self._tokenizer()
+        tok = require_tokenizer(self)
         if isinstance(input, list):
             return [self.to_str_tokens(text, prepend_bos) for text in input]
         if isinstance(input, str):
@@ -339,7 +320,7 @@ class HookedTransformer(HookedRootModule):
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Decode token ids: a string for ``[pos]``, a list of strings for ``[batch, pos]``."""
         tokens = torch.as_tensor(tokens)
-        tok = self._tokenizer()
+        tok = require_tokenizer(self)
         if tokens.dim() == 1:
             return tok.decode(tokens)
         if tokens.dim() == 2:
@@ -353,9 +334,9 @@ class HookedTransformer(HookedRootModule):
             >>> model.to_single_token(" Mary")  # doctest: +SKIP
             8346
         """
-        tokens, _ = self._tokenizer().encode(string, prepend_bos=False)
+        tokens, _ = require_tokenizer(self).encode(string, prepend_bos=False)
         if tokens.shape[-1] != 1:
-            pieces = self._tokenizer().decode_each(tokens[0])
+            pieces = require_tokenizer(self).decode_each(tokens[0])
             raise InputError(f"{string!r} is {tokens.shape[-1]} tokens {pieces}, not one")
         return int(tokens[0, 0])
 

@@ -23,44 +23,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.cache import act_name
 from mechscope.errors import InputError
-from mechscope.hooks import unknown_name_error
+from mechscope.names import SITES, Site, act_name, unknown_name_error
 from mechscope.model.context import AttentionContext, KVCache
+from mechscope.model.tokenize import check_mask, input_tokens
 from mechscope.patching.metrics import Metric
 
 Direction = Literal["denoising", "noising"]
 AblationKind = Literal["zero", "mean", "resample"]
-
-
-@dataclass(frozen=True)
-class Site:
-    """An activation layout: its short hook name, its axes after ``batch``, and the default ``by``."""
-
-    name: str
-    axes: tuple[str, ...]
-    default_by: tuple[str, ...]
-
-    def hook(self, layer: int) -> str:
-        return act_name(self.name, layer)
-
-
-_RESID = ("pos", "d_model")
-SITES: dict[str, Site] = {
-    "resid_pre": Site("resid_pre", _RESID, ("pos",)),
-    "resid_mid": Site("resid_mid", _RESID, ("pos",)),
-    "resid_post": Site("resid_post", _RESID, ("pos",)),
-    "attn_out": Site("attn_out", _RESID, ("pos",)),
-    "mlp_out": Site("mlp_out", _RESID, ("pos",)),
-    "z": Site("z", ("pos", "head", "d_head"), ("head",)),
-    "result": Site("result", ("pos", "head", "d_model"), ("head",)),
-    "q": Site("q", ("pos", "head", "d_head"), ("head",)),
-    # Grouped-query models: keys and values are patched per key-value head.
-    "k": Site("k", ("pos", "kv_head", "d_head"), ("kv_head",)),
-    "v": Site("v", ("pos", "kv_head", "d_head"), ("kv_head",)),
-    "pattern": Site("pattern", ("head", "query_pos", "key_pos"), ("head",)),
-    "post": Site("post", ("pos", "d_mlp"), ("d_mlp",)),
-}
 
 
 def get_site(site: str | Site, by: tuple[str, ...] | list[str] | str | None = None) -> tuple[Site, tuple[str, ...]]:
@@ -397,7 +367,7 @@ def _sweep(
     site, by = get_site(site, by)
     layers = _layers(model, layers)
     _check_site_exists(model, site, layers)
-    base_tokens = model._tokens_and_mask(base_tokens, None, None, "right")[0]
+    base_tokens = input_tokens(model, base_tokens)[0]
     base, base_resid, base_cache = _base_runs(model, base_tokens, site, layers, attention_mask)
     sources = sources_fn(site, layers, base_cache)
     sizes = tuple(sources[layers[0]].shape[1 + site.axes.index(axis)] for axis in by)
@@ -430,8 +400,8 @@ def base_and_source(model, clean_tokens, corrupted_tokens, direction: Direction)
     """
     if direction not in ("denoising", "noising"):
         raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    clean_tokens = model._tokens_and_mask(clean_tokens, None, None, "right")[0]
-    corrupted_tokens = model._tokens_and_mask(corrupted_tokens, None, None, "right")[0]
+    clean_tokens = input_tokens(model, clean_tokens)[0]
+    corrupted_tokens = input_tokens(model, corrupted_tokens)[0]
     if clean_tokens.shape != corrupted_tokens.shape:
         raise InputError(
             f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} differ in "
@@ -540,17 +510,17 @@ def ablate(
     """
     if kind not in ("zero", "mean", "resample"):
         raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
-    tokens, attention_mask = model._tokens_and_mask(tokens, attention_mask, None, "right")
+    tokens, attention_mask = input_tokens(model, tokens, attention_mask)
     if reference is None:
         ref, reference_mask = tokens, attention_mask if reference_mask is None else reference_mask
     else:
-        ref = model._tokens_and_mask(reference, None, None, "right")[0]
+        ref = input_tokens(model, reference)[0]
     if kind != "zero" and ref.shape[1] != tokens.shape[1]:
         raise InputError(
             f"reference prompts have {ref.shape[1]} tokens but the ablated prompts have {tokens.shape[1]}; "
             "mean and resample ablation replace activations position by position, so use prompts of equal length"
         )
-    reference_mask = model._check_mask(reference_mask, tuple(ref.shape))
+    reference_mask = check_mask(reference_mask, tuple(ref.shape), model.device)
     mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask
     ref_mask = torch.ones_like(ref, dtype=torch.bool) if reference_mask is None else reference_mask
     if kind == "mean" and bool((mask.any(0) & ~ref_mask.any(0)).any()):

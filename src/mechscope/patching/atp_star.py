@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.errors import ConfigError, InputError
 from mechscope.patching.activation import Direction, activation_patch, base_and_source
 from mechscope.patching.attribution import _source_acts, gradient_pass

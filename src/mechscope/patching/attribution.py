@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.patching.activation import Direction, base_and_source, get_site
 from mechscope.patching.metrics import Metric
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.cache import act_name
+from mechscope.names import act_name
 from mechscope.errors import InputError
 from mechscope.patching.activation import base_and_source, rows_per_forward
 from mechscope.patching.metrics import Metric

@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mechscope.cache import act_name
+from mechscope.model.tokenize import input_tokens
+from mechscope.names import act_name
 from mechscope.errors import ConfigError, InputError
 from mechscope.patching.activation import (
     AblationKind, Direction, Site, base_and_source, base_run, rows_per_forward, run_patches,
@@ -144,7 +145,7 @@ def _rows(model, sae: SAE, seq: int, memory_budget: int, logit_positions, batch_
 
 
 def _tokens(model, tokens) -> Tensor:
-    return model._tokens_and_mask(tokens, None, None, "right")[0]
+    return input_tokens(model, tokens)[0]
 
 
 def _nodes(sae: SAE, axes: tuple[str, ...], error: bool) -> list[tuple[str, tuple[str, ...]]]:

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from mechscope.cache import ActivationCache
 from mechscope.errors import ConfigError, HookNameError
-from mechscope.hooks import HookFn, HookTarget, NamesFilter, unknown_name_error
+from mechscope.hooks import HookFn, HookTarget, NamesFilter
+from mechscope.names import unknown_name_error
 from mechscope.sae.base import SAE
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from mechscope.errors import ConfigError, WeightConversionError
-from mechscope.hooks import closest_names
+from mechscope.names import closest_names
 from mechscope.model.config import ModelConfig
 
 HF_ACTIVATIONS = {
