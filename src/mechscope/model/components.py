@@ -4,15 +4,23 @@ Weights are stored in the ``[out, in]`` layout of ``torch.nn.functional.linear``
 names such as ``w_q``), so the forward pass runs the same kernels as ``transformers``. The
 TransformerLens-style per-head views (``W_Q [head, d_model, d_head]``, ``W_O [head, d_head,
 d_model]``, ``W_in [d_model, d_mlp]``, ...) are properties returning views of those tensors.
+
+Hook points that need an explicit computation (a norm's ``hook_scale``, ``hook_attn_scores``,
+``hook_pattern``, ``hook_result``) are materialised only when hooked. When their hooks only
+read them, the sublayer's output keeps the values of the fused kernel (so a cached run gives
+exactly the logits of a plain one) and the explicit computation's gradient graph.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechscope.errors import InputError
 from mechscope.hooks import HookPoint
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, apply_rotary
@@ -70,7 +78,7 @@ class PosEmbed(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm with ``hook_scale`` (the divisor, ``[..., 1]``) and ``hook_normalized`` (the output).
 
-    Runs the fused kernel unless a hook on ``hook_scale`` needs the scale itself.
+    Runs the fused kernel; a hook on ``hook_scale`` sees the scale, and replaces it if it edits it.
     """
 
     def __init__(self, cfg: ModelConfig, size: int | None = None) -> None:
@@ -82,13 +90,15 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        if self.hook_scale.has_hooks:
-            x = x - x.mean(-1, keepdim=True)
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            x = x / scale * self.w + self.b
-        else:
-            x = F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
-        return self.hook_normalized(x)
+        def fused() -> Tensor:
+            return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+
+        if not self.hook_scale.has_hooks:
+            return self.hook_normalized(fused())
+        centred = x - x.mean(-1, keepdim=True)
+        scale, read_only = _run_hook(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        out = _fast_unless_edited(read_only, fused, lambda: centred / scale * self.w + self.b, scale)
+        return self.hook_normalized(out)
 
 
 class RMSNorm(nn.Module):
@@ -102,14 +112,18 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        dtype = x.dtype
-        x = x.float()
-        variance = x.pow(2).mean(-1, keepdim=True)
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+
+        def fused() -> Tensor:
+            return x32 * torch.rsqrt(variance + self.eps)
+
         if self.hook_scale.has_hooks:
-            x = x / self.hook_scale((variance + self.eps).sqrt())
+            scale, read_only = _run_hook(self.hook_scale, (variance + self.eps).sqrt())
+            normed = _fast_unless_edited(read_only, fused, lambda: x32 / scale, scale)
         else:
-            x = x * torch.rsqrt(variance + self.eps)
-        return self.hook_normalized(self.w * x.to(dtype))
+            normed = fused()
+        return self.hook_normalized(self.w * normed.to(x.dtype))
 
 
 def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True) -> nn.Module | None:
@@ -123,8 +137,10 @@ class Attention(nn.Module):
     """Multi-head, grouped-query or multi-query attention.
 
     Runs ``scaled_dot_product_attention`` unless a hook (or ``cfg.attn_implementation="eager"``)
-    needs ``hook_attn_scores``/``hook_pattern``; both paths compute the same function. Soft-capped
-    scores (``cfg.attn_scores_soft_cap``) always take the explicit path, which is exact for them.
+    needs ``hook_attn_scores``/``hook_pattern``; both paths compute the same function, and hooks
+    that only read the scores or pattern leave the output exactly that of the fused kernel.
+    Soft-capped scores (``cfg.attn_scores_soft_cap``) always take the explicit path, which is
+    exact for them. `scores` is the one computation of the attention logits.
     With a key/value cache in the context, keys and values of earlier positions are reused.
     """
 
@@ -167,6 +183,11 @@ class Attention(nn.Module):
     def W_O(self) -> Float[Tensor, "head d_head d_model"]:
         return self.w_o.view(-1, self.cfg.n_heads, self.cfg.d_head).permute(1, 2, 0)
 
+    @property
+    def scale(self) -> float:
+        """The factor on ``q . k``: ``cfg.attn_scale``, else ``d_head ** -0.5``."""
+        return self.cfg.attn_scale if self.cfg.attn_scale is not None else self.cfg.d_head**-0.5
+
     def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int) -> Tensor:
         """``x`` is ``[batch, pos, d_model]`` or per-head ``[batch, pos, heads, d_model]``."""
         if x.dim() == 3:
@@ -178,6 +199,39 @@ class Attention(nn.Module):
         if self.cfg.qk_norm == "head":
             return norm(x)
         return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
+
+    def scores(
+        self, q: Float[Tensor, "... query_pos head d_head"], k: Float[Tensor, "... key_pos kv_head d_head"]
+    ) -> Float[Tensor, "... head query_pos key_pos"]:
+        """Attention logits before the mask and the softmax: ``q . k`` times the scale, each key
+        head repeated for its group of query heads, soft-capped when ``cfg.attn_scores_soft_cap``
+        is set.
+
+        ``q`` and ``k`` are the final queries and keys in the layout of the hooks, after QK-norm
+        and RoPE: ``hook_rot_q``/``hook_rot_k`` on rotary models, ``hook_q``/``hook_k`` on models
+        without rotary positions or QK-norm (``hook_q``/``hook_k`` come before both). Keys keep the
+        layer's ``kv_head`` heads. Leading axes other than ``batch`` are allowed. Masked entries
+        are the values ``hook_attn_scores`` holds as ``-inf``; every other entry equals it.
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> attn = model.blocks[0].attn
+            >>> scores = attn.scores(cache["q", 0], cache["k", 0])  # [batch, head, query_pos, key_pos]
+            >>> torch.equal(scores.tril(), cache["attn_scores", 0].tril())
+            True
+        """
+        cfg = self.cfg
+        if q.shape[-2] != cfg.n_heads or k.shape[-2] != cfg.n_key_value_heads:
+            raise InputError(
+                f"scores takes queries [..., query_pos, {cfg.n_heads}, d_head] and keys [..., key_pos, "
+                f"{cfg.n_key_value_heads}, d_head] (kv_head, not expanded); got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
+        q, k = q.transpose(-3, -2), k.transpose(-3, -2)  # [..., head, query_pos, d_head], [..., kv_head, key_pos, d_head]
+        if cfg.n_kv_groups > 1:
+            k = k.repeat_interleave(cfg.n_kv_groups, dim=-3)  # [..., head, key_pos, d_head]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [..., head, query_pos, key_pos]
+        cap = cfg.attn_scores_soft_cap
+        return scores if cap is None else torch.tanh(scores / cap) * cap
 
     def forward(
         self,
@@ -200,39 +254,77 @@ class Attention(nn.Module):
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.append(self.layer, k, v)  # [batch, kv_head, past + pos, d_head]
         mask = ctx.mask(self.sliding_window)
-        scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.d_head**-0.5
-        if (
-            cfg.attn_implementation == "eager"
-            or cfg.attn_scores_soft_cap is not None
-            or self.hook_attn_scores.has_hooks
-            or self.hook_pattern.has_hooks
-        ):
-            z = self._explicit_attention(q, k, v, mask, scale)
+        explicit = cfg.attn_implementation == "eager" or cfg.attn_scores_soft_cap is not None
+        if explicit or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+            z = self._explicit_attention(q, k, v, mask, fused_if_unedited=not explicit)
         else:
-            causal = mask is None and q.shape[-2] > 1
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=cfg.n_kv_groups > 1
-            )
+            z = self._fused_attention(q, k, v, mask)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        if cfg.use_attn_result or self.hook_result.has_hooks:
-            result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))  # [batch, pos, head, d_model]
-            out = result.sum(-2)
-            return out if self.b_o is None else out + self.b_o
-        return F.linear(z.flatten(-2), self.w_o, self.b_o)
+        if not (cfg.use_attn_result or self.hook_result.has_hooks):
+            return F.linear(z.flatten(-2), self.w_o, self.b_o)
+        result, read_only = _run_hook(self.hook_result, torch.einsum("bphk,hkd->bphd", z, self.W_O))  # [batch, pos, head, d_model]
+        return _fast_unless_edited(
+            read_only,
+            lambda: F.linear(z.flatten(-2), self.w_o, self.b_o),
+            lambda: result.sum(-2) if self.b_o is None else result.sum(-2) + self.b_o,
+            result,
+        )
 
-    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-        groups, cap = self.cfg.n_kv_groups, self.cfg.attn_scores_soft_cap
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [batch, head, query_pos, key_pos]
-        if cap is not None:
-            scores = torch.tanh(scores / cap) * cap
-        if mask is None:
+    def _fused_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        causal = mask is None and q.shape[-2] > 1
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.cfg.n_kv_groups > 1
+        )
+
+    def _explicit_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused_if_unedited: bool
+    ) -> Float[Tensor, "batch head query_pos d_head"]:
+        """Attention through materialised scores and pattern, which the hooks see; with
+        ``fused_if_unedited`` the output of hooks that only read them is the fused kernel's."""
+        scores = self.scores(q.transpose(1, 2), k.transpose(1, 2))  # [batch, head, query_pos, key_pos]
+        allowed = mask
+        if allowed is None:
             n_q, n_k = scores.shape[-2:]
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
-        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        return torch.matmul(pattern, v)
+            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+        scores, scores_read_only = _run_hook(self.hook_attn_scores, scores.masked_fill(~allowed, float("-inf")))
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern, pattern_read_only = _run_hook(self.hook_pattern, pattern)
+        groups = self.cfg.n_kv_groups
+        v_heads = v.repeat_interleave(groups, dim=1) if groups > 1 else v  # [batch, head, key_pos, d_head]
+        return _fast_unless_edited(
+            fused_if_unedited and scores_read_only and pattern_read_only,
+            lambda: self._fused_attention(q, k, v, mask),
+            lambda: torch.matmul(pattern, v_heads),
+            pattern,
+        )
+
+
+def _run_hook(hook: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
+    """``hook(x)``, and whether its hooks only read ``x`` (returned it and edited nothing in place).
+
+    Inference-mode tensors keep no count of in-place edits; they count as edited.
+    """
+    edits = None if x.is_inference() else x._version
+    out = hook(x)
+    return out, out is x and edits is not None and edits == x._version
+
+
+def _fast_unless_edited(
+    read_only: bool, fast: Callable[[], Tensor], explicit: Callable[[], Tensor], hooked: Tensor
+) -> Tensor:
+    """The output of a sublayer whose hook point saw ``hooked``, an intermediate of ``explicit()``.
+
+    When the hooks edited it, ``explicit()``. Otherwise the values of ``fast()`` (the same
+    function through the fused kernel a plain forward runs, so a cached run gives exactly its
+    logits), and when a gradient is needed the graph of ``explicit()``, so ``hooked`` stays in it.
+    """
+    if not read_only:
+        return explicit()
+    values = fast()
+    if not hooked.requires_grad:
+        return values
+    graph = explicit()
+    return values.detach() + (graph - graph.detach())
 
 
 class MLP(nn.Module):
