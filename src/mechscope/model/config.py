@@ -63,7 +63,8 @@ class ModelConfig:
     """``learned`` (a position table added to the embedding), ``rotary`` (RoPE on queries and keys)
     or ``none``."""
     rotary_dim: int | None = None
-    """Number of dimensions of each head that rotate; ``None`` means all of ``d_head``."""
+    """Number of dimensions of each head that rotate; ``None`` means all of ``d_head``. Checked
+    (even, at most ``d_head``) only for rotary models; others may have any head width."""
     rotary_base: float = 10000.0
     """RoPE base frequency (``rope_theta``)."""
     rope_scaling: dict[str, Any] | None = None
@@ -162,8 +163,10 @@ class ModelConfig:
             )
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head:
-            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}]")
+        if self.positional_embedding_type == "rotary" and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head):
+            raise ConfigError(
+                f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}] for rotary embeddings"
+            )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in _ROPE_TYPES:

@@ -31,19 +31,37 @@ DEFAULT_PREPEND_BOS = True
 
 
 def _rope(hf: Any, family: str) -> dict[str, Any]:
+    """RoPE of the full-attention layers and (Gemma 3) the base of the sliding-window layers.
+
+    Gemma 3's ``rope_parameters`` has one entry per layer type; a model may have only one of
+    the two types (fewer layers than the sliding-window pattern: all sliding), so each type
+    reads its own entry whenever it is there.
+    """
     params = getattr(hf, "rope_parameters", None) or {}
-    if family != "gemma3_text" or "full_attention" not in params:
+    by_type = family == "gemma3_text" and ("full_attention" in params or "sliding_attention" in params)
+    if not by_type:
         theta, scaling, partial = rope_parameters(hf, family)
         local = None
     else:
-        theta, scaling, partial = rope_parameters(hf, family, params["full_attention"])
-        local_theta, local_scaling, _ = rope_parameters(hf, family, params.get("sliding_attention", {}))
-        if local_scaling is not None:
-            raise ConfigError(f"{family}: RoPE scaling on sliding-window layers is not supported")
-        local = local_theta
+        full, sliding = params.get("full_attention"), params.get("sliding_attention")
+        theta, scaling, partial = rope_parameters(hf, family, full if full is not None else sliding)
+        local = None
+        if sliding is not None:
+            local, local_scaling, _ = rope_parameters(hf, family, sliding)
+            if local_scaling is not None:
+                raise ConfigError(f"{family}: RoPE scaling on sliding-window layers is not supported")
     if partial != 1.0:
         raise ConfigError(f"{family}: partial_rotary_factor is not supported")
     return dict(rotary_base=theta, rope_scaling=scaling, rotary_base_local=local)
+
+
+def _layer_types(hf: Any, family: str, window: int | None, layer_types: list[str] | None) -> list[str] | None:
+    """Per-layer attention types. Gemma 3 keeps them whenever it has sliding-window layers,
+    even when every layer is one (each type has its own RoPE base, see `ModelConfig.layer_rope`)."""
+    hf_types = getattr(hf, "layer_types", None)
+    if family == "gemma3_text" and window is not None and hf_types and "sliding_attention" in hf_types:
+        return list(hf_types)
+    return layer_types
 
 
 def config_from_hf(hf: Any) -> ModelConfig:
@@ -54,6 +72,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
     d_head = get(hf, "head_dim", default=hf.hidden_size // n_heads)
     later = family != "gemma"
     window, layer_types = attention_windows(hf) if later else (None, None)
+    layer_types = _layer_types(hf, family, window, layer_types)
     scalar = getattr(hf, "query_pre_attn_scalar", None) if later else None
     bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
