@@ -165,23 +165,3 @@ def generate(
             new = new[: int((new == eos_token_id).nonzero()[0])]
         texts.append(prompt + model.to_string(new))
     return texts[0] if isinstance(input, str) else texts
-
-
-def generation_tour(model: HookedTransformer, prompt: str, max_new_tokens: int = 20) -> None:
-    """The tour's generation section: a greedy continuation, timed with and without the cache.
-
-    Example:
-        >>> generation_tour(ms.load("smollm2-135m"), "The capital of France is")  # doctest: +SKIP
-    """
-    import time
-
-    timings = {}
-    for use_kv_cache in (True, False):
-        start = time.perf_counter()
-        text = model.generate(prompt, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache, stop_at_eos=False)
-        timings[use_kv_cache] = time.perf_counter() - start
-    print(f"\ngenerate (greedy, {max_new_tokens} new tokens): {text!r}")
-    print(
-        f"  with the key/value cache {max_new_tokens / timings[True]:.1f} tokens/s, "
-        f"without {max_new_tokens / timings[False]:.1f} tokens/s"
-    )

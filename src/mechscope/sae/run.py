@@ -1,4 +1,4 @@
-"""Config-file driven SAE training and evaluation (``mechscope sae train|eval``, the tour section).
+"""Config-file driven SAE training and evaluation (run by ``mechscope sae train|eval``).
 
 A run config is a JSON (or TOML) file; every key is optional except ``saes``::
 
@@ -214,81 +214,3 @@ def evaluate_from_config(
         result = evaluate_sae(model, sae, eval_tokens)
         results.append({"path": str(path), **{k: v for k, v in result.to_dict().items() if k != "feature_density"}})
     return results
-
-
-# ---------------------------------------------------------------------- command line
-def cli_train(args) -> int:
-    """``mechscope sae train --config FILE [--out-dir DIR] [--steps N]``."""
-    run = RunConfig.from_file(args.config)
-    if args.out_dir:
-        run.out_dir = args.out_dir
-    if args.steps:
-        run.train = TrainConfig.from_dict({**asdict(run.train), "steps": args.steps})
-    saes, summary = train_from_config(run)
-    if ddp.rank_and_world()[0] == 0:
-        last = summary["last"]
-        print(f"trained {len(saes)} SAE(s) on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-              f"({summary['tokens_per_second']:,.0f} tokens/s)")
-        for key, value in last.items():
-            print(f"  {key:<12} {value:.4g}")
-        for path in summary["paths"]:
-            print(f"saved {path}")
-        if run.eval_sequences and not args.no_eval:
-            for result in evaluate_from_config(run, summary["paths"]):
-                _print_eval(result)
-    return 0
-
-
-def cli_eval(args) -> int:
-    """``mechscope sae eval --config FILE SAE_DIR...``."""
-    run = RunConfig.from_file(args.config) if args.config else RunConfig(saes=[{}])
-    for result in evaluate_from_config(run, args.sae):
-        _print_eval(result)
-    return 0
-
-
-def _print_eval(result: dict[str, Any]) -> None:
-    print(f"\n{result['path']}")
-    for key, value in result.items():
-        if key in ("path", "density_histogram") or value is None:
-            continue
-        print(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
-
-
-def tour_section(model, steps: int = 150, layer: int = 3) -> dict[str, Any]:
-    """Train a small TopK SAE on the bundled model's residual stream and print its evaluation."""
-    import tempfile
-
-    hook = f"blocks.{layer}.hook_resid_post"
-    print(f"\n== SAE: TopK (k=32, d_sae=4 x d_model) on {hook}, {steps} steps of 1024 tokens ==")
-    with tempfile.TemporaryDirectory() as tmp:
-        run = RunConfig(
-            saes=[{"architecture": "topk", "hook_name": hook, "k": 32, "expansion": 4}], batch_size=1024,
-            buffer_batches=8, eval_sequences=8, out_dir=tmp,
-            train=TrainConfig(steps=steps, lr=1e-3, lr_warmup_steps=steps // 10, lr_decay_steps=steps // 5, dead_window=50, log_every=10),
-        )  # fmt: skip
-        saes, summary = train_from_config(run, model=model)
-        print(f"trained on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s ({summary['tokens_per_second']:,.0f} tokens/s)")
-        [result] = evaluate_from_config(run, summary["paths"], model=model)
-    keys = ("l0", "fvu", "cosine", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl_spliced",
-            "dead_fraction", "pathology_ratio")  # fmt: skip
-    for key in keys:
-        value = result.get(key)
-        print(f"  {key:<20} {value:.4f}" if isinstance(value, float) else f"  {key:<20} {value}")
-    return result
-
-
-def add_sae_parser(sub) -> None:
-    """Register ``mechscope sae train|eval`` on the top-level subparsers."""
-    p = sub.add_parser("sae", help="train or evaluate sparse autoencoders from a config file")
-    actions = p.add_subparsers(dest="sae_command", required=True)
-    train = actions.add_parser("train", help="train the SAEs of a run config (works under torchrun)")
-    train.add_argument("--config", required=True, help="run config (.json or .toml); see mechscope.sae.run")
-    train.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    train.add_argument("--steps", type=int, default=None, help="override train.steps")
-    train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    train.set_defaults(func=cli_train)
-    evaluate = actions.add_parser("eval", help="evaluate saved SAEs (any supported file layout)")
-    evaluate.add_argument("sae", nargs="+", help="SAE folders or files")
-    evaluate.add_argument("--config", default=None, help="run config for the model, text and eval_sequences")
-    evaluate.set_defaults(func=cli_eval)

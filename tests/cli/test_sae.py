@@ -14,6 +14,8 @@ from mechscope.sae.run import RunConfig, evaluate_from_config, train_from_config
 
 from ..conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SAEs train faster on one thread
+
 
 def test_run_config_trains_saves_and_evaluates_several_saes(tmp_path):
     model = tiny_model()

@@ -1,16 +1,16 @@
-"""``mechscope toys grokking|superposition|induction``: train a toy, write an HTML report and a JSON of numbers."""
+"""Report assembly: the toys' HTML reports (with a JSON of their numbers) and the tour's IOI report."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
+import html
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from mechscope.cli.figures import heatmap_figure, line_figure, write_report
 from mechscope.toys import fourier, induction, modular, superposition
-from mechscope.toys.report import heatmap_figure, line_figure, write_report
 
 
 def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool = True) -> dict:
@@ -198,152 +198,52 @@ def induction_report(run: induction.InductionRun, path) -> dict:
     return numbers
 
 
-def _grokking(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    cfg = modular.GrokkingConfig(
-        p=args.p, frac_train=args.frac_train, d_model=args.d_model, n_heads=args.n_heads, d_mlp=args.d_mlp,
-        lr=args.lr, weight_decay=args.weight_decay, n_epochs=args.epochs, stop_after_grokking=args.stop_after_grokking,
-        seed=args.seed, data_seed=args.data_seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-    )
-    out = Path(args.out)
-    start = time.perf_counter()
-    run = modular.train_grokking(cfg, out / "run", device=args.device or "cpu", progress=not args.quiet)
-    print(f"trained {run.epoch} epochs in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
-    numbers = grokking_report(run, out / "grokking.html", progress=not args.quiet)
-    print(f"train accuracy >= 99% at epoch {numbers['train_acc_99_epoch']}, "
-          f"test accuracy >= 99% at epoch {numbers['test_acc_99_epoch']}")
-    print(f"key frequencies: {numbers['key_freqs']}; "
-          f"neuron variance explained by its key frequency: {numbers['frac_explained_by_key']:.3f}")
-    print(f"report: {out / 'grokking.html'} and {out / 'grokking.json'}")
-    return 0
+def ioi_report(
+    out_dir: str | Path,
+    model_name: str,
+    data,
+    str_tokens: Sequence[str],
+    resid: torch.Tensor,
+    resid_layers: Sequence[int],
+    heads: torch.Tensor,
+    rows: Sequence[tuple[str, float, float, float]],
+) -> tuple[Path, list[Path | None]]:
+    """Write ``ioi_patching.html`` (both heatmaps and the AtP* table) and the heatmaps as PNG files.
 
-
-def _superposition(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    training = superposition.SuperpositionTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                   seed=args.seed)
-    phase = dataclasses.replace(training, steps=args.phase_steps)
-    out = Path(args.out)
-    start = time.perf_counter()
-    numbers = superposition_report(args.n_features, args.n_hidden, args.n_instances, training,
-                                   out / "superposition.html", phase, progress=not args.quiet, state_dir=out / "run")
-    print(f"trained and analysed in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
-    print("phase diagram (rows: density 1-S; columns: importance " +
-          ", ".join(f"{v:.2g}" for v in numbers["phase_diagram"]["importances"]) + ")")
-    for d, row in zip(numbers["phase_diagram"]["densities"], numbers["phase_diagram"]["phases"]):
-        print(f"  {d:<7.3g} " + " ".join(f"{p.split()[0][:5]:>6}" for p in row))
-    print(f"report: {out / 'superposition.html'} and {out / 'superposition.json'}")
-    return 0
-
-
-def _induction(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    cfg = induction.InductionConfig(d_vocab=args.d_vocab, seq_len=args.seq_len, d_model=args.d_model,
-                                    n_heads=args.n_heads, d_head=args.d_head, lr=args.lr,
-                                    weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
-                                    seed=args.seed, save_every=args.save_every)
-    out = Path(args.out)
-    start = time.perf_counter()
-    run = induction.train_induction(cfg, out / "run", progress=not args.quiet)
-    print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
-    n = induction_report(run, out / "induction.html")
-    print(f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
-          f"head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
-          f"{n['induction_head']} (tied {n['top_induction_heads']}, induction heads {n['induction_heads']}); "
-          f"highest K-composition pair "
-          f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}")
-    print(f"report: {out / 'induction.html'} and {out / 'induction.json'}")
-    return 0
-
-
-def add_toys_parser(sub) -> None:
-    """Register ``mechscope toys ...`` on the main parser's subcommands."""
-    toys = sub.add_parser("toys", help="train a toy model (grokking, superposition, induction) and write a report")
-    kinds = toys.add_subparsers(dest="toy", required=True)
-
-    def common(p: argparse.ArgumentParser, out: str) -> None:
-        p.add_argument("--out", default=out, help="output directory for the report (and resumable state)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--threads", type=int, default=1,
-                       help="torch CPU threads (default 1: the toys are too small to gain from more)")
-
-    g = kinds.add_parser("grokking", help="modular addition; the defaults are the paper's (slow on CPU)")
-    common(g, "toys-grokking")
-    d = modular.GrokkingConfig()
-    g.add_argument("--p", type=int, default=d.p)
-    g.add_argument("--frac-train", type=float, default=d.frac_train)
-    g.add_argument("--d-model", type=int, default=d.d_model)
-    g.add_argument("--n-heads", type=int, default=d.n_heads)
-    g.add_argument("--d-mlp", type=int, default=d.d_mlp)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--epochs", type=int, default=d.n_epochs)
-    g.add_argument("--stop-after-grokking", type=int, default=None,
-                   help="stop this many epochs after test accuracy reaches 99%%")
-    g.add_argument("--data-seed", type=int, default=d.data_seed)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--device", default=None, help="cpu (default) or cuda")
-    g.set_defaults(func=_grokking)
-
-    s = kinds.add_parser("superposition", help="ReLU-output toy models, feature geometry and the phase diagram")
-    common(s, "toys-superposition")
-    s.add_argument("--n-features", type=int, default=5)
-    s.add_argument("--n-hidden", type=int, default=2)
-    s.add_argument("--n-instances", type=int, default=8)
-    s.add_argument("--steps", type=int, default=5000)
-    s.add_argument("--phase-steps", type=int, default=5000)
-    s.add_argument("--batch-size", type=int, default=1024)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.set_defaults(func=_superposition)
-
-    i = kinds.add_parser("induction", help="2-layer attention-only transformer on repeated random spans")
-    common(i, "toys-induction")
-    d = induction.InductionConfig()
-    i.add_argument("--d-vocab", type=int, default=d.d_vocab)
-    i.add_argument("--seq-len", type=int, default=d.seq_len)
-    i.add_argument("--d-model", type=int, default=d.d_model)
-    i.add_argument("--n-heads", type=int, default=d.n_heads)
-    i.add_argument("--d-head", type=int, default=None, help="head width (default d_model / n_heads)")
-    i.add_argument("--lr", type=float, default=d.lr)
-    i.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    i.add_argument("--steps", type=int, default=d.steps)
-    i.add_argument("--batch-size", type=int, default=d.batch_size)
-    i.add_argument("--save-every", type=int, default=d.save_every, help="steps between saves of the resumable state")
-    i.set_defaults(func=_induction)
-
-
-def tour_toys() -> None:
-    """The tour's toy section (under a minute on one core): reduced versions of the three toys.
+    ``resid`` is ``[layer, pos]`` for ``resid_layers``, ``heads`` is ``[layer, head]``; ``rows`` are
+    ``(head label, AtP* estimate, exact effect, patched metric)``. Returns the report and the PNGs
+    (``None`` where no PNG backend could run).
 
     Example:
-        >>> tour_toys()  # doctest: +SKIP
+        >>> import tempfile, types
+        >>> data = types.SimpleNamespace(clean_prompts=["a b"], corrupted_prompts=["a c"])
+        >>> path, pngs = ioi_report(tempfile.mkdtemp(), "toy", data, [" a", " b"], torch.zeros(1, 2),
+        ...                         [0], torch.zeros(1, 2), [("L0H1", 0.5, 0.4, 0.6)])
+        >>> path.name, "<td>L0H1</td>" in path.read_text()
+        ('ioi_patching.html', True)
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the toys are tiny; one thread avoids synchronisation overhead
-    try:
-        print("\n== toy models ==")
-        start = time.perf_counter()
-        run = modular.train_grokking(modular.GrokkingConfig.quick(), progress=False)
-        memorised = next(h["epoch"] for h in run.history if h["train_acc"] == 1.0)
-        analysis = modular.analyse_model(run.model, run.data, run.config.p)
-        print(f"grokking (p={run.config.p}, {run.config.frac_train:.0%} training pairs): train accuracy 100% at "
-              f"epoch {memorised}, test accuracy >= 99% at epoch {run.grokking_epoch()}; key frequencies "
-              f"{analysis['key_freqs_neurons']} [{time.perf_counter() - start:.0f}s]")
-        start = time.perf_counter()
-        toy = superposition.ToyModel(2, 1, n_instances=2, feature_probability=torch.tensor([[1.0], [0.03]]), seed=0)
-        superposition.train_toy_model(toy, superposition.SuperpositionTraining(steps=1000, lr=1e-2), progress=False)
-        phases = superposition.classify_two_feature_phase(toy.W.detach())
-        w = [[round(v, 2) for v in row] for row in toy.W.detach()[:, 0].tolist()]
-        print(f"superposition (2 features, 1 dimension): dense -> W={w[0]} ({phases[0]} for feature 2); "
-              f"density 0.03 -> W={w[1]} ({phases[1]}) [{time.perf_counter() - start:.0f}s]")
-        start = time.perf_counter()
-        cfg = induction.InductionConfig(d_vocab=32, seq_len=24, d_model=32, lr=1e-2, steps=800)
-        n = induction.induction_summary(induction.train_induction(cfg, progress=False))
-        print(f"induction (2-layer attention-only): loss on repeated tokens {n['second_half_loss']:.2f} vs chance "
-              f"{n['chance_loss']:.2f}; previous-token head {n['previous_token_head']}, induction heads "
-              f"{n['induction_heads']} of layer 1, highest K-composition pair {n['k_composition_best_pair']} "
-              f"[{time.perf_counter() - start:.0f}s]")
-    finally:
-        torch.set_num_threads(threads)
+    from mechscope.viz.heatmap import layer_head_heatmap, layer_pos_heatmap, save_heatmaps, save_png
+
+    figures = [
+        layer_pos_heatmap(
+            resid, str_tokens, "Residual stream (resid_pre), denoising: normalised logit difference", "metric",
+            resid_layers,
+        ),
+        layer_head_heatmap(heads, "Head outputs (z, all positions), denoising: normalised logit difference", "metric"),
+    ]
+    cells = [
+        f"<tr><td>{label}</td>" + "".join(f"<td>{v:.3f}</td>" for v in values) + "</tr>" for label, *values in rows
+    ]
+    table = (
+        f"<h3>AtP* top {len(rows)} heads (change of the normalised metric; exact = verified patch, "
+        "patched metric = the exhaustive sweep)</h3><table><tr><th>head</th><th>AtP* estimate</th><th>exact effect</th>"
+        f"<th>patched metric</th></tr>{''.join(cells)}</table>"
+    )
+    intro = (
+        f"<p>{html.escape(model_name)}: {len(data.clean_prompts)} IOI prompts of {len(str_tokens)} tokens, for example "
+        f"<code>{html.escape(data.clean_prompts[0])}</code> (corrupted: <code>{html.escape(data.corrupted_prompts[0])}"
+        "</code>). 0 = corrupted run, 1 = clean run.</p>"
+    )
+    path = save_heatmaps(figures, Path(out_dir) / "ioi_patching.html", "IOI patching", intro, ["", table])
+    pngs = [save_png(fig, Path(out_dir) / f"ioi_{name}.png") for fig, name in zip(figures, ("resid", "heads"))]
+    return path, pngs

@@ -1,4 +1,4 @@
-"""Self-contained HTML reports (plotly, its JavaScript inlined once) and JSON numbers for the toys.
+"""Self-contained HTML reports (plotly, its JavaScript inlined once) with a JSON of their numbers.
 
 Every figure's toolbar has plotly's camera button, which saves a PNG in the browser without
 any server or extra package; `write_report` also writes the figures it can draw offline as PNG

@@ -8,14 +8,14 @@ import re
 import torch
 
 from mechscope.analysis import induction_scores, repeated_random_tokens, top_heads
-from mechscope.analysis.tour import heads_tour
 from mechscope.cli import build_parser
+from mechscope.cli.tour import heads_section
 from tests.conftest import tiny_model
 
 
-def test_heads_tour_prints_top_heads_and_writes_view(tmp_path, capsys):
+def test_heads_section_prints_top_heads_and_writes_view(tmp_path, capsys):
     model = tiny_model(seed=3)
-    top = heads_tour(model, out_dir=tmp_path, k=3, seq_len=5, batch=2)
+    top = heads_section(model, out_dir=tmp_path, k=3, seq_len=5, batch=2)
     out = capsys.readouterr().out
     for name in ("previous token", "duplicate token", "induction", "copy suppression"):
         assert len(top[name]) == 3 and name in out

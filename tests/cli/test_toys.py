@@ -9,6 +9,8 @@ import torch
 
 from mechscope.cli import build_parser, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the toys are tiny: one thread avoids synchronisation overhead
+
 
 def _check_report(path, title):
     text = path.read_text()
