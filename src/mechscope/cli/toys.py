@@ -147,7 +147,8 @@ def add_toys_parser(sub, formatter_class: type[argparse.HelpFormatter] = argpars
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toys are too small to gain "
                        "from more)")
         for flag, (field, kind, default, text) in flags.items():
-            p.add_argument(flag, dest=field, type=kind, default=default, help=text)
+            p.add_argument(flag, dest=field, type=kind, default=default, help=text,
+                           metavar=flag[2:].upper().replace("-", "_"))
         p.set_defaults(func=func)
         return p
 
