@@ -88,7 +88,9 @@ def cli_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sae_parser(sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+def add_sae_parser(
+    sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter
+) -> None:
     """Register ``mechscope sae train|eval`` on the top-level subcommands.
 
     Example:
@@ -100,7 +102,7 @@ def add_sae_parser(sub, formatter_class: type[argparse.HelpFormatter] = argparse
     p = sub.add_parser("sae", help="train or evaluate sparse autoencoders from a config file",
                        description="Train or evaluate sparse autoencoders.", formatter_class=formatter_class)
     actions = p.add_subparsers(dest="sae_command", required=True, metavar="{train,eval}")
-    train = actions.add_parser("train", help="train the SAEs of a run config (under torchrun every rank harvests its own shard)",
+    train = actions.add_parser("train", help="train the SAEs of a run config (works under torchrun)",
                                description="Train the SAEs of a run config from shared model passes and save them.",
                                epilog=CONFIG_EXAMPLE, formatter_class=_with_epilog(formatter_class))
     train.add_argument("--config", required=True, help="run config (.json or .toml); format below and in the "

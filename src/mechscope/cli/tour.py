@@ -295,7 +295,8 @@ def ioi_section(
         metric = Normalized(LogitDiff(data.correct, data.wrong), model(clean), model(corrupted))
     print(f"{len(data)} prompts, e.g. clean {data.clean_prompts[0]!r} / corrupted {data.corrupted_prompts[0]!r}")
     print(
-        f"logit difference (IO - S): clean {float(metric.clean_value):.2f}, corrupted {float(metric.corrupted_value):.2f}"
+        f"logit difference (IO - S): clean {float(metric.clean_value):.2f}, "
+        f"corrupted {float(metric.corrupted_value):.2f}"
     )
     start = time.perf_counter()
     final = {"logit_positions": -1}  # the metric reads the final position only

@@ -124,7 +124,9 @@ def _induction(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_toys_parser(sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+def add_toys_parser(
+    sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter
+) -> None:
     """Register ``mechscope toys grokking|superposition|induction`` on the top-level subcommands.
 
     Example:
