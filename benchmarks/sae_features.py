@@ -101,7 +101,7 @@ def main() -> None:
     figures["by_feature"] = {"batched_s": t_batched, "loop_s": t_loop, "speedup": t_loop / t_batched,
                              "max_abs_diff": float((batched - looped).abs().max())}  # fmt: skip
 
-    by_pos, t_pos = timed(lambda: feature_patch(model, sae, clean, corrupted, metric, by=("pos", "feature"),
+    by_pos, t_pos = timed(lambda: feature_patch(model, sae, clean, corrupted, metric, by=("pos", "d_sae"),
                                                 features=pos_chosen)[ACTS])  # fmt: skip
     cells = [(p, f) for p in range(n_pos) for f in pos_chosen]
     looped_pos, t_pos_loop = timed(lambda: loop_sweep(model, sae, corrupted, clean_acts, metric, cells))

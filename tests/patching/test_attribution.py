@@ -117,8 +117,8 @@ def test_qk_fix_components_are_exact_for_linear_attention(positional):
     key_by_kv = key.mean(0).view(-1, groups, key.shape[-1]).sum(1).T  # [pos, kv_head]
     assert_close(key_by_kv, exact_k, atol=1e-5, rtol=1e-5)
     # The same through atp_star, whose value estimates are exact here too.
-    for nodes, site in (("queries", "q"), ("values", "v")):
-        result = atp_star(model, clean, corrupted, metric, nodes=nodes, n_verify=0)
+    for site in ("q", "v"):
+        result = atp_star(model, clean, corrupted, metric, site=site, n_verify=0)
         exact = activation_patch(model, clean, corrupted, metric, site)[0] - base
         assert_close(result.estimates[0], exact, atol=1e-5, rtol=1e-5)
     # Plain AtP on the queries misses the softmax's curvature, so it is not exact here.
@@ -134,8 +134,8 @@ def test_atp_star_graddrop_verification_and_false_negatives():
     result = atp_star(model, clean, corrupted, metric, top_k=2, n_verify=4, n_samples=3, seed=1)
     n_layers = model.cfg.n_layers
     # GradDrop scores from naive per-layer gradients: heads (AtP on z) and keys (QK fix).
-    plain = atp_star(model, clean, corrupted, metric, nodes="heads", n_verify=0)
-    keys = atp_star(model, clean, corrupted, metric, nodes="keys", n_verify=0)
+    plain = atp_star(model, clean, corrupted, metric, site="z", n_verify=0)
+    keys = atp_star(model, clean, corrupted, metric, site="k", n_verify=0)
     src, base_acts = cache_site(model, clean, "z"), cache_site(model, corrupted, "z")
     names = [head_names(model, layer) for layer in range(n_layers)]
     with torch.no_grad():
@@ -169,14 +169,14 @@ def test_atp_star_graddrop_verification_and_false_negatives():
 def test_atp_star_neurons_and_errors():
     model = gpt2_model()
     clean, corrupted, metric = _pair(model)
-    result = atp_star(model, clean, corrupted, metric, nodes="neurons", top_k=4, graddrop=False)
+    result = atp_star(model, clean, corrupted, metric, site="post", top_k=4, graddrop=False)
     assert result.estimates.shape == (2, 8) and result.graddrop is None
     with torch.no_grad():
         base = metric(model(corrupted)).mean()
     exact = activation_patch(model, clean, corrupted, metric, "post", patches=result.candidates) - base
     assert_close(result.verified, exact, atol=1e-5, rtol=0)
-    with pytest.raises(ms.InputError, match="nodes"):
-        atp_star(model, clean, corrupted, metric, nodes="mlps")
+    with pytest.raises(ms.InputError, match="site"):
+        atp_star(model, clean, corrupted, metric, site="mlp_out")
     with pytest.raises(ms.InputError, match="threshold"):
         atp_star(model, clean, corrupted, metric, n_verify=0, n_samples=2)
 

@@ -113,14 +113,14 @@ def test_patch_every_feature_denoising_matches_loop(model, pair, saes):
 def test_patch_by_position_noising_matches_loop(model, pair, saes):
     clean, corrupted = pair
     resid, z_sae, _ = saes
-    dense = feature_patch(model, resid, clean, corrupted, METRIC, by=("pos", "feature"), direction="noising",
+    dense = feature_patch(model, resid, clean, corrupted, METRIC, by=("pos", "d_sae"), direction="noising",
                           logit_positions=-1)[_name(resid)]  # fmt: skip
     expected = _oracle_sweep(model, clean, _oracle_acts(model, corrupted, resid), resid, range(24), per_pos=True)
     torch.testing.assert_close(dense, expected.mean(-1), atol=ATOL, rtol=0)
     # positions before the corrupted token are unchanged, so they report the clean metric exactly
     torch.testing.assert_close(dense[:2], METRIC(model(clean)).mean().expand(2, 24), atol=ATOL, rtol=0)
     chosen = [7, 0, 19]
-    got = feature_patch(model, saes, clean, corrupted, METRIC, by=("feature", "pos"), direction="noising",
+    got = feature_patch(model, saes, clean, corrupted, METRIC, by=("d_sae", "pos"), direction="noising",
                         features={"blocks.2.attn.hook_z": chosen, "blocks.1.hook_resid_post": chosen,
                                   "blocks.0.hook_mlp_out": [2]}, per_prompt=True, memory_budget=2**16)  # fmt: skip
     assert got[_name(z_sae)].shape == (6, 3, 2)
@@ -149,7 +149,7 @@ def test_ablation_matches_loop(model, pair, saes, kind):
 def test_attribution_matches_direct_autograd(model, pair, saes):
     clean, corrupted = pair
     per_feature = feature_attribution_patch(model, saes, clean, corrupted, METRIC)
-    per_pos = feature_attribution_patch(model, saes, clean, corrupted, METRIC, by=("pos", "feature"))
+    per_pos = feature_attribution_patch(model, saes, clean, corrupted, METRIC, by=("pos", "d_sae"))
 
     # Direct computation: each SAE's latents and error are explicit tensors of a hand-written splice.
     nodes, captured = {}, {}
@@ -214,7 +214,7 @@ def _oracle_error(model, tokens, sae):
 def test_error_node_patching_and_ablation_match_loop(model, pair, saes):
     clean, corrupted = pair
     whole = feature_patch(model, saes, clean, corrupted, METRIC, error=True, features=[0], per_prompt=True)
-    per_pos = feature_patch(model, saes, clean, corrupted, METRIC, by=("pos", "feature"), error=True, features=[0],
+    per_pos = feature_patch(model, saes, clean, corrupted, METRIC, by=("pos", "d_sae"), error=True, features=[0],
                             per_prompt=True)  # fmt: skip
     zero = feature_ablate(model, saes, clean, METRIC, kind="zero", error=True, features=[0], per_prompt=True)
     for sae in saes:
@@ -232,7 +232,7 @@ def test_error_node_patching_and_ablation_match_loop(model, pair, saes):
 
 def test_bad_input_names_the_fix(model, pair, saes):
     clean, corrupted = pair
-    with pytest.raises(InputError, match="by must be 'feature' or"):
+    with pytest.raises(InputError, match="by must be 'd_sae'"):
         feature_patch(model, saes[0], clean, corrupted, METRIC, by="neuron")
     with pytest.raises(InputError, match=r"\[0, d_sae=24\)"):
         feature_patch(model, saes[0], clean, corrupted, METRIC, features=[24])

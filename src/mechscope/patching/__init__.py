@@ -7,7 +7,9 @@ Example:
     torch.Size([3, 4])
 """
 
-from mechscope.patching.activation import SITES, Site, ablate, activation_patch, get_site, run_patches
+from mechscope.names import SITES, Site
+from mechscope.patching.activation import ablate, activation_patch, get_site
+from mechscope.patching.engine import BaseRun, SweepOptions, base_run, run_patches
 from mechscope.patching.atp_star import AtPStarResult, FalseNegativeEstimate, atp_star
 from mechscope.patching.attribution import attribution_patch
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
@@ -16,16 +18,19 @@ from mechscope.patching.path import path_patch
 __all__ = [
     "SITES",
     "AtPStarResult",
+    "BaseRun",
     "FalseNegativeEstimate",
     "KLDivergence",
     "LogitDiff",
     "Normalized",
     "ProbDiff",
     "Site",
+    "SweepOptions",
     "ablate",
     "activation_patch",
     "atp_star",
     "attribution_patch",
+    "base_run",
     "get_site",
     "path_patch",
     "run_patches",

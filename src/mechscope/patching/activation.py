@@ -1,32 +1,22 @@
-"""Batched activation patching and ablation.
+"""Activation patching and ablation: thin entry points on the batched engine (`mechscope.patching.engine`).
 
-One engine, small strategies: a `Site` names an activation layout (its axes after the batch
-axis) and ``by`` picks the axes a patch indexes. A patch is ``(layer, *index)``: at that layer
-the activation entries matching the index are replaced by a *source* (the other run's
-activation, zeros, a mean or a resampled prompt's activation) and the rest of the model runs
-as usual.
-
-Many patches run as the batch elements of one forward, patch-major (row ``r`` holds patch
-``r // n_prompts`` applied to prompt ``r % n_prompts``). Each forward starts at the first
-patched layer of its chunk from the cached residual stream of the run being patched, chunks
-fit a memory budget, and metric values stay on the device until the end.
+A `Site` names an activation layout (its axes after the batch axis) and ``by`` picks the axes a
+patch indexes; each entry point builds the sources (the other run's activations, zeros, a mean
+or resampled prompts) and hands every ``(layer, *index)`` patch to `run_patches`.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechscope.errors import InputError
-from mechscope.names import SITES, Site, act_name, unknown_name_error
-from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.tokenize import check_mask, input_tokens
+from mechscope.names import SITES, Site, act_name, unknown_name_error
+from mechscope.patching.engine import SweepOptions, base_run, patch_grid, run_patches
 from mechscope.patching.metrics import Metric
 
 Direction = Literal["denoising", "noising"]
@@ -60,291 +50,6 @@ def _check_site_exists(model, site: Site, layers: list[int]) -> None:
             raise unknown_name_error(name, model.hook_dict)
 
 
-def patch_grid(sizes: tuple[int, ...], layers: list[int]) -> Tensor:
-    """Every patch index ``[n_patches, 1 + len(sizes)]`` (layer first), in row-major grid order.
-
-    Example:
-        >>> patch_grid((2,), layers=[0, 1]).tolist()
-        [[0, 0], [0, 1], [1, 0], [1, 1]]
-    """
-    ranges = [layers, *[range(s) for s in sizes]]
-    return torch.tensor(list(itertools.product(*ranges)), dtype=torch.long).reshape(-1, 1 + len(sizes))
-
-
-@dataclass
-class BaseRun:
-    """What the suffix path of `run_patches` reuses from the unpatched run being patched.
-
-    ``logits`` ``[n_prompts, pos, d_vocab]`` and ``kv`` (a `KVCache` of every layer's keys
-    and values, as attention sees them). A patch at position ``p`` leaves every position
-    before ``p`` as in this run (attention is causal), so those positions are not recomputed:
-    the patched forward runs positions ``p:`` only, attends to this run's keys and values for
-    the earlier ones, and the metric sees this run's logits there.
-
-    Example:
-        >>> base = base_run(model, tokens)
-        >>> base.logits.shape, base.kv.keys[0].shape
-        (torch.Size([1, 4, 50]), torch.Size([1, 4, 4, 8]))
-    """
-
-    logits: Tensor
-    kv: KVCache
-
-
-def base_run(model, tokens: Tensor, attention_mask: Tensor | None = None, names: list[str] | None = None):
-    """Run ``tokens`` once, keeping a `BaseRun`; with ``names``, also return an activation cache of them.
-
-    Example:
-        >>> base, cache = base_run(model, tokens, names=["blocks.0.hook_resid_pre"])
-        >>> torch.equal(base.logits, model(tokens)), cache["resid_pre", 0].shape
-        (True, torch.Size([1, 4, 32]))
-    """
-    kv = KVCache(model.cfg.n_layers)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(
-            tokens, names_filter=names or [], attention_mask=attention_mask, past_kv_cache=kv
-        )
-    run = BaseRun(logits, kv)
-    return run if names is None else (run, cache)
-
-
-class _PrefixKV(KVCache):
-    """A read-only key/value cache holding the base run's positions ``< start``, repeated per patch."""
-
-    def __init__(self, kv: KVCache, start: int, copies: int) -> None:
-        super().__init__(len(kv.keys))
-        self.source, self.start, self.copies = kv, start, copies
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        past_k = self.source.keys[layer][:, :, : self.start].to(k.device)
-        past_v = self.source.values[layer][:, :, : self.start].to(v.device)
-        k = torch.cat((past_k.repeat(self.copies, 1, 1, 1), k), dim=2)  # [rows, kv_head, pos, d_head]
-        v = torch.cat((past_v.repeat(self.copies, 1, 1, 1), v), dim=2)
-        return k, v
-
-
-def _suffix_forward(model, resid: Tensor, first: int, start: int, attention_mask: Tensor | None, prefix: _PrefixKV):
-    """Blocks ``first:`` on positions ``start:`` of ``resid`` ``[rows, pos - start, d_model]``;
-    returns the residual stream after the last block."""
-    rows, seq = resid.shape[0], resid.shape[1] + start
-    full = AttentionContext.build(attention_mask, rows, seq, resid.device)
-    ctx = AttentionContext(full.positions[:, start:], full.key_padding, prefix, full.positions)
-    for block in model.blocks[first:]:
-        device = block.attn.w_o.device
-        if resid.device != device:  # blocks placed over several devices (see `device_map`)
-            resid, ctx = resid.to(device), ctx.to(device)
-        resid = block(resid, ctx)
-    return resid
-
-
-def rows_per_forward(model, seq: int, memory_budget: int, logit_seq: int | None = None) -> int:
-    """How many sequences of length ``seq`` one patched forward may hold within ``memory_budget`` bytes.
-
-    An estimate of the activations alive at once under ``torch.no_grad`` (logits at
-    ``logit_seq`` positions, default all; residual copies, attention scores and MLP
-    activations, with a factor for temporaries).
-
-    Example:
-        >>> rows_per_forward(model, seq=4, memory_budget=2**20) > 0
-        True
-    """
-    cfg = model.cfg
-    logit_seq = seq if logit_seq is None else logit_seq
-    per_row = logit_seq * cfg.d_vocab + seq * (8 * cfg.d_model + 3 * cfg.d_mlp + 3 * cfg.n_heads * seq)
-    per_row *= 2 * torch.finfo(model.dtype).bits // 8
-    return max(1, int(memory_budget // per_row))
-
-
-@torch.no_grad()
-def run_patches(
-    model,
-    base_resid: dict[int, Tensor],
-    sources: dict[int, Tensor],
-    site: Site,
-    by: tuple[str, ...],
-    patches: Tensor,
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
-    progress: bool = False,
-    base: BaseRun | None = None,
-) -> Tensor:
-    """The engine: metric values ``[n_patches, n_prompts]`` for each patch of ``patches``.
-
-    ``base_resid[l]`` is the residual stream ``[n_prompts, pos, d_model]`` entering layer ``l``
-    in the run being patched; ``sources[l]`` is the replacement activation at layer ``l``
-    (``[n_prompts or 1, *site.axes]``). ``patches`` is ``[n_patches, 1 + len(by)]`` (layer,
-    then one index per ``by`` axis). ``batch_size`` caps the rows of one forward; otherwise
-    `rows_per_forward` fits them to ``memory_budget`` bytes. ``logit_positions`` (e.g. ``-1``)
-    unembeds only those positions: the metric then sees ``[batch, len(positions), d_vocab]``.
-
-    With ``base`` (the `BaseRun` of the run being patched) and a site patched by position, a
-    forward whose patches all sit at positions ``>= p`` runs positions ``p:`` only (see
-    `BaseRun`); the metric still sees logits at every position (or at ``logit_positions``),
-    taken from ``base`` before ``p``. Patches are grouped so that each forward has one start
-    layer and one start position.
-
-    Example:
-        >>> base, cache = base_run(model, tokens, names=[f"blocks.{l}.hook_resid_pre" for l in range(3)])
-        >>> zeros = {l: torch.zeros(1, 4, 32) for l in range(3)}
-        >>> site, by = get_site("resid_pre")
-        >>> out = run_patches(model, {l: cache["resid_pre", l] for l in range(3)}, zeros, site, by,
-        ...                   patch_grid((4,), [0, 1, 2]), lambda logits: logits[:, -1, 0], base=base)
-        >>> out.shape
-        torch.Size([12, 1])
-    """
-    n_prompts, seq = next(iter(base_resid.values())).shape[:2]
-    if patches.dim() != 2 or patches.shape[1] != 1 + len(by):
-        raise InputError(f"patches must be [n_patches, {1 + len(by)}] (layer, then {by}), got {tuple(patches.shape)}")
-    keep = None if logit_positions is None else [logit_positions] if isinstance(logit_positions, int) else list(logit_positions)
-    if keep is not None and any(not -seq <= k < seq for k in keep):
-        raise InputError(f"logit_positions {keep} out of range for {seq} positions")
-    rows = batch_size or rows_per_forward(model, seq, memory_budget, None if keep is None else len(keep))
-    per_chunk = max(1, rows // n_prompts)
-    suffix = base is not None and "pos" in by and site.axes[0] == "pos"
-    starts = patches[:, 1 + by.index("pos")] if suffix else torch.zeros(len(patches), dtype=torch.long)
-    order, chunks = _schedule(patches[:, 0], starts, per_chunk, n_prompts, seq, model.cfg.n_layers)
-    device = model.device
-    results = torch.empty(len(patches), n_prompts, device=device)
-    mask_rows = None if attention_mask is None else attention_mask.to(device)
-    n_layers = model.cfg.n_layers
-    for idx in tqdm(chunks, desc=f"patching {site.name}", disable=not progress):
-        idx = order[idx]
-        chunk = patches[idx]
-        first, start = int(chunk[:, 0].min()), int(starts[idx].min())
-        hooks = _chunk_hooks(site, by, chunk, sources, n_prompts, start, device)
-        chunk_mask = None if mask_rows is None else mask_rows.repeat(len(chunk), 1)
-        if start > 0:
-            resid = base_resid[first][:, start:].repeat(len(chunk), 1, 1)
-            with model.hooks(fwd_hooks=hooks):
-                resid = _suffix_forward(model, resid, first, start, chunk_mask, _PrefixKV(base.kv, start, len(chunk)))
-            logits = _suffix_logits(model, resid, base.logits, start, keep, len(chunk))
-        elif keep is None:
-            resid = base_resid[first].repeat(len(chunk), 1, 1)
-            logits = model.run_with_hooks(resid, start_at_layer=first, attention_mask=chunk_mask, fwd_hooks=hooks)
-        else:
-            resid = model.run_with_hooks(
-                base_resid[first].repeat(len(chunk), 1, 1), start_at_layer=first, stop_at_layer=n_layers,
-                attention_mask=chunk_mask, fwd_hooks=hooks,
-            )
-            logits = model(resid[:, keep], start_at_layer=n_layers)  # the final norm and unembedding only
-        values = metric(logits)
-        if values.shape != (logits.shape[0],):
-            raise InputError(f"the metric must return one value per row [batch], got shape {tuple(values.shape)}")
-        results[idx.to(device)] = values.float().view(len(chunk), n_prompts)
-    return results
-
-
-def _chunk_hooks(site: Site, by, chunk: Tensor, sources: dict[int, Tensor], n_prompts: int, start: int, device) -> list:
-    """One patch hook per layer of ``chunk``; positions count from ``start`` (the forward's first)."""
-    source_shape = next(iter(sources.values())).shape[1:]
-    mask_shape = [size if axis in by else 1 for axis, size in zip(site.axes, source_shape)]
-    if start:
-        mask_shape[0] -= start  # the position axis: only positions start: run
-    hooks = []
-    for layer in chunk[:, 0].unique().tolist():
-        local = (chunk[:, 0] == layer).nonzero()[:, 0]
-        mask = torch.zeros(len(local), *mask_shape, dtype=torch.bool, device=device)
-        index = [torch.arange(len(local), device=device)]
-        cols = iter(range(1, chunk.shape[1]))
-        for axis in site.axes:
-            if axis in by:
-                index.append(chunk[local, next(cols)].to(device) - (start if axis == "pos" else 0))
-            else:
-                index.append(torch.zeros_like(index[0]))
-        mask[tuple(index)] = True
-        row_index = (local.to(device)[:, None] * n_prompts + torch.arange(n_prompts, device=device)).flatten()
-        source = sources[layer][:, start:] if start else sources[layer]
-        hooks.append((site.hook(layer), _patch_hook(row_index, mask.repeat_interleave(n_prompts, 0), source)))
-    return hooks
-
-
-def _suffix_logits(model, resid: Tensor, base_logits: Tensor, start: int, keep: list[int] | None, copies: int) -> Tensor:
-    """Logits at every position (or at ``keep``): the base run's before ``start``, ``resid``'s after."""
-    n_layers, seq = model.cfg.n_layers, base_logits.shape[1]
-    if keep is None:
-        late = model(resid, start_at_layer=n_layers)  # the final norm and unembedding only
-        return torch.cat((base_logits[:, :start].repeat(copies, 1, 1).to(late.device), late), dim=1)
-    keep = [k % seq for k in keep]
-    logits = base_logits[:, keep].repeat(copies, 1, 1)
-    late = [i for i, k in enumerate(keep) if k >= start]
-    if late:
-        logits[:, late] = model(resid[:, [keep[i] - start for i in late]], start_at_layer=n_layers).to(logits.device)
-    return logits
-
-
-def _schedule(layers: Tensor, starts: Tensor, per_chunk: int, n_prompts: int, seq: int, n_layers: int):
-    """Order patches and split them into forwards; returns ``(order, chunks of positions in order)``.
-
-    A forward costs about ``rows x (n_layers - first layer) x (seq - first position)``. Without
-    start positions, patches go layer-major. With them, layer-major, position-major and tilings
-    of the (position, layer) grid are scored with that cost and the cheapest is kept.
-
-    Example:
-        >>> order, chunks = _schedule(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 3, 0, 3]), 2, 1, 4, 2)
-        >>> order.tolist(), [c.tolist() for c in chunks]
-        ([0, 2, 1, 3], [[0, 1], [2, 3]])
-    """
-    by_layer = layers * seq + starts
-    plans = [(by_layer, by_layer)]
-    if bool(starts.any()):
-        by_pos = starts * n_layers + layers
-        plans.append((by_pos, by_pos))
-        for tile_pos, tile_layer in itertools.product((2, 4, 8), (2, 4, 8)):
-            tile = (starts // tile_pos) * n_layers + layers // tile_layer
-            plans.append((tile * seq * n_layers + by_pos, tile))
-    best = None
-    for sort_key, boundary in plans:
-        order = torch.argsort(sort_key, stable=True)
-        chunks = _chunks(boundary[order], per_chunk, n_prompts * (seq - starts[order]))
-        first_layer = [int(layers[order[c]].min()) for c in chunks]
-        first_pos = [int(starts[order[c]].min()) for c in chunks]
-        cost = sum(len(c) * (n_layers - fl) * (seq - fp) for c, fl, fp in zip(chunks, first_layer, first_pos))
-        if best is None or cost < best[0]:
-            best = (cost, order, chunks)
-    return best[1], best[2]
-
-
-def _chunks(keys: Tensor, per_chunk: int, tokens_per_patch: int | Tensor, min_tokens: int = 512) -> list[Tensor]:
-    """Split patches (sorted by ``keys``: their start layer, or start layer and position) into
-    forwards of at most ``per_chunk`` patches.
-
-    A forward starts at its first patch's layer (and position), so rows patched later run the
-    layers in between for nothing: a chunk closes where the key changes once it holds
-    ``min_tokens`` tokens, large enough for efficient matrix products.
-
-    Example:
-        >>> [c.tolist() for c in _chunks(torch.tensor([0, 0, 1, 1, 2]), per_chunk=3, tokens_per_patch=300)]
-        [[0, 1], [2, 3], [4]]
-    """
-    tokens = torch.as_tensor(tokens_per_patch).expand(len(keys)).tolist()
-    chunks, start, count = [], 0, 0
-    for i in range(1, len(keys) + 1):
-        count += tokens[i - 1]
-        full = i - start == per_chunk
-        boundary = i < len(keys) and keys[i] != keys[i - 1] and count >= min_tokens
-        if i == len(keys) or full or boundary:
-            chunks.append(torch.arange(start, i))
-            start, count = i, 0
-    return chunks
-
-
-def _patch_hook(rows: Tensor, mask: Tensor, source: Tensor) -> Callable:
-    """Replace the masked entries of ``rows`` with the source of each row's prompt."""
-    n_src = source.shape[0]
-
-    def hook(activation: Tensor, *, hook) -> Tensor:
-        out = activation.clone()
-        src = source[rows % n_src] if n_src > 1 else source.expand(len(rows), *source.shape[1:])
-        out[rows] = torch.where(mask, src.to(out.dtype), out[rows])
-        return out
-
-    return hook
-
-
 def _layers(model, layers: list[int] | range | None) -> list[int]:
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else [int(layer) for layer in layers]
@@ -362,7 +67,7 @@ def _base_runs(model, tokens: Tensor, site: Site, layers: list[int], attention_m
 
 
 def _sweep(
-    model, base_tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt, reuse_prefix, **kw
+    model, base_tokens, sources_fn, metric, site, by, layers, patches, attention_mask, options: SweepOptions
 ) -> Tensor:
     site, by = get_site(site, by)
     layers = _layers(model, layers)
@@ -383,13 +88,16 @@ def _sweep(
                 raise InputError(f"patch indices out of range: layers {layers}, {dict(zip(by, sizes))}")
     out = run_patches(
         model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask,
-        base=base if reuse_prefix else None, **kw,
+        base=base if options.reuse_prefix else None, batch_size=options.batch_size,
+        memory_budget=options.memory_budget, logit_positions=options.logit_positions, progress=options.progress,
     )
-    out = out if per_prompt else out.mean(-1)
+    out = out if options.per_prompt else out.mean(-1)
     return out.reshape(len(layers), *sizes, *out.shape[1:]) if grid else out
 
 
-def base_and_source(model, clean_tokens, corrupted_tokens, direction: Direction) -> tuple[Tensor, Tensor]:
+def base_and_source(
+    model, clean_tokens, corrupted_tokens, direction: Direction
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Token ids ``(run patched, run patched from)``: (corrupted, clean) for denoising, (clean,
     corrupted) for noising; strings are tokenised, and the two must have the same shape.
 
@@ -422,13 +130,9 @@ def activation_patch(
     layers: list[int] | None = None,
     patches: Tensor | None = None,
     attention_mask: Tensor | None = None,
-    per_prompt: bool = False,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
-    progress: bool = False,
-    reuse_prefix: bool = True,
-) -> Tensor:
+    options: SweepOptions | None = None,
+    **sweep,
+) -> Float[Tensor, "..."]:
     """Patch one site at every ``(layer, *by)`` index and return the metric of each patched run.
 
     ``direction="denoising"`` runs the corrupted prompts with clean activations patched in;
@@ -440,10 +144,12 @@ def activation_patch(
     Returns ``[len(layers), *sizes of by]`` (the metric averaged over prompts; ``per_prompt``
     keeps a trailing ``[n_prompts]`` axis), or ``[n_patches]`` for an explicit ``patches`` list
     ``[n_patches, 1 + len(by)]``. Prompts must share one length (or pass ``attention_mask``).
-    ``logit_positions=-1`` skips the unembedding of the other positions (for metrics that read
-    the final position only); ``batch_size``/``memory_budget`` bound each forward (see `run_patches`).
-    Patches by position run only the positions from the patched one on (``reuse_prefix``; see
-    `BaseRun`), with the same results.
+
+    Sweep options (keywords, or ``options=SweepOptions(...)``; see `SweepOptions`):
+    ``per_prompt``, ``batch_size``, ``memory_budget``, ``progress``, ``logit_positions``
+    (default ``"auto"``: only the positions the metric declares it reads are unembedded, e.g. the
+    final one for `LogitDiff`; a plain callable sees every position) and ``reuse_prefix``
+    (patches by position run only the positions from the patched one on; same results).
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -461,11 +167,8 @@ def activation_patch(
             _, cache = model.run_with_cache(source, names_filter=names, attention_mask=attention_mask)
         return {layer: cache[site.hook(layer)] for layer in layers}
 
-    return _sweep(
-        model, base, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt,
-        batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
-        reuse_prefix=reuse_prefix,
-    )
+    options = SweepOptions.of(options, sweep)
+    return _sweep(model, base, sources_fn, metric, site, by, layers, patches, attention_mask, options)
 
 
 def ablate(
@@ -482,20 +185,16 @@ def ablate(
     patches: Tensor | None = None,
     attention_mask: Tensor | None = None,
     reference_mask: Tensor | None = None,
-    per_prompt: bool = False,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
-    progress: bool = False,
-    reuse_prefix: bool = True,
-) -> Tensor:
+    options: SweepOptions | None = None,
+    **sweep,
+) -> Float[Tensor, "..."]:
     """Ablate one site at every ``(layer, *by)`` index: zero, mean or resample ablation.
 
     ``kind="mean"`` replaces entries with their mean over the ``reference`` prompts (per
     position, so they must have the same length as ``tokens``); ``"resample"`` gives each
     prompt the activation of a reference prompt drawn at random (``seed``). ``reference``
     defaults to ``tokens`` itself. Sites, ``by``, the result layout and the other options are as
-    in `activation_patch`.
+    in `activation_patch` (sweep options included).
 
     Padded prompts: ``attention_mask`` ``[batch, pos]`` (1 = real token) goes with ``tokens`` and
     ``reference_mask`` with ``reference`` (default: ``attention_mask`` when ``reference`` is
@@ -510,6 +209,7 @@ def ablate(
     """
     if kind not in ("zero", "mean", "resample"):
         raise InputError(f"kind must be 'zero', 'mean' or 'resample', got {kind!r}")
+    options = SweepOptions.of(options, sweep)
     tokens, attention_mask = input_tokens(model, tokens, attention_mask)
     if reference is None:
         ref, reference_mask = tokens, attention_mask if reference_mask is None else reference_mask
@@ -539,11 +239,7 @@ def ablate(
         pick = _resample(mask, ref_mask, seed, plain=attention_mask is None and reference_mask is None)
         return {layer: cache[site.hook(layer)][pick.to(model.device)] for layer in layers}
 
-    return _sweep(
-        model, tokens, sources_fn, metric, site, by, layers, patches, attention_mask, per_prompt,
-        batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions, progress=progress,
-        reuse_prefix=reuse_prefix,
-    )
+    return _sweep(model, tokens, sources_fn, metric, site, by, layers, patches, attention_mask, options)
 
 
 def _masked_mean(act: Tensor, site: Site, ref_mask: Tensor) -> Tensor:

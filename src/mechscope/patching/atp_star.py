@@ -1,9 +1,9 @@
 """AtP* (Kramár et al. 2024): attribution patching with its false negatives fixed and bounded.
 
-Node types and the activation each patches (verified with `activation_patch` on that site):
-``"heads"`` (``z`` by head), ``"queries"`` (``q`` by head), ``"keys"`` and ``"values"``
-(``k``/``v`` by key-value head: grouped-query models keep their grouping, nothing is
-ungrouped or copied), ``"neurons"`` (``post`` by neuron).
+Sites (`mechscope.names.SITES`, each verified with `activation_patch` on that site at its
+default ``by``): ``"z"`` (head outputs, by head), ``"q"`` (queries, by head), ``"k"`` and
+``"v"`` (keys and values by key-value head: grouped-query models keep their grouping, nothing
+is ungrouped or copied), ``"post"`` (MLP neurons).
 
 * **QK fix**: AtP linearises the attention softmax, which fails where it saturates. For query
   nodes the pattern with the source queries is recomputed exactly and its change is weighted
@@ -22,21 +22,21 @@ ungrouped or copied), ``"neurons"`` (``post`` by neuron).
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mechscope.names import act_name
 from mechscope.errors import ConfigError, InputError
+from mechscope.names import act_name, parse_act_name
 from mechscope.patching.activation import Direction, activation_patch, base_and_source
-from mechscope.patching.attribution import _source_acts, gradient_pass
+from mechscope.patching.attribution import gradient_pass, source_activations
+from mechscope.patching.engine import SweepOptions
 from mechscope.patching.metrics import Metric
 
-NodeType = Literal["heads", "queries", "keys", "values", "neurons"]
-_NODE_SITES = {"heads": "z", "queries": "q", "keys": "k", "values": "v", "neurons": "post"}
+AtPSite = Literal["z", "q", "k", "v", "post"]
+ATP_STAR_SITES = ("z", "q", "k", "v", "post")
 
 
 def _final_qk_names(model, layer: int) -> tuple[str, str]:
@@ -128,10 +128,10 @@ def graddrop_pass(
     n_layers = model.cfg.n_layers
     layer_of = {}
     for name in names:
-        match = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.hook_\w+", name)
-        if match is None:
+        parsed = parse_act_name(name)
+        if parsed.module not in ("attn", "mlp"):
             raise InputError(f"graddrop_pass takes attention and MLP nodes (blocks.{{l}}.attn.*, blocks.{{l}}.mlp.*), got {name!r}")
-        layer_of[name] = int(match.group(1))
+        layer_of[name] = parsed.layer
     store: dict[str, Tensor] = {}
 
     def save(x: Tensor, *, hook) -> None:
@@ -172,11 +172,11 @@ def graddrop_pass(
     return acts, {name: torch.stack(g).detach() for name, g in grads.items()}
 
 
-def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, graddrop: bool, attention_mask):
-    """AtP* and plain AtP estimates ``[n_drops, n_prompts, layer, index]`` for one node type: the plain
+def _estimates(model, site: AtPSite, base_tokens, source_tokens, metric, graddrop: bool, attention_mask):
+    """AtP* and plain AtP estimates ``[n_drops, n_prompts, layer, index]`` for one site: the plain
     gradient, then (with ``graddrop``) each layer's GradDrop."""
     n_layers, groups = model.cfg.n_layers, model.cfg.n_kv_groups
-    if nodes == "neurons":
+    if site == "post":
         names = [act_name("post", layer) for layer in range(n_layers)]
     else:
         names = [name for layer in range(n_layers) for name in head_names(model, layer)]
@@ -184,25 +184,25 @@ def _estimates(model, nodes: NodeType, base_tokens, source_tokens, metric, gradd
         acts, grads = graddrop_pass(model, base_tokens, names, metric, attention_mask)
     else:
         acts, grads = gradient_pass(model, base_tokens, names, metric, attention_mask=attention_mask)
-    src = _source_acts(model, source_tokens, names, attention_mask)
+    src = source_activations(model, source_tokens, names, attention_mask)
 
     def atp(name: str) -> Tensor:  # sum over positions and feature dims, keep the head/neuron axis
         prod = (src[name] - acts[name]) * grads[name]
-        return prod.sum(-2) if nodes == "neurons" else prod.sum((-3, -1))
+        return prod.sum(-2) if site == "post" else prod.sum((-3, -1))
 
     star, plain = [], []
     for layer in range(n_layers):
-        if nodes == "neurons":
+        if site == "post":
             star.append(atp(names[layer]))
             plain.append(star[-1])
             continue
         z, _, _, q, k, v = head_names(model, layer)
-        if nodes in ("heads", "values"):
-            plain.append(atp(z if nodes == "heads" else v))
+        if site in ("z", "v"):
+            plain.append(atp(z if site == "z" else v))
             star.append(plain[-1])
             continue
         query, key = qk_fix_components(model, layer, acts, src, grads[z])
-        if nodes == "queries":
+        if site == "q":
             star.append(query)
             plain.append(atp(q))
         else:  # keys: each key-value head sums over its query heads and key positions
@@ -229,7 +229,8 @@ class FalseNegativeEstimate:
 
 @dataclass
 class AtPStarResult:
-    """AtP* output for one node type, on the ``[layer, index]`` grid of that type.
+    """AtP* output for one site, on the ``[layer, index]`` grid of that site (index: head,
+    key-value head or neuron).
 
     ``estimates``: AtP* signed estimates of the metric change; ``atp``: plain AtP; ``graddrop``:
     GradDrop scores (``None`` when off); ``scores``: what candidates are ranked by;
@@ -238,7 +239,7 @@ class AtPStarResult:
     scored, without verification).
     """
 
-    nodes: str
+    site: str
     estimates: Tensor
     atp: Tensor
     graddrop: Tensor | None
@@ -283,7 +284,7 @@ def atp_star(
     corrupted_tokens: Tensor,
     metric: Metric,
     *,
-    nodes: NodeType = "heads",
+    site: AtPSite = "z",
     direction: Direction = "denoising",
     qk_fix: bool = True,
     graddrop: bool = True,
@@ -294,18 +295,18 @@ def atp_star(
     confidence: float = 0.95,
     seed: int = 0,
     attention_mask: Tensor | None = None,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
+    options: SweepOptions | None = None,
+    **sweep,
 ) -> AtPStarResult:
-    """AtP* for every node of one type (see the module docstring), with exact verification.
+    """AtP* for every node of one site (see the module docstring), with exact verification.
 
     Ranks nodes by GradDrop score (by ``|estimate|`` with ``graddrop=False``), patches the
     ``n_verify`` best (default ``2 * top_k``; ``0`` skips verification) exactly in a few batched
     forwards and keeps the ``top_k`` largest verified effects. With ``n_samples > 0`` a stratified
     random sample of the other nodes is verified too, to bound how many nodes with ``|effect| >
     threshold`` (default: the smallest ``|effect|`` among the top-k) were missed.
-    ``batch_size``, ``memory_budget`` and ``logit_positions`` go to the verifying `activation_patch`.
+    Sweep options (``batch_size``, ``memory_budget``, ``logit_positions``, ``progress``; see
+    `SweepOptions`) go to the verifying `activation_patch`.
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -313,15 +314,16 @@ def atp_star(
         >>> result.estimates.shape, result.top.shape, result.verified.shape
         (torch.Size([3, 4]), torch.Size([3, 2]), torch.Size([6]))
     """
-    if nodes not in _NODE_SITES:
-        raise InputError(f"nodes must be one of {list(_NODE_SITES)}, got {nodes!r}")
+    options = SweepOptions.of(options, sweep)
+    if site not in ATP_STAR_SITES:
+        raise InputError(f"atp_star takes site one of {list(ATP_STAR_SITES)}, got {site!r}")
     n_verify = 2 * top_k if n_verify is None else n_verify
     if n_samples and not n_verify and threshold is None:
         raise InputError("the false-negative estimate needs a threshold: pass threshold=... or verify (n_verify > 0)")
     base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
     n_layers = model.cfg.n_layers
     graddrop = graddrop and n_layers > 1
-    star, plain = _estimates(model, nodes, base, source, metric, graddrop, attention_mask)
+    star, plain = _estimates(model, site, base, source, metric, graddrop, attention_mask)
     est = (star if qk_fix else plain).mean(1)  # [n_drops, layer, index]: mean over prompts
     estimates, atp = est[0], plain[0].mean(0)
     graddrop_scores = est[1:].abs().sum(0) / (n_layers - 1) if graddrop else None
@@ -342,9 +344,9 @@ def atp_star(
         with torch.no_grad():
             base_value = metric(model(base, attention_mask=attention_mask)).float().mean().cpu()
         effects = activation_patch(
-            model, clean_tokens, corrupted_tokens, metric, _NODE_SITES[nodes], direction=direction,
+            model, clean_tokens, corrupted_tokens, metric, site, direction=direction,
             patches=torch.stack((picked // width, picked % width), -1), attention_mask=attention_mask,
-            batch_size=batch_size, memory_budget=memory_budget, logit_positions=logit_positions,
+            options=replace(options, per_prompt=False),
         ).cpu() - base_value
     verified = effects[:n_verify] if n_verify else None
     if verified is not None:
@@ -358,4 +360,4 @@ def atp_star(
         false_negatives = _false_negatives(
             effects[n_verify:], [len(x) for x in sample], [len(c) for c in strata], threshold, confidence
         )
-    return AtPStarResult(nodes, estimates, atp, graddrop_scores, scores, candidates, verified, top, false_negatives)
+    return AtPStarResult(site, estimates, atp, graddrop_scores, scores, candidates, verified, top, false_negatives)

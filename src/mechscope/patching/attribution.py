@@ -71,7 +71,13 @@ def gradient_pass(
     return acts, out
 
 
-def _source_acts(model, tokens: Tensor, names: list[str], attention_mask: Tensor | None) -> dict[str, Tensor]:
+def source_activations(model, tokens: Tensor, names: list[str], attention_mask: Tensor | None) -> dict[str, Tensor]:
+    """The activations ``names`` of a no-grad run of ``tokens`` (the source side of an AtP estimate).
+
+    Example:
+        >>> source_activations(model, tokens, ["blocks.0.attn.hook_z"], None)["blocks.0.attn.hook_z"].shape
+        torch.Size([1, 4, 4, 8])
+    """
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
     return {name: cache[name] for name in names}
@@ -103,7 +109,7 @@ def attribution_patch(
     resolved = [get_site(site) for site in sites]
     names = [s.hook(layer) for s, _ in resolved for layer in range(model.cfg.n_layers)]
     acts, grads = gradient_pass(model, base, names, metric, attention_mask=attention_mask)
-    src = _source_acts(model, source, names, attention_mask)
+    src = source_activations(model, source, names, attention_mask)
     out = {}
     for site, by in resolved:
         keep = [1 + site.axes.index(axis) for axis in by]

@@ -9,7 +9,9 @@ batch of patches (``batch = k * n_prompts``). Any callable with that contract wo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import Tensor
 from mechscope.errors import InputError
 
 Metric = Callable[[Tensor], Tensor]
+Answers = Union[Int[Tensor, " n_prompts"], Int[Tensor, "n_prompts k"], Sequence[int], Sequence[Sequence[int]]]
 
 
 def _tile(x: Tensor, rows: int) -> Tensor:
@@ -44,11 +47,44 @@ def _answer_sets(tokens: Tensor | list, what: str) -> Tensor:
     return tokens
 
 
+def metric_positions(metric: Metric, seq: int) -> tuple[list[int], Metric] | None:
+    """The logit positions ``metric`` declares it reads in a ``seq``-token run, and the metric
+    to call on logits holding only those positions; ``None`` when it declares none.
+
+    A metric declares them with a method ``read_positions(seq) -> (positions, metric)``, as
+    every metric of this module does, so the patching engine unembeds only those positions.
+
+    Example:
+        >>> metric_positions(LogitDiff([3], [5], pos=-1), seq=6)[0]
+        [5]
+        >>> metric_positions(lambda logits: logits[:, -1, 0], seq=6) is None
+        True
+    """
+    read = getattr(metric, "read_positions", None)
+    return None if read is None else read(seq)
+
+
 class _PositionMetric:
     """Shared parts: the position read (last by default, or one per prompt) and tiling."""
 
     def __init__(self, pos: int | Tensor = -1) -> None:
         self.pos = pos if isinstance(pos, int) else torch.as_tensor(pos, dtype=torch.long)
+
+    def read_positions(self, seq: int) -> tuple[list[int], _PositionMetric]:
+        """The positions this metric reads in a ``seq``-token run, and a copy reading logits
+        that hold only those positions (see `metric_positions`)."""
+        restricted = copy.copy(self)
+        if isinstance(self.pos, int):
+            if not -seq <= self.pos < seq:
+                raise InputError(f"the metric reads position {self.pos}, outside a run of {seq} positions")
+            restricted.pos = 0
+            return [self.pos % seq], restricted
+        if bool(((self.pos < -seq) | (self.pos >= seq)).any()):
+            raise InputError(f"the metric reads positions {self.pos.tolist()}, outside a run of {seq} positions")
+        absolute = self.pos % seq
+        keep = sorted(set(absolute.tolist()))
+        restricted.pos = torch.searchsorted(torch.tensor(keep), absolute)
+        return keep, restricted
 
     def _final(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch d_vocab"]:
         if logits.dim() != 3:
@@ -78,7 +114,7 @@ class LogitDiff(_PositionMetric):
         tensor([2., 2.])
     """
 
-    def __init__(self, correct: Int[Tensor, " n_prompts"], wrong: Int[Tensor, " n_prompts"], pos: int | Tensor = -1) -> None:
+    def __init__(self, correct: Answers, wrong: Answers, pos: int | Tensor = -1) -> None:
         super().__init__(pos)
         self.correct, self.wrong = _answer_sets(correct, "correct"), _answer_sets(wrong, "wrong")
         if self.correct.shape[0] != self.wrong.shape[0]:
@@ -104,7 +140,7 @@ class ProbDiff(_PositionMetric):
         tensor([0.6805])
     """
 
-    def __init__(self, correct: Int[Tensor, " n_prompts"], wrong: Int[Tensor, " n_prompts"], pos: int | Tensor = -1) -> None:
+    def __init__(self, correct: Answers, wrong: Answers, pos: int | Tensor = -1) -> None:
         super().__init__(pos)
         self.correct, self.wrong = _answer_sets(correct, "correct"), _answer_sets(wrong, "wrong")
         if self.correct.shape[0] != self.wrong.shape[0]:
@@ -163,6 +199,16 @@ class Normalized:
                 "the clean and corrupted runs give the same metric value, so it cannot be normalised; "
                 "check that the corruption changes the answer"
             )
+
+    def read_positions(self, seq: int) -> tuple[list[int], Normalized] | None:
+        """The wrapped metric's positions (see `metric_positions`), with the same baselines."""
+        declared = metric_positions(self.metric, seq)
+        if declared is None:
+            return None
+        keep, inner = declared
+        restricted = copy.copy(self)
+        restricted.metric = inner
+        return keep, restricted
 
     def __call__(self, logits: Tensor) -> Tensor:
         value = self.metric(logits).float()

@@ -10,7 +10,8 @@ For each set of sender heads, with the clean run as the base and the corrupted r
    the receivers' queries, keys or values only, in an otherwise clean run.
 
 Every sender set is a batch element: two batched forwards (one for ``"logits"``), each
-starting at the first layer that differs from the clean run.
+starting at the first layer that differs from the clean run, scheduled and chunked by the
+patching engine (`mechscope.patching.engine.schedule`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.names import act_name
 from mechscope.errors import InputError
-from mechscope.patching.activation import base_and_source, rows_per_forward
+from mechscope.names import act_name, layer_of
+from mechscope.patching.activation import base_and_source
+from mechscope.patching.engine import SweepOptions, resolve_logit_positions, rows_per_forward, schedule
 from mechscope.patching.metrics import Metric
 
 Head = tuple[int, int]
@@ -54,10 +56,8 @@ def path_patch(
     receiver_input: ReceiverInput = "q",
     *,
     freeze_mlps: bool = False,
-    per_prompt: bool = False,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    progress: bool = False,
+    options: SweepOptions | None = None,
+    **sweep,
 ) -> Tensor:
     """The metric after patching the paths from each sender set to the receivers.
 
@@ -65,7 +65,9 @@ def path_patch(
     single head and returns ``[layer, head]``, otherwise ``[n_sets]`` (``per_prompt`` adds a
     trailing ``[n_prompts]`` axis). ``receivers``: ``"logits"`` or a list of ``(layer, head)``
     whose ``receiver_input`` (``"q"``, ``"k"`` or ``"v"``) is patched; for keys and values of
-    grouped-query models the receiver index is the key-value head.
+    grouped-query models the receiver index is the key-value head. Sweep options (``per_prompt``,
+    ``batch_size``, ``memory_budget``, ``logit_positions``, ``progress``) as in `SweepOptions`;
+    ``reuse_prefix`` does not apply (a head patch reaches every position).
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -75,6 +77,7 @@ def path_patch(
         >>> path_patch(model, clean, corrupted, metric, [[(0, 1)], [(0, 2), (1, 0)]], [(2, 3)], "k").shape
         torch.Size([2])
     """
+    options = SweepOptions.of(options, sweep)
     cfg = model.cfg
     if receiver_input not in ("q", "k", "v"):
         raise InputError(f"receiver_input must be 'q', 'k' or 'v', got {receiver_input!r}")
@@ -107,12 +110,14 @@ def path_patch(
             sender_mask[i, layer, head] = True
     first_sender = torch.tensor([min(layer for layer, _ in s) for s in sender_sets])
 
-    rows = batch_size if batch_size is not None else rows_per_forward(model, clean.shape[1], memory_budget)
+    keep, metric = resolve_logit_positions(metric, options.logit_positions, clean.shape[1])
+    rows = options.batch_size or rows_per_forward(model, clean.shape[1], options.memory_budget, keep and len(keep))
     per_chunk = max(1, rows // n)
     results = torch.empty(len(sender_sets), n, device=model.device)
-    order = torch.argsort(first_sender, stable=True)
-    for start in tqdm(range(0, len(order), per_chunk), desc="path patching", disable=not progress):
-        idx = order[start : start + per_chunk]
+    starts = torch.zeros(len(sender_sets), dtype=torch.long)
+    order, chunks = schedule(first_sender, starts, per_chunk, n, clean.shape[1], n_layers)
+    for chunk in tqdm(chunks, desc="path patching", disable=not options.progress):
+        idx = order[chunk]
         k = len(idx)
         begin = int(first_sender[idx].min())
         if receiver_layers:
@@ -131,25 +136,33 @@ def path_patch(
                 hooks.append((act_name("mlp_out", layer), lambda x, *, hook, c=clean_mlp, k=k: c.repeat(k, 1, 1)))
         resid = clean_cache["resid_pre", begin].repeat(k, 1, 1)
         if to_logits:
-            logits = model.run_with_hooks(resid, start_at_layer=begin, fwd_hooks=hooks)
+            resid = model.run_with_hooks(resid, start_at_layer=begin, stop_at_layer=n_layers, fwd_hooks=hooks)
+            logits = _unembed(model, resid, keep)
         else:
             captured: dict[int, Tensor] = {}
 
             def capture(x, *, hook, captured=captured):
-                captured[int(hook.name.split(".")[1])] = x
+                captured[layer_of(hook.name)] = x
 
             hooks += [(act_name("resid_pre", layer), capture) for layer in receiver_layers]
             model.run_with_hooks(resid, start_at_layer=begin, stop_at_layer=receiver_layers[-1] + 1, fwd_hooks=hooks)
-            logits = _run_receivers(model, clean_cache, captured, receiver_list, receiver_input, k)
+            logits = _run_receivers(model, clean_cache, captured, receiver_list, receiver_input, k, keep)
         values = metric(logits)
         if values.shape != (logits.shape[0],):
             raise InputError(f"the metric must return one value per row [batch], got shape {tuple(values.shape)}")
         results[idx.to(model.device)] = values.float().view(k, n)
-    out = results if per_prompt else results.mean(-1)
+    out = results if options.per_prompt else results.mean(-1)
     return out.reshape(n_layers, cfg.n_heads, *out.shape[1:]) if grid else out
 
 
-def _run_receivers(model, clean_cache, captured: dict[int, Tensor], receivers: list[Head], which: str, k: int) -> Tensor:
+def _unembed(model, resid: Tensor, keep: list[int] | None) -> Tensor:
+    """The final norm and unembedding of ``resid`` at positions ``keep`` (every position for ``None``)."""
+    return model(resid if keep is None else resid[:, keep], start_at_layer=model.cfg.n_layers)
+
+
+def _run_receivers(
+    model, clean_cache, captured: dict[int, Tensor], receivers: list[Head], which: str, k: int, keep: list[int] | None
+) -> Tensor:
     """A clean run where each receiver's ``which`` input is the captured residual stream."""
     first = min(layer for layer, _ in receivers)
     hooks = []
@@ -163,4 +176,5 @@ def _run_receivers(model, clean_cache, captured: dict[int, Tensor], receivers: l
 
         hooks.append((f"blocks.{layer}.hook_{which}_input", swap))
     resid = clean_cache["resid_pre", first].repeat(k, 1, 1)
-    return model.run_with_hooks(resid, start_at_layer=first, fwd_hooks=hooks)
+    resid = model.run_with_hooks(resid, start_at_layer=first, stop_at_layer=model.cfg.n_layers, fwd_hooks=hooks)
+    return _unembed(model, resid, keep)

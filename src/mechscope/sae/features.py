@@ -6,39 +6,40 @@ Results are keyed by the full name of the patched hook point, e.g.
 ``"blocks.1.hook_resid_post.hook_sae_acts_post"``, and ``"...hook_sae_error"`` for the SAE's
 error term, a node of its own.
 
-``by="feature"`` patches a feature at every position; ``by=("pos", "feature")`` one position of
-one feature. ``features`` picks feature ids (a list for every SAE, or a dict keyed by the SAE's
+``by="d_sae"`` patches a feature at every position; ``by=("pos", "d_sae")`` one position of
+one feature (the axis names of the SAE's latents ``[batch, pos, d_sae]``, as ``by`` names axes
+everywhere in `mechscope.patching`). ``features`` picks feature ids (a list for every SAE, or a dict keyed by the SAE's
 hook); by default every *live* feature is patched, one whose activation differs between the
 patched run and the source somewhere, and every other feature reports the unpatched metric
 (patching it changes nothing). With ``error=True`` each SAE's error term is patched too, as one
 node (or one per position).
 
-Patches run as batch elements of `mechscope.patching.run_patches`: each forward starts at the
-SAE's block from the cached residual stream, chunks fit ``memory_budget`` (the SAE's latents
+Patches run as batch elements of `mechscope.patching.run_patches` under a hook context that
+splices the SAEs in (`mechscope.sae.splice.spliced_hooks`): each forward starts at the SAE's
+block from the cached residual stream, chunks fit ``memory_budget`` (the SAE's latents
 included) and metric values stay on the device.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mechscope.model.tokenize import input_tokens
-from mechscope.names import act_name
 from mechscope.errors import ConfigError, InputError
-from mechscope.patching.activation import (
-    AblationKind, Direction, Site, base_and_source, base_run, rows_per_forward, run_patches,
-)
+from mechscope.model.tokenize import input_tokens
+from mechscope.names import Site, act_name, layer_of
+from mechscope.patching.activation import AblationKind, Direction, base_and_source
+from mechscope.patching.engine import SweepOptions, base_run, resolve_logit_positions, rows_per_forward, run_patches
 from mechscope.patching.metrics import Metric
 from mechscope.sae.base import SAE
 from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes, spliced_hooks
 
-FeatureBy = Literal["feature"] | tuple[str, ...]
+FeatureBy = Literal["d_sae"] | tuple[str, ...]
 Features = Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor] | None
 
 ACTS = "hook_sae_acts_post"
@@ -61,30 +62,6 @@ class FeatureSite(Site):
         return self.hook_name
 
 
-class _SplicedModel:
-    """The model as the patching engine sees it: every forward runs with ``saes`` spliced in,
-    error terms kept, and hooks may name the SAEs' hook points."""
-
-    def __init__(self, model, saes: list[SAE]) -> None:
-        self.model, self.saes = model, saes
-
-    def hooks(self, fwd_hooks=None, bwd_hooks=None):
-        return spliced_hooks(self.model, self.saes, True, fwd_hooks, bwd_hooks)
-
-    def run_with_hooks(self, *args, fwd_hooks=None, bwd_hooks=None, **kwargs):
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self.model(*args, **kwargs)
-
-    def run_with_cache(self, *args, **kwargs):
-        return run_with_cache_with_saes(self.model, *args, saes=self.saes, use_error_term=True, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self.run_with_hooks(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.model, name)
-
-
 def acts_name(sae: SAE) -> str:
     """The full name of a spliced SAE's latents, the key of its results.
 
@@ -100,23 +77,23 @@ def _start_layer(sae: SAE) -> int:
     """The block where patched forwards start: the one holding the SAE's input hook."""
     layers = []
     for name in (sae.cfg.hook_name, sae.cfg.output_hook):
-        match = re.match(r"blocks\.(\d+)\.", name)
-        if match is None:
+        layer = layer_of(name)
+        if layer is None:
             raise ConfigError(
                 f"feature patching starts the patched forwards at the SAE's block, but the SAE at {name!r} is "
                 "outside the blocks; use an SAE on a blocks.{layer}.* hook (e.g. blocks.0.hook_resid_pre)"
             )
-        layers.append(int(match.group(1)))
+        layers.append(layer)
     return min(layers)
 
 
 def _by_axes(by: FeatureBy) -> tuple[str, ...]:
     axes = (by,) if isinstance(by, str) else tuple(by)
-    if sorted(axes) == ["feature"]:
+    if sorted(axes) == ["d_sae"]:
         return ("d_sae",)
-    if sorted(axes) == ["feature", "pos"]:
+    if sorted(axes) == ["d_sae", "pos"]:
         return ("pos", "d_sae")
-    raise InputError(f"by must be 'feature' or ('pos', 'feature'), got {by!r}")
+    raise InputError(f"by must be 'd_sae' (a feature at every position) or ('pos', 'd_sae'), got {by!r}")
 
 
 def _feature_ids(features: Features, sae: SAE) -> Tensor | None:
@@ -134,12 +111,11 @@ def _feature_ids(features: Features, sae: SAE) -> Tensor | None:
     return ids
 
 
-def _rows(model, sae: SAE, seq: int, memory_budget: int, logit_positions, batch_size: int | None) -> int:
+def _rows(model, sae: SAE, seq: int, memory_budget: int, n_logits: int | None, batch_size: int | None) -> int:
     """Rows per patched forward: the model's activations plus the SAE's latents, masks and copies."""
     if batch_size is not None:
         return batch_size
-    keep = None if logit_positions is None else len([logit_positions] if isinstance(logit_positions, int) else logit_positions)
-    model_rows = rows_per_forward(model, seq, memory_budget, keep)
+    model_rows = rows_per_forward(model, seq, memory_budget, n_logits)
     sae_bytes = seq * (6 * sae.cfg.d_sae + 4 * sae.cfg.d_out) * torch.finfo(sae.dtype).bits // 8
     return max(1, int(memory_budget // (memory_budget / model_rows + sae_bytes)))
 
@@ -156,18 +132,21 @@ def _nodes(sae: SAE, axes: tuple[str, ...], error: bool) -> list[tuple[str, tupl
     return nodes
 
 
-def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, attention_mask, per_prompt, batch_size,
-           memory_budget, logit_positions, progress) -> dict[str, Tensor]:  # fmt: skip
+def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, attention_mask,
+           options: SweepOptions) -> dict[str, Tensor]:  # fmt: skip
     saes = _check(model, saes)
     axes = _by_axes(by)
     layers = {sae.cfg.output_hook: _start_layer(sae) for sae in saes}
     names = [name for sae in saes for name, _ in _nodes(sae, axes, error)]
     resid = [act_name("resid_pre", layer) for layer in sorted(set(layers.values()))]
-    base, cache = base_run(_SplicedModel(model, saes), base_tokens, attention_mask, resid + names)
+    spliced = partial(spliced_hooks, model, saes, True)
+    base, cache = base_run(model, base_tokens, attention_mask, resid + names, hook_context=spliced)
     with torch.no_grad():
         base_metric = metric(base.logits).float()
     sources = sources_fn(saes, names, cache)
     n_prompts, seq = base_tokens.shape
+    keep, _ = resolve_logit_positions(metric, options.logit_positions, seq)
+    n_logits = None if keep is None else len(keep)
     out = {}
     for sae in saes:
         layer, ids = layers[sae.cfg.output_hook], _feature_ids(features, sae)
@@ -193,15 +172,17 @@ def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, at
                 patches = torch.cat([torch.full((len(index), 1), layer, device=device), index], 1).cpu()
                 site = FeatureSite(name, ("pos", "d_sae" if name.endswith(ACTS) else "d_out"), node_by, name)
                 got = run_patches(
-                    _SplicedModel(model, [sae]), {layer: cache["resid_pre", layer]}, {layer: source}, site, node_by,
-                    patches, metric, attention_mask=attention_mask, logit_positions=logit_positions, progress=progress,
-                    batch_size=_rows(model, sae, seq, memory_budget, logit_positions, batch_size), base=base,
+                    model, {layer: cache["resid_pre", layer]}, {layer: source}, site, node_by, patches, metric,
+                    attention_mask=attention_mask, base=base if options.reuse_prefix else None,
+                    hook_context=partial(spliced_hooks, model, [sae], True), progress=options.progress,
+                    batch_size=_rows(model, sae, seq, options.memory_budget, n_logits, options.batch_size),
+                    logit_positions=options.logit_positions,
                 ).to(values.device)  # fmt: skip
                 if dense:
                     values[tuple(index.T)] = got
                 else:
                     values = got.reshape(*grid, n_prompts)
-            out[name] = values if per_prompt else values.mean(-1)
+            out[name] = values if options.per_prompt else values.mean(-1)
     return out
 
 
@@ -211,27 +192,25 @@ def feature_patch(
     clean_tokens: Tensor,
     corrupted_tokens: Tensor,
     metric: Metric,
-    by: FeatureBy = "feature",
+    by: FeatureBy = "d_sae",
     *,
     direction: Direction = "denoising",
     features: Features = None,
     error: bool = False,
     attention_mask: Tensor | None = None,
-    per_prompt: bool = False,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
-    progress: bool = False,
+    options: SweepOptions | None = None,
+    **sweep,
 ) -> dict[str, Tensor]:
     """Activation patching of SAE features: the metric of each patched run, per SAE.
 
     ``direction="denoising"`` runs the corrupted prompts with clean feature activations patched
     in, ``"noising"`` the reverse. Returns ``{acts_name: values}`` with values ``[d_sae]`` for
-    ``by="feature"`` or ``[pos, d_sae]`` for ``by=("pos", "feature")`` (``[n_features]`` /
+    ``by="d_sae"`` or ``[pos, d_sae]`` for ``by=("pos", "d_sae")`` (``[n_features]`` /
     ``[pos, n_features]`` for an explicit ``features`` list, in its order), averaged over prompts
     (``per_prompt`` keeps a trailing ``[n_prompts]`` axis). ``error=True`` also patches each SAE's
     error term as one node (key ``"...hook_sae_error"``; ``[]``, or ``[pos]`` by position).
-    Other arguments as in `mechscope.patching.activation_patch`.
+    Other arguments, and the sweep options (`mechscope.patching.SweepOptions`; ``reuse_prefix``
+    included), as in `mechscope.patching.activation_patch`.
 
     Example:
         >>> from mechscope.sae import SAEConfig, make_sae
@@ -240,7 +219,7 @@ def feature_patch(
         >>> out = feature_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7])
         >>> out["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
         torch.Size([64])
-        >>> feature_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7], by=("pos", "feature"),
+        >>> feature_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7], by=("pos", "d_sae"),
         ...               features=[3, 5])["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
         torch.Size([4, 2])
     """
@@ -253,8 +232,7 @@ def feature_patch(
             )
         return {name: cache[name] for name in names}
 
-    return _sweep(model, saes, base, sources_fn, metric, by, features, error, attention_mask, per_prompt, batch_size,
-                  memory_budget, logit_positions, progress)  # fmt: skip
+    return _sweep(model, saes, base, sources_fn, metric, by, features, error, attention_mask, SweepOptions.of(options, sweep))
 
 
 def feature_ablate(
@@ -262,18 +240,15 @@ def feature_ablate(
     saes: SAE | Sequence[SAE],
     tokens: Tensor,
     metric: Metric,
-    by: FeatureBy = "feature",
+    by: FeatureBy = "d_sae",
     *,
     kind: AblationKind = "zero",
     reference: Tensor | None = None,
     seed: int = 0,
     features: Features = None,
     error: bool = False,
-    per_prompt: bool = False,
-    batch_size: int | None = None,
-    memory_budget: int = 2**30,
-    logit_positions: int | list[int] | None = None,
-    progress: bool = False,
+    options: SweepOptions | None = None,
+    **sweep,
 ) -> dict[str, Tensor]:
     """Zero, mean or resample ablation of SAE features: the metric of each ablated run, per SAE.
 
@@ -311,8 +286,7 @@ def feature_ablate(
         pick = torch.randint(ref.shape[0], (tokens.shape[0],), generator=gen).to(model.device)
         return {name: cache[name][pick] for name in names}
 
-    return _sweep(model, saes, tokens, sources_fn, metric, by, features, error, None, per_prompt, batch_size,
-                  memory_budget, logit_positions, progress)  # fmt: skip
+    return _sweep(model, saes, tokens, sources_fn, metric, by, features, error, None, SweepOptions.of(options, sweep))
 
 
 def feature_attribution_patch(
@@ -321,7 +295,7 @@ def feature_attribution_patch(
     clean_tokens: Tensor,
     corrupted_tokens: Tensor,
     metric: Metric,
-    by: FeatureBy = "feature",
+    by: FeatureBy = "d_sae",
     *,
     direction: Direction = "denoising",
     attention_mask: Tensor | None = None,
@@ -332,8 +306,8 @@ def feature_attribution_patch(
     ``(source - base) . d metric / d node`` at the base run (all SAEs spliced, error terms
     kept), summed over the node's other axes and averaged over prompts, as in
     `mechscope.patching.attribution_patch`. Returns, per SAE, ``{acts_name: [d_sae]}`` and
-    ``{"...hook_sae_error": []}`` for ``by="feature"``, or ``[pos, d_sae]`` and ``[pos]`` for
-    ``by=("pos", "feature")``. Compare with ``feature_patch(...) - metric(base)``.
+    ``{"...hook_sae_error": []}`` for ``by="d_sae"``, or ``[pos, d_sae]`` and ``[pos]`` for
+    ``by=("pos", "d_sae")``. Compare with ``feature_patch(...) - metric(base)``.
 
     Example:
         >>> from mechscope.sae import SAEConfig, make_sae
