@@ -59,17 +59,6 @@ def head_names(model, layer: int) -> list[str]:
     return [act_name("z", layer), act_name("attn_scores", layer), act_name("pattern", layer), q, k, act_name("v", layer)]
 
 
-def _logits(model, q: Tensor, k: Tensor) -> Tensor:
-    """Attention logits ``[batch, head, query_pos, key_pos]`` from final q ``[b, p, head, d]`` and k."""
-    cfg = model.cfg
-    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.d_head**-0.5
-    k = k.repeat_interleave(cfg.n_kv_groups, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if cfg.attn_scores_soft_cap is not None:
-        scores = torch.tanh(scores / cfg.attn_scores_soft_cap) * cfg.attn_scores_soft_cap
-    return scores
-
-
 def qk_fix_components(model, layer: int, base: dict[str, Tensor], source: dict[str, Tensor], grad_z: Tensor):
     """The AtP* query and key estimates of every head at ``layer``, per prompt.
 
@@ -93,13 +82,14 @@ def qk_fix_components(model, layer: int, base: dict[str, Tensor], source: dict[s
     v_base = base[v_name].repeat_interleave(model.cfg.n_kv_groups, dim=2).double()  # [n, pos, head, d_head]
     g_pattern = torch.einsum("...qhd,...khd->...hqk", grad_z.double(), v_base)  # dM/dA[t, s] = dM/dz[t] . v[s]
     q_base, k_base = base[q_name].double(), base[k_name].double()
-    base_logits = _logits(model, q_base, k_base)
+    attn_logits = model.blocks[layer].attn.scores  # [..., head, query_pos, key_pos], scaled and soft-capped
+    base_logits = attn_logits(q_base, k_base)
     # The source queries' pattern, as a change of the cached scores (exactly zero for no change).
-    logits_q = scores + (_logits(model, source[q_name].double(), k_base) - base_logits).masked_fill(masked, 0.0)
+    logits_q = scores + (attn_logits(source[q_name].double(), k_base) - base_logits).masked_fill(masked, 0.0)
     query = (g_pattern * (logits_q.softmax(-1) - pattern)).sum((-1, -2))
     # One key at a time: with r = A_ts (exp(delta_ts) - 1), the pattern change weighted by dM/dA
     # sums to r (g_ts - G_t) / (1 + r), where G_t = sum_s g_ts A_ts.
-    delta = (_logits(model, q_base, source[k_name].double()) - base_logits).masked_fill(masked, 0.0)
+    delta = (attn_logits(q_base, source[k_name].double()) - base_logits).masked_fill(masked, 0.0)
     r = pattern * torch.expm1(delta.clamp(max=300.0))
     weighted = (g_pattern * pattern).sum(-1, keepdim=True)
     key = (r * (g_pattern - weighted) / (1 + r).clamp(min=1e-300)).sum(-2)  # [..., n, head, key_pos]
