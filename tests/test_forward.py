@@ -118,3 +118,40 @@ def test_config_validation():
     assert ms.ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ms.ConfigError, match="unknown ModelConfig fields"):
         ms.ModelConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
+
+
+def _final_qk(model, cache, layer):
+    if model.cfg.positional_embedding_type == "rotary":
+        return cache["rot_q", layer], cache["rot_k", layer]
+    return cache["q", layer], cache["k", layer]
+
+
+@pytest.mark.parametrize("soft_cap", [None, 0.5])
+def test_attention_scores_are_the_hooked_pre_softmax_values(small_model, soft_cap):
+    small_model.cfg.attn_scores_soft_cap = soft_cap
+    try:
+        _, cache = small_model.run_with_cache(TOKENS)
+        for layer, block in enumerate(small_model.blocks):
+            scores = block.attn.scores(*_final_qk(small_model, cache, layer))  # [batch, head, query_pos, key_pos]
+            hooked = cache["attn_scores", layer]
+            allowed = torch.isfinite(hooked)
+            assert torch.equal(allowed, torch.ones_like(allowed).tril())
+            assert torch.equal(scores[allowed], hooked[allowed])
+            pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            torch.testing.assert_close(pattern, cache["pattern", layer])
+            if soft_cap is not None:
+                assert scores.abs().max() <= soft_cap
+    finally:
+        small_model.cfg.attn_scores_soft_cap = None
+
+
+def test_attention_scores_take_unexpanded_keys_and_extra_axes():
+    model = tiny_model(n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    _, cache = model.run_with_cache(TOKENS)
+    q, k = cache["rot_q", 1], cache["rot_k", 1]
+    attn = model.blocks[1].attn
+    with pytest.raises(ms.InputError, match="kv_head, not expanded"):
+        attn.scores(q, k.repeat_interleave(2, dim=2))
+    stacked = attn.scores(torch.stack([q, 2 * q]), k)  # a leading axis before batch
+    torch.testing.assert_close(stacked[1], 2 * stacked[0])
+    torch.testing.assert_close(stacked[0], attn.scores(q, k))

@@ -186,3 +186,46 @@ def test_backward_hooks_and_gradient_cache(small_model):
 def test_incl_bwd_needs_a_scalar(small_model):
     with pytest.raises(ms.InputError, match="scalar"):
         small_model.run_with_cache(TOKENS, incl_bwd=True)
+
+
+def test_cached_run_gives_exactly_the_plain_logits(small_model):
+    plain = small_model(TOKENS)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            logits, _ = small_model.run_with_cache(TOKENS, names_filter=lambda n: True)
+        assert torch.equal(logits, plain)
+    with torch.inference_mode():  # no in-place edit counts: the explicit path, same function
+        logits, _ = small_model.run_with_cache(TOKENS)
+    torch.testing.assert_close(logits, plain)
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.ln2.hook_scale", "blocks.1.attn.hook_result"])
+def test_in_place_edits_of_read_points_take_effect(small_model, name):
+    def halve_in_place(x, *, hook):
+        x.mul_(0.5)
+
+    def halve(x, *, hook):
+        return x * 0.5
+
+    with torch.no_grad():
+        in_place = small_model.run_with_hooks(TOKENS, fwd_hooks=[(name, halve_in_place)])
+        returned = small_model.run_with_hooks(TOKENS, fwd_hooks=[(name, halve)])
+    assert torch.equal(in_place, returned)
+    assert not torch.allclose(in_place, small_model(TOKENS))
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.1.ln1.hook_scale"])
+def test_gradients_reach_activations_that_hooks_only_read(small_model, name):
+    def grad_of_saved(replace: bool):
+        saved = {}
+
+        def save(x, *, hook):
+            saved["x"] = x.clone() if replace else x  # a replacement forces the explicit path
+            return saved["x"] if replace else None
+
+        logits = small_model.run_with_hooks(TOKENS, fwd_hooks=[(name, save)])
+        return torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), saved["x"])[0]
+
+    read_only, explicit = grad_of_saved(False), grad_of_saved(True)
+    assert explicit.abs().max() > 0
+    torch.testing.assert_close(read_only, explicit)

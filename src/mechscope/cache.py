@@ -207,12 +207,23 @@ class ActivationCache:
         return (stack, labels) if return_labels else stack
 
     def head_results(self, layer: int) -> Float[Tensor, "batch pos head d_model"]:
-        """Each head's output at ``layer`` (cached ``hook_result``, or computed from ``hook_z`` and ``W_O``)."""
-        name = f"blocks.{layer}.attn.hook_result"
+        """Each head's output at ``layer`` (cached ``hook_result``, or computed from ``hook_z`` and ``W_O``).
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> cache.head_results(1).shape
+            torch.Size([1, 4, 4, 32])
+        """
+        return self._head_results(layer, None)
+
+    def _head_results(self, layer: int, W_O: Float[Tensor, "layer head d_head d_model"] | None) -> Tensor:
+        """`head_results`, reading ``W_O`` (the model's stacked weights) when given."""
+        name = act_name("result", layer)
         if name in self.cache_dict:
             return self.cache_dict[name]
         z = self["z", layer]
-        return torch.einsum("...hk,hkd->...hd", z, self.model.blocks[layer].attn.W_O.to(z.dtype))
+        w_o = (self.model.W_O if W_O is None else W_O)[layer]
+        return torch.einsum("...hk,hkd->...hd", z, w_o.to(z.device, z.dtype))
 
     def stack_head_results(
         self,
@@ -230,8 +241,9 @@ class ActivationCache:
         cfg = self.model.cfg
         layer = cfg.n_layers if layer is None or layer == -1 else layer
         components, labels = [], []
+        W_O = self.model.W_O if layer else None  # stacked once for every layer
         for layer_ in range(layer):
-            results = self.head_results(layer_)
+            results = self._head_results(layer_, W_O)
             components.append(results.movedim(-2, 0))
             labels.extend(f"L{layer_}H{h}" for h in range(cfg.n_heads))
         if components:

@@ -3,6 +3,9 @@
 Strings are encoded without the tokenizer's own special tokens; the BOS token is then
 prepended when ``prepend_bos`` is true (default: the model's ``cfg.default_prepend_bos``), so
 the same call behaves the same for every tokenizer.
+
+`to_tokens`, `to_str_tokens`, `to_string` and `to_single_token` take the model first; they are
+also `HookedTransformer` methods (``model.to_tokens(text)``).
 """
 
 from __future__ import annotations
@@ -167,3 +170,78 @@ def input_tokens(
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
         raise InputError(f"token ids must lie in [0, {d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
     return tokens.to(model.device, torch.long), check_mask(attention_mask, tuple(tokens.shape), model.device)
+
+
+def to_tokens(
+    model: Any,
+    input: str | list[str],
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide = "right",
+    move_to_device: bool = True,
+    truncate: bool = True,
+) -> Tensor:
+    """Token ids ``[batch, pos]``; lists of strings are padded on ``padding_side``.
+
+    ``prepend_bos=None`` follows the model's convention (``cfg.default_prepend_bos``); with
+    ``truncate`` the ids are cut to what the model can take (`max_length`).
+
+    Example:
+        >>> model.to_tokens("Hello world", prepend_bos=False)   # doctest: +SKIP
+        tensor([[19556,   905]])
+    """
+    limit = max_length(model.cfg) if truncate else None
+    tokens, _ = require_tokenizer(model).encode(input, prepend_bos, padding_side, limit)
+    return tokens.to(model.device) if move_to_device else tokens
+
+
+def to_str_tokens(model: Any, input: str | list[str] | Tensor, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+    """The text of each token: a list for one string or a 1-D / single-row tensor, else a list of lists.
+
+    Example:
+        >>> model.to_str_tokens("Hello world", prepend_bos=False)  # doctest: +SKIP
+        ['Hello', ' world']
+    """
+    tok = require_tokenizer(model)
+    if isinstance(input, list):
+        return [to_str_tokens(model, text, prepend_bos) for text in input]
+    if isinstance(input, str):
+        tokens, _ = tok.encode(input, prepend_bos)
+        return tok.decode_each(tokens[0])
+    if isinstance(input, Tensor):
+        if input.dim() == 2 and input.shape[0] == 1:
+            input = input[0]
+        if input.dim() == 1:
+            return tok.decode_each(input)
+        if input.dim() == 2:
+            return [tok.decode_each(row) for row in input]
+    raise InputError(f"expected a string, a list of strings or a 1-D/2-D token tensor, got {type(input).__name__}")
+
+
+def to_string(model: Any, tokens: Tensor | list[int]) -> str | list[str]:
+    """Decode token ids: a string for ``[pos]``, a list of strings for ``[batch, pos]``.
+
+    Example:
+        >>> model.to_string(torch.tensor([19556, 905]))  # doctest: +SKIP
+        'Hello world'
+    """
+    tokens = torch.as_tensor(tokens)
+    tok = require_tokenizer(model)
+    if tokens.dim() == 1:
+        return tok.decode(tokens)
+    if tokens.dim() == 2:
+        return [tok.decode(row) for row in tokens]
+    raise InputError(f"expected [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}")
+
+
+def to_single_token(model: Any, string: str) -> int:
+    """The id of ``string``, which must be exactly one token (no BOS added).
+
+    Example:
+        >>> model.to_single_token(" Mary")  # doctest: +SKIP
+        8346
+    """
+    tok = require_tokenizer(model)
+    tokens, _ = tok.encode(string, prepend_bos=False)
+    if tokens.shape[-1] != 1:
+        raise InputError(f"{string!r} is {tokens.shape[-1]} tokens {tok.decode_each(tokens[0])}, not one")
+    return int(tokens[0, 0])

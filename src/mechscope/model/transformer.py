@@ -1,4 +1,8 @@
-"""`HookedTransformer`: the forward pass, hooks, caching and tokenisation helpers."""
+"""`HookedTransformer`: the forward pass and its hooks.
+
+Tokenisation (`mechscope.model.tokenize`), stacked weights (`mechscope.model.weights`),
+initialisation, the loss and generation live in their own modules and appear here as methods.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,21 @@ from collections.abc import Sequence
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
 from mechscope.hooks import HookedRootModule, HookFn, HookPoint, HookTarget, NamesFilter
+from mechscope.model import tokenize
 from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
-from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, input_tokens, max_length, require_tokenizer
+from mechscope.model.init import init_weights
+from mechscope.model.loss import next_token_loss
+from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, input_tokens
+from mechscope.model.weights import StackedWeights
 
 ModelInput = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"], Float[Tensor, "batch pos d_model"]]
 ReturnType = Literal["logits", "loss", "both", None]
@@ -32,11 +39,12 @@ _OPT_IN_FLAGS = {
 }
 
 
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(StackedWeights, HookedRootModule):
     """A decoder-only transformer with a named hook point on every activation.
 
     Build one with `mechscope.load` (pretrained weights) or from a `ModelConfig`
-    (uninitialised weights; call `init_weights` to train from scratch).
+    (uninitialised weights; call `init_weights` to train from scratch). Layer-stacked weights
+    (``W_Q``, ``W_O``, ``W_in``, ``QK``, ...) come from `StackedWeights`.
 
     Example:
         >>> model = HookedTransformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64,
@@ -62,38 +70,7 @@ class HookedTransformer(HookedRootModule):
             self.unembed.w_u = self.embed.W_E
         self.setup_hooks()
 
-    # ------------------------------------------------------------------ weights
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.W_E.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.W_E.dtype
-
-    def init_weights(self, seed: int | None = None, std: float = 0.02) -> HookedTransformer:
-        """Random initialisation (normal weights, zero biases, unit norm weights) for training from scratch."""
-        generator = torch.Generator(device="cpu")
-        if seed is not None:
-            generator.manual_seed(seed)
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf.startswith("b"):
-                    param.zero_()
-                elif leaf == "w" and param.dim() == 1:
-                    param.fill_(1.0)
-                else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * std)
-        return self
+    init_weights = init_weights  # `mechscope.model.init.init_weights`, as a method
 
     def _opt_in_enabled(self, name: str) -> bool:
         flag = _OPT_IN_FLAGS.get(name.rsplit(".", 1)[-1])
@@ -273,72 +250,11 @@ class HookedTransformer(HookedRootModule):
     # ------------------------------------------------------------------ generation
     generate = generate  # `mechscope.model.generate.generate`, as a method
 
-    # ------------------------------------------------------------------ tokens
-    def to_tokens(
-        self,
-        input: str | list[str],
-        prepend_bos: bool | None = None,
-        padding_side: PaddingSide = "right",
-        move_to_device: bool = True,
-        truncate: bool = True,
-    ) -> Int[Tensor, "batch pos"]:
-        """Token ids ``[batch, pos]``; lists of strings are padded on ``padding_side``.
-
-        ``prepend_bos=None`` follows the model's convention (``cfg.default_prepend_bos``).
-
-        Example:
-            >>> model.to_tokens("Hello world", prepend_bos=False)   # doctest: +SKIP
-            tensor([[19556,   905]])
-        """
-        tokens, _ = require_tokenizer(self).encode(input, prepend_bos, padding_side, max_length(self.cfg) if truncate else None)
-        return tokens.to(self.device) if move_to_device else tokens
-
-    def to_str_tokens(
-        self, input: str | list[str] | Tensor, prepend_bos: bool | None = None
-    ) -> list[str] | list[list[str]]:
-        """The text of each token: a list for one string or a 1-D / single-row tensor, else a list of lists.
-
-        Example:
-            >>> model.to_str_tokens("Hello world", prepend_bos=False)  # doctest: +SKIP
-            ['Hello', ' world']
-        """
-        tok = require_tokenizer(self)
-        if isinstance(input, list):
-            return [self.to_str_tokens(text, prepend_bos) for text in input]
-        if isinstance(input, str):
-            tokens, _ = tok.encode(input, prepend_bos)
-            return tok.decode_each(tokens[0])
-        if isinstance(input, Tensor):
-            if input.dim() == 2 and input.shape[0] == 1:
-                input = input[0]
-            if input.dim() == 1:
-                return tok.decode_each(input)
-            if input.dim() == 2:
-                return [tok.decode_each(row) for row in input]
-        raise InputError(f"expected a string, a list of strings or a 1-D/2-D token tensor, got {type(input).__name__}")
-
-    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
-        """Decode token ids: a string for ``[pos]``, a list of strings for ``[batch, pos]``."""
-        tokens = torch.as_tensor(tokens)
-        tok = require_tokenizer(self)
-        if tokens.dim() == 1:
-            return tok.decode(tokens)
-        if tokens.dim() == 2:
-            return [tok.decode(row) for row in tokens]
-        raise InputError(f"expected [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}")
-
-    def to_single_token(self, string: str) -> int:
-        """The id of ``string``, which must be exactly one token (no BOS added).
-
-        Example:
-            >>> model.to_single_token(" Mary")  # doctest: +SKIP
-            8346
-        """
-        tokens, _ = require_tokenizer(self).encode(string, prepend_bos=False)
-        if tokens.shape[-1] != 1:
-            pieces = require_tokenizer(self).decode_each(tokens[0])
-            raise InputError(f"{string!r} is {tokens.shape[-1]} tokens {pieces}, not one")
-        return int(tokens[0, 0])
+    # ------------------------------------------------------------------ tokens (`mechscope.model.tokenize`)
+    to_tokens = tokenize.to_tokens
+    to_str_tokens = tokenize.to_str_tokens
+    to_string = tokenize.to_string
+    to_single_token = tokenize.to_single_token
 
     # ------------------------------------------------------------------ config toggles
     def set_use_attn_result(self, value: bool) -> None:
@@ -355,28 +271,3 @@ class HookedTransformer(HookedRootModule):
     def set_use_hook_mlp_in(self, value: bool) -> None:
         self.cfg.use_hook_mlp_in = value
 
-
-def next_token_loss(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Tensor | None = None,
-    per_token: bool = False,
-) -> Tensor:
-    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, skipping padding.
-
-    Example:
-        >>> next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]])).item() == torch.log(torch.tensor(4.)).item()
-        True
-    """
-    if tokens.shape != logits.shape[:2]:
-        raise InputError(f"tokens {tuple(tokens.shape)} do not match logits {tuple(logits.shape[:2])}")
-    if tokens.shape[1] < 2:
-        raise InputError("the loss needs at least two tokens per sequence")
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    per_pos = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
-    if per_token:
-        return per_pos
-    if attention_mask is None:
-        return per_pos.mean()
-    valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).to(per_pos.dtype)
-    return (per_pos * valid).sum() / valid.sum().clamp(min=1)

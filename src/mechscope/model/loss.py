@@ -1,0 +1,38 @@
+"""The language-modelling loss of a forward pass."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.errors import InputError
+
+
+def next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None = None,
+    per_token: bool = False,
+) -> Tensor:
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, skipping padding.
+
+    The mean over real next-token pairs, or with ``per_token`` the loss at every position
+    ``[batch, pos - 1]`` (padding included).
+
+    Example:
+        >>> next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]])).item() == torch.log(torch.tensor(4.)).item()
+        True
+    """
+    if tokens.shape != logits.shape[:2]:
+        raise InputError(f"tokens {tuple(tokens.shape)} do not match logits {tuple(logits.shape[:2])}")
+    if tokens.shape[1] < 2:
+        raise InputError("the loss needs at least two tokens per sequence")
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_pos = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+    if per_token:
+        return per_pos
+    if attention_mask is None:
+        return per_pos.mean()
+    valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).to(per_pos.dtype)
+    return (per_pos * valid).sum() / valid.sum().clamp(min=1)
