@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from mechscope.cache import ActivationCache
     from mechscope.model.transformer import HookedTransformer
 
-TokenLike = Union[int, str, Sequence, Tensor]
-Position = Union[int, Tensor, Sequence[int]]
+TokenLike = int | str | Sequence | Int[Tensor, "..."]
+Direction = Float[Tensor, "*batch d_model"]
+Position = int | Int[Tensor, "..."] | Sequence[int]
 By = Literal["layer", "head", "neuron"]
 
 
@@ -62,7 +63,7 @@ def _token_ids(model: HookedTransformer, tokens: TokenLike, batch: int | None) -
 
 def logit_target(
     model: HookedTransformer,
-    answer: TokenLike | Tensor,
+    answer: TokenLike | Direction,
     against: TokenLike | None = None,
     batch: int | None = None,
 ) -> LogitTarget:
@@ -81,8 +82,10 @@ def logit_target(
         if against is not None:
             raise InputError("`against` needs token answers; subtract the directions yourself for raw directions")
         if answer.shape[-1] != model.cfg.d_model or answer.dim() > 2:
-            raise InputError(f"a direction must be [d_model] or [batch, d_model] with d_model={model.cfg.d_model}, "
-                             f"got {tuple(answer.shape)}")
+            raise InputError(
+                f"a direction must be [d_model] or [batch, d_model] with d_model={model.cfg.d_model}, "
+                f"got {tuple(answer.shape)}"
+            )
         direction = answer.to(model.device, model.dtype).reshape(-1, model.cfg.d_model)
         if batch is not None:
             direction = direction.expand(batch, -1)
@@ -126,12 +129,14 @@ def _positions(pos: Position, batch: int, seq: int, device: torch.device) -> Int
     return (index % seq).expand(batch)
 
 
-def _at(x: Float[Tensor, "batch pos ..."], index: Int[Tensor, " batch"]) -> Tensor:
+def _at(x: Float[Tensor, "batch pos *rest"], index: Int[Tensor, " batch"]) -> Float[Tensor, " batch *rest"]:
     """``x[b, index[b]]`` for every ``b``."""
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
-def _readout(cache: ActivationCache, target: LogitTarget, index: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_model"]:
+def _readout(
+    cache: ActivationCache, target: LogitTarget, index: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch d_model"]:
     """``u`` such that a component ``c`` at the read position contributes ``c @ u[b]`` to the target."""
     model = cache.model
     u = target.direction
@@ -186,12 +191,12 @@ class Attribution:
         return "\n".join(f"{label:<{width}}  {value:+9.4f}" for label, value in rows)
 
 
-def _layer_components(cache: ActivationCache, index: Tensor) -> tuple[list[Tensor], list[str]]:
+def _layer_components(cache: ActivationCache, index: Int[Tensor, " batch"]) -> tuple[list[Tensor], list[str]]:
     stack, labels = cache.decompose_resid(return_labels=True)  # [component, batch, pos, d_model]
     return list(stack[:, torch.arange(stack.shape[1], device=index.device), index]), labels
 
 
-def _head_components(cache: ActivationCache, index: Tensor) -> tuple[list[Tensor], list[str]]:
+def _head_components(cache: ActivationCache, index: Int[Tensor, " batch"]) -> tuple[list[Tensor], list[str]]:
     model, cfg = cache.model, cache.model.cfg
     rows = torch.arange(index.shape[0], device=index.device)
     parts, labels = [cache["hook_embed"][rows, index]], ["embed"]
@@ -212,7 +217,9 @@ def _head_components(cache: ActivationCache, index: Tensor) -> tuple[list[Tensor
     return parts, labels
 
 
-def _neuron_components(cache: ActivationCache, index: Tensor, layer: int) -> tuple[Tensor, list[str], Tensor | None]:
+def _neuron_components(
+    cache: ActivationCache, index: Int[Tensor, " batch"], layer: int
+) -> tuple[Float[Tensor, "batch d_mlp"], list[str], Float[Tensor, " d_model"] | None]:
     mlp = cache.model.blocks[layer].mlp
     post = _at(cache["post", layer], index)  # [batch, d_mlp]
     return post, [f"L{layer}N{n}" for n in range(post.shape[-1])], mlp.b_out
@@ -221,7 +228,7 @@ def _neuron_components(cache: ActivationCache, index: Tensor, layer: int) -> tup
 @torch.no_grad()
 def direct_logit_attribution(
     cache: ActivationCache,
-    answer: TokenLike | Tensor,
+    answer: TokenLike | Direction,
     against: TokenLike | None = None,
     *,
     by: By = "layer",
@@ -296,7 +303,7 @@ class LogitLens:
     labels: list[str]
     positions: list[int]
 
-    def top_tokens(self, k: int = 5) -> tuple[Tensor, Tensor]:
+    def top_tokens(self, k: int = 5) -> tuple[Float[Tensor, "layer batch pos k"], Int[Tensor, "layer batch pos k"]]:
         """Top-``k`` ``(probabilities, token ids)``, each ``[layer, batch, pos, k]``."""
         top = self.logits.float().softmax(-1).topk(k, dim=-1)
         return top.values, top.indices
@@ -315,7 +322,8 @@ class LogitLens:
         lines = []
         for i, label in enumerate(self.labels):
             cells = [
-                f"{model.to_string([int(t)])!r} {float(p):.2f}" for p, t in zip(probs[i, batch, pos], ids[i, batch, pos])
+                f"{model.to_string([int(t)])!r} {float(p):.2f}"
+                for p, t in zip(probs[i, batch, pos], ids[i, batch, pos], strict=True)
             ]
             lines.append(f"{label:>10}  " + "  ".join(cells))
         return "\n".join(lines)

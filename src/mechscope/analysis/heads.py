@@ -9,10 +9,11 @@ Every detector returns a ``[layer, head]`` tensor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
+import einops
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from mechscope.errors import InputError
@@ -20,7 +21,10 @@ from mechscope.errors import InputError
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
-Target = Union[Tensor, Callable[[Tensor], Tensor]]
+KeyTarget = Bool[Tensor, "batch query_pos key_pos"] | Float[Tensor, "batch query_pos key_pos"]
+"""Key positions to attend to, as a mask or as non-negative weights."""
+Target = Bool[Tensor, "... query_pos key_pos"] | Float[Tensor, "... query_pos key_pos"] | Callable[[Tensor], KeyTarget]
+Tokens = Int[Tensor, "... pos"] | str | list[str]
 
 COPY_SUPPRESSION_TEXT = (
     "When Mary and John went to the store, John gave a drink to Mary. Then Tom and Anna walked "
@@ -103,7 +107,9 @@ def induction_target(tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch qu
 
 # ---------------------------------------------------------------------- scoring
 def attention_patterns(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "layer batch head query_pos key_pos"]:
     """Every layer's attention pattern for ``tokens``, stacked.
 
@@ -120,7 +126,7 @@ def attention_patterns(
 
 def score_patterns(
     patterns: Float[Tensor, "layer batch head query_pos key_pos"],
-    target: Float[Tensor, "batch query_pos key_pos"],
+    target: KeyTarget,
 ) -> Float[Tensor, "layer head"]:
     """Attention mass on ``target`` keys, averaged over the queries that have a target.
 
@@ -129,7 +135,8 @@ def score_patterns(
 
     Example:
         >>> pattern = torch.eye(3)[None, None, None]        # every query attends to itself
-        >>> score_patterns(pattern, torch.eye(3)[None]), score_patterns(pattern, previous_token_target(torch.zeros(1, 3)))
+        >>> previous = previous_token_target(torch.zeros(1, 3, dtype=torch.long))
+        >>> score_patterns(pattern, torch.eye(3)[None]), score_patterns(pattern, previous)
         (tensor([[1.]]), tensor([[0.]]))
     """
     target = target.to(patterns.dtype)
@@ -141,15 +148,16 @@ def score_patterns(
     has_target = target.sum(-1) > 0  # [batch, query_pos]
     if not bool(has_target.any()):
         raise InputError("no query position has a target key; the tokens do not exhibit this pattern")
-    mass = torch.einsum("lbhqk,bqk->lhbq", patterns, target)
+    mass = einops.einsum(
+        patterns, target, "layer batch head query_pos key_pos, batch query_pos key_pos -> layer head batch query_pos"
+    )
     return (mass * has_target).sum((-1, -2)) / has_target.sum()
 
 
-def detect_head(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], target: Target
-) -> Float[Tensor, "layer head"]:
+def detect_head(model: HookedTransformer, tokens: Tokens, target: Target) -> Float[Tensor, "layer head"]:
     """Score every head against a target pattern: a ``[query_pos, key_pos]`` or
     ``[batch, query_pos, key_pos]`` tensor, or a function ``tokens -> [batch, query_pos, key_pos]``.
+    ``tokens`` are ids (``[batch, pos]`` or ``[pos]``) or text.
 
     Example:
         >>> diagonal = torch.eye(tokens.shape[1])          # a custom "attend to self" detector
@@ -168,7 +176,7 @@ def detect_head(
     return score_patterns(attention_patterns(model, tokens), target)
 
 
-def _as_tokens(model: HookedTransformer, tokens: Tensor | str | list[str] | None) -> Tensor:
+def _as_tokens(model: HookedTransformer, tokens: Tokens | None) -> Int[Tensor, "batch pos"]:
     if tokens is None:
         return repeated_random_tokens(model)
     if isinstance(tokens, (str, list)):
@@ -176,7 +184,7 @@ def _as_tokens(model: HookedTransformer, tokens: Tensor | str | list[str] | None
     return (tokens[None] if tokens.dim() == 1 else tokens).to(model.device)
 
 
-def previous_token_scores(model: HookedTransformer, tokens: Tensor | str | None = None) -> Float[Tensor, "layer head"]:
+def previous_token_scores(model: HookedTransformer, tokens: Tokens | None = None) -> Float[Tensor, "layer head"]:
     """Attention to the previous token (default tokens: `repeated_random_tokens`).
 
     Example:
@@ -186,7 +194,7 @@ def previous_token_scores(model: HookedTransformer, tokens: Tensor | str | None 
     return detect_head(model, _as_tokens(model, tokens), previous_token_target)
 
 
-def duplicate_token_scores(model: HookedTransformer, tokens: Tensor | str | None = None) -> Float[Tensor, "layer head"]:
+def duplicate_token_scores(model: HookedTransformer, tokens: Tokens | None = None) -> Float[Tensor, "layer head"]:
     """Attention to earlier copies of the current token (default: `repeated_random_tokens`).
 
     Example:
@@ -196,7 +204,7 @@ def duplicate_token_scores(model: HookedTransformer, tokens: Tensor | str | None
     return detect_head(model, _as_tokens(model, tokens), duplicate_token_target)
 
 
-def induction_scores(model: HookedTransformer, tokens: Tensor | str | None = None) -> Float[Tensor, "layer head"]:
+def induction_scores(model: HookedTransformer, tokens: Tokens | None = None) -> Float[Tensor, "layer head"]:
     """Attention to the token after an earlier copy of the current token (default: `repeated_random_tokens`).
 
     Example:
@@ -206,9 +214,7 @@ def induction_scores(model: HookedTransformer, tokens: Tensor | str | None = Non
     return detect_head(model, _as_tokens(model, tokens), induction_target)
 
 
-def copy_suppression_scores(
-    model: HookedTransformer, tokens: Tensor | str | list[str] | None = None
-) -> Float[Tensor, "layer head"]:
+def copy_suppression_scores(model: HookedTransformer, tokens: Tokens | None = None) -> Float[Tensor, "layer head"]:
     """Attention-weighted negative copying: how much each head lowers the logits of the tokens it attends to.
 
     For a head, the value written from key position ``k`` is ``o_k = v_k W_O``; its direct effect
@@ -241,14 +247,25 @@ def copy_suppression_scores(
         earlier = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril(-1)
         scores = torch.zeros(cfg.n_layers, cfg.n_heads, device=tokens.device)
         for layer in range(cfg.n_layers):
-            v = cache["v", layer].repeat_interleave(cfg.n_kv_groups, dim=2).float()  # [batch, key_pos, head, d_head]
-            out = torch.einsum("bkhe,hed->bkhd", v, model.blocks[layer].attn.W_O.detach().float())
+            v = einops.repeat(
+                cache["v", layer].float(),
+                "batch key_pos kv_head d_head -> batch key_pos (kv_head group) d_head",
+                group=cfg.n_kv_groups,
+            )
+            w_o = model.blocks[layer].attn.W_O.detach().float()
+            out = einops.einsum(v, w_o, "batch key_pos head d_head, head d_head d_model -> batch key_pos head d_model")
             if cfg.normalization_type == "layernorm":
                 out = out - out.mean(-1, keepdim=True)
             if ln_w is not None:
                 out = out * ln_w
-            own = torch.einsum("bkhd,bkd->bhk", out, context)
-            spread = torch.einsum("bkhd,de,bkhe->bhk", out, cov, out).clamp(min=1e-30).sqrt()
+            own = einops.einsum(out, context, "batch key_pos head d_model, batch key_pos d_model -> batch head key_pos")
+            variance = einops.einsum(
+                out,
+                cov,
+                out,
+                "batch key_pos head d_model, d_model d_model2, batch key_pos head d_model2 -> batch head key_pos",
+            )
+            spread = variance.clamp(min=1e-30).sqrt()
             z = own / spread  # [batch, head, key_pos]
             pattern = cache["pattern", layer].float() * earlier  # [batch, head, query_pos, key_pos]
             per_query = -(pattern * z[:, :, None, :]).sum(-1)[:, :, 1:]  # queries with an earlier key

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
 
-def activation_derivative(act_fn: str, x: Tensor) -> Tensor:
+def activation_derivative(act_fn: str, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
     """Elementwise derivative of a model activation function.
 
     Example:
@@ -65,11 +65,13 @@ class MLPLinearisation:
         top = scores.topk(k)
         return [
             (model.to_string([int(i)]) if model.tokenizer is not None else str(int(i)), round(float(s), 4))
-            for s, i in zip(top.values, top.indices)
+            for s, i in zip(top.values, top.indices, strict=True)
         ]
 
 
-def _norm_vjp(norm, norm_type: str | None, x: Tensor, grad_out: Tensor, freeze_norm: bool) -> Tensor:
+def _norm_vjp(
+    norm, norm_type: str | None, x: Float[Tensor, " d_model"], grad_out: Float[Tensor, " d_model"], freeze_norm: bool
+) -> Float[Tensor, " d_model"]:
     """Vector-Jacobian product of a norm at ``x`` (``[d_model]``) with ``grad_out``."""
     if norm is None:
         return grad_out
@@ -86,7 +88,7 @@ def _norm_vjp(norm, norm_type: str | None, x: Tensor, grad_out: Tensor, freeze_n
 
 def linearise_mlp(
     model: HookedTransformer,
-    tokens: Union[Int[Tensor, "batch pos"], str],
+    tokens: Int[Tensor, "batch pos"] | str,
     layer: int,
     pos: int = -1,
     *,

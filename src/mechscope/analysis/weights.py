@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -57,14 +58,18 @@ def head_weights(model: HookedTransformer) -> HeadWeights:
     """
     groups = model.cfg.n_kv_groups
 
-    def stack(name: str, expand: bool) -> Tensor:
-        w = torch.stack([getattr(block.attn, name).detach() for block in model.blocks])
-        return w.repeat_interleave(groups, dim=1) if expand and groups > 1 else w
+    def stack(name: str) -> Tensor:
+        return torch.stack([getattr(block.attn, name).detach() for block in model.blocks])
 
-    return HeadWeights(stack("W_Q", False), stack("W_K", True), stack("W_V", True), stack("W_O", False))
+    def per_query_head(w: Float[Tensor, "layer kv_head d_model d_head"]) -> Float[Tensor, "layer head d_model d_head"]:
+        return einops.repeat(w, "layer kv_head d_model d_head -> layer (kv_head group) d_model d_head", group=groups)
+
+    return HeadWeights(stack("W_Q"), per_query_head(stack("W_K")), per_query_head(stack("W_V")), stack("W_O"))
 
 
-def composition_scores(model: HookedTransformer, mode: Literal["Q", "K", "V"]) -> Float[Tensor, "layer head layer head"]:
+def composition_scores(
+    model: HookedTransformer, mode: Literal["Q", "K", "V"]
+) -> Float[Tensor, "layer head layer head"]:
     """How much each head's output is read by each later head's query, key or value input.
 
     ``scores[l1, h1, l2, h2] = ||OV_1 @ M_2||_F / (||OV_1||_F ||M_2||_F)`` with ``M_2`` = ``QK_2``
