@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 from html.parser import HTMLParser
 
 import pytest
@@ -166,3 +167,48 @@ console.log(JSON.stringify(out));
     assert out["tip"].splitlines() == ["H1", 'destination [2] "\\"c\\""', 'source      [1] "<b>"', "attention   1.0000"]
     assert out["text"] == ["rgba(31,95,191,0)", "rgba(31,95,191,1)", "rgba(31,95,191,0)"]
     assert out["tokens"] == ["a", "<b>", '"c"']
+
+
+# ---------------------------------------------------------------------- PNG export backends
+def _cannot_run(*args, **kwargs):
+    raise ImportError("No module named 'kaleido'")
+
+
+@pytest.fixture
+def heatmap_without_kaleido(monkeypatch):
+    """A heatmap whose plotly export fails as it does on a machine without kaleido."""
+    from mechscope.viz.heatmap import layer_head_heatmap
+
+    fig = layer_head_heatmap(torch.randn(2, 3), "heads")
+    monkeypatch.setattr(fig, "write_image", _cannot_run, raising=False)
+    return fig
+
+
+def test_explicit_kaleido_that_cannot_run_raises(heatmap_without_kaleido, tmp_path):
+    from mechscope.viz.png import save_png
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not a warning and None
+        with pytest.raises(ms.ConfigError, match=r"backend='kaleido' cannot run \(No module named 'kaleido'\)") as info:
+            save_png(heatmap_without_kaleido, tmp_path / "x.png", backend="kaleido")
+    assert "pip install 'kaleido>=1'" in str(info.value) and "backend='matplotlib'" in str(info.value)
+    assert not list(tmp_path.glob("*"))  # no temporary file left behind
+
+
+def test_explicit_matplotlib_that_cannot_run_raises(heatmap_without_kaleido, tmp_path, monkeypatch):
+    from mechscope.viz import png
+
+    monkeypatch.setattr(png, "_matplotlib_png", _cannot_run)
+    with pytest.raises(ms.ConfigError, match="backend='matplotlib' cannot run.*pip install matplotlib"):
+        png.save_png(heatmap_without_kaleido, tmp_path / "x.png", backend="matplotlib")
+    assert not list(tmp_path.glob("*"))
+
+
+def test_auto_backend_falls_back_to_matplotlib_silently(heatmap_without_kaleido, tmp_path):
+    from mechscope.viz.png import save_png
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = save_png(heatmap_without_kaleido, tmp_path / "x.png")
+    assert out == tmp_path / "x.png" and out.read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from mechscope.errors import InputError
+from mechscope.errors import ConfigError, InputError
 
 Backend = Literal["auto", "kaleido", "matplotlib"]
 _SUPPORTED = ("heatmap", "scatter")
@@ -39,7 +39,10 @@ def _check_drawable(figure) -> None:
     unsupported = sorted(kinds - set(_SUPPORTED))
     if unsupported:
         raise InputError(f"PNG export without kaleido draws {list(_SUPPORTED)} traces, not {unsupported}")
-    if any(getattr(t, "xaxis", None) not in (None, "x") or getattr(t, "yaxis", None) not in (None, "y") for t in figure.data):
+    if any(
+        getattr(t, "xaxis", None) not in (None, "x") or getattr(t, "yaxis", None) not in (None, "y")
+        for t in figure.data
+    ):
         raise InputError("PNG export without kaleido draws single-panel figures; this one has subplots")
     if not kinds:
         raise InputError("the figure has no traces to draw")
@@ -113,12 +116,20 @@ def _matplotlib_png(figure, path: Path, dpi: int) -> None:
     fig.savefig(path, format="png", dpi=dpi)
 
 
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's message (or its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def save_png(figure, path: str | os.PathLike, *, backend: Backend = "auto", dpi: int = 100) -> Path | None:
-    """Write a plotly figure as a PNG; returns the path (``None`` when no backend can run).
+    """Write a plotly figure as a PNG; returns the path.
 
     ``backend="auto"`` tries plotly's ``kaleido`` export and falls back to matplotlib (heatmaps
-    and line/marker plots on one pair of axes; token labels kept). The file is written
-    atomically (temporary file, then rename).
+    and line/marker plots on one pair of axes; token labels kept); when neither can run it warns
+    and returns ``None``. A backend named explicitly (``"kaleido"`` or ``"matplotlib"``) must run:
+    if it cannot, a `ConfigError` says why and what to install or choose instead. The file is
+    written atomically (temporary file, then rename).
 
     Example:
         >>> import tempfile, pathlib
@@ -142,14 +153,23 @@ def save_png(figure, path: str | os.PathLike, *, backend: Backend = "auto", dpi:
                 os.replace(tmp, path)
                 return path
             except (ImportError, RuntimeError, ValueError, OSError) as exc:
-                reasons.append(f"kaleido: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
-        if backend in ("auto", "matplotlib"):
-            try:
-                _matplotlib_png(figure, Path(tmp), dpi)
-                os.replace(tmp, path)
-                return path
-            except ImportError as exc:
-                reasons.append(f"matplotlib: {exc}")
+                if backend == "kaleido":
+                    raise ConfigError(
+                        f"backend='kaleido' cannot run ({_reason(exc)}); pip install 'kaleido>=1' and run "
+                        "plotly_get_chrome for a Chrome browser, or pass backend='matplotlib' (or 'auto')"
+                    ) from exc
+                reasons.append(f"kaleido: {_reason(exc)}")
+        try:
+            _matplotlib_png(figure, Path(tmp), dpi)
+            os.replace(tmp, path)
+            return path
+        except ImportError as exc:
+            if backend == "matplotlib":
+                raise ConfigError(
+                    f"backend='matplotlib' cannot run ({_reason(exc)}); pip install matplotlib, "
+                    "or pass backend='kaleido' (or 'auto')"
+                ) from exc
+            reasons.append(f"matplotlib: {_reason(exc)}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
