@@ -117,9 +117,9 @@ def _matplotlib_png(figure, path: Path, dpi: int) -> None:
 
 
 def _reason(exc: Exception) -> str:
-    """The first line of an exception's message (or its type when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first paragraph of an exception's message on one line (or its type when it has none)."""
+    paragraph = str(exc).strip().split("\n\n")[0]
+    return " ".join(paragraph.split()).rstrip(":") or type(exc).__name__
 
 
 def save_png(figure, path: str | os.PathLike, *, backend: Backend = "auto", dpi: int = 100) -> Path | None:
