@@ -33,15 +33,15 @@ def test_left_padding_matches_each_prompt_alone(small_model, implementation):
     tokens = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        tokens[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     small_model.cfg.attn_implementation = implementation
     try:
         batched = small_model(tokens, attention_mask=mask)
         for i, p in enumerate(prompts):
             alone = small_model(p[None])
             torch.testing.assert_close(batched[i, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(batched[i, width - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i, width - len(p) :], alone[0], atol=1e-5, rtol=1e-5)
     finally:
         small_model.cfg.attn_implementation = "auto"
     assert torch.isfinite(batched).all()

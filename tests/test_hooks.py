@@ -165,9 +165,12 @@ def test_persistent_hooks_survive_reset_unless_asked(small_model):
 
 def test_backward_hooks_and_gradient_cache(small_model):
     small_model.zero_grad()
-    loss, cache = small_model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True,
-                                             names_filter=["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",
-                                                           "blocks.1.attn.hook_z"])
+    loss, cache = small_model.run_with_cache(
+        TOKENS,
+        return_type="loss",
+        incl_bwd=True,
+        names_filter=["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"],
+    )
     grad_pre = cache["blocks.1.hook_resid_pre_grad"]
     torch.testing.assert_close(grad_pre, cache["blocks.0.hook_resid_post_grad"])
 
@@ -177,8 +180,9 @@ def test_backward_hooks_and_gradient_cache(small_model):
     torch.testing.assert_close(grad_pre, resid.grad, atol=1e-6, rtol=1e-5)
 
     seen = []
-    small_model.run_with_hooks(TOKENS, return_type="loss",
-                               bwd_hooks=[("blocks.1.attn.hook_z", lambda g, *, hook: seen.append(g.shape))]).backward()
+    small_model.run_with_hooks(
+        TOKENS, return_type="loss", bwd_hooks=[("blocks.1.attn.hook_z", lambda g, *, hook: seen.append(g.shape))]
+    ).backward()
     assert seen == [cache["blocks.1.attn.hook_z"].shape]
     small_model.zero_grad()
 
@@ -214,7 +218,9 @@ def test_in_place_edits_of_read_points_take_effect(small_model, name):
     assert not torch.allclose(in_place, small_model(TOKENS))
 
 
-@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.1.ln1.hook_scale"])
+@pytest.mark.parametrize(
+    "name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.1.ln1.hook_scale"]
+)
 def test_gradients_reach_activations_that_hooks_only_read(small_model, name):
     def grad_of_saved(replace: bool):
         saved = {}

@@ -17,8 +17,14 @@ TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [8, 9, 7, 9, 3, 2, 38, 1]])
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-placement")
     config = LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     save_hf_model(config, path)
     return path
@@ -79,26 +85,43 @@ def test_device_map_validation_names_the_problem():
         layer_devices({"gpu0": range(3)}, 3)
     with pytest.raises(ms.ConfigError, match="'auto' or a mapping"):
         layer_devices([0, 1, 2], 3)
-    assert layer_devices("auto", 3) == [torch.device("cuda", i * torch.cuda.device_count() // 3) for i in range(3)] \
-        if torch.cuda.is_available() else [torch.device("cpu")] * 3
+    assert (
+        layer_devices("auto", 3) == [torch.device("cuda", i * torch.cuda.device_count() // 3) for i in range(3)]
+        if torch.cuda.is_available()
+        else [torch.device("cpu")] * 3
+    )
     with pytest.raises(ms.LoadError, match="either device or device_map"):
         ms.load("smollm2-135m", device="cpu", device_map="auto")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_blocks_split_between_cpu_and_cuda_match_one_device():
-    model = tiny_model(seed=1, n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary",
-                       gated_mlp=True, act_fn="silu", n_layers=4)
+    model = tiny_model(
+        seed=1,
+        n_key_value_heads=2,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
+        n_layers=4,
+    )
     with torch.no_grad():
         expected = model(TOKENS)
         place(model, {"cuda:0": [0, 1], "cpu": [2, 3]})
         assert model.blocks[0].attn.w_q.is_cuda and not model.blocks[2].attn.w_q.is_cuda
         seen = {}
-        with model.hooks(fwd_hooks=[(lambda n: n.endswith("hook_resid_pre"), lambda x, *, hook: seen.setdefault(
-                hook.name, x.device.type))]):
+        with model.hooks(
+            fwd_hooks=[
+                (lambda n: n.endswith("hook_resid_pre"), lambda x, *, hook: seen.setdefault(hook.name, x.device.type))
+            ]
+        ):
             actual = model(TOKENS.cuda())
         generated = model.generate(TOKENS.cuda(), max_new_tokens=4)
-    assert seen == {"blocks.0.hook_resid_pre": "cuda", "blocks.1.hook_resid_pre": "cuda",
-                    "blocks.2.hook_resid_pre": "cpu", "blocks.3.hook_resid_pre": "cpu"}
+    assert seen == {
+        "blocks.0.hook_resid_pre": "cuda",
+        "blocks.1.hook_resid_pre": "cuda",
+        "blocks.2.hook_resid_pre": "cpu",
+        "blocks.3.hook_resid_pre": "cpu",
+    }
     torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
     assert generated.shape == (2, 12)

@@ -14,21 +14,47 @@ ARCHS = {
     "gpt2_like_tied": dict(attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "layernorm_no_biases": dict(seed=4),
     "neox_like": dict(
-        seed=1, positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True, attn_qkv_bias=True,
-        attn_out_bias=True, mlp_bias=True, unembed_bias=True,
+        seed=1,
+        positional_embedding_type="rotary",
+        rotary_dim=4,
+        parallel_attn_mlp=True,
+        attn_qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        unembed_bias=True,
     ),
     "llama_like_gqa": dict(
-        seed=2, n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary",
-        gated_mlp=True, act_fn="silu", attn_qkv_bias=True,
+        seed=2,
+        n_key_value_heads=2,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
+        attn_qkv_bias=True,
     ),
     "gemma_like": dict(
-        seed=3, n_key_value_heads=1, normalization_type="rmsnorm", positional_embedding_type="rotary",
-        gated_mlp=True, act_fn="gelu_pytorch_tanh", qk_norm="head", post_norm=True, embed_scale=32**0.5,
-        tie_word_embeddings=True, attn_scores_soft_cap=3.0, output_logits_soft_cap=6.0,
+        seed=3,
+        n_key_value_heads=1,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="gelu_pytorch_tanh",
+        qk_norm="head",
+        post_norm=True,
+        embed_scale=32**0.5,
+        tie_word_embeddings=True,
+        attn_scores_soft_cap=3.0,
+        output_logits_soft_cap=6.0,
     ),
     "olmo2_like": dict(
-        seed=5, normalization_type="rmsnorm", positional_embedding_type="rotary", gated_mlp=True, act_fn="silu",
-        qk_norm="full", pre_norm=False, post_norm=True,
+        seed=5,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
+        qk_norm="full",
+        pre_norm=False,
+        post_norm=True,
     ),
     "attn_only": dict(seed=6, attn_only=True, attn_qkv_bias=True),
 }
@@ -81,7 +107,10 @@ def test_fold_ln_matches_naive_scaled_weights():
 def test_processed_picks_the_valid_steps_per_architecture():
     rms = tiny_model(**ARCHS["llama_like_gqa"]).cfg
     assert resolve_steps(rms, processed=True) == {
-        "fold_ln": True, "center_writing_weights": False, "center_unembed": True, "fold_value_biases": True,
+        "fold_ln": True,
+        "center_writing_weights": False,
+        "center_unembed": True,
+        "fold_value_biases": True,
     }
     gemma = tiny_model(**ARCHS["gemma_like"]).cfg
     assert resolve_steps(gemma, processed=True)["center_unembed"] is False

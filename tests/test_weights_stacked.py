@@ -101,11 +101,11 @@ def test_grouped_query_keys_repeat_per_query_head():
 def test_weights_a_model_lacks_raise_config_errors():
     rotary = gqa_model()
     with pytest.raises(ms.ConfigError, match="W_pos"):
-        rotary.W_pos
+        _ = rotary.W_pos
     with pytest.raises(ms.ConfigError, match="W_in"):
-        mha_model().W_gate
+        _ = mha_model().W_gate
     with pytest.raises(ms.ConfigError, match="attention-only"):
-        tiny_model(attn_only=True).W_in
+        _ = tiny_model(attn_only=True).W_in
     assert torch.equal(mha_model().W_pos, mha_model().pos_embed.W_pos)
 
 

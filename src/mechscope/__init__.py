@@ -7,7 +7,6 @@ Example:
 """
 
 from mechscope.cache import ActivationCache
-from mechscope.names import act_name
 from mechscope.errors import (
     ConfigError,
     HookError,
@@ -21,6 +20,7 @@ from mechscope.hooks import HookPoint
 from mechscope.loading.pretrained import load
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
+from mechscope.names import act_name
 
 __all__ = [
     "ActivationCache",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float
@@ -15,8 +15,9 @@ from mechscope.names import act_name, unknown_name_error
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
-PosSlice = Union[None, int, slice, list, Tensor]
+PosSlice = None | int | slice | list | Tensor
 _POS_DIM = -2  # every residual-stream tensor is [..., pos, d_model]
+
 
 def _slice_pos(x: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
     if pos_slice is None:
@@ -51,9 +52,7 @@ class ActivationCache:
         name = act_name(*key) if isinstance(key, tuple) else key
         if name not in self.cache_dict:
             if name in self.model.hook_dict:
-                raise HookNameError(
-                    f"{name!r} was not cached; include it in names_filter when calling run_with_cache"
-                )
+                raise HookNameError(f"{name!r} was not cached; include it in names_filter when calling run_with_cache")
             raise unknown_name_error(name, self.cache_dict, "cache entry")
         return self.cache_dict[name]
 

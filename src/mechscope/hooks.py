@@ -9,20 +9,20 @@ gradient of the activation.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
 
 from mechscope.errors import HookError, HookNameError
-from mechscope.names import closest_names, unknown_name_error
+from mechscope.names import unknown_name_error
 
-HookFn = Callable[..., Union[torch.Tensor, None]]
-NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
-HookTarget = Union[str, Callable[[str], bool]]
+HookFn = Callable[..., torch.Tensor | None]
+NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
+HookTarget = str | Callable[[str], bool]
 Direction = Literal["fwd", "bwd"]
 
 
@@ -114,9 +114,7 @@ def _check_replacement(name: str, what: str, old: torch.Tensor, new: object) -> 
     if not isinstance(new, torch.Tensor):
         raise HookError(f"hook on {name!r} returned {type(new).__name__}; return a tensor or None")
     if new.shape != old.shape:
-        raise HookError(
-            f"hook on {name!r} returned a {what} of shape {tuple(new.shape)}, expected {tuple(old.shape)}"
-        )
+        raise HookError(f"hook on {name!r} returned a {what} of shape {tuple(new.shape)}, expected {tuple(old.shape)}")
     if new.dtype != old.dtype:
         raise HookError(f"hook on {name!r} returned dtype {new.dtype}, expected {old.dtype}")
     if new.device != old.device:
@@ -171,7 +169,9 @@ class HookedRootModule(nn.Module):
             return points
         raise HookNameError(f"a hook target must be a name or a callable filter, got {type(target).__name__}")
 
-    def add_hook(self, name: HookTarget, fn: HookFn, dir: Direction = "fwd", persistent: bool = False) -> list[HookHandle]:
+    def add_hook(
+        self, name: HookTarget, fn: HookFn, dir: Direction = "fwd", persistent: bool = False
+    ) -> list[HookHandle]:
         """Attach ``fn`` to the hook point ``name`` (or every point a callable filter selects).
 
         Example:

@@ -69,8 +69,7 @@ class PosEmbed(nn.Module):
     def forward(self, positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         if positions.numel() and int(positions.max()) >= self.W_pos.shape[0]:
             raise IndexError(
-                f"position {int(positions.max())} is beyond the model's n_ctx={self.W_pos.shape[0]}; "
-                "shorten the input"
+                f"position {int(positions.max())} is beyond the model's n_ctx={self.W_pos.shape[0]}; shorten the input"
             )
         return F.embedding(positions, self.W_pos)
 
@@ -226,7 +225,8 @@ class Attention(nn.Module):
                 f"scores takes queries [..., query_pos, {cfg.n_heads}, d_head] and keys [..., key_pos, "
                 f"{cfg.n_key_value_heads}, d_head] (kv_head, not expanded); got {tuple(q.shape)} and {tuple(k.shape)}"
             )
-        q, k = q.transpose(-3, -2), k.transpose(-3, -2)  # [..., head, query_pos, d_head], [..., kv_head, key_pos, d_head]
+        q = q.transpose(-3, -2)  # [..., head, query_pos, d_head]
+        k = k.transpose(-3, -2)  # [..., kv_head, key_pos, d_head]
         if cfg.n_kv_groups > 1:
             k = k.repeat_interleave(cfg.n_kv_groups, dim=-3)  # [..., head, key_pos, d_head]
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [..., head, query_pos, key_pos]
@@ -262,7 +262,8 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
         if not (cfg.use_attn_result or self.hook_result.has_hooks):
             return F.linear(z.flatten(-2), self.w_o, self.b_o)
-        result, read_only = _run_hook(self.hook_result, torch.einsum("bphk,hkd->bphd", z, self.W_O))  # [batch, pos, head, d_model]
+        result = torch.einsum("bphk,hkd->bphd", z, self.W_O)  # [batch, pos, head, d_model]
+        result, read_only = _run_hook(self.hook_result, result)
         return _fast_unless_edited(
             read_only,
             lambda: F.linear(z.flatten(-2), self.w_o, self.b_o),

@@ -190,7 +190,9 @@ def rotary_inv_freq(dim: int, base: float, scaling: dict | None) -> Float[Tensor
     return inv_freq  # "default"
 
 
-def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor, interleaved: bool = False
+) -> Tensor:
     """Rotate the first ``rotary_dim`` dimensions of each head.
 
     Pairs are ``(i, i + rotary_dim / 2)`` (half-split, as in Llama and GPT-NeoX) or, with

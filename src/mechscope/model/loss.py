@@ -21,7 +21,8 @@ def next_token_loss(
     ``[batch, pos - 1]`` (padding included).
 
     Example:
-        >>> next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]])).item() == torch.log(torch.tensor(4.)).item()
+        >>> loss = next_token_loss(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]))
+        >>> loss.item() == torch.log(torch.tensor(4.0)).item()
         True
     """
     if tokens.shape != logits.shape[:2]:

@@ -10,7 +10,7 @@ activation on the device of the block that produced it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -19,7 +19,7 @@ from mechscope.errors import ConfigError
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
-DeviceMap = Union[Literal["auto"], Mapping[Union[str, torch.device], Iterable[int]]]
+DeviceMap = Literal["auto"] | Mapping[str | torch.device, Iterable[int]]
 
 
 def _device(name: str | torch.device) -> torch.device:
@@ -81,7 +81,7 @@ def place(model: HookedTransformer, device_map: DeviceMap) -> HookedTransformer:
     model.embed.to(first)
     if model.cfg.positional_embedding_type == "learned":
         model.pos_embed.to(first)
-    for block, device in zip(model.blocks, devices):
+    for block, device in zip(model.blocks, devices, strict=False):
         block.to(device)
     head = first if model.cfg.tie_word_embeddings else last
     if model.ln_final is not None:

@@ -98,8 +98,12 @@ def process_weights(
         True
     """
     chosen = resolve_steps(
-        model.cfg, processed, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+        model.cfg,
+        processed,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
     )
     for step, run in (
         ("fold_ln", _fold_ln),

@@ -194,7 +194,9 @@ def to_tokens(
     return tokens.to(model.device) if move_to_device else tokens
 
 
-def to_str_tokens(model: Any, input: str | list[str] | Tensor, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+def to_str_tokens(
+    model: Any, input: str | list[str] | Tensor, prepend_bos: bool | None = None
+) -> list[str] | list[list[str]]:
     """The text of each token: a list for one string or a 1-D / single-row tensor, else a list of lists.
 
     Example:

@@ -7,7 +7,7 @@ initialisation, the loss and generation live in their own modules and appear her
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -26,7 +26,7 @@ from mechscope.model.loss import next_token_loss
 from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, input_tokens
 from mechscope.model.weights import StackedWeights
 
-ModelInput = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"], Float[Tensor, "batch pos d_model"]]
+ModelInput = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | Float[Tensor, "batch pos d_model"]
 ReturnType = Literal["logits", "loss", "both", None]
 
 _OPT_IN_FLAGS = {
@@ -270,4 +270,3 @@ class HookedTransformer(StackedWeights, HookedRootModule):
 
     def set_use_hook_mlp_in(self, value: bool) -> None:
         self.cfg.use_hook_mlp_in = value
-
