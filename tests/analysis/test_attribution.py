@@ -98,7 +98,9 @@ def test_last_layer_neurons_match_ablation_with_frozen_scale(small_model):
             post[:, :, neuron] = 0
             return post
 
-        ablated = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{last}.mlp.hook_post", zero_neuron), _frozen_final_scale(cache)])
+        ablated = model.run_with_hooks(
+            TOKENS, fwd_hooks=[(f"blocks.{last}.mlp.hook_post", zero_neuron), _frozen_final_scale(cache)]
+        )
         diff = (logits[:, -1, 6] - logits[:, -1, 2]) - (ablated[:, -1, 6] - ablated[:, -1, 2])
         assert_close(diff, dla[f"L{last}N{neuron}"], rtol=1e-4, atol=1e-5)
 

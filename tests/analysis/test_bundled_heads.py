@@ -1,4 +1,5 @@
-"""On the bundled SmolLM2 (RMSNorm, grouped-query attention, tied embeddings): exact DLA and lens, and its induction head."""
+"""On the bundled SmolLM2 (RMSNorm, grouped-query attention, tied embeddings): exact DLA and lens,
+and its induction head."""
 
 from __future__ import annotations
 

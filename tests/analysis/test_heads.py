@@ -38,7 +38,9 @@ def test_targets_match_naive_definitions():
 
 def test_score_patterns_matches_loop(small_model):
     patterns = attention_patterns(small_model, TOKENS)
-    target = induction_target(TOKENS).float() * torch.rand(TOKENS.shape[0], 8, 8, generator=torch.Generator().manual_seed(0))
+    target = induction_target(TOKENS).float() * torch.rand(
+        TOKENS.shape[0], 8, 8, generator=torch.Generator().manual_seed(0)
+    )
     scores = score_patterns(patterns, target)
     layers, batch, heads = patterns.shape[:3]
     for layer in range(layers):
@@ -132,14 +134,25 @@ def _naive_copy_suppression(model, tokens):
 
 def test_copy_suppression_matches_naive(small_model):
     tokens = TOKENS[:, :6]
-    assert_close(copy_suppression_scores(small_model, tokens), _naive_copy_suppression(small_model, tokens), rtol=1e-4, atol=1e-5)
+    assert_close(
+        copy_suppression_scores(small_model, tokens), _naive_copy_suppression(small_model, tokens), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
 def test_copy_suppression_sign_on_toy(sign):
     """Identity embeddings and unembeddings, heads whose OV is -I (suppress) or +I (copy) on their slice."""
-    cfg = ms.ModelConfig(d_model=16, n_layers=1, n_heads=4, d_mlp=1, d_vocab=16, n_ctx=16, attn_only=True,
-                         normalization_type=None, positional_embedding_type="none")
+    cfg = ms.ModelConfig(
+        d_model=16,
+        n_layers=1,
+        n_heads=4,
+        d_mlp=1,
+        d_vocab=16,
+        n_ctx=16,
+        attn_only=True,
+        normalization_type=None,
+        positional_embedding_type="none",
+    )
     model = ms.HookedTransformer(cfg).init_weights(seed=0)
     with torch.no_grad():
         model.embed.W_E.copy_(torch.eye(16))

@@ -57,12 +57,26 @@ def _check_safe(doc: str, n_scripts: int) -> _Collector:
     parsed = _parse(doc)
     assert [t for t, _ in parsed.tags].count("script") == n_scripts
     for tag, attrs in parsed.tags:
-        assert tag in {"html", "head", "meta", "title", "style", "body", "h2", "div", "table", "script", "span", "select", "option"}
+        assert tag in {
+            "html",
+            "head",
+            "meta",
+            "title",
+            "style",
+            "body",
+            "h2",
+            "div",
+            "table",
+            "script",
+            "span",
+            "select",
+            "option",
+        }
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
         assert "src" not in attrs and "href" not in attrs
     assert "http" not in doc and "<link" not in doc and "@import" not in doc
     markup = re.sub(r'(<script type="application/json"[^>]*>).*?(</script>)', r"\1\2", doc, flags=re.S)
-    for bad in ('<script>alert', "</script><b>", '" onmouseover'):
+    for bad in ("<script>alert", "</script><b>", '" onmouseover'):
         assert bad not in markup  # token text never appears as markup or attribute text
     assert "<script>alert" not in doc and "</script><b>" not in doc  # nor can it close the JSON block
     return parsed
@@ -146,7 +160,10 @@ def test_attention_view_script_runs(tmp_path):
     driver = (
         _DOM_STUB
         + f"ids['mechscope-data'] = {{textContent: {json.dumps(scripts[0])}}};\n"
-        + scripts[1] + "\n" + scripts[2] + "\n"
+        + scripts[1]
+        + "\n"
+        + scripts[2]
+        + "\n"
         + """
 const g = ids['grid'], hd = ids['heads'], tp = ids['mechscope-tip'], tx = ids['text'];
 const out = {head0: g.rows[3].cells[2].style.background};

@@ -76,9 +76,15 @@ def test_head_circuits_reproduce_attention(kv_heads):
     model = tiny_model(n_key_value_heads=kv_heads, seed=2)
     tokens = torch.tensor([[3, 14, 15, 9, 26, 5]])
     model.set_use_attn_result(True)
-    _, cache = model.run_with_cache(tokens, names_filter=[
-        "blocks.1.ln1.hook_normalized", "blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_result"
-    ])
+    _, cache = model.run_with_cache(
+        tokens,
+        names_filter=[
+            "blocks.1.ln1.hook_normalized",
+            "blocks.1.attn.hook_attn_scores",
+            "blocks.1.attn.hook_pattern",
+            "blocks.1.attn.hook_result",
+        ],
+    )
     w = head_weights(model)
     x = cache["blocks.1.ln1.hook_normalized"][0]  # [pos, d_model]
     scale = model.cfg.d_head**-0.5

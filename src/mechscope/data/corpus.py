@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,9 @@ def _parquet_texts(path: Path, field: str) -> list[str]:
     return [str(t) for t in table.column(field).to_pylist()]
 
 
-def load_texts(source: str | os.PathLike | Iterable[str] | None = None, text_field: str = "text", split: str = "train") -> list[str]:
+def load_texts(
+    source: str | os.PathLike | Iterable[str] | None = None, text_field: str = "text", split: str = "train"
+) -> list[str]:
     """Documents from ``source``: ``None`` (the default corpus), a ``.txt`` file (one document), a folder
     of ``.txt``/``.jsonl``/``.parquet`` files, a ``.jsonl`` or ``.parquet`` file (``text_field`` column),
     a Hugging Face dataset name (needs ``datasets`` and network), or an iterable of strings.
@@ -311,7 +314,9 @@ def load_texts(source: str | os.PathLike | Iterable[str] | None = None, text_fie
     try:
         import datasets
     except ImportError:
-        raise LoadError(f"{source!r} is not a local file or folder, and loading a Hugging Face dataset needs `datasets`") from None
+        raise LoadError(
+            f"{source!r} is not a local file or folder, and loading a Hugging Face dataset needs `datasets`"
+        ) from None
     dataset = datasets.load_dataset(str(source), split=split)
     return [str(row[text_field]) for row in dataset]
 
@@ -344,9 +349,13 @@ def tokenize_texts(texts: list[str], tokenizer, separator: int | None = None) ->
 def cached_token_stream(texts: list[str], tokenizer, name: str) -> Tensor:
     """`tokenize_texts`, cached under the corpus folder keyed by ``name`` and a hash of texts and vocabulary.
 
+    An unreadable cache file (truncated, corrupted, or missing its ``tokens`` tensor) is reported
+    with a warning naming the file and the reason, then rebuilt.
+
     Example:
         >>> tokens = cached_token_stream(default_corpus_texts(), model.tokenizer, "smollm2")  # doctest: +SKIP
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     hf = getattr(tokenizer, "hf", tokenizer)
@@ -359,7 +368,9 @@ def cached_token_stream(texts: list[str], tokenizer, name: str) -> Tensor:
     if path.is_file():
         try:
             return load_file(str(path))["tokens"]
-        except Exception:
+        except (SafetensorError, OSError, KeyError) as exc:
+            reason = "no 'tokens' tensor in it" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+            warnings.warn(f"the token cache {path} is unreadable ({reason}); rebuilding it", stacklevel=2)
             path.unlink(missing_ok=True)
     tokens = tokenize_texts(texts, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
