@@ -23,10 +23,12 @@ def test_run_config_trains_saves_and_evaluates_several_saes(tmp_path):
     config = {
         "saes": [
             {"architecture": "topk", "hook_name": "blocks.1.hook_resid_post", "k": 4, "expansion": 2},
-            {"architecture": "standard", "hook_name": "blocks.0.ln2.hook_normalized", "hook_name_out": "blocks.0.hook_mlp_out"},
+            {"architecture": "standard", "hook_name": "blocks.0.ln2.hook_normalized",
+             "hook_name_out": "blocks.0.hook_mlp_out"},
             {"architecture": "topk", "hook_name": "blocks.2.attn.hook_z", "k": 4},
         ],
-        "context_size": 16, "batch_size": 64, "buffer_batches": 2, "eval_sequences": 4, "out_dir": str(tmp_path / "out"),
+        "context_size": 16, "batch_size": 64, "buffer_batches": 2, "eval_sequences": 4,
+        "out_dir": str(tmp_path / "out"),
         "train": {"steps": 6, "lr": 1e-3},
     }  # fmt: skip
     (tmp_path / "run.json").write_text(json.dumps(config))

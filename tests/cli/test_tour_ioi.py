@@ -8,9 +8,18 @@ from mechscope.cli.tour import ioi_section
 
 def test_ioi_section_writes_report(tmp_path, capsys):
     tokenizer = ms.load("smollm2-135m", device="cpu").tokenizer
-    cfg = ms.ModelConfig(d_model=32, n_layers=4, n_heads=4, d_mlp=64, d_vocab=49152, n_ctx=32,
-                         normalization_type="rmsnorm", positional_embedding_type="rotary", n_key_value_heads=2,
-                         default_prepend_bos=False)
+    cfg = ms.ModelConfig(
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=49152,
+        n_ctx=32,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        n_key_value_heads=2,
+        default_prepend_bos=False,
+    )
     model = ms.HookedTransformer(cfg, tokenizer=tokenizer).init_weights(seed=0, std=0.3)
     path = ioi_section(model, tmp_path, n_prompts=2, top_k=3)
     text = path.read_text()

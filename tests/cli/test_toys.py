@@ -21,8 +21,8 @@ def _check_report(path, title):
 
 
 def test_toys_grokking_cli_writes_report_and_resumes(tmp_path, capsys):
-    argv = ["toys", "grokking", "--p", "11", "--d-model", "16", "--d-mlp", "32", "--epochs", "20", "--log-every",
-            "5", "--checkpoint-every", "10", "--out", str(tmp_path), "--quiet"]
+    flags = "--p 11 --d-model 16 --d-mlp 32 --epochs 20 --log-every 5 --checkpoint-every 10"
+    argv = ["toys", "grokking", *flags.split(), "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 0
     numbers = _check_report(tmp_path / "grokking.html", "grokking")
     assert numbers["epochs_trained"] == 20 and len(numbers["progress_measures"]) == 3
@@ -33,8 +33,8 @@ def test_toys_grokking_cli_writes_report_and_resumes(tmp_path, capsys):
 
 
 def test_toys_superposition_cli(tmp_path, capsys):
-    assert main(["toys", "superposition", "--steps", "100", "--phase-steps", "100", "--n-instances", "2",
-                 "--batch-size", "128", "--out", str(tmp_path), "--quiet"]) == 0
+    flags = "--steps 100 --phase-steps 100 --n-instances 2 --batch-size 128"
+    assert main(["toys", "superposition", *flags.split(), "--out", str(tmp_path), "--quiet"]) == 0
     numbers = _check_report(tmp_path / "superposition.html", "superposition")
     assert len(numbers["feature_dimensionality"]) == 2 and len(numbers["phase_diagram"]["phases"]) == 8
     assert "phase diagram" in capsys.readouterr().out
@@ -43,8 +43,8 @@ def test_toys_superposition_cli(tmp_path, capsys):
 
 
 def test_toys_induction_cli_writes_report_and_resumes(tmp_path):
-    argv = ["toys", "induction", "--d-vocab", "16", "--seq-len", "12", "--d-model", "16", "--steps", "20",
-            "--out", str(tmp_path), "--quiet"]
+    flags = "--d-vocab 16 --seq-len 12 --d-model 16 --steps 20"
+    argv = ["toys", "induction", *flags.split(), "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 0
     numbers = _check_report(tmp_path / "induction.html", "Induction")
     assert len(numbers["k_composition"]) == 4

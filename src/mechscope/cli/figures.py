@@ -34,7 +34,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_report(
-    path: str | os.PathLike, title: str, sections: list[tuple[str, Any]], numbers: dict, summary: list[str] = (),
+    path: str | os.PathLike,
+    title: str,
+    sections: list[tuple[str, Any]],
+    numbers: dict,
+    summary: list[str] = (),
     png: bool = True,
 ) -> tuple[Path, Path]:
     """Write ``path`` (HTML) and the same name with ``.json`` (the numbers); return both paths.
@@ -55,8 +59,10 @@ def write_report(
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-         "pre{background:#f4f4f4;padding:.6em}</style></head><body>"),
+        (
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+            "pre{background:#f4f4f4;padding:.6em}</style></head><body>"
+        ),
         f"<h1>{html.escape(title)}</h1>",
     ]
     if summary:
@@ -125,8 +131,16 @@ def line_figure(x: list, series: dict[str, list], title: str, x_title: str, log_
     return fig
 
 
-def heatmap_figure(z, title: str, x: list | None = None, y: list | None = None, colorscale: str = "RdBu",
-                   zmid: float | None = 0.0, x_title: str = "", y_title: str = ""):
+def heatmap_figure(
+    z,
+    title: str,
+    x: list | None = None,
+    y: list | None = None,
+    colorscale: str = "RdBu",
+    zmid: float | None = 0.0,
+    x_title: str = "",
+    y_title: str = "",
+):
     """A plotly heatmap of a 2-D array (rows top to bottom).
 
     Example:

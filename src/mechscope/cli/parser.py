@@ -29,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(prog="mechscope", description=DESCRIPTION, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{tour,toys,sae}")
-    p = sub.add_parser("tour", help="load the bundled model, predict, and summarise an activation cache",
-                       description="Load a model, show its next-token predictions and summarise a full activation "
-                       "cache; then generation, the top attention heads and the optional sections.",
-                       formatter_class=Formatter)
+    p = sub.add_parser(
+        "tour",
+        help="load the bundled model, predict, and summarise an activation cache",
+        description="Load a model, show its next-token predictions and summarise a full activation "
+        "cache; then generation, the top attention heads and the optional sections.",
+        formatter_class=Formatter,
+    )
     p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory, .gguf file or hub id")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to predict from and to continue")
     p.add_argument("--top-k", type=int, default=10, help="how many next-token predictions to show")
@@ -40,14 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heads", action="store_true", help="skip the head detectors section")
     p.add_argument("--no-generate", action="store_true", help="skip the generation section")
     p.add_argument("--out-dir", default="mechscope-tour", help="where HTML views are written")
-    p.add_argument("--toys", action="store_true", help="also train reduced versions of the toy models (grokking, "
-                   "superposition, induction)")
-    p.add_argument("--sae", action="store_true", help="also train and evaluate a small TopK SAE (150 steps of 1024 "
-                   "tokens)")
-    p.add_argument("--ioi", action="store_true", help="also run IOI activation patching and AtP* with an HTML "
-                   "report (quick: 4 prompts, the residual stream at every third layer)")
-    p.add_argument("--ioi-full", action="store_true", help="the IOI section with 8 prompts and every layer "
-                   "(several times longer than --ioi)")
+    p.add_argument(
+        "--toys",
+        action="store_true",
+        help="also train reduced versions of the toy models (grokking, superposition, induction)",
+    )
+    p.add_argument(
+        "--sae", action="store_true", help="also train and evaluate a small TopK SAE (150 steps of 1024 tokens)"
+    )
+    p.add_argument(
+        "--ioi",
+        action="store_true",
+        help="also run IOI activation patching and AtP* with an HTML "
+        "report (quick: 4 prompts, the residual stream at every third layer)",
+    )
+    p.add_argument(
+        "--ioi-full",
+        action="store_true",
+        help="the IOI section with 8 prompts and every layer (several times longer than --ioi)",
+    )
     p.set_defaults(func=tour)
     add_toys_parser(sub, Formatter)
     add_sae_parser(sub, Formatter)

@@ -61,8 +61,10 @@ def cli_train(args: argparse.Namespace) -> int:
         run.train = TrainConfig.from_dict({**asdict(run.train), "steps": args.steps})
     saes, summary = train_from_config(run)
     if ddp.rank_and_world()[0] == 0:
-        print(f"trained {len(saes)} SAE(s) on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-              f"({summary['tokens_per_second']:,.0f} tokens/s)")
+        print(
+            f"trained {len(saes)} SAE(s) on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
+            f"({summary['tokens_per_second']:,.0f} tokens/s)"
+        )
         for key, value in summary["last"].items():
             print(f"  {key:<12} {value:.4g}")
         for path in summary["paths"]:
@@ -88,9 +90,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sae_parser(
-    sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter
-) -> None:
+def add_sae_parser(sub, formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
     """Register ``mechscope sae train|eval`` on the top-level subcommands.
 
     Example:
@@ -99,24 +99,41 @@ def add_sae_parser(
         >>> parser.parse_args(["sae", "train", "--config", "run.json"]).func.__name__
         'cli_train'
     """
-    p = sub.add_parser("sae", help="train or evaluate sparse autoencoders from a config file",
-                       description="Train or evaluate sparse autoencoders.", formatter_class=formatter_class)
+    p = sub.add_parser(
+        "sae",
+        help="train or evaluate sparse autoencoders from a config file",
+        description="Train or evaluate sparse autoencoders.",
+        formatter_class=formatter_class,
+    )
     actions = p.add_subparsers(dest="sae_command", required=True, metavar="{train,eval}")
-    train = actions.add_parser("train", help="train the SAEs of a run config (works under torchrun)",
-                               description="Train the SAEs of a run config from shared model passes and save them.",
-                               epilog=CONFIG_EXAMPLE, formatter_class=_with_epilog(formatter_class))
-    train.add_argument("--config", required=True, help="run config (.json or .toml); format below and in the "
-                       "docstring of mechscope.sae.run")
+    train = actions.add_parser(
+        "train",
+        help="train the SAEs of a run config (works under torchrun)",
+        description="Train the SAEs of a run config from shared model passes and save them.",
+        epilog=CONFIG_EXAMPLE,
+        formatter_class=_with_epilog(formatter_class),
+    )
+    train.add_argument(
+        "--config",
+        required=True,
+        help="run config (.json or .toml); format below and in the docstring of mechscope.sae.run",
+    )
     train.add_argument("--out-dir", default=None, help="where to save the SAEs (None: the config's out_dir)")
     train.add_argument("--steps", type=int, default=None, help="training steps (None: the config's train.steps)")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.set_defaults(func=cli_train)
-    evaluate = actions.add_parser("eval", help="evaluate saved SAEs (any supported file layout)",
-                                  description="Evaluate saved SAEs on the held-out sequences of a run config.",
-                                  formatter_class=formatter_class)
+    evaluate = actions.add_parser(
+        "eval",
+        help="evaluate saved SAEs (any supported file layout)",
+        description="Evaluate saved SAEs on the held-out sequences of a run config.",
+        formatter_class=formatter_class,
+    )
     evaluate.add_argument("sae", nargs="+", help="SAE folders or files")
-    evaluate.add_argument("--config", default=None, help="run config for the model, text and eval_sequences "
-                          "(None: the bundled model and the default corpus)")
+    evaluate.add_argument(
+        "--config",
+        default=None,
+        help="run config for the model, text and eval_sequences (None: the bundled model and the default corpus)",
+    )
     evaluate.set_defaults(func=cli_eval)
 
 

@@ -88,7 +88,7 @@ def tour(args: argparse.Namespace) -> int:
     probs = logits[0, -1].float().softmax(-1)
     top = probs.topk(args.top_k)
     print(f"\ntop {args.top_k} next tokens:")
-    for rank, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+    for rank, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
         print(f"  {rank:>2}. {model.to_string([idx])!r:<16} {p:7.2%}")
 
     print(f"\nrun_with_cache: {len(cache)} activations in {elapsed:.2f}s, {format_bytes(cache.nbytes())}")
@@ -204,23 +204,29 @@ def toys_section() -> dict[str, Any]:
         run = modular.train_grokking(modular.GrokkingConfig.quick(), progress=False)
         memorised = next(h["epoch"] for h in run.history if h["train_acc"] == 1.0)
         analysis = modular.analyse_model(run.model, run.data, run.config.p)
-        print(f"grokking (p={run.config.p}, {run.config.frac_train:.0%} training pairs): train accuracy 100% at "
-              f"epoch {memorised}, test accuracy >= 99% at epoch {run.grokking_epoch()}; key frequencies "
-              f"{analysis['key_freqs_neurons']} [{time.perf_counter() - start:.0f}s]")
+        print(
+            f"grokking (p={run.config.p}, {run.config.frac_train:.0%} training pairs): train accuracy 100% at "
+            f"epoch {memorised}, test accuracy >= 99% at epoch {run.grokking_epoch()}; key frequencies "
+            f"{analysis['key_freqs_neurons']} [{time.perf_counter() - start:.0f}s]"
+        )
         start = time.perf_counter()
         toy = superposition.ToyModel(2, 1, n_instances=2, feature_probability=torch.tensor([[1.0], [0.03]]), seed=0)
         superposition.train_toy_model(toy, superposition.SuperpositionTraining(steps=1000, lr=1e-2), progress=False)
         phases = superposition.classify_two_feature_phase(toy.W.detach())
         w = [[round(v, 2) for v in row] for row in toy.W.detach()[:, 0].tolist()]
-        print(f"superposition (2 features, 1 dimension): dense -> W={w[0]} ({phases[0]} for feature 2); "
-              f"density 0.03 -> W={w[1]} ({phases[1]}) [{time.perf_counter() - start:.0f}s]")
+        print(
+            f"superposition (2 features, 1 dimension): dense -> W={w[0]} ({phases[0]} for feature 2); "
+            f"density 0.03 -> W={w[1]} ({phases[1]}) [{time.perf_counter() - start:.0f}s]"
+        )
         start = time.perf_counter()
         cfg = induction.InductionConfig(d_vocab=32, seq_len=24, d_model=32, lr=1e-2, steps=800)
         n = induction.induction_summary(induction.train_induction(cfg, progress=False))
-        print(f"induction (2-layer attention-only): loss on repeated tokens {n['second_half_loss']:.2f} vs chance "
-              f"{n['chance_loss']:.2f}; previous-token head {n['previous_token_head']}, induction heads "
-              f"{n['induction_heads']} of layer 1, highest K-composition pair {n['k_composition_best_pair']} "
-              f"[{time.perf_counter() - start:.0f}s]")
+        print(
+            f"induction (2-layer attention-only): loss on repeated tokens {n['second_half_loss']:.2f} vs chance "
+            f"{n['chance_loss']:.2f}; previous-token head {n['previous_token_head']}, induction heads "
+            f"{n['induction_heads']} of layer 1, highest K-composition pair {n['k_composition_best_pair']} "
+            f"[{time.perf_counter() - start:.0f}s]"
+        )
     finally:
         torch.set_num_threads(threads)
     return {"grokking_epoch": run.grokking_epoch(), "superposition_phases": phases, "induction": n}
@@ -244,10 +250,14 @@ def sae_section(model: HookedTransformer, steps: int = 150, layer: int = 3) -> d
         run = RunConfig(
             saes=[{"architecture": "topk", "hook_name": hook, "k": 32, "expansion": 4}], batch_size=1024,
             buffer_batches=8, eval_sequences=8, out_dir=tmp,
-            train=TrainConfig(steps=steps, lr=1e-3, lr_warmup_steps=steps // 10, lr_decay_steps=steps // 5, dead_window=50, log_every=10),
+            train=TrainConfig(steps=steps, lr=1e-3, lr_warmup_steps=steps // 10, lr_decay_steps=steps // 5,
+                              dead_window=50, log_every=10),
         )  # fmt: skip
         saes, summary = train_from_config(run, model=model)
-        print(f"trained on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s ({summary['tokens_per_second']:,.0f} tokens/s)")
+        print(
+            f"trained on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
+            f"({summary['tokens_per_second']:,.0f} tokens/s)"
+        )
         [result] = evaluate_from_config(run, summary["paths"], model=model)
     keys = ("l0", "fvu", "cosine", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl_spliced",
             "dead_fraction", "pathology_ratio")  # fmt: skip

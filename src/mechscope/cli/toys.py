@@ -71,10 +71,14 @@ def _grokking(args: argparse.Namespace) -> int:
     run = modular.train_grokking(cfg, out / "run", device=args.device or "cpu", progress=not args.quiet)
     print(f"trained {run.epoch} epochs in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     numbers = grokking_report(run, out / "grokking.html", progress=not args.quiet)
-    print(f"train accuracy >= 99% at epoch {numbers['train_acc_99_epoch']}, "
-          f"test accuracy >= 99% at epoch {numbers['test_acc_99_epoch']}")
-    print(f"key frequencies: {numbers['key_freqs']}; "
-          f"neuron variance explained by its key frequency: {numbers['frac_explained_by_key']:.3f}")
+    print(
+        f"train accuracy >= 99% at epoch {numbers['train_acc_99_epoch']}, "
+        f"test accuracy >= 99% at epoch {numbers['test_acc_99_epoch']}"
+    )
+    print(
+        f"key frequencies: {numbers['key_freqs']}; "
+        f"neuron variance explained by its key frequency: {numbers['frac_explained_by_key']:.3f}"
+    )
     print(f"report: {out / 'grokking.html'} and {out / 'grokking.json'}")
     return 0
 
@@ -86,17 +90,29 @@ def _superposition(args: argparse.Namespace) -> int:
     from mechscope.toys import superposition
 
     torch.set_num_threads(args.threads)
-    training = superposition.SuperpositionTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                   seed=args.seed)
+    training = superposition.SuperpositionTraining(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
     phase = dataclasses.replace(training, steps=args.phase_steps)
     out = Path(args.out)
     start = time.perf_counter()
-    numbers = superposition_report(args.n_features, args.n_hidden, args.n_instances, training,
-                                   out / "superposition.html", phase, progress=not args.quiet, state_dir=out / "run")
+    numbers = superposition_report(
+        args.n_features,
+        args.n_hidden,
+        args.n_instances,
+        training,
+        out / "superposition.html",
+        phase,
+        progress=not args.quiet,
+        state_dir=out / "run",
+    )
     print(f"trained and analysed in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
-    print("phase diagram (rows: density 1-S; columns: importance " +
-          ", ".join(f"{v:.2g}" for v in numbers["phase_diagram"]["importances"]) + ")")
-    for d, row in zip(numbers["phase_diagram"]["densities"], numbers["phase_diagram"]["phases"]):
+    print(
+        "phase diagram (rows: density 1-S; columns: importance "
+        + ", ".join(f"{v:.2g}" for v in numbers["phase_diagram"]["importances"])
+        + ")"
+    )
+    for d, row in zip(numbers["phase_diagram"]["densities"], numbers["phase_diagram"]["phases"], strict=True):
         print(f"  {d:<7.3g} " + " ".join(f"{p.split()[0][:5]:>6}" for p in row))
     print(f"report: {out / 'superposition.html'} and {out / 'superposition.json'}")
     return 0
@@ -115,11 +131,13 @@ def _induction(args: argparse.Namespace) -> int:
     run = induction.train_induction(cfg, out / "run", progress=not args.quiet)
     print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     n = induction_report(run, out / "induction.html")
-    print(f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
-          f"head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
-          f"{n['induction_head']} (tied {n['top_induction_heads']}, induction heads {n['induction_heads']}); "
-          f"highest K-composition pair "
-          f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}")
+    print(
+        f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
+        f"head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
+        f"{n['induction_head']} (tied {n['top_induction_heads']}, induction heads {n['induction_heads']}); "
+        f"highest K-composition pair "
+        f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}"
+    )
     print(f"report: {out / 'induction.html'} and {out / 'induction.json'}")
     return 0
 
@@ -135,29 +153,50 @@ def add_toys_parser(
         >>> parser.parse_args(["toys", "grokking", "--p", "11"]).p
         11
     """
-    toys = sub.add_parser("toys", help="train a toy model (grokking, superposition, induction) and write a report",
-                          description="Train a toy model and write an HTML report and a JSON of its numbers.",
-                          formatter_class=formatter_class)
+    toys = sub.add_parser(
+        "toys",
+        help="train a toy model (grokking, superposition, induction) and write a report",
+        description="Train a toy model and write an HTML report and a JSON of its numbers.",
+        formatter_class=formatter_class,
+    )
     kinds = toys.add_subparsers(dest="toy", required=True, metavar="{grokking,superposition,induction}")
 
     def add(name: str, text: str, flags: dict, out: str, func) -> argparse.ArgumentParser:
-        p = kinds.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                             formatter_class=formatter_class)
+        p = kinds.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=formatter_class
+        )
         p.add_argument("--out", default=out, help="output directory for the report (and resumable state)")
         p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toys are too small to gain "
-                       "from more)")
+        p.add_argument(
+            "--threads", type=int, default=1, help="torch CPU threads (the toys are too small to gain from more)"
+        )
         for flag, (field, kind, default, text) in flags.items():
-            p.add_argument(flag, dest=field, type=kind, default=default, help=text,
-                           metavar=flag[2:].upper().replace("-", "_"))
+            p.add_argument(
+                flag, dest=field, type=kind, default=default, help=text, metavar=flag[2:].upper().replace("-", "_")
+            )
         p.set_defaults(func=func)
         return p
 
-    g = add("grokking", "modular addition; the defaults are the paper's (25,000 epochs: hours on CPU)",
-            GROKKING_FLAGS, "toys-grokking", _grokking)
+    g = add(
+        "grokking",
+        "modular addition; the defaults are the paper's (25,000 epochs: hours on CPU)",
+        GROKKING_FLAGS,
+        "toys-grokking",
+        _grokking,
+    )
     g.add_argument("--device", default="cpu", help="device to train on (cpu or cuda)")
-    add("superposition", "ReLU-output toy models, feature geometry and the phase diagram", SUPERPOSITION_FLAGS,
-        "toys-superposition", _superposition)
-    add("induction", "2-layer attention-only transformer on repeated random spans", INDUCTION_FLAGS,
-        "toys-induction", _induction)
+    add(
+        "superposition",
+        "ReLU-output toy models, feature geometry and the phase diagram",
+        SUPERPOSITION_FLAGS,
+        "toys-superposition",
+        _superposition,
+    )
+    add(
+        "induction",
+        "2-layer attention-only transformer on repeated random spans",
+        INDUCTION_FLAGS,
+        "toys-induction",
+        _induction,
+    )

@@ -37,7 +37,8 @@ class RunConfig:
     """Everything `train_from_config` needs; see the module docstring for the file format.
 
     Example:
-        >>> RunConfig.from_dict({"saes": [{"hook_name": "blocks.1.hook_resid_post"}], "train": {"steps": 5}}).train.steps
+        >>> run = RunConfig.from_dict({"saes": [{"hook_name": "blocks.1.hook_resid_post"}], "train": {"steps": 5}})
+        >>> run.train.steps
         5
     """
 
@@ -108,7 +109,8 @@ def build_sae_configs(model, entries: list[dict[str, Any]], run: RunConfig | Non
     """`SAEConfig`s for ``entries`` with widths read from ``model``.
 
     Example:
-        >>> [cfg] = build_sae_configs(model, [{"hook_name": "blocks.0.attn.hook_z", "expansion": 2, "architecture": "topk", "k": 4}])
+        >>> entry = {"hook_name": "blocks.0.attn.hook_z", "expansion": 2, "architecture": "topk", "k": 4}
+        >>> [cfg] = build_sae_configs(model, [entry])
         >>> cfg.d_in, cfg.d_sae, cfg.n_heads
         (32, 64, 4)
     """
@@ -134,7 +136,14 @@ def build_sae_configs(model, entries: list[dict[str, Any]], run: RunConfig | Non
 
 def token_split(model, run: RunConfig, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training token stream and the held-out evaluation sequences ``[eval_sequences, context_size]``
-    (from ``tokens`` when given, else from the run's text)."""
+    (from ``tokens`` when given, else from the run's text).
+
+    Example:
+        >>> run = RunConfig(saes=[{"hook_name": "blocks.0.hook_resid_post"}], context_size=4, eval_sequences=2)
+        >>> train, held_out = token_split(model, run, torch.arange(40) % 50)
+        >>> train.shape, held_out.shape
+        (torch.Size([32]), torch.Size([2, 4]))
+    """
     from mechscope.data.corpus import cached_token_stream, load_texts
 
     if tokens is not None:
@@ -148,7 +157,11 @@ def token_split(model, run: RunConfig, tokens: torch.Tensor | None = None) -> tu
     held_out = run.eval_sequences * run.context_size
     if held_out >= tokens.numel():
         raise InputError(f"the corpus has {tokens.numel()} tokens, fewer than the {held_out} held out for evaluation")
-    eval_tokens = tokens[-held_out:].reshape(run.eval_sequences, run.context_size) if held_out else tokens[:0].reshape(0, run.context_size)
+    eval_tokens = (
+        tokens[-held_out:].reshape(run.eval_sequences, run.context_size)
+        if held_out
+        else tokens[:0].reshape(0, run.context_size)
+    )
     return tokens[: tokens.numel() - held_out], eval_tokens
 
 
@@ -157,8 +170,18 @@ def train_from_config(
 ) -> tuple[list[SAE], dict[str, Any]]:
     """Harvest, train every SAE of ``run`` from shared model passes, save them under ``out_dir``.
 
-    Returns the trained SAEs and a summary (tokens, seconds, throughput, last logged metrics).
-    ``tokens`` replaces the run's text with a ready token stream.
+    Returns the trained SAEs and a summary (tokens, seconds, throughput, last logged metrics,
+    saved folders). ``tokens`` replaces the run's text with a ready token stream.
+
+    Example:
+        >>> import tempfile
+        >>> sae = {"architecture": "topk", "hook_name": "blocks.0.hook_resid_post", "k": 4}
+        >>> run = RunConfig.from_dict({"saes": [sae], "context_size": 8, "batch_size": 32, "buffer_batches": 2,
+        ...     "eval_sequences": 2, "out_dir": tempfile.mkdtemp(), "train": {"steps": 2}})
+        >>> stream = torch.randint(0, 50, (2000,), generator=torch.Generator().manual_seed(0))
+        >>> saes, summary = train_from_config(run, model=model, progress=False, tokens=stream)
+        >>> summary["tokens"], len(summary["paths"])
+        (64, 1)
     """
     import mechscope as ms
     from mechscope.sae.formats import save_sae
@@ -199,7 +222,12 @@ def train_from_config(
 def evaluate_from_config(
     run: RunConfig, sae_paths: list[str], model=None, tokens: torch.Tensor | None = None
 ) -> list[dict[str, Any]]:
-    """Evaluate saved SAEs on the run's held-out sequences."""
+    """Evaluate saved SAEs on the run's held-out sequences; one dict of metrics per SAE.
+
+    Example:
+        >>> run = RunConfig(saes=[{}], context_size=8, eval_sequences=2)
+        >>> evaluate_from_config(run, ["saes/00-blocks.6.hook_resid_post"], model=model)  # doctest: +SKIP
+    """
     import mechscope as ms
     from mechscope.sae.evaluate import evaluate_sae
     from mechscope.sae.formats import load_sae
