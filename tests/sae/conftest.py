@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mechscope.sae.config import config_keys
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
@@ -27,3 +29,9 @@ def mean_max_cosine(learned: torch.Tensor, true: torch.Tensor) -> float:
     """For each true direction, the best cosine with a learned row; averaged."""
     learned = learned / learned.norm(dim=-1, keepdim=True)
     return float((true @ learned.T).max(-1).values.mean())
+
+
+def knobs_for(architecture: str, **wanted) -> dict:
+    """The settings among ``wanted`` that ``architecture`` has (so one test can cover the registry)."""
+    keys = set(config_keys(architecture))
+    return {key: value for key, value in wanted.items() if key in keys}

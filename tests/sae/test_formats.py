@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from mechscope.errors import LoadError
-from mechscope.sae import SAEConfig, make_sae
-from mechscope.sae.formats import load_dictionary_learning, load_gemma_scope, load_sae, save_sae
+from mechscope.sae import SAEConfig, make_sae, registered_architectures
+from mechscope.sae.formats import load_dictionary_learning, load_gemma_scope, load_sae, saelens_architectures, save_sae
+
+from .conftest import knobs_for
 
 D_IN, D_SAE = 6, 10
 
@@ -179,40 +181,71 @@ def test_dictionary_learning_variants(tmp_path, weights, x):
     _check(load_dictionary_learning(tmp_path / "gated.pt"), x, acts, acts @ W_dec + b_dec)
 
 
-CONFIGS = {
-    "standard": dict(architecture="standard", lp_norm=0.5),
-    "gated": dict(architecture="gated"),
-    "topk": dict(architecture="topk", k=3),
-    "batchtopk": dict(architecture="batchtopk", k=3),
-    "jumprelu": dict(architecture="jumprelu"),
-    "topk_skip_transcoder": dict(architecture="topk", k=3, d_out=4, hook_name_out="blocks.1.hook_mlp_out", skip_connection=True),
-    "standard_transcoder": dict(architecture="standard", d_out=4, hook_name_out="blocks.1.hook_mlp_out"),
-    "hook_z": dict(architecture="topk", k=3, hook_name="blocks.0.attn.hook_z", n_heads=2),
+VARIANTS = {
+    "sae": dict(),
+    "transcoder": dict(d_out=4, hook_name_out="blocks.1.hook_mlp_out"),
+    "skip_transcoder": dict(d_out=4, hook_name_out="blocks.1.hook_mlp_out", skip_connection=True),
+    "hook_z": dict(hook_name="blocks.0.attn.hook_z", n_heads=2),
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_save_load_round_trip(name, tmp_path, x):
-    kwargs = {"hook_name": "blocks.1.ln2.hook_normalized", **CONFIGS[name]}
-    sae = make_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, metadata={"model_name": "tiny", "context_size": 16}, **kwargs), seed=3)
+def _perturbed_sae(architecture: str, variant: str):
+    kwargs = {"hook_name": "blocks.1.ln2.hook_normalized", **VARIANTS[variant], **knobs_for(architecture, k=3, lp_norm=0.5)}
+    sae = make_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture,
+                             metadata={"model_name": "tiny", "context_size": 16}, **kwargs), seed=3)  # fmt: skip
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        if name == "batchtopk":
-            sae.threshold.fill_(0.3)
-        if name == "jumprelu":
+        for name, buffer in sae.named_buffers():
+            if "threshold" in name:
+                buffer.fill_(0.3)  # BatchTopK's learned inference threshold
+        if hasattr(sae, "log_threshold"):
             sae.log_threshold.fill_(-1.0)
-    save_sae(sae, tmp_path / name)
-    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["cfg.json", "sae_weights.safetensors"]
-    cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == kwargs["hook_name"] and cfg["metadata"]["context_size"] == 16
-    loaded = load_sae(tmp_path / name)
-    reference = sae.to_jumprelu() if name == "batchtopk" else sae
-    assert loaded.architecture == ("jumprelu" if name == "batchtopk" else sae.architecture)
-    inputs = x.reshape(7, 2, 3) if name == "hook_z" else x
+    return sae
+
+
+def _same_function(loaded, reference, x, variant):
+    inputs = x.reshape(7, 2, 3) if variant == "hook_z" else x
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(inputs), reference.encode(inputs))
         torch.testing.assert_close(loaded(inputs), reference(inputs))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("architecture", registered_architectures())
+def test_save_load_round_trip(architecture, variant, tmp_path, x):
+    sae = _perturbed_sae(architecture, variant)
+    save_sae(sae, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == sae.cfg.hook_name and cfg["metadata"]["context_size"] == 16
+    reference = sae.for_inference()
+    assert cfg["architecture"] == reference.saelens_architecture()
+    loaded = load_sae(tmp_path)
+    assert loaded.architecture == reference.architecture and loaded.cfg == reference.cfg
+    _same_function(loaded, reference, x, variant)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("architecture", registered_architectures())
+def test_the_saelens_layout_alone_loads(architecture, variant, tmp_path, x):
+    """Without mechscope's own copy of the config, the SAELens keys and weights say everything."""
+    sae = _perturbed_sae(architecture, variant)
+    save_sae(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["metadata"]["mechscope_config"]
+    if variant == "hook_z":
+        cfg["metadata"]["n_heads"] = 2
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    if cfg["architecture"] not in saelens_architectures():
+        with pytest.raises(LoadError, match=f"SAELens architecture '{cfg['architecture']}' is not supported"):
+            load_sae(tmp_path)
+        return
+    reference = sae.for_inference()
+    loaded = load_sae(tmp_path)
+    assert loaded.architecture == reference.architecture and loaded.cfg.hook_name == reference.cfg.hook_name
+    assert loaded.cfg.output_hook == reference.cfg.output_hook
+    _same_function(loaded, reference, x, variant)
 
 
 def test_malformed_files_name_file_and_problem(tmp_path, weights):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, make_sae
+from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, make_sae, registered_architectures
 
 from .conftest import mean_max_cosine, sparse_codes, unit_rows
 
@@ -19,6 +19,10 @@ CASES = {
     "batchtopk": dict(architecture="batchtopk", k=3),
     "jumprelu": dict(architecture="jumprelu", sparsity_coefficient=0.3, jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.3),
 }
+
+
+def test_every_registered_architecture_has_a_recovery_case():
+    assert {case["architecture"] for case in CASES.values()} == set(registered_architectures())
 
 
 def train(cfg: SAEConfig, tensors: dict, steps: int = STEPS, lr: float = 3e-3, **train_kwargs):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError, LoadError
-from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, geometric_median, make_sae
+from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, geometric_median, make_sae, registered_architectures
 
-from .conftest import sparse_codes, unit_rows
+from .conftest import knobs_for, sparse_codes, unit_rows
 
 
 def _data(n=1024, d=16, seed=0):
@@ -16,10 +16,10 @@ def _data(n=1024, d=16, seed=0):
     return sparse_codes(n, 24, gen, p=0.1) @ unit_rows(24, d, gen) + 0.5
 
 
-@pytest.mark.parametrize("arch", ["standard", "gated", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", registered_architectures())
 def test_fold_activation_scale_matches_scaled_input(arch):
     gen = torch.Generator().manual_seed(0)
-    cfg = SAEConfig(d_in=8, d_sae=16, architecture=arch, k=4, jumprelu_init_threshold=0.05)
+    cfg = SAEConfig(d_in=8, d_sae=16, architecture=arch, **knobs_for(arch, k=4, jumprelu_init_threshold=0.05))
     sae = make_sae(cfg, seed=1)
     with torch.no_grad():
         for p in sae.parameters():
@@ -135,10 +135,10 @@ def test_resampling_revives_dead_latents():
     assert int((trainer.states[0].steps_since_fired[:10] < 10).sum()) > 0
 
 
-@pytest.mark.parametrize("arch", ["standard", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", registered_architectures())
 def test_checkpoint_resume_is_exact(arch, tmp_path):
     x = _data()
-    cfg = SAEConfig(d_in=16, d_sae=32, hook_name="x", architecture=arch, k=3, jumprelu_init_threshold=0.1)
+    cfg = SAEConfig(d_in=16, d_sae=32, hook_name="x", architecture=arch, **knobs_for(arch, k=3, jumprelu_init_threshold=0.1))
 
     def trainer(steps, checkpoint_dir=None, every=0):
         train_cfg = TrainConfig(

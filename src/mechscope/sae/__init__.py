@@ -12,17 +12,17 @@ Example:
 
 from mechscope.sae import architectures
 from mechscope.sae.architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, StandardSAE, TopKSAE
-from mechscope.sae.base import SAE, SAE_REGISTRY, TrainStepOutput, make_sae, register_sae
-from mechscope.sae.config import ARCHITECTURES, SAEConfig
+from mechscope.sae.base import SAE, TrainStepOutput, make_sae
+from mechscope.sae.config import SAEConfig
 from mechscope.sae.evaluate import SAEEvaluation, evaluate_sae
 from mechscope.sae.features import FeatureSite, acts_name, feature_ablate, feature_attribution_patch, feature_patch
 from mechscope.sae.formats import load_sae, save_sae
+from mechscope.sae.registry import SAE_REGISTRY, register_sae, registered_architectures, sae_class
 from mechscope.sae.splice import run_with_cache_with_saes, run_with_saes, splice, spliced_hooks
 from mechscope.sae.store import ActivationStore
 from mechscope.sae.trainer import SAETrainer, TensorSource, TrainConfig, geometric_median, train_sae
 
 __all__ = [
-    "ARCHITECTURES",
     "ActivationStore",
     "FeatureSite",
     "acts_name",
@@ -53,5 +53,7 @@ __all__ = [
     "geometric_median",
     "make_sae",
     "register_sae",
+    "registered_architectures",
+    "sae_class",
     "train_sae",
 ]

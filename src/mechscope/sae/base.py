@@ -1,40 +1,33 @@
-"""The `SAE` base class, its registry, and the typed output of a training step.
+"""The `SAE` base class and the typed output of a training step.
 
 An SAE is itself hooked: ``hook_sae_input``, ``hook_sae_acts_pre``, ``hook_sae_acts_post``,
 ``hook_sae_recons``, ``hook_sae_error`` and ``hook_sae_output``, named after the model hook
 when spliced (e.g. ``blocks.6.hook_resid_post.hook_sae_acts_post``).
+
+An architecture is a subclass registered with `register_sae` (`mechscope.sae.registry`): it
+defines `SAE.encode_pre_and_acts` and `SAE.sparsity_losses`, its ``config_class`` (the
+architecture's knobs), and, where its parameters differ from the SAELens layout,
+`SAE.to_saelens` and `SAE.from_saelens`.
+
+Shapes: an SAE reads ``[*batch, d_in]`` (``[*batch, head, d_head]`` for an SAE on ``hook_z``,
+flattened to ``d_in``), has ``d_sae`` latents and writes ``[*batch, d_out]``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, InputError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.sae.config import SAEConfig
+from mechscope.sae.registry import SAE_REGISTRY, register_sae, sae_class
 
-SAE_REGISTRY: dict[str, type[SAE]] = {}
-
-
-def register_sae(name: str):
-    """Class decorator adding an SAE architecture to the registry under ``name``.
-
-    Example:
-        >>> sorted(SAE_REGISTRY)
-        ['batchtopk', 'gated', 'jumprelu', 'standard', 'topk']
-    """
-
-    def decorate(cls: type[SAE]) -> type[SAE]:
-        cls.architecture = name
-        SAE_REGISTRY[name] = cls
-        return cls
-
-    return decorate
+__all__ = ["SAE", "SAE_REGISTRY", "TrainStepOutput", "make_sae", "register_sae"]
 
 
 def make_sae(cfg: SAEConfig, seed: int | None = 0) -> SAE:
@@ -45,19 +38,14 @@ def make_sae(cfg: SAEConfig, seed: int | None = 0) -> SAE:
         >>> sae(torch.randn(5, 8)).shape
         torch.Size([5, 8])
     """
-    import mechscope.sae.architectures  # noqa: F401  (fills the registry)
-
-    if cfg.architecture not in SAE_REGISTRY:
-        raise ConfigError(f"unknown SAE architecture {cfg.architecture!r}; registered: {sorted(SAE_REGISTRY)}")
-    sae = SAE_REGISTRY[cfg.architecture](cfg)
-    return sae.init_weights(seed)
+    return sae_class(cfg.architecture)(cfg).init_weights(seed)
 
 
 @dataclass
 class TrainStepOutput:
     """What one training forward returns: the total loss, its named parts, and the activations."""
 
-    loss: Tensor
+    loss: Float[Tensor, ""]
     losses: dict[str, Tensor]
     acts: Float[Tensor, "batch d_sae"]
     recons: Float[Tensor, "batch d_out"]
@@ -69,7 +57,8 @@ class SAE(HookedRootModule):
 
     Weights use the SAELens layout: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
     ``W_dec [d_sae, d_out]``, ``b_dec [d_out]`` and, with a skip connection, ``W_skip [d_out, d_in]``.
-    Subclasses define `encode_pre_and_acts` and the sparsity part of `training_loss`.
+    Subclasses define `encode_pre_and_acts` and the sparsity part of `training_loss`
+    (`sparsity_losses`).
 
     Example:
         >>> sae = make_sae(SAEConfig(d_in=8, d_sae=32))
@@ -79,6 +68,14 @@ class SAE(HookedRootModule):
     """
 
     architecture: ClassVar[str] = ""
+    """The registered name (set by `register_sae`)."""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    """The architecture's config: a dataclass subclass of `SAEConfig` whose extra fields are its
+    knobs, validated in its ``__post_init__``."""
+    saelens_architectures: ClassVar[dict[str, tuple[bool, bool]] | None] = None
+    """The SAELens ``architecture`` names this class reads and writes, each with
+    ``(is_transcoder, skip_connection)``. ``None``: the architecture's own name for an SAE (and
+    ``mechscope_<name>_transcoder`` for a transcoder); ``{}``: none (saved as `for_inference`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -164,6 +161,59 @@ class SAE(HookedRootModule):
     def _fold_extra_input_scale(self, scale_in: float) -> None:
         """Architectures with other input-side parameters rescale them here."""
 
+    def for_inference(self) -> SAE:
+        """The SAE to save and run after training (BatchTopK: its JumpReLU form; else itself).
+
+        Example:
+            >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16))
+            >>> sae.for_inference() is sae
+            True
+        """
+        return self
+
+    # ------------------------------------------------------------------ SAELens layout
+    def saelens_architecture(self) -> str:
+        """The SAELens ``architecture`` name this SAE is saved under (see `saelens_architectures`).
+
+        Example:
+            >>> make_sae(SAEConfig(d_in=8, d_sae=16, d_out=4, hook_name_out="b")).saelens_architecture()
+            'transcoder'
+        """
+        cfg = self.cfg
+        flags = (cfg.is_transcoder, cfg.is_transcoder and cfg.skip_connection)
+        names = self.saelens_architectures if self.saelens_architectures is not None else {self.architecture: (False, False)}
+        for name, name_flags in names.items():
+            if tuple(name_flags) == flags:
+                return name
+        return f"mechscope_{self.architecture}_transcoder" if cfg.is_transcoder else self.architecture
+
+    def to_saelens(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """This architecture's ``cfg.json`` keys and the weights, in the SAELens layout.
+
+        The base class writes no extra key and every parameter under its own name; an
+        architecture whose SAELens form differs (names, parametrisation) overrides this and
+        `from_saelens` together.
+
+        Example:
+            >>> keys, weights = make_sae(SAEConfig(d_in=8, d_sae=16)).to_saelens()
+            >>> keys, sorted(weights)
+            ({}, ['W_dec', 'W_enc', 'b_dec', 'b_enc'])
+        """
+        return {}, {name: p.detach() for name, p in self.named_parameters()}
+
+    @classmethod
+    def from_saelens(cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The inverse of `to_saelens`: the knobs a SAELens ``cfg.json`` sets for this architecture,
+        and ``weights`` under this class's parameter names (a `mechscope.errors.LoadError` names a
+        bad value).
+
+        Example:
+            >>> from mechscope.sae.architectures.standard import StandardSAE
+            >>> StandardSAE.from_saelens({"architecture": "standard"}, {"W_enc": torch.zeros(2, 3)})[0]
+            {}
+        """
+        return {}, dict(weights)
+
     def head_attribution(self) -> Float[Tensor, "d_sae head"]:
         """For SAEs on ``attn.hook_z``: each feature's decoder norm in each head's ``d_head`` block.
 
@@ -182,7 +232,14 @@ class SAE(HookedRootModule):
         return blocks.norm(dim=-1)
 
     # ------------------------------------------------------------------ forward
-    def _flatten_input(self, x: Tensor) -> Tensor:
+    def flatten_input(self, x: Float[Tensor, "..."]) -> Float[Tensor, "*batch d_in"]:
+        """``x`` as ``[*batch, d_in]`` in the SAE's dtype (the heads of a ``hook_z`` input concatenated).
+
+        Example:
+            >>> sae = make_sae(SAEConfig(d_in=8, d_sae=6, hook_name="blocks.0.attn.hook_z", n_heads=2))
+            >>> sae.flatten_input(torch.randn(3, 5, 2, 4)).shape
+            torch.Size([3, 5, 8])
+        """
         cfg = self.cfg
         if cfg.n_heads is not None and x.dim() >= 2 and x.shape[-2] == cfg.n_heads and x.shape[-1] * cfg.n_heads == cfg.d_in:
             # [..., head, d_head] -> [..., head * d_head]
@@ -191,12 +248,12 @@ class SAE(HookedRootModule):
             raise InputError(f"SAE input has last dimension {x.shape[-1]}, expected d_in={cfg.d_in}")
         return x.to(self.dtype)
 
-    def sae_input(self, x: Tensor) -> Tensor:
+    def sae_input(self, x: Float[Tensor, "..."]) -> Float[Tensor, "*batch d_in"]:
         """The input the encoder sees: flattened, cast, and with ``b_dec`` subtracted when configured."""
-        x = self.hook_sae_input(self._flatten_input(x))
+        x = self.hook_sae_input(self.flatten_input(x))
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
-    def encoder_pre(self, x: Tensor) -> Tensor:
+    def encoder_pre(self, x: Float[Tensor, "..."]) -> Float[Tensor, "*batch d_sae"]:
         """The encoder's affine map ``sae_input(x) @ W_enc + b_enc`` (before the hook and nonlinearity).
 
         With ``b_dec`` subtracted from the input (and no hook on ``hook_sae_input`` to see it), this
@@ -212,14 +269,17 @@ class SAE(HookedRootModule):
             True
         """
         if self.cfg.apply_b_dec_to_input and not self.hook_sae_input.has_hooks:
-            return self._flatten_input(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+            return self.flatten_input(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
         return self.sae_input(x) @ self.W_enc + self.b_enc
 
-    def encode_pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Pre-activations and latent activations ``[..., d_sae]`` for a flattened input."""
-        raise NotImplementedError
+    def encode_pre_and_acts(
+        self, x: Float[Tensor, "*batch d_in"]
+    ) -> tuple[Float[Tensor, "*batch d_sae"], Float[Tensor, "*batch d_sae"]]:
+        """Pre-activations (the values a sparsity penalty or aux loss reads) and latent activations
+        for a flattened input."""
+        raise NotImplementedError(f"{type(self).__name__} must define encode_pre_and_acts")
 
-    def encode(self, x: Tensor) -> Float[Tensor, "... d_sae"]:
+    def encode(self, x: Float[Tensor, "..."]) -> Float[Tensor, "*batch d_sae"]:
         """Latent activations ``[..., d_sae]`` (inference behaviour).
 
         Example:
@@ -227,18 +287,18 @@ class SAE(HookedRootModule):
             >>> int((sae.encode(torch.randn(8)) != 0).sum()) <= 3
             True
         """
-        return self.encode_pre_and_acts(self._flatten_input(x))[1]
+        return self.encode_pre_and_acts(self.flatten_input(x))[1]
 
-    def decode(self, acts: Tensor, x: Tensor | None = None) -> Float[Tensor, "... d_out"]:
+    def decode(self, acts: Float[Tensor, "*batch d_sae"], x: Float[Tensor, "..."] | None = None) -> Float[Tensor, "*batch d_out"]:
         """Reconstruction ``acts @ W_dec + b_dec`` (plus ``x @ W_skip.T`` with a skip connection)."""
         recons = acts @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             if x is None:
                 raise InputError("an SAE with a skip connection needs the input to decode: decode(acts, x)")
-            recons = recons + self._flatten_input(x) @ self.W_skip.T
+            recons = recons + self.flatten_input(x) @ self.W_skip.T
         return self.hook_sae_recons(recons)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
         """Reconstruct (or, for a transcoder, predict) ``x``; ``hook_z`` input keeps its head shape."""
         recons = self.decode(self.encode(x), x if self.W_skip is not None else None)
         if self.cfg.n_heads is not None and not self.cfg.is_transcoder and x.shape[-1] != self.cfg.d_in:
@@ -248,18 +308,18 @@ class SAE(HookedRootModule):
     # ------------------------------------------------------------------ training
     def training_loss(
         self,
-        x: Tensor,
-        target: Tensor | None = None,
+        x: Float[Tensor, "batch ..."],
+        target: Float[Tensor, "batch d_out"] | None = None,
         *,
         coefficient_scale: float = 1.0,
-        dead_mask: Tensor | None = None,
+        dead_mask: Bool[Tensor, " d_sae"] | None = None,
     ) -> TrainStepOutput:
         """Loss on a batch ``x [batch, d_in]`` (``target`` defaults to ``x``; transcoders pass the output hook).
 
         ``coefficient_scale`` multiplies the sparsity coefficient (warm-up); ``dead_mask [d_sae]``
         marks latents that the aux-K loss may use.
         """
-        x = self._flatten_input(x)
+        x = self.flatten_input(x)
         target = x if target is None else target.to(self.dtype)
         pre, acts = self.training_acts(x)
         recons = self.decode(acts, x if self.W_skip is not None else None)
@@ -268,19 +328,21 @@ class SAE(HookedRootModule):
         losses.update(self.sparsity_losses(x, target, pre, acts, recons, coefficient_scale, dead_mask))
         return TrainStepOutput(loss=sum(losses.values()), losses=losses, acts=acts, recons=recons)
 
-    def training_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def training_acts(
+        self, x: Float[Tensor, "batch d_in"]
+    ) -> tuple[Float[Tensor, "batch d_sae"], Float[Tensor, "batch d_sae"]]:
         """Pre-activations and activations used in training (BatchTopK differs from inference)."""
         return self.encode_pre_and_acts(x)
 
     def sparsity_losses(
         self,
-        x: Tensor,
-        target: Tensor,
-        pre: Tensor,
-        acts: Tensor,
-        recons: Tensor,
+        x: Float[Tensor, "batch d_in"],
+        target: Float[Tensor, "batch d_out"],
+        pre: Float[Tensor, "batch d_sae"],
+        acts: Float[Tensor, "batch d_sae"],
+        recons: Float[Tensor, "batch d_out"],
         coefficient_scale: float,
-        dead_mask: Tensor | None,
+        dead_mask: Bool[Tensor, " d_sae"] | None,
     ) -> dict[str, Tensor]:
         """The architecture's extra loss terms (penalties, auxiliary losses)."""
         return {}

@@ -22,11 +22,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.errors import InputError
 from mechscope.sae.base import SAE
-from mechscope.sae.splice import _replace, splice
+from mechscope.sae.splice import splice, spliced_output
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _kl(clean: Tensor, other: Tensor) -> Tensor:
 def evaluate_sae(
     model,
     sae: SAE,
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     *,
     batch_size: int = 8,
     skip_first_position: bool | None = None,
@@ -124,7 +125,7 @@ def evaluate_sae(
         x_in, act_out = cache[cfg.hook_name], cache[cfg.output_hook]
         acts = sae.encode(x_in)
         recons = sae.decode(acts, x_in if sae.W_skip is not None else None)
-        target = sae._flatten_input(act_out) if not cfg.is_transcoder else act_out.to(recons.dtype)
+        target = sae.flatten_input(act_out) if not cfg.is_transcoder else act_out.to(recons.dtype)
         acts, recons, target = acts[:, skip:], recons[:, skip:], target[:, skip:]
         x, xh = target.reshape(-1, cfg.d_out).double(), recons.reshape(-1, cfg.d_out).double()
         sums["n"] += x.shape[0]
@@ -151,7 +152,7 @@ def evaluate_sae(
         zero_ce, _ = _ce_and_logprobs(model.run_with_hooks(batch, fwd_hooks=[(cfg.output_hook, zero)]), batch)
 
         def perturb(act, *, hook, source=x_in):
-            error = act.reshape(*act.shape[:2], -1) - _replace(sae, act, source, False).reshape(*act.shape[:2], -1)
+            error = act.reshape(*act.shape[:2], -1) - spliced_output(sae, act, source, False).reshape(*act.shape[:2], -1)
             noise = torch.randn(error.shape, generator=gen).to(error)
             noise = noise / noise.norm(dim=-1, keepdim=True) * error.norm(dim=-1, keepdim=True)
             return (act.reshape(noise.shape) + noise).reshape(act.shape)

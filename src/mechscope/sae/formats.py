@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError, LoadError
+from mechscope.names import act_name
 from mechscope.sae.base import SAE, make_sae
-from mechscope.sae.config import SAEConfig
+from mechscope.sae.config import SAEConfig, config_keys, reads_hook_z
+from mechscope.sae.registry import registered_architectures, sae_class
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -76,25 +78,43 @@ def _fill(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
     return sae.eval()
 
 
-def _build(cfg_kwargs: dict[str, Any], source: Path) -> SAE:
+def _config(cfg_kwargs: dict[str, Any], source: Path) -> SAEConfig:
     try:
-        return make_sae(SAEConfig(**cfg_kwargs))
+        return SAEConfig(**cfg_kwargs)
     except (ConfigError, TypeError) as exc:
         raise LoadError(f"{source}: invalid SAE configuration ({exc})") from None
 
 
-def _threshold_to_log(threshold: Tensor, source: Path) -> Tensor:
-    if (threshold < 0).any():
-        raise LoadError(f"{source}: JumpReLU thresholds must be non-negative, found {float(threshold.min())}")
-    return threshold.float().log()
+def _from_saelens_layout(
+    cfg_kwargs: dict[str, Any],
+    weights: dict[str, Tensor],
+    source: Path,
+    saelens_cfg: dict[str, Any] | None = None,
+    cfg_source: Path | None = None,
+) -> SAE:
+    """The SAE of ``cfg_kwargs`` holding ``weights`` (read from ``source``) given in the SAELens
+    layout of its architecture (`SAE.from_saelens`); ``saelens_cfg``, a SAELens ``cfg.json`` read
+    from ``cfg_source``, supplies the knobs ``cfg_kwargs`` leaves out."""
+    cfg_source = cfg_source or source
+    try:
+        cls = sae_class(cfg_kwargs.get("architecture", "standard"))
+    except ConfigError as exc:
+        raise LoadError(f"{cfg_source}: {exc}") from None
+    try:
+        knobs, weights = cls.from_saelens(saelens_cfg or {}, weights)
+    except LoadError as exc:
+        raise LoadError(f"{source}: {exc}") from None
+    sae = make_sae(_config({**knobs, **cfg_kwargs}, cfg_source))
+    return _fill(sae, weights, source)
 
 
 # ---------------------------------------------------------------------- SAELens
 def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     """Save in the SAELens v6 layout: ``cfg.json`` + ``sae_weights.safetensors`` (atomically).
 
-    BatchTopK SAEs are saved as the JumpReLU SAE they are at inference. The full mechscope
-    config is kept under ``metadata.mechscope_config`` so `load_sae` restores it exactly.
+    The SAE is saved as `SAE.for_inference` (BatchTopK as the JumpReLU SAE it is at inference),
+    with its architecture's keys and weights from `SAE.to_saelens`. The full mechscope config is
+    kept under ``metadata.mechscope_config`` so `load_sae` restores it exactly.
 
     Example:
         >>> import tempfile
@@ -106,25 +126,17 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    if hasattr(sae, "to_jumprelu"):
-        sae = sae.to_jumprelu()
+    sae = sae.for_inference()
     cfg = sae.cfg
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    architecture = cfg.architecture
-    if cfg.is_transcoder:
-        if architecture not in ("standard", "jumprelu") or (cfg.skip_connection and architecture == "jumprelu"):
-            architecture = f"mechscope_{architecture}_transcoder"
-        else:
-            prefix = "jumprelu_" if architecture == "jumprelu" else ""
-            architecture = f"{prefix}{'skip_' if cfg.skip_connection else ''}transcoder"
     metadata = {key: cfg.metadata[key] for key in _SAELENS_METADATA_KEYS if key in cfg.metadata}
     metadata.update(hook_name=cfg.hook_name, sae_lens_version=SAELENS_VERSION, sae_lens_training_version=SAELENS_VERSION)
     if cfg.is_transcoder:
         metadata["hook_name_out"] = cfg.hook_name_out
     metadata["mechscope_config"] = cfg.to_dict()
     out: dict[str, Any] = {
-        "architecture": architecture,
+        "architecture": sae.saelens_architecture(),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -136,13 +148,9 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     }
     if cfg.d_out != cfg.d_in or cfg.is_transcoder:
         out["d_out"] = cfg.d_out
-    if cfg.architecture == "topk":
-        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    weights = {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
-    if "log_threshold" in weights:
-        weights["threshold"] = weights.pop("log_threshold").exp()
-    if cfg.architecture == "gated":
-        weights.pop("b_enc")
+    keys, weights = sae.to_saelens()
+    out.update(keys)
+    weights = {name: w.detach().contiguous().cpu() for name, w in weights.items()}
     for name, write in ((SAELENS_WEIGHTS, lambda p: save_file(weights, str(p))),
                         (SAELENS_CFG, lambda p: p.write_text(json.dumps(out, indent=2)))):
         tmp = path / (name + ".tmp")
@@ -151,26 +159,32 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     return path
 
 
-_SAELENS_ARCHITECTURES = {
-    "standard": ("standard", False, False),
-    "gated": ("gated", False, False),
-    "topk": ("topk", False, False),
-    "jumprelu": ("jumprelu", False, False),
-    "transcoder": ("standard", True, False),
-    "skip_transcoder": ("standard", True, True),
-    "jumprelu_transcoder": ("jumprelu", True, False),
-    "jumprelu_skip_transcoder": ("jumprelu", True, True),
-}
+def saelens_architectures() -> dict[str, tuple[str, bool, bool]]:
+    """Every SAELens ``architecture`` name a registered class reads: name -> ``(architecture,
+    is_transcoder, skip_connection)``.
+
+    Example:
+        >>> saelens_architectures()["skip_transcoder"], saelens_architectures()["jumprelu"]
+        (('standard', True, True), ('jumprelu', False, False))
+    """
+    table = {}
+    for name in registered_architectures():
+        cls = sae_class(name)
+        names = cls.saelens_architectures if cls.saelens_architectures is not None else {name: (False, False)}
+        for saelens_name, (transcoder, skip) in names.items():
+            table[saelens_name] = (name, transcoder, skip)
+    return table
 
 
 def _flat_to_v6(cfg: dict[str, Any]) -> dict[str, Any]:
-    """An older flat SAELens config as the v6 shape (``metadata`` split out, ``activation_fn_str`` read)."""
+    """An older flat SAELens config as the v6 shape (``metadata`` split out, ``activation_fn_str`` read:
+    an activation that names an architecture, e.g. ``topk``, is that architecture, with its kwargs)."""
     renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
     cfg = {renames.get(k, k): v for k, v in cfg.items()}
     architecture = cfg.get("architecture", "standard")
-    if cfg.get("activation_fn") == "topk":
-        architecture = "topk"
-        cfg["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+    if cfg.get("activation_fn") in saelens_architectures():
+        architecture = cfg["activation_fn"]
+        cfg.update(cfg.get("activation_fn_kwargs") or {})
     normalize = cfg.get("normalize_activations")
     cfg["normalize_activations"] = "none" if normalize in (None, False, "none") else (
         "expected_average_only_in" if normalize is True else normalize
@@ -178,6 +192,16 @@ def _flat_to_v6(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["architecture"] = architecture
     cfg["metadata"] = {k: cfg[k] for k in (*_SAELENS_METADATA_KEYS, "hook_layer") if k in cfg}
     return cfg
+
+
+def _saved_config(saved: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A ``metadata.mechscope_config`` without the keys of other architectures (files written
+    before knobs were per architecture hold every knob)."""
+    try:
+        keys = set(config_keys(saved.get("architecture", "standard")))
+    except ConfigError as exc:
+        raise LoadError(f"{source}: {exc}") from None
+    return {k: v for k, v in saved.items() if k in keys}
 
 
 def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
@@ -194,17 +218,14 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
     metadata = dict(cfg.get("metadata") or {})
     saved = metadata.pop("mechscope_config", None)
     weights = _read_safetensors(path / SAELENS_WEIGHTS)
-    if "threshold" in weights:
-        weights["log_threshold"] = _threshold_to_log(weights.pop("threshold"), path / SAELENS_WEIGHTS)
     if saved is not None:
-        sae = _build(saved, path / SAELENS_CFG)
-        if sae.architecture == "gated":
-            weights.setdefault("b_enc", torch.zeros(sae.cfg.d_sae))
-        return _fill(sae, weights, path / SAELENS_WEIGHTS)
+        saved = _saved_config(saved, path / SAELENS_CFG)
+        return _from_saelens_layout(saved, weights, path / SAELENS_WEIGHTS, cfg, path / SAELENS_CFG)
+    table = saelens_architectures()
     architecture = cfg.get("architecture", "standard")
-    if architecture not in _SAELENS_ARCHITECTURES:
-        raise LoadError(f"{path / SAELENS_CFG}: SAELens architecture {architecture!r} is not supported; supported: {sorted(_SAELENS_ARCHITECTURES)}")
-    arch, transcoder, skip = _SAELENS_ARCHITECTURES[architecture]
+    if architecture not in table:
+        raise LoadError(f"{path / SAELENS_CFG}: SAELens architecture {architecture!r} is not supported; supported: {sorted(table)}")
+    arch, transcoder, skip = table[architecture]
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", "expected_average_only_in"):
         raise LoadError(f"{path / SAELENS_CFG}: normalize_activations={normalize!r} is not supported; use 'none'")
@@ -214,7 +235,7 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
     hook_name = metadata.get("hook_name") or ""
     if cfg.get("hook_head_index") is not None or metadata.get("hook_head_index") is not None:
         raise LoadError(f"{path / SAELENS_CFG}: SAEs on a single head (hook_head_index) are not supported")
-    if cfg.get("reshape_activations") == "hook_z" or hook_name.endswith("hook_z"):
+    if cfg.get("reshape_activations") == "hook_z" or reads_hook_z(hook_name):
         n_heads = n_heads or metadata.get("n_heads")
         if n_heads is None:
             raise LoadError(f"{path / SAELENS_CFG}: a hook_z SAE needs the head count: load_sae(path, n_heads=...)")
@@ -222,25 +243,15 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
         n_heads = None
     if "finetuning_scaling_factor" in weights:
         weights["W_dec"] = weights["W_dec"] * weights.pop("finetuning_scaling_factor")[:, None]
-    if arch == "gated":
-        weights["b_enc"] = torch.zeros(cfg["d_sae"])
     kwargs = dict(
         architecture=arch, d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out"), hook_name=hook_name,
         hook_name_out=metadata.get("hook_name_out") if transcoder else None, skip_connection=skip, n_heads=n_heads,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
         metadata={k: v for k, v in metadata.items() if k not in ("hook_name", "hook_name_out")},
     )
-    if arch == "topk":
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            # acts = topk(pre * ||d_i||), decoded as acts / ||d_i|| @ W_dec: fold the norms into the weights
-            norms = weights["W_dec"].norm(dim=-1)
-            weights["W_enc"] = weights["W_enc"] * norms
-            weights["b_enc"] = weights["b_enc"] * norms
-            weights["W_dec"] = weights["W_dec"] / norms[:, None]
-        kwargs["k"] = int(cfg.get("k", 100))
     if transcoder and not kwargs["hook_name_out"]:
         kwargs["hook_name_out"] = hook_name + ".out"
-    return _fill(_build(kwargs, path / SAELENS_CFG), weights, path / SAELENS_WEIGHTS)
+    return _from_saelens_layout(kwargs, weights, path / SAELENS_WEIGHTS, cfg, path / SAELENS_CFG)
 
 
 # ---------------------------------------------------------------------- sparsify
@@ -253,13 +264,13 @@ def sparsify_hook_name(hookpoint: str) -> tuple[str, str | None]:
     """
     parts = hookpoint.split(".")
     if parts[-1].isdigit():
-        return f"blocks.{parts[-1]}.hook_resid_post", None
+        return act_name("resid_post", int(parts[-1])), None
     if len(parts) >= 2 and parts[-2].isdigit():
-        layer, module = parts[-2], parts[-1]
+        layer, module = int(parts[-2]), parts[-1]
         if module == "mlp":
-            return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+            return act_name("normalized", layer, "ln2"), act_name("mlp_out", layer)
         if module in ("self_attn", "attn", "attention"):
-            return f"blocks.{layer}.ln1.hook_normalized", f"blocks.{layer}.hook_attn_out"
+            return act_name("normalized", layer, "ln1"), act_name("attn_out", layer)
     return hookpoint, None
 
 
@@ -300,7 +311,7 @@ def load_sparsify(path: str | os.PathLike, hook_name: str | None = None) -> SAE:
         hook_name=hook_in, hook_name_out=hook_out, skip_connection="W_skip" in renamed,
         apply_b_dec_to_input=not transcode, metadata={"sparsify_hookpoint": path.name},
     )
-    return _fill(_build(kwargs, path / "cfg.json"), renamed, path / "sae.safetensors")
+    return _from_saelens_layout(kwargs, renamed, path / "sae.safetensors", cfg_source=path / "cfg.json")
 
 
 # ---------------------------------------------------------------------- Gemma Scope
@@ -329,9 +340,9 @@ def load_gemma_scope(path: str | os.PathLike, hook_name: str = "") -> SAE:
     if set(arrays) != expected:
         raise LoadError(f"{path}: expected arrays {sorted(expected)}, found {sorted(arrays)}")
     d_in, d_sae = arrays["W_enc"].shape
-    arrays["log_threshold"] = _threshold_to_log(arrays.pop("threshold"), path)
+    # the arrays are a SAELens JumpReLU SAE's weights
     kwargs = dict(architecture="jumprelu", d_in=d_in, d_sae=d_sae, hook_name=hook_name, apply_b_dec_to_input=False)
-    return _fill(_build(kwargs, path), arrays, path)
+    return _from_saelens_layout(kwargs, arrays, path)
 
 
 # ---------------------------------------------------------------------- dictionary_learning
@@ -354,9 +365,10 @@ def load_dictionary_learning(path: str | os.PathLike, hook_name: str = "") -> SA
     keys = set(state)
 
     def build(arch: str, weights: dict[str, Tensor], **extra) -> SAE:
+        """The ``arch`` SAE of ``weights``, renamed to that architecture's SAELens layout."""
         d_sae, d_in = weights["W_dec"].shape
         kwargs = dict(architecture=arch, d_in=d_in, d_sae=d_sae, hook_name=hook_name, **extra)
-        return _fill(_build(kwargs, path), weights, path)
+        return _from_saelens_layout(kwargs, weights, path)
 
     try:
         if keys == {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}:
@@ -368,15 +380,13 @@ def load_dictionary_learning(path: str | os.PathLike, hook_name: str = "") -> SA
             threshold = state.get("threshold")
             if threshold is not None and float(threshold) > 0:
                 # BatchTopK: inference keeps activations above the learned threshold
-                weights["log_threshold"] = _threshold_to_log(threshold.reshape(()).expand(weights["b_enc"].shape), path)
+                weights["threshold"] = threshold.reshape(()).expand(weights["b_enc"].shape)
                 return build("jumprelu", weights)
             return build("topk", weights, k=int(state["k"]))
         if keys == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}:
-            weights = {k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-            weights["log_threshold"] = _threshold_to_log(state["threshold"], path)
-            return build("jumprelu", weights, apply_b_dec_to_input=False)
+            return build("jumprelu", dict(state), apply_b_dec_to_input=False)
         if keys == {"encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"}:
-            return build("gated", {"W_enc": state["encoder.weight"].T, "b_enc": torch.zeros_like(state["gate_bias"]),
+            return build("gated", {"W_enc": state["encoder.weight"].T,
                                    "W_dec": state["decoder.weight"].T, "b_dec": state["decoder_bias"],
                                    "r_mag": state["r_mag"], "b_gate": state["gate_bias"], "b_mag": state["mag_bias"]})
     except KeyError as exc:
@@ -420,4 +430,4 @@ def sae_config_from_file(path: str | os.PathLike) -> SAEConfig:
     saved = (cfg.get("metadata") or {}).get("mechscope_config")
     if saved is None:
         raise ConfigError(f"{Path(path) / SAELENS_CFG}: not written by mechscope (no metadata.mechscope_config)")
-    return SAEConfig(**saved)
+    return SAEConfig(**_saved_config(saved, Path(path) / SAELENS_CFG))

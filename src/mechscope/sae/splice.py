@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.cache import ActivationCache
@@ -27,7 +28,15 @@ from mechscope.names import unknown_name_error
 from mechscope.sae.base import SAE
 
 
-def _check(model, saes: Sequence[SAE]) -> list[SAE]:
+def check_spliceable(model, saes: SAE | Sequence[SAE]) -> list[SAE]:
+    """``saes`` as a list, after checking that each names hooks of ``model`` and no two write the same hook.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
+        >>> [s.cfg.hook_name for s in check_spliceable(model, sae)]
+        ['blocks.1.hook_resid_post']
+    """
     saes = [saes] if isinstance(saes, SAE) else list(saes)
     outputs = [sae.cfg.output_hook for sae in saes]
     if len(set(outputs)) != len(outputs):
@@ -58,12 +67,22 @@ def _inner_hooks_muted(sae: SAE) -> Iterator[None]:
             point._fwd, point._bwd = fwd, bwd
 
 
-def _replace(sae: SAE, act: Tensor, source: Tensor, use_error_term: bool) -> Tensor:
-    """The spliced output for the true output activation ``act`` given the SAE input ``source``.
+def spliced_output(
+    sae: SAE, act: Float[Tensor, "batch pos ..."], source: Float[Tensor, "batch pos ..."], use_error_term: bool
+) -> Float[Tensor, "batch pos ..."]:
+    """What a spliced SAE writes in place of the output activation ``act`` (same shape) given the
+    SAE input ``source`` (``act`` itself unless a transcoder).
 
     With the error term, ``error = act - recons_clean`` where ``recons_clean`` is the
     reconstruction with no hook on the SAE's inner points, so a hook that patches latents or
     the reconstruction changes the output by exactly its change of the reconstruction.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16))
+        >>> act = torch.randn(2, 3, 8)
+        >>> torch.allclose(spliced_output(sae, act, act, use_error_term=True), act, atol=1e-6)
+        True
     """
     shape = act.shape
     sae_in = source.detach() if use_error_term else source
@@ -98,7 +117,7 @@ def splice(model, saes: SAE | Sequence[SAE], use_error_term: bool = False) -> It
         >>> torch.allclose(spliced, model(tokens), atol=1e-5)
         True
     """
-    saes = _check(model, saes)
+    saes = check_spliceable(model, saes)
     with ExitStack() as stack:
         hooks = []
         for sae in saes:
@@ -116,13 +135,16 @@ def splice(model, saes: SAE | Sequence[SAE], use_error_term: bool = False) -> It
                 def write(act, *, hook, sae=sae, captured=captured):
                     if "input" not in captured:
                         raise HookNameError(f"{sae.cfg.hook_name!r} must run before {sae.cfg.hook_name_out!r} for a transcoder")
-                    return _replace(sae, act, captured.pop("input"), use_error_term)
+                    return spliced_output(sae, act, captured.pop("input"), use_error_term)
 
                 hooks += [(cfg.hook_name, capture), (cfg.hook_name_out, write)]
             else:
-                hooks.append((cfg.hook_name, lambda act, *, hook, sae=sae: _replace(sae, act, act, use_error_term)))
+                hooks.append((cfg.hook_name, lambda act, *, hook, sae=sae: spliced_output(sae, act, act, use_error_term)))
         stack.enter_context(model.hooks(fwd_hooks=hooks))
         yield {sae.cfg.output_hook: sae for sae in saes}
+
+
+_check = check_spliceable  # the name `mechscope.sae.features` imports; to go once it uses check_spliceable
 
 
 def _restore_names(sae: SAE) -> None:
@@ -167,7 +189,7 @@ def spliced_hooks(
         >>> seen
         [torch.Size([1, 4, 64])]
     """
-    saes = _check(model, saes)
+    saes = check_spliceable(model, saes)
     with splice(model, saes, use_error_term) as spliced:
         model_hooks, sae_hooks = _split_hooks(saes, fwd_hooks)
         handles = []
@@ -226,7 +248,7 @@ def run_with_cache_with_saes(
         >>> cache["blocks.1.hook_resid_post.hook_sae_acts_post"].shape
         torch.Size([1, 4, 64])
     """
-    saes = _check(model, saes)
+    saes = check_spliceable(model, saes)
     sae_names = [f"{sae.cfg.output_hook}.{local}" for sae in saes for local in sae.hook_dict]
     if names_filter is None:
         model_names, wanted = model.hook_names(None), set(sae_names)

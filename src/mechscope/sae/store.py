@@ -17,25 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, InputError, LoadError
+from mechscope.names import layer_of
 from mechscope.sae import distributed as ddp
 
 
 def _stop_layer(model, hook_names: Sequence[str]) -> int | None:
     """The first block that no requested hook needs (``None``: run the whole model)."""
-    layers = []
-    for name in hook_names:
-        match = re.match(r"blocks\.(\d+)\.", name)
-        if match is None:
-            return None
-        layers.append(int(match.group(1)))
+    layers = [layer_of(name) for name in hook_names]
+    if None in layers:
+        return None
     stop = max(layers) + 1
     return None if stop >= model.cfg.n_layers else stop
 
@@ -69,7 +67,7 @@ class ActivationStore:
         self,
         model,
         hook_names: str | Sequence[str],
-        tokens: Tensor,
+        tokens: Int[Tensor, "..."],
         *,
         context_size: int = 128,
         batch_size: int = 4096,
@@ -169,7 +167,7 @@ class ActivationStore:
             os.replace(tmp, manifest)
 
     # ------------------------------------------------------------------ harvesting
-    def sequences(self, ids: Tensor) -> Tensor:
+    def sequences(self, ids: Int[Tensor, " batch"]) -> Int[Tensor, "batch pos"]:
         """Token ids ``[len(ids), context_size]`` of the given sequence numbers."""
         offsets = ids[:, None] * self.body + torch.arange(self.body)
         seqs = self.tokens[offsets]
@@ -178,7 +176,7 @@ class ActivationStore:
         return seqs
 
     @torch.no_grad()
-    def harvest(self, tokens: Tensor) -> dict[str, Tensor]:
+    def harvest(self, tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
         """Activations of every hook for ``tokens [batch, pos]``: ``{hook: [batch * kept_pos, ...]}``."""
         store: dict[str, Tensor] = {}
 

@@ -15,9 +15,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError, LoadError
@@ -26,6 +27,7 @@ from mechscope.sae.base import SAE, make_sae
 from mechscope.sae.config import SAEConfig
 
 
+@runtime_checkable
 class BatchSource(Protocol):
     """Anything that yields training batches ``{hook_name: [batch, d]}`` and can resume exactly."""
 
@@ -122,7 +124,7 @@ class TrainConfig:
         return cls(**data)
 
 
-def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+def geometric_median(points: Float[Tensor, "batch d_out"], max_iter: int = 100, tol: float = 1e-6) -> Float[Tensor, " d_out"]:
     """Geometric median of the rows of ``points`` (Weiszfeld's algorithm).
 
     Example:
@@ -253,7 +255,7 @@ class SAETrainer:
         for name in names:
             if name not in batch:
                 raise ConfigError(f"the batch source has no activations for {name!r}; it provides {sorted(batch)}")
-        x = sae._flatten_input(batch[names[0]].to(sae.device))
+        x = sae.flatten_input(batch[names[0]].to(sae.device))
         target = batch[names[1]].to(sae.device) if sae.cfg.is_transcoder else None
         return x, target
 
@@ -404,14 +406,13 @@ class SAETrainer:
             progress.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", dead=f"{first['dead']:.1%}")
 
     def trained_saes(self) -> list[SAE]:
-        """Copies of the SAEs as used on raw activations: normalisation folded in, BatchTopK as JumpReLU."""
+        """Copies of the SAEs as used on raw activations: normalisation folded in, each as
+        `SAE.for_inference` (BatchTopK as JumpReLU)."""
         out = []
         for state in self.states:
             sae = copy.deepcopy(state.sae)
             sae.fold_activation_scale(state.scale_in, state.scale_out)
-            if hasattr(sae, "to_jumprelu"):
-                sae = sae.to_jumprelu()
-            out.append(sae.eval())
+            out.append(sae.for_inference().eval())
         return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -48,7 +49,7 @@ def _sorted_copy(indices: Tensor) -> Tensor:
     return indices.clone().sort(dim=-1).values
 
 
-def select_per_row(indices: Tensor) -> tuple[Tensor, Tensor]:
+def select_per_row(indices: Int[Tensor, "batch k"]) -> tuple[Int[Tensor, " active"], Int[Tensor, " active"]]:
     """Coordinates of ``indices [rows, m]`` (m latents per row, e.g. from ``topk``), row-major.
 
     Example:
@@ -60,7 +61,7 @@ def select_per_row(indices: Tensor) -> tuple[Tensor, Tensor]:
     return rows, _sorted_copy(indices).reshape(-1)
 
 
-def select_flat(flat_indices: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+def select_flat(flat_indices: Int[Tensor, " active"], d_sae: int) -> tuple[Int[Tensor, " active"], Int[Tensor, " active"]]:
     """Coordinates of indices into a flattened ``[rows, d_sae]`` matrix (BatchTopK), row-major.
 
     Example:
@@ -98,7 +99,15 @@ class _GatherPre(torch.autograd.Function):
         return None, grad_w, grad_b, grad_b_dec, None, None, None
 
 
-def gather_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def gather_pre(
+    x: Float[Tensor, "batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    b_dec: Float[Tensor, " d_in"] | None,
+    pre: Float[Tensor, "batch d_sae"],
+    rows: Int[Tensor, " active"],
+    cols: Int[Tensor, " active"],
+) -> Float[Tensor, " active"]:
     """Differentiable values ``pre[rows, cols]`` of the encoder's pre-activations.
 
     ``pre`` must equal ``(x - b_dec) @ W_enc + b_enc`` (``x`` itself when ``b_dec`` is None),
@@ -138,7 +147,13 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, None, None, grad_w, None
 
 
-def sparse_decode(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+def sparse_decode(
+    values: Float[Tensor, " active"],
+    rows: Int[Tensor, " active"],
+    cols: Int[Tensor, " active"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    n_rows: int,
+) -> Float[Tensor, "batch d_out"]:
     """``[n_rows, d_out]``: row ``r`` is ``sum values[i] * W_dec[cols[i]]`` over ``rows[i] == r``.
 
     Example:
@@ -150,7 +165,9 @@ def sparse_decode(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_r
     return _SparseDecode.apply(values, rows, cols, W_dec, n_rows)
 
 
-def dense_from_sparse(values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
+def dense_from_sparse(
+    values: Float[Tensor, " active"], rows: Int[Tensor, " active"], cols: Int[Tensor, " active"], shape: tuple[int, int]
+) -> Float[Tensor, "batch d_sae"]:
     """The dense ``shape`` matrix with ``values`` at ``(rows, cols)`` and zeros elsewhere.
 
     Example:
