@@ -1,19 +1,30 @@
-"""`FactoredMatrix`: a low-rank product ``A @ B`` kept as its two factors.
+"""`FactoredMatrix`: a low-rank product ``A @ B`` kept as its two factors (TransformerLens' API).
 
 A head's ``QK = W_Q W_K^T`` and ``OV = W_V W_O`` are ``[d_model, d_model]`` matrices of rank at
 most ``d_head``; the full OV circuit ``W_E W_V W_O W_U`` is ``[d_vocab, d_vocab]``. Their SVD,
-eigenvalues and norms follow exactly from ``d_head``-sized matrices, so nothing large is formed.
+eigenvalues and norms follow from ``d_head``-sized matrices, so nothing large is formed.
+
+Every name has TransformerLens' meaning: ``svd()`` returns ``(U, S, V)`` with
+``AB == U @ S.diag() @ V.T`` (``V``, not ``Vh``; the ``Vh`` property is TransformerLens'
+deprecated alias of ``V``), ``eigenvalues`` is a property (the ``mdim`` eigenvalues of ``BA``),
+products with matrices keep the smaller inner dimension as TransformerLens does, and products
+with vectors return vectors.
 """
 
 from __future__ import annotations
 
-from typing import Union
+import warnings
+from functools import cached_property
 
 import torch
 from jaxtyping import Complex, Float
 from torch import Tensor
 
 from mechscope.errors import InputError
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
 
 
 class FactoredMatrix:
@@ -26,9 +37,9 @@ class FactoredMatrix:
         >>> fm = FactoredMatrix(A, B)
         >>> fm.shape, torch.allclose(fm.AB, A @ B)
         (torch.Size([6, 5]), True)
-        >>> U, S, Vh = fm.svd()
-        >>> S.shape, torch.allclose(U @ torch.diag(S) @ Vh, A @ B, atol=1e-5)
-        (torch.Size([2]), True)
+        >>> U, S, V = fm.svd()
+        >>> U.shape, S.shape, V.shape, torch.allclose(U @ torch.diag(S) @ V.T, A @ B, atol=1e-5)
+        (torch.Size([6, 2]), torch.Size([2]), torch.Size([5, 2]), True)
     """
 
     def __init__(self, A: Float[Tensor, "... ldim mdim"], B: Float[Tensor, "... mdim rdim"]) -> None:
@@ -36,47 +47,59 @@ class FactoredMatrix:
             raise InputError(f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
             raise InputError(
-                f"inner dimensions differ: A is {tuple(A.shape)}, B is {tuple(B.shape)} (A.shape[-1] must equal B.shape[-2])"
+                f"inner dimensions differ: A is {tuple(A.shape)}, B is {tuple(B.shape)} "
+                "(A.shape[-1] must equal B.shape[-2])"
             )
-        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        try:
+            batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        except RuntimeError as exc:
+            raise InputError(
+                f"leading dimensions do not broadcast: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
+            ) from exc
         self.A = A.expand(*batch, *A.shape[-2:])
         self.B = B.expand(*batch, *B.shape[-2:])
-
-    # ------------------------------------------------------------------ shape
-    @property
-    def ldim(self) -> int:
-        return self.A.shape[-2]
-
-    @property
-    def mdim(self) -> int:
-        return self.A.shape[-1]
-
-    @property
-    def rdim(self) -> int:
-        return self.B.shape[-1]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.A.shape[:-2], self.ldim, self.rdim))
+        self.ldim, self.mdim, self.rdim = A.shape[-2], A.shape[-1], B.shape[-1]
+        self.shape = torch.Size((*batch, self.ldim, self.rdim))
+        self.has_leading_dims = A.dim() > 2 or B.dim() > 2
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def pair(self) -> tuple[Tensor, Tensor]:
+        """The factors ``(A, B)``."""
+        return self.A, self.B
+
     def __repr__(self) -> str:
-        return f"FactoredMatrix(shape={list(self.shape)}, mdim={self.mdim})"
+        return f"FactoredMatrix: Shape({self.shape}), Hidden Dim({self.mdim})"
 
     def __getitem__(self, index) -> FactoredMatrix:
-        """Index the leading (batch) dimensions only.
+        """Index the leading dimensions, and optionally the rows and then the columns of ``AB``.
+
+        An integer row or column index keeps its axis (length 1), as in TransformerLens.
 
         Example:
-            >>> FactoredMatrix(torch.randn(3, 4, 6, 2), torch.randn(3, 4, 2, 6))[1, 2].shape
-            torch.Size([6, 6])
+            >>> fm = FactoredMatrix(torch.randn(3, 4, 6, 2), torch.randn(3, 4, 2, 5))
+            >>> fm[1, 2].shape, fm[1, 2, 0].shape, fm[1, 2, :3, -1].shape
+            (torch.Size([6, 5]), torch.Size([1, 5]), torch.Size([3, 1]))
         """
         index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.ndim - 2:
-            raise InputError(f"only the {self.ndim - 2} leading dimensions can be indexed; use .AB for entries")
-        return FactoredMatrix(self.A[index], self.B[index])
+        length = len([i for i in index if i is not None])
+        lead = self.ndim - 2
+        if length <= lead:
+            return FactoredMatrix(self.A[index], self.B[index])
+        if length > self.ndim:
+            raise InputError(f"{index} is too long an index for a FactoredMatrix with shape {tuple(self.shape)}")
+        if length == lead + 1:
+            index = (*index[:-1], _keep_axis(index[-1]))
+            return FactoredMatrix(self.A[index], self.B[index[:-1]])
+        index = (*index[:-2], _keep_axis(index[-2]), _keep_axis(index[-1]))
+        return FactoredMatrix(self.A[index[:-1]], self.B[(*index[:-2], slice(None), index[-1])])
+
+    def unsqueeze(self, k: int) -> FactoredMatrix:
+        """A new leading axis at ``k`` (counted over the factors' dimensions)."""
+        return FactoredMatrix(self.A.unsqueeze(k), self.B.unsqueeze(k))
 
     # ------------------------------------------------------------------ algebra
     @property
@@ -94,82 +117,148 @@ class FactoredMatrix:
     @property
     def T(self) -> FactoredMatrix:
         """The transpose ``B^T A^T``."""
-        return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
+        return FactoredMatrix(_t(self.B), _t(self.A))
 
-    def __matmul__(self, other: Union[Tensor, FactoredMatrix]) -> FactoredMatrix:
-        """``self @ other`` kept factored through the smaller inner dimension.
+    def __matmul__(self, other: Tensor | FactoredMatrix) -> FactoredMatrix | Tensor:
+        """``self @ other``: a `FactoredMatrix` for a matrix (inner dimension ``min(mdim, rdim)``,
+        as in TransformerLens), a tensor ``[..., ldim]`` for a vector.
 
         Example:
-            >>> f, g = FactoredMatrix(torch.randn(5, 2), torch.randn(2, 4)), FactoredMatrix(torch.randn(4, 3), torch.randn(3, 6))
-            >>> torch.allclose((f @ g).AB, f.AB @ g.AB, atol=1e-5), (f @ g).mdim
-            (True, 2)
+            >>> f = FactoredMatrix(torch.randn(5, 2), torch.randn(2, 4))
+            >>> g = FactoredMatrix(torch.randn(4, 3), torch.randn(3, 6))
+            >>> torch.allclose((f @ g).AB, f.AB @ g.AB, atol=1e-5), (f @ g).mdim, (f @ torch.ones(4)).shape
+            (True, 2, torch.Size([5]))
         """
         if isinstance(other, FactoredMatrix):
-            middle = self.B @ other.A  # [..., mdim, other.mdim]
-            if self.mdim <= other.mdim:
-                return FactoredMatrix(self.A, middle @ other.B)
-            return FactoredMatrix(self.A @ middle, other.B)
+            return (self @ other.A) @ other.B
         if not isinstance(other, Tensor):
             return NotImplemented
-        if other.dim() == 1:
-            raise InputError("multiply by a matrix; for a vector use fm.A @ (fm.B @ v)")
-        return FactoredMatrix(self.A, self.B @ other)
+        if other.dim() < 2:
+            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
+        if other.shape[-2] != self.rdim:
+            raise InputError(f"right factor {tuple(other.shape)} does not match the {self.rdim} columns of {self!r}")
+        if self.rdim > self.mdim:
+            return FactoredMatrix(self.A, self.B @ other)
+        return FactoredMatrix(self.AB, other)
 
-    def __rmatmul__(self, other: Tensor) -> FactoredMatrix:
+    def __rmatmul__(self, other: Tensor) -> FactoredMatrix | Tensor:
+        """``other @ self``: a `FactoredMatrix` for a matrix, a tensor ``[..., rdim]`` for a vector."""
         if not isinstance(other, Tensor):
             return NotImplemented
-        if other.dim() == 1:
-            raise InputError("multiply by a matrix; for a vector use (v @ fm.A) @ fm.B")
-        return FactoredMatrix(other @ self.A, self.B)
+        if other.shape[-1] != self.ldim:
+            raise InputError(f"left factor {tuple(other.shape)} does not match the {self.ldim} rows of {self!r}")
+        if other.dim() < 2:
+            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
+        if self.ldim > self.mdim:
+            return FactoredMatrix(other @ self.A, self.B)
+        return FactoredMatrix(other, self.AB)
 
     def __mul__(self, scalar: float | Tensor) -> FactoredMatrix:
-        """Scale by a number (or a tensor broadcasting over the leading dimensions)."""
-        if isinstance(scalar, Tensor) and scalar.dim() > 0:
-            scalar = scalar[..., None, None]
+        """Scale by a number or a one-element tensor (no axis is added). mechscope also takes a
+        tensor shaped like the leading dimensions, scaling each matrix by its own entry.
+
+        Example:
+            >>> (FactoredMatrix(torch.ones(3, 2), torch.ones(2, 3)) * torch.tensor([2.0])).shape
+            torch.Size([3, 3])
+        """
+        if isinstance(scalar, Tensor):
+            if scalar.numel() == 1:
+                scalar = scalar.reshape(())
+            elif scalar.shape == self.shape[:-2]:
+                scalar = scalar[..., None, None]
+            else:
+                raise InputError(
+                    f"multiply by a number, a one-element tensor or a tensor of the leading shape "
+                    f"{tuple(self.shape[:-2])}, got {tuple(scalar.shape)}; for matrix products use @"
+                )
         return FactoredMatrix(self.A * scalar, self.B)
 
     __rmul__ = __mul__
 
     # ------------------------------------------------------------------ spectra
-    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact reduced SVD ``(U [..., ldim, k], S [..., k], Vh [..., k, rdim])`` with ``k = min(mdim, ldim, rdim)``.
+    @cached_property
+    def _svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        Ua, Sa, Vha = torch.linalg.svd(self.A, full_matrices=False)
+        Ub, Sb, Vhb = torch.linalg.svd(self.B, full_matrices=False)
+        middle = Sa[..., :, None] * Vha @ Ub * Sb[..., None, :]  # [..., k_a, k_b]
+        Um, Sm, Vhm = torch.linalg.svd(middle, full_matrices=False)
+        return Ua @ Um, Sm, _t(Vhb) @ _t(Vhm)
 
-        Computed from QR factorisations of ``A`` and ``B^T`` and the SVD of a ``k x k`` core, so
-        ``AB`` is never formed. ``S`` is in descending order, like `torch.linalg.svd`.
+    def svd(self) -> tuple[Float[Tensor, "... ldim k"], Float[Tensor, "... k"], Float[Tensor, "... rdim k"]]:
+        """``(U, S, V)`` with ``AB == U @ S.diag() @ V.T``, ``k = min(ldim, mdim, rdim)``, ``S`` descending.
+
+        Computed as TransformerLens does (SVDs of both factors, then of a small core), so the
+        signs of the singular vectors match its; cached on the instance.
         """
-        if self.mdim > min(self.ldim, self.rdim):
-            return torch.linalg.svd(self.AB, full_matrices=False)
-        q_a, r_a = torch.linalg.qr(self.A)  # [..., ldim, mdim], [..., mdim, mdim]
-        q_b, r_b = torch.linalg.qr(self.B.transpose(-1, -2))  # [..., rdim, mdim], [..., mdim, mdim]
-        u, s, vh = torch.linalg.svd(r_a @ r_b.transpose(-1, -2))
-        return q_a @ u, s, vh @ q_b.transpose(-1, -2)
+        return self._svd
+
+    @property
+    def U(self) -> Float[Tensor, "... ldim k"]:
+        return self.svd()[0]
 
     @property
     def S(self) -> Float[Tensor, "... k"]:
         """Singular values, descending."""
         return self.svd()[1]
 
-    def eigenvalues(self) -> Complex[Tensor, "... k"]:
-        """The ``min(mdim, ldim)`` eigenvalues of the square ``AB`` that may be non-zero (those of ``BA``).
+    @property
+    def V(self) -> Float[Tensor, "... rdim k"]:
+        """Right singular vectors: ``AB == U @ S.diag() @ V.T``."""
+        return self.svd()[2]
+
+    @property
+    def Vh(self) -> Float[Tensor, "... rdim k"]:
+        """TransformerLens' deprecated alias of `V` (it returns ``V``, not its transpose)."""
+        warnings.warn(
+            "FactoredMatrix.Vh returns V (right singular vectors), as in TransformerLens; use .V, "
+            "or .V.transpose(-2, -1) for the transpose",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.svd()[2]
+
+    @property
+    def eigenvalues(self) -> Complex[Tensor, "... mdim"]:
+        """The ``mdim`` eigenvalues of ``BA``: those of the square ``AB`` that may be non-zero.
 
         Example:
             >>> A = torch.randn(8, 3)
-            >>> sorted(FactoredMatrix(A, A.T).eigenvalues().real.round(decimals=3).tolist()) == \\
+            >>> sorted(FactoredMatrix(A, A.T).eigenvalues.real.round(decimals=3).tolist()) == \\
             ...     sorted(torch.linalg.eigvalsh(A.T @ A).round(decimals=3).tolist())
             True
         """
-        if self.ldim != self.rdim:
-            raise InputError(f"eigenvalues need a square matrix, this one is {self.ldim} x {self.rdim}")
-        if self.mdim > self.ldim:
-            return torch.linalg.eigvals(self.AB)
-        return torch.linalg.eigvals(self.BA)
+        inner = self.BA
+        if inner.dtype in (torch.bfloat16, torch.float16):
+            inner = inner.float()
+        return torch.linalg.eigvals(inner)
 
     def norm(self) -> Float[Tensor, "..."]:
         """Frobenius norm, from ``||AB||^2 = sum((A^T A) * (B B^T))`` (``mdim x mdim`` matrices only)."""
-        gram_a = self.A.transpose(-1, -2) @ self.A
-        gram_b = self.B @ self.B.transpose(-1, -2)
+        gram_a = _t(self.A) @ self.A
+        gram_b = self.B @ _t(self.B)
         return (gram_a * gram_b).sum((-1, -2)).clamp(min=0).sqrt()
 
-    def get_corner(self, k: int = 3) -> Float[Tensor, "... k k"]:
-        """The top-left ``k x k`` block of ``AB``."""
-        return self.A[..., :k, :] @ self.B[..., :, :k]
+    def make_even(self) -> FactoredMatrix:
+        """The same matrix as ``(U S^1/2) (S^1/2 V^T)``: orthogonal columns and rows, balanced norms."""
+        root = self.S.sqrt()
+        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * _t(self.V))
+
+    def collapse_l(self) -> Float[Tensor, "... k rdim"]:
+        """``S V^T``: the matrix with its left orthogonal factor ``U`` removed."""
+        return self.S[..., :, None] * _t(self.V)
+
+    def collapse_r(self) -> Float[Tensor, "... ldim k"]:
+        """``U S``: the matrix with its right orthogonal factor ``V^T`` removed."""
+        return self.U * self.S[..., None, :]
+
+    def get_corner(self, k: int = 3) -> Float[Tensor, "..."]:
+        """The first ``k`` entries along every axis of ``AB`` (leading axes included, as in TransformerLens)."""
+        corner = self.A[..., :k, :] @ self.B[..., :, :k]
+        return corner[tuple(slice(k) for _ in range(corner.dim()))]
+
+
+def _keep_axis(index):
+    """An integer index as a one-element slice (``-1`` as ``slice(-1, None)``), so the axis stays."""
+    if isinstance(index, int):
+        return slice(index, index + 1 if index != -1 else None)
+    return index

@@ -131,6 +131,9 @@ class ModelConfig:
     """Always run the opt-in ``hook_attn_in``."""
     use_hook_mlp_in: bool = False
     """Always run the opt-in ``hook_mlp_in``."""
+    device: str | None = None
+    """The device the weights are on, as TransformerLens' ``cfg.device`` (informative: the model
+    never reads it; ``None`` when no loader set it)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Source metadata that does not change the computation (e.g. the HF ``model_type``)."""
 
@@ -144,9 +147,7 @@ class ModelConfig:
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
         if self.n_heads % self.n_key_value_heads:
-            raise ConfigError(
-                f"n_key_value_heads={self.n_key_value_heads} must divide n_heads={self.n_heads}"
-            )
+            raise ConfigError(f"n_key_value_heads={self.n_key_value_heads} must divide n_heads={self.n_heads}")
         for name in ("d_model", "n_layers", "n_heads", "d_mlp", "d_vocab", "n_ctx", "d_head"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -163,7 +164,9 @@ class ModelConfig:
             )
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
-        if self.positional_embedding_type == "rotary" and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head):
+        if self.positional_embedding_type == "rotary" and (
+            self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head
+        ):
             raise ConfigError(
                 f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}] for rotary embeddings"
             )
@@ -203,6 +206,24 @@ class ModelConfig:
         if local and self.rotary_base_local is not None:
             return self.rotary_base_local, None
         return self.rotary_base, self.rope_scaling
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits (TransformerLens' name): ``d_vocab``."""
+        return self.d_vocab
+
+    @property
+    def n_params(self) -> int:
+        """TransformerLens' ``cfg.n_params``: the attention and MLP weight matrices only (no
+        embeddings, biases or norms), as counted in scaling-law papers.
+
+        Example:
+            >>> ModelConfig(d_model=8, n_layers=2, n_heads=2, d_mlp=16, d_vocab=5, n_ctx=4).n_params
+            1024
+        """
+        attn = self.d_model * self.d_head * self.n_heads * 4
+        mlp = 0 if self.attn_only else self.d_model * self.d_mlp * (2 + self.gated_mlp)
+        return self.n_layers * (attn + mlp)
 
     @property
     def n_kv_groups(self) -> int:
