@@ -221,11 +221,14 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         of names or a callable ``fn(name) -> bool`` selects (opt-in points included when named).
         ``device`` moves cached tensors (e.g. ``"cpu"``). With ``incl_bwd`` the output must be a
         scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
+        Caching only reads activations, so the output equals a plain forward's exactly.
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
             >>> cache["blocks.0.attn.hook_z"].shape
             torch.Size([1, 4, 4, 8])
+            >>> torch.equal(model.run_with_cache(tokens)[0], model(tokens))
+            True
         """
         store: dict[str, Tensor] = {}
 
