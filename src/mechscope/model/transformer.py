@@ -221,7 +221,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         of names or a callable ``fn(name) -> bool`` selects (opt-in points included when named).
         ``device`` moves cached tensors (e.g. ``"cpu"``). With ``incl_bwd`` the output must be a
         scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
-        Caching only reads activations, so the output equals a plain forward's exactly.
+        Caching only reads activations, so the output equals a plain forward's exactly (under
+        ``torch.inference_mode`` to within rounding: it keeps no count of in-place edits).
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
