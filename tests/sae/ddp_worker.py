@@ -27,7 +27,14 @@ def configs() -> list[SAEConfig]:
         SAEConfig(d_in=16, d_sae=48, architecture="topk", k=3, hook_name="x"),
         SAEConfig(d_in=16, d_sae=48, architecture="batchtopk", k=3, hook_name="x"),
         SAEConfig(d_in=16, d_sae=32, architecture="standard", sparsity_coefficient=0.3, hook_name="x"),
-        SAEConfig(d_in=16, d_sae=32, architecture="jumprelu", sparsity_coefficient=0.1, jumprelu_init_threshold=0.05, hook_name="x"),
+        SAEConfig(
+            d_in=16,
+            d_sae=32,
+            architecture="jumprelu",
+            sparsity_coefficient=0.1,
+            jumprelu_init_threshold=0.05,
+            hook_name="x",
+        ),
     ]
 
 
@@ -35,7 +42,9 @@ def trainer(checkpoint_dir: str | None = None) -> SAETrainer:
     train_cfg = TrainConfig(steps=25, lr=3e-3, lr_warmup_steps=3, lr_decay_steps=5, coefficient_warmup_steps=5,
                             dead_window=4, resample_steps=(12,), progress=False, log_every=5,
                             checkpoint_dir=checkpoint_dir, checkpoint_every=10 if checkpoint_dir else 0)  # fmt: skip
-    return SAETrainer([make_sae(c, seed=0) for c in configs()], TensorSource({"x": data()}, batch_size=128, seed=1), train_cfg)
+    return SAETrainer(
+        [make_sae(c, seed=0) for c in configs()], TensorSource({"x": data()}, batch_size=128, seed=1), train_cfg
+    )
 
 
 def train() -> tuple[list, list]:
@@ -64,9 +73,22 @@ if __name__ == "__main__":
     threshold = global_topk_threshold(skewed_batch()[rank], k=4 * 128)
     kept = torch.tensor([int((skewed_batch()[rank] >= threshold).sum())])
     dist.all_reduce(kept)
-    exact = all(torch.equal(a, b) for s, r in zip(saes, again) for a, b in zip(s.state_dict().values(), r.state_dict().values()))
+    exact = all(
+        torch.equal(a, b)
+        for s, r in zip(saes, again, strict=True)
+        for a, b in zip(s.state_dict().values(), r.state_dict().values(), strict=True)
+    )
     if rank == 0:
-        torch.save({"world": world, "saes": [s.state_dict() for s in saes], "history": history, "resume_exact": exact,
-                    "threshold": threshold, "kept": int(kept)}, sys.argv[1] + "/ddp.pt")
+        torch.save(
+            {
+                "world": world,
+                "saes": [s.state_dict() for s in saes],
+                "history": history,
+                "resume_exact": exact,
+                "threshold": threshold,
+                "kept": int(kept),
+            },
+            sys.argv[1] + "/ddp.pt",
+        )
     dist.barrier()
     dist.destroy_process_group()

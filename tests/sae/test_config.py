@@ -21,7 +21,10 @@ def test_every_architecture_builds_its_own_config_and_round_trips(arch):
 
 
 def test_a_knob_of_another_architecture_names_its_owners():
-    with pytest.raises(ConfigError, match=r"'k' is not a setting of SAE architecture 'standard' \(it is one of \['batchtopk', 'topk'\]\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'k' is not a setting of SAE architecture 'standard' \(it is one of \['batchtopk', 'topk'\]\)",
+    ):
         SAEConfig(d_in=8, d_sae=16, k=4)
     with pytest.raises(ConfigError, match="unknown SAE config key 'lp_nrom'; did you mean 'lp_norm'"):
         SAEConfig.from_dict({"d_in": 8, "d_sae": 16, "lp_nrom": 0.5})
@@ -38,16 +41,25 @@ def test_knobs_are_validated_by_their_architecture():
 
 def test_config_class_and_architecture_must_agree():
     topk = sae_class("topk").config_class
-    with pytest.raises(ConfigError, match=r"TopKConfig is not the config of architecture 'standard'.*with_architecture"):
+    with pytest.raises(
+        ConfigError, match=r"TopKConfig is not the config of architecture 'standard'.*with_architecture"
+    ):
         topk(d_in=8, d_sae=16, architecture="standard")
     cfg = SAEConfig(d_in=8, d_sae=16, architecture="batchtopk", k=2, hook_name="h", metadata={"a": 1})
     jump = cfg.with_architecture("jumprelu", jumprelu_init_threshold=0.2)
-    assert (jump.architecture, jump.hook_name, jump.metadata, jump.jumprelu_init_threshold) == ("jumprelu", "h", {"a": 1}, 0.2)
+    assert (jump.architecture, jump.hook_name, jump.metadata, jump.jumprelu_init_threshold) == (
+        "jumprelu",
+        "h",
+        {"a": 1},
+        0.2,
+    )
 
 
 def test_apply_b_dec_to_input_defaults_by_width_and_refuses_an_explicit_true():
     assert SAEConfig(d_in=8, d_sae=16).apply_b_dec_to_input is True
     assert SAEConfig(d_in=8, d_sae=16, d_out=4, hook_name_out="b").apply_b_dec_to_input is False
     assert SAEConfig(d_in=8, d_sae=16, d_out=4, apply_b_dec_to_input=False).apply_b_dec_to_input is False
-    with pytest.raises(ConfigError, match="apply_b_dec_to_input=True needs d_out == d_in.*pass apply_b_dec_to_input=False"):
+    with pytest.raises(
+        ConfigError, match="apply_b_dec_to_input=True needs d_out == d_in.*pass apply_b_dec_to_input=False"
+    ):
         SAEConfig(d_in=8, d_sae=16, d_out=4, apply_b_dec_to_input=True)

@@ -31,7 +31,9 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     assert ddp["world"] == 2
     assert ddp["resume_exact"]  # each rank resumed from its own checkpoint, bit for bit
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "checkpoint-rank0-of-2.pt", "checkpoint-rank1-of-2.pt"]
+        "checkpoint-rank0-of-2.pt",
+        "checkpoint-rank1-of-2.pt",
+    ]
 
     # BatchTopK's selection across ranks: the threshold of one process holding the whole batch
     batch = ddp_worker.skewed_batch()
@@ -40,9 +42,9 @@ def test_two_rank_ddp_equals_single_process(tmp_path):
     assert batch[1].reshape(-1).topk(4 * 64).values[-1] < single_threshold  # a per-rank top-k would differ
 
     single, history = ddp_worker.train()
-    for sae, ddp_state in zip(single, ddp["saes"]):
+    for sae, ddp_state in zip(single, ddp["saes"], strict=True):
         for name, value in sae.state_dict().items():
             torch.testing.assert_close(ddp_state[name], value, atol=2e-5, rtol=1e-4, msg=f"{sae.architecture}.{name}")
-    for mine, theirs in zip(history, ddp["history"]):
+    for mine, theirs in zip(history, ddp["history"], strict=True):
         for key, value in mine.items():
             assert abs(theirs[key] - value) <= 1e-3 * max(1.0, abs(value)), key

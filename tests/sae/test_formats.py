@@ -51,10 +51,22 @@ def _check(sae, x, acts, recons):
 
 
 def test_saelens_v6_standard(tmp_path, weights, x):
-    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre", "context_size": 128,
-                        "sae_lens_version": "6.5.0"}}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": "gpt2",
+            "hook_name": "blocks.3.hook_resid_pre",
+            "context_size": 128,
+            "sae_lens_version": "6.5.0",
+        },
+    }
     sae = load_sae(_write_saelens(tmp_path / "sae", cfg, weights))
     acts = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
     _check(sae, x, acts, acts @ weights["W_dec"] + weights["b_dec"])
@@ -63,8 +75,13 @@ def test_saelens_v6_standard(tmp_path, weights, x):
 
 def test_saelens_v6_jumprelu_and_gated(tmp_path, weights, x):
     threshold = torch.rand(D_SAE, generator=torch.Generator().manual_seed(6))
-    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False,
-           "metadata": {"hook_name": "blocks.1.hook_resid_post"}}
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": False,
+        "metadata": {"hook_name": "blocks.1.hook_resid_post"},
+    }
     sae = load_sae(_write_saelens(tmp_path / "jump", cfg, {**weights, "threshold": threshold}))
     pre = x @ weights["W_enc"] + weights["b_enc"]
     acts = pre * (pre > threshold)
@@ -82,9 +99,19 @@ def test_saelens_v6_jumprelu_and_gated(tmp_path, weights, x):
 
 
 def test_saelens_flat_pre_v6_topk_config(tmp_path, weights, x):
-    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.0.hook_resid_post", "hook_point_layer": 0,
-           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}, "normalize_activations": False,
-           "apply_b_dec_to_input": True, "model_name": "gpt2", "context_size": 64, "dtype": "torch.float32"}
+    cfg = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "hook_point": "blocks.0.hook_resid_post",
+        "hook_point_layer": 0,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "normalize_activations": False,
+        "apply_b_dec_to_input": True,
+        "model_name": "gpt2",
+        "context_size": 64,
+        "dtype": "torch.float32",
+    }
     sae = load_sae(_write_saelens(tmp_path / "old", cfg, weights))
     assert sae.architecture == "topk" and sae.cfg.k == 3 and sae.cfg.hook_name == "blocks.0.hook_resid_post"
     pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
@@ -96,8 +123,14 @@ def test_saelens_flat_pre_v6_topk_config(tmp_path, weights, x):
 
 
 def test_saelens_topk_with_decoder_norm_rescaling(tmp_path, weights, x):
-    cfg = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": 3, "rescale_acts_by_decoder_norm": True,
-           "metadata": {"hook_name": "h"}}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 3,
+        "rescale_acts_by_decoder_norm": True,
+        "metadata": {"hook_name": "h"},
+    }
     sae = load_sae(_write_saelens(tmp_path / "rescaled", cfg, weights))
     norms = weights["W_dec"].norm(dim=-1)
     pre = ((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) * norms
@@ -108,9 +141,20 @@ def test_saelens_topk_with_decoder_norm_rescaling(tmp_path, weights, x):
 
 def test_saelens_skip_transcoder(tmp_path, weights, x):
     d_out = 4
-    tensors = {**weights, "W_dec": _rand(D_SAE, d_out, seed=10), "b_dec": _rand(d_out, seed=11), "W_skip": _rand(d_out, D_IN, seed=12)}
-    cfg = {"architecture": "skip_transcoder", "d_in": D_IN, "d_sae": D_SAE, "d_out": d_out, "apply_b_dec_to_input": False,
-           "metadata": {"hook_name": "blocks.2.ln2.hook_normalized", "hook_name_out": "blocks.2.hook_mlp_out"}}
+    tensors = {
+        **weights,
+        "W_dec": _rand(D_SAE, d_out, seed=10),
+        "b_dec": _rand(d_out, seed=11),
+        "W_skip": _rand(d_out, D_IN, seed=12),
+    }
+    cfg = {
+        "architecture": "skip_transcoder",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "d_out": d_out,
+        "apply_b_dec_to_input": False,
+        "metadata": {"hook_name": "blocks.2.ln2.hook_normalized", "hook_name_out": "blocks.2.hook_mlp_out"},
+    }
     sae = load_sae(_write_saelens(tmp_path / "tc", cfg, tensors))
     assert sae.cfg.is_transcoder and sae.cfg.output_hook == "blocks.2.hook_mlp_out"
     acts = torch.relu(x @ tensors["W_enc"] + tensors["b_enc"])
@@ -120,12 +164,31 @@ def test_saelens_skip_transcoder(tmp_path, weights, x):
 def test_sparsify_folder(tmp_path, weights, x):
     folder = tmp_path / "sae-run" / "layers.4"
     folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                                                  "num_latents": D_SAE, "k": 2, "multi_topk": False,
-                                                  "skip_connection": False, "transcode": False, "d_in": D_IN}))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": D_SAE,
+                "k": 2,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": D_IN,
+            }
+        )
+    )
     enc_w = weights["W_enc"].T.contiguous()
-    save_file({"encoder.weight": enc_w, "encoder.bias": weights["b_enc"], "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]},
-              str(folder / "sae.safetensors"))
+    save_file(
+        {
+            "encoder.weight": enc_w,
+            "encoder.bias": weights["b_enc"],
+            "W_dec": weights["W_dec"],
+            "b_dec": weights["b_dec"],
+        },
+        str(folder / "sae.safetensors"),
+    )
     sae = load_sae(folder)
     assert sae.cfg.hook_name == "blocks.4.hook_resid_post"
     pre = torch.relu(torch.nn.functional.linear(x - weights["b_dec"], enc_w, weights["b_enc"]))
@@ -153,8 +216,14 @@ def test_dictionary_learning_variants(tmp_path, weights, x):
     acts = torch.relu(torch.nn.functional.linear(x - b_dec, W_enc.T, b_enc))
     _check(load_sae(tmp_path), x, acts, torch.nn.functional.linear(acts, W_dec.T) + b_dec)
 
-    topk = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "decoder.weight": W_dec.T, "b_dec": b_dec,
-            "k": torch.tensor(3), "threshold": torch.tensor(-1.0)}
+    topk = {
+        "encoder.weight": W_enc.T,
+        "encoder.bias": b_enc,
+        "decoder.weight": W_dec.T,
+        "b_dec": b_dec,
+        "k": torch.tensor(3),
+        "threshold": torch.tensor(-1.0),
+    }
     torch.save(topk, tmp_path / "topk.pt")
     sae = load_dictionary_learning(tmp_path / "topk.pt")
     post = torch.relu(torch.nn.functional.linear(x - b_dec, W_enc.T, b_enc))
@@ -174,8 +243,17 @@ def test_dictionary_learning_variants(tmp_path, weights, x):
     _check(load_dictionary_learning(tmp_path / "jump.pt"), x, acts, acts @ W_dec + b_dec)
 
     gate_bias, mag_bias, r_mag = (0.2 * _rand(D_SAE, seed=s) for s in (15, 16, 17))
-    torch.save({"encoder.weight": W_enc.T, "decoder.weight": W_dec.T, "decoder_bias": b_dec, "r_mag": r_mag,
-                "gate_bias": gate_bias, "mag_bias": mag_bias}, tmp_path / "gated.pt")
+    torch.save(
+        {
+            "encoder.weight": W_enc.T,
+            "decoder.weight": W_dec.T,
+            "decoder_bias": b_dec,
+            "r_mag": r_mag,
+            "gate_bias": gate_bias,
+            "mag_bias": mag_bias,
+        },
+        tmp_path / "gated.pt",
+    )
     x_enc = torch.nn.functional.linear(x - b_dec, W_enc.T)
     acts = ((x_enc + gate_bias) > 0) * torch.relu(x_enc * r_mag.exp() + mag_bias)
     _check(load_dictionary_learning(tmp_path / "gated.pt"), x, acts, acts @ W_dec + b_dec)
@@ -190,7 +268,11 @@ VARIANTS = {
 
 
 def _perturbed_sae(architecture: str, variant: str):
-    kwargs = {"hook_name": "blocks.1.ln2.hook_normalized", **VARIANTS[variant], **knobs_for(architecture, k=3, lp_norm=0.5)}
+    kwargs = {
+        "hook_name": "blocks.1.ln2.hook_normalized",
+        **VARIANTS[variant],
+        **knobs_for(architecture, k=3, lp_norm=0.5),
+    }
     sae = make_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture,
                              metadata={"model_name": "tiny", "context_size": 16}, **kwargs), seed=3)  # fmt: skip
     with torch.no_grad():
@@ -274,7 +356,9 @@ def test_malformed_files_name_file_and_problem(tmp_path, weights):
     with pytest.raises(LoadError, match="'matryoshka' is not supported"):
         load_sae(folder)
 
-    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in weights.items()}, threshold=np.ones(D_SAE, np.float32))
+    np.savez(
+        tmp_path / "params.npz", **{k: v.numpy() for k, v in weights.items()}, threshold=np.ones(D_SAE, np.float32)
+    )
     data = (tmp_path / "params.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match=r"cut.npz: unreadable or truncated"):

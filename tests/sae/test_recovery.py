@@ -17,7 +17,9 @@ CASES = {
     "gated": dict(architecture="gated", sparsity_coefficient=0.5),
     "topk": dict(architecture="topk", k=3),
     "batchtopk": dict(architecture="batchtopk", k=3),
-    "jumprelu": dict(architecture="jumprelu", sparsity_coefficient=0.3, jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.3),
+    "jumprelu": dict(
+        architecture="jumprelu", sparsity_coefficient=0.3, jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.3
+    ),
 }
 
 
@@ -26,7 +28,9 @@ def test_every_registered_architecture_has_a_recovery_case():
 
 
 def train(cfg: SAEConfig, tensors: dict, steps: int = STEPS, lr: float = 3e-3, **train_kwargs):
-    train_cfg = TrainConfig(steps=steps, lr=lr, lr_decay_steps=steps // 5, dead_window=200, progress=False, **train_kwargs)
+    train_cfg = TrainConfig(
+        steps=steps, lr=lr, lr_decay_steps=steps // 5, dead_window=200, progress=False, **train_kwargs
+    )
     trainer = SAETrainer([make_sae(cfg, seed=0)], TensorSource(tensors, batch_size=256), train_cfg)
     return trainer.train()[0], trainer
 
@@ -71,7 +75,14 @@ def test_transcoder_recovers_output_directions(skip):
         skip_map = torch.randn(d_out, D_IN, generator=gen) / D_IN**0.5
         target = target + x @ skip_map.T
     cfg = SAEConfig(
-        d_in=D_IN, d_sae=D_SAE, d_out=d_out, architecture="topk", k=4, hook_name="in", hook_name_out="out", skip_connection=skip
+        d_in=D_IN,
+        d_sae=D_SAE,
+        d_out=d_out,
+        architecture="topk",
+        k=4,
+        hook_name="in",
+        hook_name_out="out",
+        skip_connection=skip,
     )
     assert cfg.is_transcoder and not cfg.apply_b_dec_to_input
     sae, trainer = train(cfg, {"in": x, "out": target}, steps=800, lr=1e-2)
@@ -95,7 +106,9 @@ def test_hook_z_sae_recovers_directions_and_attributes_heads():
     flat_dirs = directions.reshape(N_TRUE, -1)
     codes = sparse_codes(8192, N_TRUE, gen, p=0.04)
     z = (codes @ flat_dirs).reshape(-1, n_heads, d_head)  # [batch, head, d_head] as hook_z gives
-    cfg = SAEConfig(d_in=n_heads * d_head, d_sae=D_SAE, architecture="topk", k=3, hook_name="blocks.0.attn.hook_z", n_heads=n_heads)
+    cfg = SAEConfig(
+        d_in=n_heads * d_head, d_sae=D_SAE, architecture="topk", k=3, hook_name="blocks.0.attn.hook_z", n_heads=n_heads
+    )
     sae, _ = train(cfg, {"blocks.0.attn.hook_z": z})
     assert mean_max_cosine(sae.W_dec.detach(), flat_dirs) >= 0.9
     assert sae(z[:5]).shape == (5, n_heads, d_head)

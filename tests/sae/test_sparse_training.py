@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from mechscope.sae import SAEConfig, make_sae, registered_architectures, sae_class
-from mechscope.sae.architectures.sparse_ops import dense_from_sparse, gather_pre, select_flat, select_per_row, sparse_decode
+from mechscope.sae.architectures.sparse_ops import (
+    dense_from_sparse,
+    gather_pre,
+    select_flat,
+    select_per_row,
+    sparse_decode,
+)
 from mechscope.sae.architectures.topk import TopKConfig
 from mechscope.sae.base import SAE
 
@@ -30,7 +36,9 @@ def _dense_and_sparse(sae, x, target=None, dead_mask=None):
 
 
 @pytest.mark.parametrize("arch", RANKED)
-@pytest.mark.parametrize("b_dec_in, skip, transcoder", [(True, False, False), (False, False, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "b_dec_in, skip, transcoder", [(True, False, False), (False, False, False), (False, True, True)]
+)
 @pytest.mark.parametrize("n_dead", [0, 20])
 def test_sparse_training_equals_dense(arch, b_dec_in, skip, transcoder, n_dead):
     gen = torch.Generator().manual_seed(n_dead + 7 * skip + 3 * b_dec_in)
@@ -82,7 +90,7 @@ def test_kernels_against_dense_matrices():
         mask = dense_from_sparse(torch.ones_like(values), rows, cols, (9, 11))
         dense_out = (((x - b_dec) @ W_enc + b_enc) * mask) @ W_dec
         torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
-        for got, want in zip(sparse_grads, torch.autograd.grad((dense_out * weight).sum(), params)):
+        for got, want in zip(sparse_grads, torch.autograd.grad((dense_out * weight).sum(), params), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -103,7 +111,9 @@ def test_folded_b_dec_encoder_equals_subtracting_it(arch):
             sae.threshold.zero_()
         out = SAE.training_loss(sae, x)
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+        results.append(
+            (out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+        )
         if handle is not None:
             handle.remove()
     (folded, g_folded), (plain, g_plain) = results

@@ -92,7 +92,9 @@ def test_error_term_keeps_outputs_and_upstream_gradients_exact(model, tokens):
 def test_feature_cache_and_ablation(model, tokens):
     sae = _sae()
     _, clean = model.run_with_cache(tokens, names_filter=RESID)
-    out, cache = run_with_cache_with_saes(model, tokens, saes=sae, names_filter=lambda n: "hook_sae" in n or n == "blocks.2.hook_resid_pre")
+    out, cache = run_with_cache_with_saes(
+        model, tokens, saes=sae, names_filter=lambda n: "hook_sae" in n or n == "blocks.2.hook_resid_pre"
+    )
     name = f"{RESID}.hook_sae_acts_post"
     torch.testing.assert_close(cache[name], sae.encode(clean[RESID]))
     torch.testing.assert_close(cache[f"{RESID}.hook_sae_recons"], sae.decode(sae.encode(clean[RESID])))
@@ -120,7 +122,9 @@ def test_feature_cache_and_ablation(model, tokens):
 
 def test_several_saes_transcoder_and_hook_z(model, tokens):
     resid = _sae()
-    transcoder = _sae("blocks.0.ln2.hook_normalized", seed=1, d_out=32, hook_name_out="blocks.0.hook_mlp_out", skip_connection=True)
+    transcoder = _sae(
+        "blocks.0.ln2.hook_normalized", seed=1, d_out=32, hook_name_out="blocks.0.hook_mlp_out", skip_connection=True
+    )
     with torch.no_grad():
         transcoder.W_skip.normal_(0, 0.1)
     z_sae = _sae("blocks.2.attn.hook_z", seed=2, n_heads=4, architecture="topk", k=5)
@@ -136,9 +140,15 @@ def test_several_saes_transcoder_and_hook_z(model, tokens):
     def z(a, *, hook):
         return z_sae.decode(z_sae.encode(a)).reshape(a.shape)
 
-    expected = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln2.hook_normalized", cap), ("blocks.0.hook_mlp_out", tc),
-                                                       (RESID, _replace_with(lambda a: resid.decode(resid.encode(a)))),
-                                                       ("blocks.2.attn.hook_z", z)])
+    expected = model.run_with_hooks(
+        tokens,
+        fwd_hooks=[
+            ("blocks.0.ln2.hook_normalized", cap),
+            ("blocks.0.hook_mlp_out", tc),
+            (RESID, _replace_with(lambda a: resid.decode(resid.encode(a)))),
+            ("blocks.2.attn.hook_z", z),
+        ],
+    )
     torch.testing.assert_close(run_with_saes(model, tokens, saes=[transcoder, resid, z_sae]), expected)
     with pytest.raises(ConfigError, match="same hook"):
         run_with_saes(model, tokens, saes=[resid, _sae(seed=3)])
@@ -169,17 +179,26 @@ def test_evaluation_matches_naive_figures(model, tokens):
     spliced = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(RESID, _replace_with(lambda a: sae(a)))])
     zero = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(RESID, _replace_with(torch.zeros_like))])
     mean = cache[RESID].mean((0, 1))
-    mean_ce = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(RESID, _replace_with(lambda a: mean.expand_as(a)))])
+    mean_ce = model.run_with_hooks(
+        tokens, return_type="loss", fwd_hooks=[(RESID, _replace_with(lambda a: mean.expand_as(a)))]
+    )
     assert result.ce_spliced == pytest.approx(float(spliced), rel=1e-5)
     assert result.ce_zero_ablation == pytest.approx(float(zero), rel=1e-5)
     assert result.ce_mean_ablation == pytest.approx(float(mean_ce), rel=1e-5)
-    assert result.ce_loss_recovered == pytest.approx(float((zero - spliced) / (zero - model(tokens, return_type="loss"))), rel=1e-4)
+    assert result.ce_loss_recovered == pytest.approx(
+        float((zero - spliced) / (zero - model(tokens, return_type="loss"))), rel=1e-4
+    )
     clean_lp = model(tokens)[:, :-1].log_softmax(-1)
-    spliced_lp = model.run_with_hooks(tokens, fwd_hooks=[(RESID, _replace_with(lambda a: sae(a)))])[:, :-1].log_softmax(-1)
-    assert result.kl_spliced == pytest.approx(float((clean_lp.exp() * (clean_lp - spliced_lp)).sum(-1).mean()), rel=1e-4)
+    spliced_lp = model.run_with_hooks(tokens, fwd_hooks=[(RESID, _replace_with(lambda a: sae(a)))])[:, :-1].log_softmax(
+        -1
+    )
+    assert result.kl_spliced == pytest.approx(
+        float((clean_lp.exp() * (clean_lp - spliced_lp)).sum(-1).mean()), rel=1e-4
+    )
     assert result.kl_random_perturbation > 1e-4 and result.ce_random_perturbation != result.ce_clean
     assert result.pathology_ratio == pytest.approx(
-        (result.ce_spliced - result.ce_clean) / (result.ce_random_perturbation - result.ce_clean))
+        (result.ce_spliced - result.ce_clean) / (result.ce_random_perturbation - result.ce_clean)
+    )
 
 
 def test_exact_sae_has_no_error_and_no_pathology(model, tokens):
@@ -213,5 +232,7 @@ def test_patched_latents_with_error_term_change_output_by_the_reconstruction_cha
         return a + sae.decode(doubled) - sae.decode(acts)
 
     got = run_with_saes(model, tokens, saes=sae, use_error_term=True, fwd_hooks=[(name, double_feature_5)])
-    torch.testing.assert_close(got, model.run_with_hooks(tokens, fwd_hooks=[(RESID, _replace_with(manual))]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, model.run_with_hooks(tokens, fwd_hooks=[(RESID, _replace_with(manual))]), atol=1e-5, rtol=1e-5
+    )
     assert not torch.allclose(got, model(tokens), atol=1e-3)

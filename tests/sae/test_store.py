@@ -77,14 +77,24 @@ def test_resume_continues_with_the_next_token(model, tokens):
 def test_bos_prepended_and_excluded(model, tokens):
     model.tokenizer = type("Tok", (), {"bos_token_id": 60})()
     try:
-        store = ActivationStore(model, HOOKS[:1], tokens, context_size=9, batch_size=16, buffer_batches=2, prepend_bos=True)
+        store = ActivationStore(
+            model, HOOKS[:1], tokens, context_size=9, batch_size=16, buffer_batches=2, prepend_bos=True
+        )
         assert store.sequences(torch.tensor([0, 1]))[:, 0].tolist() == [60, 60]
         assert store.sequences(torch.tensor([1]))[0, 1:].tolist() == tokens[8:16].tolist()
         served = torch.cat([store.next_batch()[HOOKS[0]] for _ in range(2)])
         expected = _naive(model, tokens, 9, 32, HOOKS[0], skip=1, bos=60)
         torch.testing.assert_close(_rows_sorted(served), _rows_sorted(expected))
-        kept = ActivationStore(model, HOOKS[:1], tokens, context_size=9, batch_size=18, buffer_batches=1,
-                               prepend_bos=True, exclude_bos=False)
+        kept = ActivationStore(
+            model,
+            HOOKS[:1],
+            tokens,
+            context_size=9,
+            batch_size=18,
+            buffer_batches=1,
+            prepend_bos=True,
+            exclude_bos=False,
+        )
         expected = _naive(model, tokens, 9, 18, HOOKS[0], skip=0, bos=60)
         torch.testing.assert_close(_rows_sorted(kept.next_batch()[HOOKS[0]]), _rows_sorted(expected))
     finally:
@@ -92,8 +102,12 @@ def test_bos_prepended_and_excluded(model, tokens):
 
 
 def test_rank_shards_partition_the_sequences(model, tokens):
-    shards = [ActivationStore(model, HOOKS[:1], tokens, context_size=10, batch_size=10, buffer_batches=1, rank=r, world_size=2)
-              for r in range(2)]
+    shards = [
+        ActivationStore(
+            model, HOOKS[:1], tokens, context_size=10, batch_size=10, buffer_batches=1, rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
     ids = [s.sequence_ids.tolist() for s in shards]
     assert sorted(ids[0] + ids[1]) == list(range(100)) and not set(ids[0]) & set(ids[1])
     got = shards[1].next_batch()[HOOKS[0]]
@@ -103,7 +117,9 @@ def test_rank_shards_partition_the_sequences(model, tokens):
 
 def test_disk_shards_are_reused(model, tokens, tmp_path, monkeypatch):
     def make(**kw):
-        return ActivationStore(model, HOOKS[:2], tokens, context_size=12, batch_size=16, buffer_batches=2, cache_dir=tmp_path, **kw)
+        return ActivationStore(
+            model, HOOKS[:2], tokens, context_size=12, batch_size=16, buffer_batches=2, cache_dir=tmp_path, **kw
+        )
 
     first = [make().next_batch() for _ in range(1)][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest-rank0.json", "rank0-buffer000000.safetensors"]

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError, LoadError
-from mechscope.sae import SAEConfig, SAETrainer, TensorSource, TrainConfig, geometric_median, make_sae, registered_architectures
+from mechscope.sae import (
+    SAEConfig,
+    SAETrainer,
+    TensorSource,
+    TrainConfig,
+    geometric_median,
+    make_sae,
+    registered_architectures,
+)
 
 from .conftest import knobs_for, sparse_codes, unit_rows
 
@@ -93,7 +101,9 @@ def test_geometric_median_minimises_sum_of_distances():
 
 
 def test_lr_and_coefficient_schedules():
-    cfg = TrainConfig(steps=100, lr=1.0, lr_warmup_steps=10, lr_decay_steps=20, lr_end_fraction=0.1, coefficient_warmup_steps=5)
+    cfg = TrainConfig(
+        steps=100, lr=1.0, lr_warmup_steps=10, lr_decay_steps=20, lr_end_fraction=0.1, coefficient_warmup_steps=5
+    )
     assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
     assert cfg.lr_at(50) == pytest.approx(1.0)
     assert cfg.lr_at(80) == pytest.approx(1 - 0.9 / 20) and cfg.lr_at(99) == pytest.approx(0.1)
@@ -128,7 +138,11 @@ def test_resampling_revives_dead_latents():
     sae = make_sae(cfg, seed=0)
     with torch.no_grad():
         sae.b_enc[:10] = -100.0  # latents 0-9 can never fire
-    trainer = SAETrainer([sae], TensorSource({"x": x}, 128), TrainConfig(steps=30, dead_window=10, resample_steps=(20,), progress=False, log_every=10))
+    trainer = SAETrainer(
+        [sae],
+        TensorSource({"x": x}, 128),
+        TrainConfig(steps=30, dead_window=10, resample_steps=(20,), progress=False, log_every=10),
+    )
     trainer.train()
     assert trainer.history[0]["dead"] >= 10 / 32  # dead before resampling at step 20
     assert (sae.b_enc[:10] > -1).all()
@@ -138,12 +152,23 @@ def test_resampling_revives_dead_latents():
 @pytest.mark.parametrize("arch", registered_architectures())
 def test_checkpoint_resume_is_exact(arch, tmp_path):
     x = _data()
-    cfg = SAEConfig(d_in=16, d_sae=32, hook_name="x", architecture=arch, **knobs_for(arch, k=3, jumprelu_init_threshold=0.1))
+    cfg = SAEConfig(
+        d_in=16, d_sae=32, hook_name="x", architecture=arch, **knobs_for(arch, k=3, jumprelu_init_threshold=0.1)
+    )
 
     def trainer(steps, checkpoint_dir=None, every=0):
         train_cfg = TrainConfig(
-            steps=steps, lr=3e-3, lr_warmup_steps=5, lr_decay_steps=10, coefficient_warmup_steps=8, dead_window=5,
-            resample_steps=(12,), checkpoint_dir=checkpoint_dir, checkpoint_every=every, progress=False, log_every=5,
+            steps=steps,
+            lr=3e-3,
+            lr_warmup_steps=5,
+            lr_decay_steps=10,
+            coefficient_warmup_steps=8,
+            dead_window=5,
+            resample_steps=(12,),
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=every,
+            progress=False,
+            log_every=5,
         )
         return SAETrainer([make_sae(cfg, seed=0)], TensorSource({"x": x}, 64, seed=3), train_cfg)
 
@@ -155,7 +180,7 @@ def test_checkpoint_resume_is_exact(arch, tmp_path):
     resumed = trainer(30, tmp_path, every=15)
     [got] = resumed.train()
     assert resumed.step == 30
-    for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values()):
+    for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert resumed.history == straight.history
 
@@ -163,10 +188,16 @@ def test_checkpoint_resume_is_exact(arch, tmp_path):
 def test_checkpoint_for_another_sae_is_refused(tmp_path):
     x = _data()
     src = TensorSource({"x": x}, 64)
-    SAETrainer([make_sae(SAEConfig(d_in=16, d_sae=32, hook_name="x"))], src,
-               TrainConfig(steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False)).train()
-    other = SAETrainer([make_sae(SAEConfig(d_in=16, d_sae=64, hook_name="x"))], src,
-                       TrainConfig(steps=4, checkpoint_dir=str(tmp_path), progress=False))
+    SAETrainer(
+        [make_sae(SAEConfig(d_in=16, d_sae=32, hook_name="x"))],
+        src,
+        TrainConfig(steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False),
+    ).train()
+    other = SAETrainer(
+        [make_sae(SAEConfig(d_in=16, d_sae=64, hook_name="x"))],
+        src,
+        TrainConfig(steps=4, checkpoint_dir=str(tmp_path), progress=False),
+    )
     with pytest.raises(LoadError, match="config differs"):
         other.train()
 
@@ -174,12 +205,19 @@ def test_checkpoint_for_another_sae_is_refused(tmp_path):
 def test_several_saes_train_from_one_source():
     x = _data()
     y = x @ torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
-    saes = [make_sae(SAEConfig(d_in=16, d_sae=32, hook_name="x", architecture="topk", k=3)),
-            make_sae(SAEConfig(d_in=12, d_sae=24, hook_name="y", architecture="topk", k=3))]
-    trainer = SAETrainer(saes, TensorSource({"x": x, "y": y}, 64), TrainConfig(steps=40, lr=3e-3, progress=False, log_every=40))
+    saes = [
+        make_sae(SAEConfig(d_in=16, d_sae=32, hook_name="x", architecture="topk", k=3)),
+        make_sae(SAEConfig(d_in=12, d_sae=24, hook_name="y", architecture="topk", k=3)),
+    ]
+    trainer = SAETrainer(
+        saes, TensorSource({"x": x, "y": y}, 64), TrainConfig(steps=40, lr=3e-3, progress=False, log_every=40)
+    )
     trained = trainer.train()
     assert [s.cfg.d_in for s in trained] == [16, 12]
     assert trainer.history[-1]["0/fvu"] < 0.5 and trainer.history[-1]["1/fvu"] < 0.5
     with pytest.raises(ConfigError, match="no activations for 'z'"):
-        SAETrainer([make_sae(SAEConfig(d_in=16, d_sae=8, hook_name="z"))], TensorSource({"x": x}, 64),
-                   TrainConfig(steps=1, progress=False)).train()
+        SAETrainer(
+            [make_sae(SAEConfig(d_in=16, d_sae=8, hook_name="z"))],
+            TensorSource({"x": x}, 64),
+            TrainConfig(steps=1, progress=False),
+        ).train()

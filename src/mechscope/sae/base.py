@@ -181,7 +181,11 @@ class SAE(HookedRootModule):
         """
         cfg = self.cfg
         flags = (cfg.is_transcoder, cfg.is_transcoder and cfg.skip_connection)
-        names = self.saelens_architectures if self.saelens_architectures is not None else {self.architecture: (False, False)}
+        names = (
+            self.saelens_architectures
+            if self.saelens_architectures is not None
+            else {self.architecture: (False, False)}
+        )
         for name, name_flags in names.items():
             if tuple(name_flags) == flags:
                 return name
@@ -202,7 +206,9 @@ class SAE(HookedRootModule):
         return {}, {name: p.detach() for name, p in self.named_parameters()}
 
     @classmethod
-    def from_saelens(cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def from_saelens(
+        cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """The inverse of `to_saelens`: the knobs a SAELens ``cfg.json`` sets for this architecture,
         and ``weights`` under this class's parameter names (a `mechscope.errors.LoadError` names a
         bad value).
@@ -241,7 +247,12 @@ class SAE(HookedRootModule):
             torch.Size([3, 5, 8])
         """
         cfg = self.cfg
-        if cfg.n_heads is not None and x.dim() >= 2 and x.shape[-2] == cfg.n_heads and x.shape[-1] * cfg.n_heads == cfg.d_in:
+        if (
+            cfg.n_heads is not None
+            and x.dim() >= 2
+            and x.shape[-2] == cfg.n_heads
+            and x.shape[-1] * cfg.n_heads == cfg.d_in
+        ):
             # [..., head, d_head] -> [..., head * d_head]
             x = x.flatten(-2)
         if x.shape[-1] != cfg.d_in:
@@ -289,7 +300,9 @@ class SAE(HookedRootModule):
         """
         return self.encode_pre_and_acts(self.flatten_input(x))[1]
 
-    def decode(self, acts: Float[Tensor, "*batch d_sae"], x: Float[Tensor, "..."] | None = None) -> Float[Tensor, "*batch d_out"]:
+    def decode(
+        self, acts: Float[Tensor, "*batch d_sae"], x: Float[Tensor, "..."] | None = None
+    ) -> Float[Tensor, "*batch d_out"]:
         """Reconstruction ``acts @ W_dec + b_dec`` (plus ``x @ W_skip.T`` with a skip connection)."""
         recons = acts @ self.W_dec + self.b_dec
         if self.W_skip is not None:

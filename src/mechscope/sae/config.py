@@ -33,7 +33,7 @@ class SAEConfig:
         ('TopKConfig', 8, 32, False)
         >>> SAEConfig(d_in=32, d_sae=128, k=8)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        mechscope.errors.ConfigError: 'k' is not a setting of SAE architecture 'standard' (it is one of ['batchtopk', 'topk']); the settings of 'standard' are [...]
+        mechscope.errors.ConfigError: 'k' is not a setting of SAE architecture 'standard' (it is one of [...]); ...
     """
 
     d_in: int
@@ -71,7 +71,8 @@ class SAEConfig:
         expected = sae_class(self.architecture).config_class
         if type(self) is not expected:
             raise ConfigError(
-                f"{type(self).__name__} is not the config of architecture {self.architecture!r} ({expected.__name__} is); "
+                f"{type(self).__name__} is not the config of architecture {self.architecture!r} "
+                f"({expected.__name__} is); "
                 f"build it as SAEConfig(architecture={self.architecture!r}, ...) or use cfg.with_architecture(...)"
             )
         for name in ("d_in", "d_sae"):

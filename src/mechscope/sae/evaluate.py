@@ -152,12 +152,16 @@ def evaluate_sae(
         zero_ce, _ = _ce_and_logprobs(model.run_with_hooks(batch, fwd_hooks=[(cfg.output_hook, zero)]), batch)
 
         def perturb(act, *, hook, source=x_in):
-            error = act.reshape(*act.shape[:2], -1) - spliced_output(sae, act, source, False).reshape(*act.shape[:2], -1)
+            error = act.reshape(*act.shape[:2], -1) - spliced_output(sae, act, source, False).reshape(
+                *act.shape[:2], -1
+            )
             noise = torch.randn(error.shape, generator=gen).to(error)
             noise = noise / noise.norm(dim=-1, keepdim=True) * error.norm(dim=-1, keepdim=True)
             return (act.reshape(noise.shape) + noise).reshape(act.shape)
 
-        random_ce, random_lp = _ce_and_logprobs(model.run_with_hooks(batch, fwd_hooks=[(cfg.output_hook, perturb)]), batch)
+        random_ce, random_lp = _ce_and_logprobs(
+            model.run_with_hooks(batch, fwd_hooks=[(cfg.output_hook, perturb)]), batch
+        )
         sums["n_pred"] += clean_ce.numel()
         sums["ce_clean"] += float(clean_ce.sum())
         sums["ce_spliced"] += float(spliced_ce.sum())

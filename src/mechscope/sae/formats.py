@@ -66,7 +66,9 @@ def _fill(sae: SAE, weights: dict[str, Tensor], source: Path) -> SAE:
     missing = sorted(set(params) - set(weights))
     extra = sorted(set(weights) - set(params))
     if missing or extra:
-        raise LoadError(f"{source}: weight names do not match a {sae.architecture} SAE (missing {missing}, unexpected {extra})")
+        raise LoadError(
+            f"{source}: weight names do not match a {sae.architecture} SAE (missing {missing}, unexpected {extra})"
+        )
     with torch.no_grad():
         for name, param in params.items():
             value = weights[name]
@@ -131,7 +133,9 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     metadata = {key: cfg.metadata[key] for key in _SAELENS_METADATA_KEYS if key in cfg.metadata}
-    metadata.update(hook_name=cfg.hook_name, sae_lens_version=SAELENS_VERSION, sae_lens_training_version=SAELENS_VERSION)
+    metadata.update(
+        hook_name=cfg.hook_name, sae_lens_version=SAELENS_VERSION, sae_lens_training_version=SAELENS_VERSION
+    )
     if cfg.is_transcoder:
         metadata["hook_name_out"] = cfg.hook_name_out
     metadata["mechscope_config"] = cfg.to_dict()
@@ -151,8 +155,10 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     keys, weights = sae.to_saelens()
     out.update(keys)
     weights = {name: w.detach().contiguous().cpu() for name, w in weights.items()}
-    for name, write in ((SAELENS_WEIGHTS, lambda p: save_file(weights, str(p))),
-                        (SAELENS_CFG, lambda p: p.write_text(json.dumps(out, indent=2)))):
+    for name, write in (
+        (SAELENS_WEIGHTS, lambda p: save_file(weights, str(p))),
+        (SAELENS_CFG, lambda p: p.write_text(json.dumps(out, indent=2))),
+    ):
         tmp = path / (name + ".tmp")
         write(tmp)
         os.replace(tmp, path / name)
@@ -179,15 +185,21 @@ def saelens_architectures() -> dict[str, tuple[str, bool, bool]]:
 def _flat_to_v6(cfg: dict[str, Any]) -> dict[str, Any]:
     """An older flat SAELens config as the v6 shape (``metadata`` split out, ``activation_fn_str`` read:
     an activation that names an architecture, e.g. ``topk``, is that architecture, with its kwargs)."""
-    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+    renames = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
     cfg = {renames.get(k, k): v for k, v in cfg.items()}
     architecture = cfg.get("architecture", "standard")
     if cfg.get("activation_fn") in saelens_architectures():
         architecture = cfg["activation_fn"]
         cfg.update(cfg.get("activation_fn_kwargs") or {})
     normalize = cfg.get("normalize_activations")
-    cfg["normalize_activations"] = "none" if normalize in (None, False, "none") else (
-        "expected_average_only_in" if normalize is True else normalize
+    cfg["normalize_activations"] = (
+        "none"
+        if normalize in (None, False, "none")
+        else ("expected_average_only_in" if normalize is True else normalize)
     )
     cfg["architecture"] = architecture
     cfg["metadata"] = {k: cfg[k] for k in (*_SAELENS_METADATA_KEYS, "hook_layer") if k in cfg}
@@ -224,7 +236,9 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
     table = saelens_architectures()
     architecture = cfg.get("architecture", "standard")
     if architecture not in table:
-        raise LoadError(f"{path / SAELENS_CFG}: SAELens architecture {architecture!r} is not supported; supported: {sorted(table)}")
+        raise LoadError(
+            f"{path / SAELENS_CFG}: SAELens architecture {architecture!r} is not supported; supported: {sorted(table)}"
+        )
     arch, transcoder, skip = table[architecture]
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in ("none", "expected_average_only_in"):
@@ -244,8 +258,14 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
     if "finetuning_scaling_factor" in weights:
         weights["W_dec"] = weights["W_dec"] * weights.pop("finetuning_scaling_factor")[:, None]
     kwargs = dict(
-        architecture=arch, d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out"), hook_name=hook_name,
-        hook_name_out=metadata.get("hook_name_out") if transcoder else None, skip_connection=skip, n_heads=n_heads,
+        architecture=arch,
+        d_in=cfg["d_in"],
+        d_sae=cfg["d_sae"],
+        d_out=cfg.get("d_out"),
+        hook_name=hook_name,
+        hook_name_out=metadata.get("hook_name_out") if transcoder else None,
+        skip_connection=skip,
+        n_heads=n_heads,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
         metadata={k: v for k, v in metadata.items() if k not in ("hook_name", "hook_name_out")},
     )
@@ -307,9 +327,16 @@ def load_sparsify(path: str | os.PathLike, hook_name: str | None = None) -> SAE:
     hook_in = hook_name or mapped_in
     hook_out = (mapped_out or hook_in + ".out") if transcode else None
     kwargs = dict(
-        architecture="topk", d_in=d_in, d_sae=d_sae, d_out=renamed["W_dec"].shape[-1], k=int(cfg["k"]),
-        hook_name=hook_in, hook_name_out=hook_out, skip_connection="W_skip" in renamed,
-        apply_b_dec_to_input=not transcode, metadata={"sparsify_hookpoint": path.name},
+        architecture="topk",
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=renamed["W_dec"].shape[-1],
+        k=int(cfg["k"]),
+        hook_name=hook_in,
+        hook_name_out=hook_out,
+        skip_connection="W_skip" in renamed,
+        apply_b_dec_to_input=not transcode,
+        metadata={"sparsify_hookpoint": path.name},
     )
     return _from_saelens_layout(kwargs, renamed, path / "sae.safetensors", cfg_source=path / "cfg.json")
 
@@ -372,11 +399,22 @@ def load_dictionary_learning(path: str | os.PathLike, hook_name: str = "") -> SA
 
     try:
         if keys == {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}:
-            return build("standard", {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                                      "W_dec": state["decoder.weight"].T, "b_dec": state["bias"]})
+            return build(
+                "standard",
+                {
+                    "W_enc": state["encoder.weight"].T,
+                    "b_enc": state["encoder.bias"],
+                    "W_dec": state["decoder.weight"].T,
+                    "b_dec": state["bias"],
+                },
+            )
         if {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"} <= keys:
-            weights = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                       "W_dec": state["decoder.weight"].T, "b_dec": state["b_dec"]}
+            weights = {
+                "W_enc": state["encoder.weight"].T,
+                "b_enc": state["encoder.bias"],
+                "W_dec": state["decoder.weight"].T,
+                "b_dec": state["b_dec"],
+            }
             threshold = state.get("threshold")
             if threshold is not None and float(threshold) > 0:
                 # BatchTopK: inference keeps activations above the learned threshold
@@ -386,12 +424,22 @@ def load_dictionary_learning(path: str | os.PathLike, hook_name: str = "") -> SA
         if keys == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}:
             return build("jumprelu", dict(state), apply_b_dec_to_input=False)
         if keys == {"encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"}:
-            return build("gated", {"W_enc": state["encoder.weight"].T,
-                                   "W_dec": state["decoder.weight"].T, "b_dec": state["decoder_bias"],
-                                   "r_mag": state["r_mag"], "b_gate": state["gate_bias"], "b_mag": state["mag_bias"]})
+            return build(
+                "gated",
+                {
+                    "W_enc": state["encoder.weight"].T,
+                    "W_dec": state["decoder.weight"].T,
+                    "b_dec": state["decoder_bias"],
+                    "r_mag": state["r_mag"],
+                    "b_gate": state["gate_bias"],
+                    "b_mag": state["mag_bias"],
+                },
+            )
     except KeyError as exc:
         raise LoadError(f"{path}: missing tensor {exc}") from None
-    raise LoadError(f"{path}: keys {sorted(keys)} match no dictionary_learning autoencoder (AutoEncoder, TopK, JumpReLU, Gated)")
+    raise LoadError(
+        f"{path}: keys {sorted(keys)} match no dictionary_learning autoencoder (AutoEncoder, TopK, JumpReLU, Gated)"
+    )
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -409,8 +457,13 @@ def load_sae(path: str | os.PathLike, **kwargs) -> SAE:
         (lambda p: p.suffix == ".pt", load_dictionary_learning, lambda p: p),
         (lambda p: (p / "params.npz").is_file(), load_gemma_scope, lambda p: p / "params.npz"),
         (lambda p: (p / "ae.pt").is_file(), load_dictionary_learning, lambda p: p / "ae.pt"),
-        (lambda p: (p / SAELENS_WEIGHTS).is_file() or (p / SAELENS_CFG).is_file() and not (p / "sae.safetensors").is_file(),
-         load_saelens, lambda p: p),
+        (
+            lambda p: (
+                (p / SAELENS_WEIGHTS).is_file() or (p / SAELENS_CFG).is_file() and not (p / "sae.safetensors").is_file()
+            ),
+            load_saelens,
+            lambda p: p,
+        ),
         (lambda p: (p / "sae.safetensors").is_file(), load_sparsify, lambda p: p),
     ]
     if not path.exists():

@@ -51,7 +51,9 @@ def register_sae(name: str):
 
         known = SAE_REGISTRY.get(name)
         if known is not None and _qualified(known) != _qualified(cls):
-            raise ConfigError(f"SAE architecture {name!r} is already registered by {_qualified(known)}; choose another name")
+            raise ConfigError(
+                f"SAE architecture {name!r} is already registered by {_qualified(known)}; choose another name"
+            )
         config = cls.__dict__.get("config_class")
         if config is None:
             # [the inherited config class belongs to another architecture]
@@ -59,10 +61,15 @@ def register_sae(name: str):
             config.__module__ = cls.__module__
             cls.config_class = config
         if not (isinstance(config, type) and issubclass(config, SAEConfig) and dataclasses.is_dataclass(config)):
-            raise ConfigError(f"{_qualified(cls)}.config_class must be a dataclass subclass of SAEConfig, got {config!r}")
+            raise ConfigError(
+                f"{_qualified(cls)}.config_class must be a dataclass subclass of SAEConfig, got {config!r}"
+            )
         for other_name, other in SAE_REGISTRY.items():
             if other_name != name and other.config_class is config:
-                raise ConfigError(f"{config.__name__} already configures architecture {other_name!r}; give {cls.__name__} its own config class")
+                raise ConfigError(
+                    f"{config.__name__} already configures architecture {other_name!r}; "
+                    f"give {cls.__name__} its own config class"
+                )
         cls.architecture = name
         SAE_REGISTRY[name] = cls
         return cls
@@ -93,7 +100,7 @@ def sae_class(name: str):
         'TopKSAE'
         >>> sae_class("top_k")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        mechscope.errors.ConfigError: unknown SAE architecture 'top_k'; did you mean 'topk'? Registered: ['batchtopk', ...]
+        mechscope.errors.ConfigError: unknown SAE architecture 'top_k'; did you mean 'topk'? Registered: [...]
     """
     _load_builtin()
     if name not in SAE_REGISTRY:

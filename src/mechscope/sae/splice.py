@@ -63,7 +63,7 @@ def _inner_hooks_muted(sae: SAE) -> Iterator[None]:
     try:
         yield
     finally:
-        for point, (fwd, bwd) in zip(points, saved):
+        for point, (fwd, bwd) in zip(points, saved, strict=True):
             point._fwd, point._bwd = fwd, bwd
 
 
@@ -88,7 +88,9 @@ def spliced_output(
     sae_in = source.detach() if use_error_term else source
     skip_in = sae_in if sae.W_skip is not None else None
     recons = sae.decode(sae.encode(sae_in), skip_in)
-    flat_act = act.reshape(*shape[:2], -1).to(recons.dtype) if act.shape[-1] != recons.shape[-1] else act.to(recons.dtype)
+    flat_act = (
+        act.reshape(*shape[:2], -1).to(recons.dtype) if act.shape[-1] != recons.shape[-1] else act.to(recons.dtype)
+    )
     if use_error_term:
         if any(sae.hook_dict[name].has_hooks for name in _INNER_POINTS):
             with torch.no_grad(), _inner_hooks_muted(sae):
@@ -134,12 +136,16 @@ def splice(model, saes: SAE | Sequence[SAE], use_error_term: bool = False) -> It
 
                 def write(act, *, hook, sae=sae, captured=captured):
                     if "input" not in captured:
-                        raise HookNameError(f"{sae.cfg.hook_name!r} must run before {sae.cfg.hook_name_out!r} for a transcoder")
+                        raise HookNameError(
+                            f"{sae.cfg.hook_name!r} must run before {sae.cfg.hook_name_out!r} for a transcoder"
+                        )
                     return spliced_output(sae, act, captured.pop("input"), use_error_term)
 
                 hooks += [(cfg.hook_name, capture), (cfg.hook_name_out, write)]
             else:
-                hooks.append((cfg.hook_name, lambda act, *, hook, sae=sae: spliced_output(sae, act, act, use_error_term)))
+                hooks.append(
+                    (cfg.hook_name, lambda act, *, hook, sae=sae: spliced_output(sae, act, act, use_error_term))
+                )
         stack.enter_context(model.hooks(fwd_hooks=hooks))
         yield {sae.cfg.output_hook: sae for sae in saes}
 
@@ -161,7 +167,7 @@ def _split_hooks(saes: list[SAE], fwd_hooks: Sequence[tuple[HookTarget, HookFn]]
         if owner is None:
             model_hooks.append((target, fn))
             continue
-        sae, local = by_prefix[owner], target[len(owner):]
+        sae, local = by_prefix[owner], target[len(owner) :]
         if local not in sae.hook_dict:
             raise unknown_name_error(target, [owner + n for n in sae.hook_dict], "SAE hook point")
         sae_hooks.append((sae, local, fn))

@@ -140,7 +140,9 @@ class ActivationStore:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.fingerprint():
-            raise ConfigError("the saved activation-store state belongs to other settings (hooks, tokens, sizes or ranks)")
+            raise ConfigError(
+                "the saved activation-store state belongs to other settings (hooks, tokens, sizes or ranks)"
+            )
         self.batches_served = int(state["batches_served"])
 
     def fingerprint(self) -> str:

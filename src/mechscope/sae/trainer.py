@@ -87,10 +87,13 @@ class TrainConfig:
             raise ConfigError(f"steps must be positive, got {self.steps}")
         if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
             raise ConfigError(
-                f"lr_warmup_steps + lr_decay_steps = {self.lr_warmup_steps + self.lr_decay_steps} exceeds steps={self.steps}"
+                f"lr_warmup_steps + lr_decay_steps = {self.lr_warmup_steps + self.lr_decay_steps} "
+                f"exceeds steps={self.steps}"
             )
         if self.decoder_constraint not in ("unit_norm", "norm_penalty"):
-            raise ConfigError(f"decoder_constraint must be 'unit_norm' or 'norm_penalty', got {self.decoder_constraint!r}")
+            raise ConfigError(
+                f"decoder_constraint must be 'unit_norm' or 'norm_penalty', got {self.decoder_constraint!r}"
+            )
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ConfigError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
@@ -120,11 +123,15 @@ class TrainConfig:
             import difflib
 
             near = difflib.get_close_matches(unknown[0], valid, n=1)
-            raise ConfigError(f"unknown train config key {unknown[0]!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+            raise ConfigError(
+                f"unknown train config key {unknown[0]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+            )
         return cls(**data)
 
 
-def geometric_median(points: Float[Tensor, "batch d_out"], max_iter: int = 100, tol: float = 1e-6) -> Float[Tensor, " d_out"]:
+def geometric_median(
+    points: Float[Tensor, "batch d_out"], max_iter: int = 100, tol: float = 1e-6
+) -> Float[Tensor, " d_out"]:
     """Geometric median of the rows of ``points`` (Weiszfeld's algorithm).
 
     Example:
@@ -218,9 +225,11 @@ class SAETrainer:
     def load_state_dict(self, state: dict) -> None:
         if len(state["states"]) != len(self.states):
             raise LoadError(f"checkpoint holds {len(state['states'])} SAEs, this trainer has {len(self.states)}")
-        for s, saved in zip(self.states, state["states"]):
+        for s, saved in zip(self.states, state["states"], strict=True):
             if saved["sae_cfg"] != s.sae.cfg.to_dict():
-                raise LoadError("checkpoint SAE config differs from this trainer's SAE config; start a new checkpoint_dir")
+                raise LoadError(
+                    "checkpoint SAE config differs from this trainer's SAE config; start a new checkpoint_dir"
+                )
             s.load_state_dict(saved)
         self.source.load_state_dict(state["source"])
         self.history = list(state["history"])
@@ -435,7 +444,9 @@ class TensorSource:
         self.n = sizes.pop()
         self.rank, self.world_size = ddp.rank_and_world()
         if batch_size % self.world_size or batch_size > self.n:
-            raise ConfigError(f"batch_size={batch_size} must divide by {self.world_size} ranks and be at most {self.n} rows")
+            raise ConfigError(
+                f"batch_size={batch_size} must divide by {self.world_size} ranks and be at most {self.n} rows"
+            )
         self.tensors = tensors
         self.batch_size = batch_size
         self.seed = seed

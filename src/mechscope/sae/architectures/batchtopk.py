@@ -99,7 +99,9 @@ class BatchTopKSAE(SAE):
         if not sparse_training_applies(self):
             return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
 
-        return sparse_training_loss(self, x, target, lambda pre: select_flat(self._batch_select(pre), pre.shape[-1]), dead_mask)
+        return sparse_training_loss(
+            self, x, target, lambda pre: select_flat(self._batch_select(pre), pre.shape[-1]), dead_mask
+        )
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

@@ -68,7 +68,9 @@ class GatedSAE(SAE):
         return keys, weights
 
     @classmethod
-    def from_saelens(cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def from_saelens(
+        cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """Adds the unused ``b_enc`` (zeros) that SAELens files leave out."""
         weights = dict(weights)
         if "b_gate" not in weights:

@@ -121,7 +121,9 @@ class JumpReLUSAE(SAE):
         return keys, weights
 
     @classmethod
-    def from_saelens(cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def from_saelens(
+        cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``log_threshold`` from ``threshold``, which must be non-negative."""
         weights = dict(weights)
         if "threshold" not in weights:

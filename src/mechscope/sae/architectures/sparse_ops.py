@@ -61,7 +61,9 @@ def select_per_row(indices: Int[Tensor, "batch k"]) -> tuple[Int[Tensor, " activ
     return rows, _sorted_copy(indices).reshape(-1)
 
 
-def select_flat(flat_indices: Int[Tensor, " active"], d_sae: int) -> tuple[Int[Tensor, " active"], Int[Tensor, " active"]]:
+def select_flat(
+    flat_indices: Int[Tensor, " active"], d_sae: int
+) -> tuple[Int[Tensor, " active"], Int[Tensor, " active"]]:
     """Coordinates of indices into a flattened ``[rows, d_sae]`` matrix (BatchTopK), row-major.
 
     Example:

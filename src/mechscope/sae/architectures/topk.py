@@ -105,7 +105,9 @@ class TopKSAE(SAE):
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}, weights
 
     @classmethod
-    def from_saelens(cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def from_saelens(
+        cls, saelens_cfg: dict[str, Any], weights: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``k`` (SAELens' default 100 when absent), folding ``rescale_acts_by_decoder_norm`` into the weights."""
         weights = dict(weights)
         if saelens_cfg.get("rescale_acts_by_decoder_norm"):
@@ -162,7 +164,9 @@ class TopKSAE(SAE):
         """
         if not sparse_training_applies(self):
             return super().training_loss(x, target, coefficient_scale=coefficient_scale, dead_mask=dead_mask)
-        return sparse_training_loss(self, x, target, lambda pre: select_per_row(pre.topk(self.cfg.k, dim=-1).indices), dead_mask)
+        return sparse_training_loss(
+            self, x, target, lambda pre: select_per_row(pre.topk(self.cfg.k, dim=-1).indices), dead_mask
+        )
 
 
 def sparse_training_applies(sae: SAE) -> bool:
@@ -196,7 +200,8 @@ def sparse_training_loss(
         >>> from mechscope.sae import SAEConfig, make_sae
         >>> from mechscope.sae.architectures.sparse_ops import select_per_row
         >>> sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2))
-        >>> out = sparse_training_loss(sae, torch.randn(4, 8), None, lambda pre: select_per_row(pre.topk(2).indices), None)
+        >>> top_2 = lambda pre: select_per_row(pre.topk(2).indices)
+        >>> out = sparse_training_loss(sae, torch.randn(4, 8), None, top_2, None)
         >>> sorted(out.losses), int((out.acts != 0).sum(-1).max()) <= 2
         (['mse'], True)
     """
