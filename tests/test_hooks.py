@@ -198,6 +198,9 @@ def test_cached_run_gives_exactly_the_plain_logits(small_model):
         with torch.set_grad_enabled(grad):
             logits, _ = small_model.run_with_cache(TOKENS, names_filter=lambda n: True)
         assert torch.equal(logits, plain)
+    loss = small_model(TOKENS, return_type="loss")
+    cached_loss, _ = small_model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True)
+    assert torch.equal(cached_loss, loss)
     with torch.inference_mode():  # no in-place edit counts: the explicit path, same function
         logits, _ = small_model.run_with_cache(TOKENS)
     torch.testing.assert_close(logits, plain)
@@ -235,3 +238,16 @@ def test_gradients_reach_activations_that_hooks_only_read(small_model, name):
     read_only, explicit = grad_of_saved(False), grad_of_saved(True)
     assert explicit.abs().max() > 0
     torch.testing.assert_close(read_only, explicit)
+
+
+def test_cached_gradients_match_the_explicit_path(small_model):
+    names = ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.1.ln2.hook_scale"]
+    _, fast = small_model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, names_filter=names)
+    small_model.cfg.attn_implementation = "eager"
+    try:
+        _, explicit = small_model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, names_filter=names)
+    finally:
+        small_model.cfg.attn_implementation = "auto"
+    for name in names:
+        assert fast[name + "_grad"].abs().max() > 0
+        torch.testing.assert_close(fast[name + "_grad"], explicit[name + "_grad"])

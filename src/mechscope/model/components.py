@@ -301,13 +301,15 @@ class Attention(nn.Module):
 
 
 def _run_hook(hook: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
-    """``hook(x)``, and whether its hooks only read ``x`` (returned it and edited nothing in place).
+    """``hook(x)``, and whether its hooks only read ``x``: they returned ``x`` or a view of it
+    with its layout (as a backward hook's node is) and edited nothing in place.
 
     Inference-mode tensors keep no count of in-place edits; they count as edited.
     """
     edits = None if x.is_inference() else x._version
     out = hook(x)
-    return out, out is x and edits is not None and edits == x._version
+    same = out is x or (out.data_ptr() == x.data_ptr() and out.stride() == x.stride())
+    return out, same and edits is not None and edits == x._version
 
 
 def _fast_unless_edited(

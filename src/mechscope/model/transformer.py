@@ -222,7 +222,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         ``device`` moves cached tensors (e.g. ``"cpu"``). With ``incl_bwd`` the output must be a
         scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
         Caching only reads activations, so the output equals a plain forward's exactly (under
-        ``torch.inference_mode`` to within rounding: it keeps no count of in-place edits).
+        ``torch.inference_mode`` to within rounding: torch keeps no count of in-place edits there).
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
