@@ -37,7 +37,7 @@ from mechscope.patching.activation import AblationKind, Direction, base_and_sour
 from mechscope.patching.engine import SweepOptions, base_run, resolve_logit_positions, rows_per_forward, run_patches
 from mechscope.patching.metrics import Metric
 from mechscope.sae.base import SAE
-from mechscope.sae.splice import _check, run_with_cache_with_saes, run_with_saes, spliced_hooks
+from mechscope.sae.splice import check_spliceable, run_with_cache_with_saes, run_with_saes, spliced_hooks
 
 FeatureBy = Literal["d_sae"] | tuple[str, ...]
 Features = Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor] | None
@@ -134,7 +134,7 @@ def _nodes(sae: SAE, axes: tuple[str, ...], error: bool) -> list[tuple[str, tupl
 
 def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, attention_mask,
            options: SweepOptions) -> dict[str, Tensor]:  # fmt: skip
-    saes = _check(model, saes)
+    saes = check_spliceable(model, saes)
     axes = _by_axes(by)
     layers = {sae.cfg.output_hook: _start_layer(sae) for sae in saes}
     names = [name for sae in saes for name, _ in _nodes(sae, axes, error)]
@@ -318,7 +318,7 @@ def feature_attribution_patch(
         (torch.Size([64]), torch.Size([]))
     """
     base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
-    saes = _check(model, saes)
+    saes = check_spliceable(model, saes)
     per_pos = _by_axes(by) == ("pos", "d_sae")
     names = [f"{sae.cfg.output_hook}.{point}" for sae in saes for point in (ACTS, ERROR)]
     store: dict[str, Tensor] = {}

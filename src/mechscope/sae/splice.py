@@ -150,7 +150,6 @@ def splice(model, saes: SAE | Sequence[SAE], use_error_term: bool = False) -> It
         yield {sae.cfg.output_hook: sae for sae in saes}
 
 
-_check = check_spliceable  # the name `mechscope.sae.features` imports; to go once it uses check_spliceable
 
 
 def _restore_names(sae: SAE) -> None:
