@@ -132,3 +132,44 @@ def naive_patched_logits(model, tokens, source: dict, edges: list[tuple[str, str
             name = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
             hooks.append((name, lambda x, *, hook, s=senders: x - correction(s)))
     return model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks)
+
+
+def deltas(model, base: dict, source: dict) -> dict[str, torch.Tensor]:
+    """What patching each sender's edges adds to a receiver: ``source - base``; on post-norm models
+    a head's change of its layer's post-normed output."""
+    cfg = model.cfg
+    out = {name: source[name] - base[name] for name in base}
+    if cfg.post_norm:
+        for layer in range(cfg.n_layers):
+            heads = [f"a{layer}.h{h}" for h in range(cfg.n_heads)]
+            total = sum(base[h] for h in heads)
+            b_o = model.blocks[layer].attn.b_o
+            total = total if b_o is None else total + b_o
+            norm = model.blocks[layer].ln1_post
+            for h in heads:
+                out[h] = norm(total - base[h] + source[h]) - norm(total)
+    return out
+
+
+def receiver_hook(model, receiver: str, add):
+    """A hook adding ``add()`` to one receiver's input (through the per-head input hooks)."""
+    which, layer, head = parse_receiver(receiver)
+    if which in ("q", "k", "v"):
+
+        def edit(x, *, hook):
+            x = x.clone()
+            x[:, :, head] = x[:, :, head] + add()
+            return x
+
+        return f"blocks.{layer}.hook_{which}_input", edit
+    if which == "mlp":
+        return f"blocks.{layer}.hook_mlp_in", lambda x, *, hook: x + add()
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", lambda x, *, hook: x + add()
+
+
+def edge_derivative(model, tokens, delta: torch.Tensor, receiver: str, metric, extra_hooks=(), copies: int = 1):
+    """``d/d eps`` of the mean metric when ``eps * delta`` is added to the receiver's input."""
+    eps = torch.zeros((), requires_grad=True)
+    hooks = [receiver_hook(model, receiver, lambda: eps * delta.repeat(copies, 1, 1))] + list(extra_hooks)
+    logits = model.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks)
+    return torch.autograd.grad(metric(logits).sum() / tokens.shape[0], eps)[0]

@@ -43,27 +43,30 @@ class SenderRun:
     logits: Float[Tensor, "batch pos d_vocab"]
 
 
-def sender_hooks(model, graph: Graph, outputs: Tensor, head_sums: Tensor | None) -> list:
-    """Hooks writing each sender's output (and post-norm head sums) into ``outputs`` / ``head_sums``
-    as a forward runs; the hooks only read, so the forward is unchanged.
+def sender_hooks(model, graph: Graph, write, head_sums: Tensor | None = None) -> list:
+    """Hooks handing each sender's output to ``write(senders, value)`` as a forward runs
+    (``senders`` a range of sender indices, ``value`` ``[batch, pos, len(senders), d_model]``),
+    and, on post-norm models, each layer's head sum (with ``b_O``) to ``head_sums[layer]``.
+    The hooks only read, so the forward is unchanged.
 
     Example:
         >>> graph = Graph.of(model)
         >>> outputs = torch.zeros(1, 4, graph.n_senders, 32)
-        >>> with model.hooks(fwd_hooks=sender_hooks(model, graph, outputs, None)):
+        >>> def write(senders, value):
+        ...     outputs[:, :, senders.start : senders.stop] = value
+        >>> with model.hooks(fwd_hooks=sender_hooks(model, graph, write)):
         ...     logits = model(tokens)
         >>> bool(outputs[:, :, graph.sender_index("m2")].abs().sum() > 0)
         True
     """
-    hooks = []
 
-    def writer(index):
-        def write(x: Tensor, *, hook) -> None:
-            outputs[:, :, index] = x.detach()
+    def writer(index: int):
+        def hook(x: Tensor, *, hook) -> None:
+            write(range(index, index + 1), x.detach()[:, :, None])
 
-        return write
+        return hook
 
-    hooks.append(("hook_embed", writer(0)))
+    hooks = [("hook_embed", writer(0))]
     if graph.learned_pos:
         hooks.append(("hook_pos_embed", writer(1)))
     for layer in range(graph.n_layers):
@@ -71,7 +74,7 @@ def sender_hooks(model, graph: Graph, outputs: Tensor, head_sums: Tensor | None)
         b_o = model.blocks[layer].attn.b_o
 
         def heads_writer(result: Tensor, *, hook, heads=heads, layer=layer, b_o=b_o) -> None:
-            outputs[:, :, heads.start : heads.stop] = result.detach()
+            write(heads, result.detach())
             if head_sums is not None:
                 total = result.detach().sum(-2)
                 head_sums[layer] = total if b_o is None else total + b_o.detach()
@@ -108,7 +111,11 @@ def record_senders(
     head_sums = None
     if graph.post_norm:
         head_sums = torch.zeros(cfg.n_layers, n, seq, cfg.d_model, device=model.device, dtype=model.dtype)
-    hooks = sender_hooks(model, graph, outputs, head_sums)
+
+    def write(senders: range, value: Tensor) -> None:
+        outputs[:, :, senders.start : senders.stop] = value
+
+    hooks = sender_hooks(model, graph, write, head_sums)
     stream = None
     if resid:
         stream = torch.zeros(cfg.n_layers + 1, n, seq, cfg.d_model, device=model.device, dtype=model.dtype)
