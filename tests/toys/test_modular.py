@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.transformer import HookedTransformer
-from mechscope.toys import modular
+from mechscope.toys import fourier, modular
 
 
 def test_data_covers_every_pair_once_with_correct_labels():
@@ -92,10 +92,13 @@ def test_quick_run_groks_and_the_analysis_finds_its_frequencies(tmp_path):
     assert grokked >= 3 * memorised
     analysis = modular.analyse_model(run.model, run.data, run.config.p)
     key = analysis["key_freqs_neurons"]
+    assert analysis["key_frequency_rule"] == "gap"
     assert 1 <= len(key) <= 8
-    assert set(key) & set(analysis["key_freqs_embed"])
+    assert key == analysis["key_freqs_embed"]  # the gap rule finds the same set in the neurons and the embedding
     assert analysis["frac_explained_by_key"] > 0.7
+    assert modular.key_frequencies(run.model, run.data) == key
     measures = modular.progress_measures(run, key)
+    assert modular.progress_measures(run, epochs=[run.epoch]) == measures[-1:]  # default: the gap rule's set
     final, at_memorised = measures[-1], min(measures, key=lambda m: abs(m["epoch"] - memorised))
     assert final["test_acc"] >= 0.99
     # The key frequencies alone carry the final model; removing them breaks it on the training set.
@@ -103,6 +106,24 @@ def test_quick_run_groks_and_the_analysis_finds_its_frequencies(tmp_path):
     assert final["excluded_loss"] > 10 * final["train_loss"]
     assert final["embed_key_share"] > at_memorised["embed_key_share"]
     assert final["sum_sq_weights"] < max(m["sum_sq_weights"] for m in measures)
+
+
+def test_analysis_rules_and_their_errors():
+    run = modular.train_grokking(dataclasses.replace(_small(), n_epochs=10), progress=False)
+    acts = modular.neuron_activations(run.model, run.data)
+    threshold = modular.analyse_model(run.model, run.data, 11, rule="threshold")
+    assert threshold["key_frequency_rule"] == "threshold"
+    assert threshold["key_freqs_neurons"] == fourier.key_frequencies_from_neurons(acts, rule="threshold")
+    assert threshold["key_freqs_embed"] == fourier.key_frequencies_from_embedding(run.model.W_E[:11], rule="threshold")
+    assert_close(torch.tensor(threshold["neurons_per_frequency"]), fourier.neurons_per_frequency(acts))
+    assert modular.key_frequencies(run.model, run.data, rule="threshold", min_fraction=0.3) == (
+        fourier.key_frequencies_from_neurons(acts, rule="threshold", min_fraction=0.3))
+    with pytest.raises(ConfigError, match="unknown key-frequency rule 'treshold'.*did you mean 'threshold'"):
+        modular.analyse_model(run.model, run.data, 11, rule="treshold")
+    with pytest.raises(ConfigError, match="both key_freqs=\\[1\\] and rule='gap'"):
+        modular.progress_measures(run, [1], rule="gap")
+    with pytest.raises(ConfigError, match="min_fraction is an option of rule='threshold'"):
+        modular.key_frequencies(run.model, run.data, min_fraction=0.3)
 
 
 def test_missing_checkpoint_names_the_nearest():

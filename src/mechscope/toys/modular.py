@@ -391,14 +391,34 @@ def neuron_logit_weights(model: HookedTransformer, p: int) -> Float[Tensor, "d_m
 
 
 @torch.no_grad()
-def key_frequencies(model: HookedTransformer, data: ModularData, min_fraction: float = 0.5) -> list[int]:
-    """The model's key frequencies, from its neurons (see `fourier.key_frequencies_from_neurons`)."""
-    return fourier.key_frequencies_from_neurons(neuron_activations(model, data), min_fraction=min_fraction)
+def key_frequencies(model: HookedTransformer, data: ModularData, *, rule: str = "gap", **options) -> list[int]:
+    """The model's key frequencies, from its neurons: `fourier.key_frequencies_from_neurons` by ``rule``.
+
+    ``rule="gap"`` (default) cuts at the largest drop of `fourier.neurons_per_frequency`;
+    ``rule="threshold"`` keeps the frequencies that explain at least half of the variance of at
+    least 1% of the neurons. ``options`` are that function's options of the chosen rule.
+
+    Example:
+        >>> cfg = GrokkingConfig(p=7, d_model=16, d_mlp=8)
+        >>> untrained = HookedTransformer(cfg.model_config()).init_weights(0)
+        >>> data = modular_addition_data(7)
+        >>> key_frequencies(untrained, data), key_frequencies(untrained, data, rule="threshold", min_neurons=1)
+        ([], [1, 2])
+
+        An untrained model's neurons have no gap between frequencies: none is key. The threshold
+        rule, asked for single neurons, still finds two.
+    """
+    return fourier.key_frequencies_from_neurons(neuron_activations(model, data), rule=rule, **options)
 
 
 @torch.no_grad()
 def progress_measures(
-    run: GrokkingRun, key_freqs: list[int] | None = None, epochs: list[int] | None = None, progress: bool = False
+    run: GrokkingRun,
+    key_freqs: list[int] | None = None,
+    epochs: list[int] | None = None,
+    progress: bool = False,
+    *,
+    rule: str | None = None,
 ) -> list[dict]:
     """The paper's progress measures at each checkpoint.
 
@@ -407,7 +427,8 @@ def progress_measures(
     `fourier.restricted_logits`), ``excluded_loss`` (training pairs, key frequencies removed
     from the logits; see `fourier.excluded_logits`), ``sum_sq_weights`` (total squared norm of
     the weights) and ``embed_key_share`` (fraction of the embedding's non-constant squared norm
-    in the key frequencies). ``key_freqs`` defaults to those of the final model.
+    in the key frequencies). ``key_freqs`` defaults to those of the final model's neurons by
+    ``rule`` (`key_frequencies`; ``"gap"`` unless given).
 
     Example:
         >>> run = train_grokking(GrokkingConfig(p=11, d_model=16, d_mlp=32, n_epochs=20), progress=False)
@@ -418,7 +439,10 @@ def progress_measures(
     cfg, data = run.config, run.data
     p = cfg.p
     if key_freqs is None:
-        key_freqs = key_frequencies(run.model, data)
+        key_freqs = key_frequencies(run.model, data, rule=rule or "gap")
+    elif rule is not None:
+        raise ConfigError(f"progress_measures got both key_freqs={key_freqs} and rule={rule!r}; "
+                          "pass key_freqs to use given frequencies, or rule to choose them from the final model")
     rows = []
     for epoch in tqdm(sorted(epochs or run.checkpoints), desc="progress measures", disable=not progress, leave=False):
         model = run.model_at(epoch).eval()
@@ -439,12 +463,15 @@ def progress_measures(
 
 
 @torch.no_grad()
-def analyse_model(model: HookedTransformer, data: ModularData, p: int) -> dict:
+def analyse_model(model: HookedTransformer, data: ModularData, p: int, *, rule: str = "gap") -> dict:
     """Fourier analysis of one model: embedding frequency norms, key frequencies, per-neuron frequencies.
 
-    Returns a JSON-serialisable dict: ``embed_freq_norms`` (index ``k - 1``), ``key_freqs_embed``,
-    ``key_freqs_neurons``, ``neuron_freq`` and ``neuron_frac_explained`` (per neuron), and
-    ``frac_explained_by_key`` (mean over neurons whose dominant frequency is key).
+    Returns a JSON-serialisable dict: ``embed_freq_norms`` and ``neurons_per_frequency`` (index
+    ``k - 1``; see `fourier.frequency_norms` and `fourier.neurons_per_frequency`),
+    ``key_freqs_embed`` and ``key_freqs_neurons`` (chosen by ``rule``, recorded as
+    ``key_frequency_rule``: ``"gap"``, the largest drop of the sorted values, or ``"threshold"``,
+    see `fourier.KEY_FREQUENCY_RULES`), ``neuron_freq`` and ``neuron_frac_explained`` (per
+    neuron), and ``frac_explained_by_key`` (mean over neurons whose dominant frequency is key).
 
     Example:
         >>> cfg = GrokkingConfig(p=7, d_model=16, d_mlp=8)
@@ -454,11 +481,13 @@ def analyse_model(model: HookedTransformer, data: ModularData, p: int) -> dict:
     """
     acts = neuron_activations(model, data)
     freqs, frac = fourier.neuron_frequencies(acts)
-    key_neurons = fourier.key_frequencies_from_neurons(acts)
+    key_neurons = fourier.key_frequencies_from_neurons(acts, rule=rule)
     in_key = [f for k, f in zip(freqs, frac.tolist()) if k in key_neurons]
     return {
         "embed_freq_norms": fourier.frequency_norms(model.W_E[:p], dim=0).tolist(),
-        "key_freqs_embed": fourier.key_frequencies_from_embedding(model.W_E[:p]),
+        "neurons_per_frequency": fourier.neurons_per_frequency(acts).tolist(),
+        "key_frequency_rule": rule,
+        "key_freqs_embed": fourier.key_frequencies_from_embedding(model.W_E[:p], rule=rule),
         "key_freqs_neurons": key_neurons,
         "neuron_freq": freqs,
         "neuron_frac_explained": frac.tolist(),
