@@ -6,7 +6,8 @@ Example:
     >>> logits, cache = model.run_with_cache("The cat sat on the")        # doctest: +SKIP
 """
 
-from mechscope.cache import ActivationCache
+from importlib import import_module
+
 from mechscope.errors import (
     ConfigError,
     HookError,
@@ -16,11 +17,30 @@ from mechscope.errors import (
     MechscopeError,
     WeightConversionError,
 )
-from mechscope.hooks import HookPoint
-from mechscope.loading.pretrained import load
-from mechscope.model.config import ModelConfig
-from mechscope.model.transformer import HookedTransformer
-from mechscope.names import act_name
+
+# The names that need torch are imported on first use, so that `import mechscope` (and the
+# command line's --help) stays fast and has no side effects.
+_LAZY = {
+    "ActivationCache": "mechscope.cache",
+    "HookPoint": "mechscope.hooks",
+    "HookedTransformer": "mechscope.model.transformer",
+    "ModelConfig": "mechscope.model.config",
+    "act_name": "mechscope.names",
+    "load": "mechscope.loading.pretrained",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mechscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(globals()))
+
 
 __all__ = [
     "ActivationCache",

@@ -69,10 +69,6 @@ def test_help_of_the_cli_modules_imports_no_torch():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mechscope/__init__.py imports torch eagerly (it needs lazy attributes); remove this mark when it passes",
-)
 def test_mechscope_help_imports_no_torch():
     result = _help_imports()
     assert result.returncode == 0, result.stderr
