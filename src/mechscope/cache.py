@@ -205,18 +205,19 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def head_results(self, layer: int) -> Float[Tensor, "batch pos head d_model"]:
+    def head_results(
+        self, layer: int, W_O: Float[Tensor, "layer head d_head d_model"] | None = None
+    ) -> Float[Tensor, "batch pos head d_model"]:
         """Each head's output at ``layer`` (cached ``hook_result``, or computed from ``hook_z`` and ``W_O``).
+
+        ``W_O``: the model's stacked output weights (``model.W_O``), to pass when calling this for
+        many layers (stacking them once); read from the model when ``None``.
 
         Example:
             >>> _, cache = model.run_with_cache(tokens)
             >>> cache.head_results(1).shape
             torch.Size([1, 4, 4, 32])
         """
-        return self._head_results(layer, None)
-
-    def _head_results(self, layer: int, W_O: Float[Tensor, "layer head d_head d_model"] | None) -> Tensor:
-        """`head_results`, reading ``W_O`` (the model's stacked weights) when given."""
         name = act_name("result", layer)
         if name in self.cache_dict:
             return self.cache_dict[name]
@@ -242,7 +243,7 @@ class ActivationCache:
         components, labels = [], []
         W_O = self.model.W_O if layer else None  # stacked once for every layer
         for layer_ in range(layer):
-            results = self._head_results(layer_, W_O)
+            results = self.head_results(layer_, W_O)
             components.append(results.movedim(-2, 0))
             labels.extend(f"L{layer_}H{h}" for h in range(cfg.n_heads))
         if components:

@@ -203,13 +203,13 @@ def _head_components(cache: ActivationCache, index: Int[Tensor, " batch"]) -> tu
     if "hook_pos_embed" in model.hook_dict:
         parts.append(cache["hook_pos_embed"][rows, index])
         labels.append("pos_embed")
+    W_O, b_O = model.W_O.detach(), model.b_O.detach()  # stacked once for every layer
     for layer in range(cfg.n_layers):
-        results = cache.head_results(layer)[rows, index]  # [batch, head, d_model]
+        results = cache.head_results(layer, W_O)[rows, index]  # [batch, head, d_model]
         parts.extend(results.unbind(1))
         labels.extend(f"L{layer}H{h}" for h in range(cfg.n_heads))
-        b_o = model.blocks[layer].attn.b_o
-        if b_o is not None:
-            parts.append(b_o.detach().expand_as(results[:, 0]))
+        if cfg.attn_out_bias:
+            parts.append(b_O[layer].expand_as(results[:, 0]))
             labels.append(f"L{layer}_attn_bias")
         if not cfg.attn_only:
             parts.append(cache["mlp_out", layer][rows, index])
