@@ -42,7 +42,8 @@ class FactoredMatrix:
         (torch.Size([6, 2]), torch.Size([2]), torch.Size([5, 2]), True)
     """
 
-    def __init__(self, A: Float[Tensor, "... ldim mdim"], B: Float[Tensor, "... mdim rdim"]) -> None:
+    def __init__(self, A: Tensor, B: Tensor) -> None:
+        """``A [..., ldim, mdim]`` and ``B [..., mdim, rdim]`` (checked here, with errors naming the fix)."""
         if A.dim() < 2 or B.dim() < 2:
             raise InputError(f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:

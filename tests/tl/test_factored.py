@@ -1,0 +1,104 @@
+"""FactoredMatrix against dense linear algebra, with TransformerLens' meanings (svd -> V,
+eigenvalues as a property, vector products, row/column indexing, scalar tensors)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import mechscope as ms
+from mechscope.analysis import FactoredMatrix
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _rand(*shape):
+    return torch.randn(*shape, generator=GEN, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5), (2, 4, 9, 2, 9), (4, 6, 3), (3, 8, 4)])
+def test_svd_returns_u_s_v(shape):
+    *batch, ldim, mdim, rdim = shape
+    fm = FactoredMatrix(_rand(*batch, ldim, mdim), _rand(*batch, mdim, rdim))
+    dense = fm.AB
+    U, S, V = fm.svd()
+    k = min(ldim, mdim, rdim)
+    assert U.shape == (*batch, ldim, k) and S.shape == (*batch, k) and V.shape == (*batch, rdim, k)
+    assert_close(U @ torch.diag_embed(S) @ V.transpose(-1, -2), dense)
+    assert_close(S, torch.linalg.svdvals(dense)[..., :k])
+    eye = torch.eye(k, dtype=torch.float64).expand(*batch, k, k)
+    assert_close(U.transpose(-1, -2) @ U, eye)
+    assert_close(V.transpose(-1, -2) @ V, eye)
+    assert fm.U is U and fm.V is V and fm.S is S  # cached
+    with pytest.warns(DeprecationWarning, match="returns V"):
+        assert fm.Vh is V
+    assert_close(fm.norm(), torch.linalg.matrix_norm(dense))
+    assert_close(fm.collapse_l(), S[..., :, None] * V.transpose(-1, -2))
+    assert_close(fm.collapse_r(), U * S[..., None, :])
+    assert_close(fm.make_even().AB, dense)
+
+
+def test_eigenvalues_is_a_property_of_ba():
+    f = FactoredMatrix(_rand(8, 3), _rand(3, 8))
+    eig = f.eigenvalues
+    assert eig.shape == (3,)
+    dense = torch.linalg.eigvals(f.AB)
+    big = dense[dense.abs().argsort(descending=True)[:3]]
+    assert_close(torch.sort(eig.real).values, torch.sort(big.real).values)
+    wide = FactoredMatrix(_rand(3, 6), _rand(6, 3))  # mdim > ldim: the mdim eigenvalues of BA
+    assert wide.eigenvalues.shape == (6,)
+    with pytest.raises(ms.InputError, match="square"):
+        _ = FactoredMatrix(_rand(3, 2), _rand(2, 4)).eigenvalues
+
+
+def test_products():
+    fm = FactoredMatrix(_rand(6, 3), _rand(3, 5))
+    dense = fm.AB
+    m = _rand(5, 4)
+    assert_close((fm @ m).AB, dense @ m)
+    assert (fm @ m).mdim == 3 and (fm @ _rand(5, 2)).mdim == 3
+    narrow = FactoredMatrix(_rand(6, 4), _rand(4, 3))  # rdim <= mdim: TransformerLens collapses to rdim
+    assert (narrow @ _rand(3, 5)).mdim == 3
+    left = _rand(2, 6)
+    assert_close((left @ fm).AB, left @ dense)
+    v, w = _rand(5), _rand(6)
+    assert_close(fm @ v, dense @ v)
+    assert_close(w @ fm, w @ dense)
+    g = FactoredMatrix(_rand(5, 4), _rand(4, 7))
+    assert_close((fm @ g).AB, dense @ g.AB)
+    assert (fm * torch.tensor([2.0])).shape == fm.shape
+    assert_close((fm * torch.tensor([2.0])).AB, 2 * dense)
+    assert_close((2.5 * fm).AB, 2.5 * dense)
+    batched = FactoredMatrix(_rand(2, 3, 4, 2), _rand(2, 3, 2, 4))
+    scale = _rand(2, 3)
+    assert_close((batched * scale).AB, scale[..., None, None] * batched.AB)
+    with pytest.raises(ms.InputError, match="leading shape"):
+        batched * _rand(4)
+
+
+def test_indexing_rows_and_columns():
+    fm = FactoredMatrix(_rand(2, 3, 6, 2), _rand(2, 3, 2, 5))
+    dense = fm.AB
+    assert_close(fm[1].AB, dense[1])
+    assert_close(fm[1, 2].AB, dense[1, 2])
+    assert_close(fm[1, 2, 0].AB, dense[1, 2, 0:1])
+    assert_close(fm[1, 2, -1].AB, dense[1, 2, -1:])
+    assert_close(fm[1, 2, :3, -1].AB, dense[1, 2, :3, -1:])
+    assert_close(fm[:, :, 1:4, 2:].AB, dense[:, :, 1:4, 2:])
+    with pytest.raises(ms.InputError, match="too long"):
+        fm[0, 0, 0, 0, 0]
+    assert_close(fm.get_corner(2), dense[:2, :2, :2, :2])
+    assert fm.unsqueeze(0).shape == (1, 2, 3, 6, 5) and fm.pair[0] is fm.A
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ms.InputError, match="inner dimensions"):
+        FactoredMatrix(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ms.InputError, match="columns"):
+        FactoredMatrix(torch.randn(3, 2), torch.randn(2, 4)) @ torch.randn(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ = FactoredMatrix(torch.randn(3, 2), torch.randn(2, 4)).V  # no warning for the canonical name
