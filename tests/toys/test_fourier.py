@@ -18,7 +18,7 @@ def test_basis_is_orthonormal_and_matches_formula(p):
     assert basis.shape == (p, p) and len(labels) == p
     assert_close(basis @ basis.T, torch.eye(p, dtype=torch.float64), atol=1e-12, rtol=0)
     x = torch.arange(p, dtype=torch.float64)
-    for row, label in zip(basis, labels):
+    for row, label in zip(basis, labels, strict=True):
         if label == "const":
             expected = torch.ones(p, dtype=torch.float64)
         else:
@@ -63,7 +63,7 @@ def _planted_embedding(p: int, d_model: int, keys: list[int], nu: float, seed: i
     g = torch.Generator().manual_seed(seed)
     basis, _ = fourier.fourier_basis(p, dtype=torch.float64)
     W_E = torch.zeros(p, d_model, dtype=torch.float64)
-    for key, norm in zip(keys, norms or [1.0] * len(keys)):
+    for key, norm in zip(keys, norms or [1.0] * len(keys), strict=True):
         for row in fourier.frequency_indices(p, key):
             u = torch.randn(d_model, generator=g, dtype=torch.float64)
             W_E += math.sqrt(norm / 2) * torch.outer(basis[row], u / u.norm())
@@ -189,8 +189,9 @@ def test_neuron_frequency_fractions_match_least_squares():
 
 
 def _planted_neurons(p: int, d_mlp: int, keys: list[int], nu: float, seed: int, scales=None) -> torch.Tensor:
-    """Neuron ``i`` is ``ReLU(cos(w_k a + phi) + cos(w_k b + psi))`` for key ``k = keys[i % len(keys)]``, times
-    ``scales`` of that key, plus a random non-key frequency ``cos(w_j (a + b) + chi)`` with ``nu`` times its variance."""
+    """Neuron ``i`` is ``ReLU(cos(w_k a + phi) + cos(w_k b + psi))`` for key ``k = keys[i % len(keys)]``,
+    plus a random non-key frequency ``cos(w_j (a + b) + chi)`` with ``nu`` times its variance, all times
+    ``scales`` of that key."""
     g = torch.Generator().manual_seed(seed)
     a = torch.arange(p, dtype=torch.float64)[:, None, None]
     b = torch.arange(p, dtype=torch.float64)[None, :, None]
@@ -275,7 +276,8 @@ def test_restricted_loss_on_constructed_neurons():
     torch.manual_seed(0)
     noise = torch.randn(p * p, 6, dtype=torch.float64)
     # Six neurons: cos/sin of 4(a+b) with offsets, plus a bit of unrelated structure.
-    key_part = torch.stack([torch.cos(w * (a + b)), torch.sin(w * (a + b))], -1) @ torch.randn(2, 6, dtype=torch.float64)
+    key_part = torch.stack([torch.cos(w * (a + b)), torch.sin(w * (a + b))], -1) @ torch.randn(
+        2, 6, dtype=torch.float64)
     acts = 2.0 + key_part + 0.2 * noise
     W_logit = torch.randn(6, p, dtype=torch.float64)
     logits = acts @ W_logit + torch.randn(p, dtype=torch.float64)  # a constant direct-path term

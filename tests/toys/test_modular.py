@@ -19,7 +19,7 @@ def test_data_covers_every_pair_once_with_correct_labels():
     a, b, eq = data.tokens.unbind(-1)
     assert (eq == p).all()
     assert_close(data.labels, (a + b) % p)
-    assert sorted(zip(a.tolist(), b.tolist())) == [(i, j) for i in range(p) for j in range(p)]
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(i, j) for i in range(p) for j in range(p)]
     both = torch.cat([data.train_idx, data.test_idx]).sort().values
     assert torch.equal(both, torch.arange(p * p)) and len(data.train_idx) == int(0.3 * p * p)
 

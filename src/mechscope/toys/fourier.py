@@ -339,10 +339,16 @@ def key_frequencies_from_neurons(
 
     ``rule="gap"`` (default): `gap_key_frequencies` of `neurons_per_frequency` (each neuron
     counted once, split between frequencies by the variance fraction each explains), with its
-    options ``max_keys``, ``min_ratio`` and ``floor``. ``rule="threshold"``: frequencies that explain at least ``min_fraction``
-    (default 0.5) of the variance of at least ``min_neurons`` neurons (default 1% of the neurons,
-    at least 2); dead neurons count for no frequency. Giving an option of the other rule is an
-    error.
+    options ``max_keys``, ``min_ratio`` and ``floor``. ``rule="threshold"``: frequencies that
+    explain at least ``min_fraction`` (default 0.5) of the variance of at least ``min_neurons``
+    neurons (default 1% of the neurons, at least 2). Dead neurons count for no frequency under
+    either rule. Giving an option of the other rule is an error.
+
+    Noise level (``tests/toys/test_fourier.py``): with ``p = 113`` and 512 neurons on five key
+    frequencies, each neuron also carrying a random other frequency with ``nu`` times its key's
+    variance, the gap rule returned exactly the key frequencies for 20 of 20 seeds up to
+    ``nu = 2`` (and no frequency for most seeds at 3); the threshold rule fails from ``nu = 1``,
+    where many neurons are dominated by their other frequency.
 
     Example:
         >>> basis, _ = fourier_basis(11)
@@ -361,7 +367,7 @@ def key_frequencies_from_neurons(
         min_neurons = max(2, acts.shape[-1] // 100)
     freqs, frac = neuron_frequencies(acts)
     counts: dict[int, int] = {}
-    for k, f in zip(freqs, frac.tolist()):
+    for k, f in zip(freqs, frac.tolist(), strict=True):
         if f >= min_fraction:
             counts[k] = counts.get(k, 0) + 1
     return sorted(k for k, n in counts.items() if n >= min_neurons)

@@ -482,7 +482,7 @@ def analyse_model(model: HookedTransformer, data: ModularData, p: int, *, rule: 
     acts = neuron_activations(model, data)
     freqs, frac = fourier.neuron_frequencies(acts)
     key_neurons = fourier.key_frequencies_from_neurons(acts, rule=rule)
-    in_key = [f for k, f in zip(freqs, frac.tolist()) if k in key_neurons]
+    in_key = [f for k, f in zip(freqs, frac.tolist(), strict=True) if k in key_neurons]
     return {
         "embed_freq_norms": fourier.frequency_norms(model.W_E[:p], dim=0).tolist(),
         "neurons_per_frequency": fourier.neurons_per_frequency(acts).tolist(),
