@@ -1,0 +1,23 @@
+"""Subspace interventions: subspace activation patching, distributed alignment search (DAS), the
+interpretability-illusion check and steering.
+
+Example:
+    >>> from mechscope.subspace import subspace_patch
+    >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+    >>> subspace_patch(model, clean, corrupted, torch.randn(2, 32), lambda logits: logits[:, -1, 7]).shape
+    torch.Size([3, 4, 2])
+"""
+
+from mechscope.subspace.basis import as_bases, coordinates, interchange, orthonormal_basis, split_subspace
+from mechscope.subspace.patch import SubspaceSite, subspace_hooks, subspace_patch
+
+__all__ = [
+    "SubspaceSite",
+    "as_bases",
+    "coordinates",
+    "interchange",
+    "orthonormal_basis",
+    "split_subspace",
+    "subspace_hooks",
+    "subspace_patch",
+]
