@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.circuits.activations import Ablation, sender_hooks
+from mechscope.circuits.circuit import Circuit
 from mechscope.circuits.graph import Graph
 from mechscope.errors import InputError
 from mechscope.model.tokenize import input_tokens
@@ -341,3 +342,39 @@ def _interpolation_hooks(graph: Graph, kind: str, senders: range, layer: int, de
     if kind == "heads":
         return [(act_name("attn_out", layer), shift(senders))]
     return [(act_name("mlp_out", layer), shift(senders))]
+
+
+def attribute(
+    model,
+    clean_tokens,
+    corrupted_tokens,
+    metric: Metric,
+    *,
+    method: Method = "eap",
+    steps: int = 5,
+    direction: Direction = "noising",
+    ablation: Ablation = "patch",
+    attention_mask: Tensor | None = None,
+    hook_context: HookContext | None = None,
+    steps_per_pass: int | None = None,
+    memory_budget: int = 2**30,
+    progress: bool = False,
+) -> Circuit:
+    """`edge_scores` as a `Circuit` of every edge (pick edges with ``.top(n)``), with its settings.
+
+    Example:
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> circuit = attribute(model, clean, corrupted, lambda x: x[:, -1, 7], method="eap").top(10)
+        >>> circuit.method, circuit.n_edges
+        ('eap', 10)
+    """
+    scores = edge_scores(
+        model, clean_tokens, corrupted_tokens, metric, method=method, steps=steps, direction=direction,
+        ablation=ablation, attention_mask=attention_mask, hook_context=hook_context, steps_per_pass=steps_per_pass,
+        memory_budget=memory_budget, progress=progress,
+    )  # fmt: skip
+    n_prompts = int(input_tokens(model, clean_tokens)[0].shape[0])
+    settings = {"direction": direction, "ablation": ablation, "n_prompts": n_prompts}
+    if method != "eap":
+        settings["steps"] = steps
+    return Circuit.from_scores(Graph.of(model), scores, method, settings)
