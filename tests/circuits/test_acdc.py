@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from mechscope.circuits import Graph
 from mechscope.circuits.acdc import acdc
-from tests.circuits.naive import naive_patched_logits, parse_receiver, parse_sender, source_outputs
+from tests.circuits.naive import naive_patched_logits, parse_receiver, source_outputs
 from tests.circuits.test_patch import _prompts
 from tests.conftest import tiny_model
 

@@ -146,7 +146,7 @@ def acdc(
                 sets[i:, tried[i]] = True  # row i: the first i + 1 tried edges removed
             values = evaluate(sets)
             kept_at = None
-            for i, (edge, value) in enumerate(zip(tried, values)):
+            for i, (edge, value) in enumerate(zip(tried, values, strict=True)):
                 damage = sign * (value - current)
                 scores[edge] = damage
                 if damage < threshold:

@@ -224,7 +224,7 @@ class Circuit:
             >>> circuit = Circuit.from_edges(Graph.of(model), ["input->logits", "pos->logits"])
             >>> logits = circuit.run(model, tokens, ablation="zero")
             >>> embed = model.embed(tokens) + model.pos_embed(torch.arange(4)[None])
-            >>> torch.allclose(logits, model(embed, start_at_layer=3), atol=1e-5)  # only the embeddings reach the logits
+            >>> torch.allclose(logits, model(embed, start_at_layer=3), atol=1e-5)  # only the embeddings count
             True
         """
         self.check_model(model)
