@@ -82,6 +82,13 @@ def tokens(lib, ctx, name):
         "residual_direction": model.tokens_to_residual_directions(" Mary"),
         "multi_token_raises": ctx.raises(lambda: model.to_single_token(" Mary and John")),
         "missing_token_raises": ctx.raises(lambda: model.get_token_position(" Paris", PROMPT)),
+        "to_string_2d": model.to_string(model.to_tokens([PROMPT, CORRUPT])),
+        "to_string_int_list": model.to_string([307, 276, 306]),
+        "to_string_0d": model.to_string(torch.tensor(307)),
+        "to_str_tokens_0d": model.to_str_tokens(torch.tensor(307)),
+        "to_str_tokens_numpy": model.to_str_tokens(model.to_tokens(PROMPT).cpu().numpy()),
+        "to_str_tokens_list": model.to_str_tokens([PROMPT, CORRUPT]),
+        "to_str_tokens_batch_raises": ctx.raises(lambda: model.to_str_tokens(model.to_tokens([PROMPT, CORRUPT]))),
         "n_params": model.cfg.n_params,
         "n_params_total": model.n_params_total,
     }
@@ -291,9 +298,9 @@ def config(lib, ctx, name):
     big = lib.HookedTransformer(
         lib.HookedTransformerConfig(d_model=64, d_head=16, n_layers=1, n_ctx=32, d_vocab=500, act_fn="relu", seed=0)
     )
-    out["init_W_E_std"] = float(big.W_E.std())
-    out["init_W_U_std"] = float(big.W_U.std())
-    out["init_b_U_abs"] = float(big.unembed.b_U.abs().sum())
+    out["init_W_E_std"] = float(big.W_E.detach().std())
+    out["init_W_U_std"] = float(big.W_U.detach().std())
+    out["init_b_U_abs"] = float(big.unembed.b_U.detach().abs().sum())
     return out
 
 

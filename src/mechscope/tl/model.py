@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -286,6 +287,66 @@ class HookedTransformer(_Base):
         if self.cfg.positional_embedding_type == "learned":
             resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         return resid, tokens, None, mask
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]``; ``padding_side=None`` follows the tokenizer's ``padding_side``."""
+        return super().to_tokens(input, prepend_bos, padding_side or self._padding_side(), move_to_device, truncate)
+
+    def to_string(self, tokens: Any) -> str | list[str]:
+        """Decode token ids: a list of strings for ``[batch, pos]``, a string for ``[pos]``, one id
+        (int or 0-d tensor), a list of ids or a numpy array, as in TransformerLens.
+
+        Example:
+            >>> HookedTransformer(model.cfg).to_string(torch.tensor([[1, 2]]))   # doctest: +SKIP
+            ['ab']
+        """
+        hf = self._hf()
+        tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens)
+        if tokens.dim() == 2:
+            return hf.batch_decode(tokens.tolist(), clean_up_tokenization_spaces=False)
+        if tokens.dim() <= 1:
+            return hf.decode(tokens.tolist(), clean_up_tokenization_spaces=False)
+        raise InputError(f"to_string takes [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}")
+
+    def to_str_tokens(
+        self,
+        input: Any,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list[str] | list[list[str]]:
+        """The text of each token of a string, of ``[pos]``/``[1, pos]`` token ids (tensor or numpy
+        array, a single id too), or of each element of a list, as in TransformerLens.
+
+        Example:
+            >>> HookedTransformer(model.cfg).to_str_tokens(torch.tensor(3))   # doctest: +SKIP
+            ['c']
+        """
+        if isinstance(input, list):
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        elif isinstance(input, (Tensor, np.ndarray)):
+            tokens = torch.as_tensor(input).squeeze()
+            tokens = tokens[None] if tokens.dim() == 0 else tokens
+            if tokens.dim() != 1:
+                raise InputError(f"to_str_tokens takes [pos] or [1, pos] token ids, got shape {tuple(input.shape)}")
+        else:
+            raise InputError(f"invalid input type to to_str_tokens: {type(input).__name__}")
+        return self._hf().batch_decode([[int(t)] for t in tokens.tolist()], clean_up_tokenization_spaces=False)
+
+    def _hf(self) -> Any:
+        if self.tokenizer is None:
+            raise InputError(
+                "this model has no tokenizer: pass one to HookedTransformer(cfg, tokenizer) or set_tokenizer"
+            )
+        return self.tokenizer.hf
 
     def _padding_side(self) -> str:
         hf = self.tokenizer.hf if self.tokenizer is not None else None
