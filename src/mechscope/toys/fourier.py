@@ -165,7 +165,7 @@ def gap_key_frequencies(
     Noise levels (``tests/toys/test_fourier.py``): on planted embeddings with ``p = 113``,
     ``d_model = 128``, five frequencies of equal norm ``s`` and i.i.d. Gaussian noise of
     expected norm ``nu * s`` per frequency, the rule returned exactly the planted frequencies
-    for all of 200 seeds at every ``nu`` up to 0.45 (198 at 0.5); past that it returns no
+    for all of 200 seeds at every ``nu`` up to 0.45 (197 at 0.5); past that it returns no
     frequency rather than a wrong set (every seed at 0.8). The threshold rule at 0.1 was exact
     for all 200 seeds up to ``nu = 0.08``, for 33 at 0.1 and for none from 0.15. With the five
     norms spread over a factor of three (``s`` to ``s / 3``) the gap rule stays exact up to
