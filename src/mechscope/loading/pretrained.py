@@ -7,31 +7,36 @@ keyed by the SHA-256 of the GGUF file and written atomically, so later loads ski
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mechscope.errors import LoadError
+from mechscope.loading.cache_entries import (
+    CACHE_FORMAT_VERSION,
+    cache_dir,
+    discard_entry,
+    file_sha256,
+    read_cache_entry,
+    remove_stale_temporaries,
+    temporary_dir,
+    write_cache_entry,
+)
 from mechscope.loading.families import adapter_for
 from mechscope.model.config import ModelConfig
 from mechscope.model.placement import DeviceMap, place
 from mechscope.model.processing import process_weights, resolve_steps
 from mechscope.model.tokenize import Tokenizer, tokenizer_adds_bos
 from mechscope.model.transformer import HookedTransformer
-
-CACHE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,12 @@ def load(
             cfg, weights, hf_tok = _load_hf_dir(_download(name))
         cfg.model_name = name if cfg.model_name == "custom" else cfg.model_name
     steps = resolve_steps(
-        cfg, processed, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+        cfg,
+        processed,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
     )
     if device_map is not None:
         device = torch.device("cpu")
@@ -189,8 +198,7 @@ def _assemble(name: str, spec: BundledModel) -> Path:
                 return Path(package.assemble(target))
             except FileExistsError:  # a damaged copy: rebuild it below
                 target.unlink()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        tmp = temporary_dir(target.parent)
         try:
             os.replace(package.assemble(tmp / spec.filename), target)
         finally:
@@ -217,7 +225,11 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any | None
 
     if not (path / "config.json").is_file():
         raise LoadError(f"{path} has no config.json: not a Hugging Face model directory")
-    hf_config = AutoConfig.from_pretrained(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise LoadError(f"{path / 'config.json'} is not a valid Hugging Face model config: {reason}") from None
     adapter = adapter_for(hf_config.model_type)
     cfg = adapter.config_from_hf(hf_config)
     weights = adapter.convert_weights(read_hf_weights(path), cfg)
@@ -263,26 +275,28 @@ def _download(repo_id: str) -> Path:
 
 
 # ---------------------------------------------------------------------- GGUF with a conversion cache
-def cache_dir() -> Path:
-    """Where converted weights are cached: ``$MECHSCOPE_CACHE`` or ``~/.cache/mechscope``."""
-    return Path(os.environ.get("MECHSCOPE_CACHE", Path.home() / ".cache" / "mechscope")).expanduser()
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
-    entry = cache_dir() / f"gguf-{file_sha256(path)[:32]}-v{CACHE_FORMAT_VERSION}"
-    if entry.is_dir():
+    source = {"file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path)}
+    entry = cache_dir() / f"gguf-{source['sha256'][:32]}-v{CACHE_FORMAT_VERSION}"
+    remove_stale_temporaries(entry.parent)
+    if entry.exists() or entry.is_symlink():
         try:
-            return _read_cache_entry(entry)
+            cfg, weights, hf_tokenizer = read_cache_entry(entry, source["sha256"])
+            build_model(cfg, weights, None, device="meta")  # the config must fit the weights
+            return cfg, weights, hf_tokenizer
         except Exception as exc:
-            warnings.warn(f"the conversion cache {entry} is unreadable ({exc}); rebuilding it", stacklevel=3)
-            shutil.rmtree(entry, ignore_errors=True)
-    cfg, weights, hf_tokenizer = _convert_gguf(path)
-    _write_cache_entry(entry, cfg, weights, hf_tokenizer)
+            warnings.warn(
+                f"the conversion cache entry {entry} is unreadable or stale ({exc}); rebuilding it", stacklevel=3
+            )
+            discard_entry(entry)
+    from tqdm.auto import tqdm
+
+    # a one-off step of many seconds: say so (reading and dequantising, then writing the cache)
+    with tqdm(total=2, desc=f"converting {path.name} once, cached in {entry.parent}", unit="step") as bar:
+        cfg, weights, hf_tokenizer = _convert_gguf(path)
+        bar.update(1)
+        write_cache_entry(entry, cfg, weights, hf_tokenizer, source)
+        bar.update(1)
     return cfg, weights, hf_tokenizer
 
 
@@ -304,33 +318,3 @@ def _convert_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
     cfg.model_name = path.name
     weights = adapter.convert_weights(dict(hf_model.state_dict()), cfg)
     return _finish_config(cfg, adapter, hf_tokenizer), weights, hf_tokenizer
-
-
-def _write_cache_entry(entry: Path, cfg: ModelConfig, weights: dict[str, Tensor], hf_tokenizer: Any) -> None:
-    """Write into a temporary directory beside ``entry`` and rename it into place."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        unique = {k: v.contiguous() for k, v in weights.items() if not (cfg.tie_word_embeddings and k == "unembed.w_u")}
-        save_file(unique, str(tmp / "model.safetensors"))
-        (tmp / "mechscope_config.json").write_text(cfg.to_json())
-        hf_tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "COMPLETE").write_text(json.dumps({"format": CACHE_FORMAT_VERSION}))
-        os.replace(tmp, entry)
-    except OSError as exc:
-        if entry.is_dir():  # another process finished first
-            return
-        warnings.warn(f"could not write the conversion cache {entry}: {exc}", stacklevel=3)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_cache_entry(entry: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
-    from transformers import AutoTokenizer
-
-    if not (entry / "COMPLETE").is_file():
-        raise LoadError("incomplete cache entry")
-    cfg = ModelConfig.from_dict(json.loads((entry / "mechscope_config.json").read_text()))
-    weights = load_file(entry / "model.safetensors")
-    hf_tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
-    return cfg, weights, hf_tokenizer
