@@ -92,15 +92,40 @@ class Attributor:
         self.copies, self.first = copies, first
         self.senders = senders or range(graph.n_senders)
         self.resid: dict[int, Tensor] = {}
+        self.pending: dict[int, dict] = {}
 
     def accumulate(self, receivers: range, limit: int, grad: Tensor) -> None:
-        """Add ``delta . grad`` for receivers ``receivers`` (gradient ``[rows, pos, r, d_model]``),
-        whose upstream senders are those before index ``limit``."""
+        """Take the gradient ``[rows, pos, r, d_model]`` of receivers ``receivers``, whose upstream
+        senders are those before index ``limit``. A layer's receiver groups are collected and met
+        with ``delta`` in one matrix product once all have arrived (one read of ``delta`` per layer)."""
+        n = self.delta.shape[1]
+        grad = grad.float().view(self.copies, n, *grad.shape[1:]).sum(0)  # [n, pos, r, d]
+        layer = int(self.graph.receiver_layer[receivers.start])
+        if layer == self.graph.n_layers:
+            self._product(receivers, limit, grad)
+            return
+        pending = self.pending.setdefault(layer, {})
+        pending[receivers.start] = (receivers, limit, grad)
+        if len(pending) == len(self.graph.layer_receivers(layer)):
+            self.flush(layer)
+
+    def flush(self, layer: int | None = None) -> None:
+        """Score the collected receiver groups of ``layer`` (default: every layer still pending)."""
+        for key in [layer] if layer is not None else list(self.pending):
+            groups = sorted(self.pending.pop(key).values(), key=lambda g: g[0].start)
+            start, stop = groups[0][0].start, groups[-1][0].stop
+            if stop - start != sum(len(g[0]) for g in groups):  # not contiguous: one product per group
+                for receivers, limit, grad in groups:
+                    self._product(receivers, limit, grad)
+                continue
+            # Entries of senders past a group's own limit are not edges; edge_values never reads them.
+            grad = torch.cat([g[2] for g in groups], dim=2)
+            self._product(range(start, stop), max(g[1] for g in groups), grad)
+
+    def _product(self, receivers: range, limit: int, grad: Tensor) -> None:
         lo, hi = self.senders.start, min(self.senders.stop, limit)
         if hi <= lo:
             return
-        n = self.delta.shape[1]
-        grad = grad.float().view(self.copies, n, *grad.shape[1:]).sum(0)  # [n, pos, r, d]
         grad = grad.permute(2, 0, 1, 3).reshape(len(receivers), -1)  # [r, n * pos * d]
         delta = self.delta[lo:hi].reshape(hi - lo, -1)  # [s, n * pos * d]
         self.scores[lo:hi, receivers.start : receivers.stop] += delta.float() @ grad.T
@@ -133,8 +158,6 @@ class Attributor:
         norm = self.model.blocks[layer].ln1
 
         def hook(grad: Tensor, *, hook) -> None:  # grad: [rows, pos, head or kv_head, d_head]
-            if limit <= self.senders.start:
-                return
             normed = torch.einsum("bphk,hdk->bphd", grad, weight.detach())  # [rows, pos, head, d_model]
             self.accumulate(receivers, limit, norm_vjp(norm, self.resid[layer], normed))
 
@@ -276,6 +299,7 @@ def edge_scores(
         fwd += subtract_base_hooks(model, graph, delta) + [("hook_embed", _requires_grad)]
         with frozen_parameters(model), torch.enable_grad(), context(fwd), model.hooks(bwd_hooks=bwd):
             metric(_logits(model, base_tokens, 0, attention_mask, keep)).sum().backward()
+        attributor.flush()
         return graph.edge_values(scores.cpu()) / n
     resid = torch.zeros(graph.n_layers, n, seq, model.cfg.d_model, device=model.device, dtype=model.dtype)
 
@@ -304,6 +328,7 @@ def edge_scores(
             fwd.append(("hook_embed", _requires_grad))
         with frozen_parameters(model), torch.enable_grad(), context(fwd), model.hooks(bwd_hooks=bwd):
             metric(_logits(model, start_input, layer, mask, keep)).sum().backward()
+        attributor.flush()
     return graph.edge_values(scores.cpu()) / (n * steps)
 
 
