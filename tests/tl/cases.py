@@ -63,8 +63,47 @@ def cache(lib, ctx, name):
 def processed(lib, ctx, name):
     model = ctx.model(name, processed=True)
     tokens = model.to_tokens(PROMPT)
-    logits = model(tokens)
-    return {"log_probs": logits.log_softmax(-1), "logits": logits, "default_prepend_bos": model.cfg.default_prepend_bos}
+    logits, act = model.run_with_cache(tokens)
+    out = {
+        "log_probs": logits.log_softmax(-1),
+        "logits": logits,
+        "default_prepend_bos": model.cfg.default_prepend_bos,
+        "W_E": model.W_E,
+        "W_U": model.W_U,
+    }
+    for hook in (
+        "blocks.1.hook_resid_pre",
+        "blocks.0.attn.hook_z",
+        "blocks.0.attn.hook_pattern",
+        "blocks.0.ln1.hook_normalized",
+        "blocks.1.mlp.hook_post",
+        "blocks.1.hook_attn_out",
+    ):
+        out[hook] = act[hook]
+    return out
+
+
+def loading(lib, ctx, name):
+    from transformers import AutoModelForCausalLM
+
+    path = ctx.checkpoints[name]
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    load = lib.HookedTransformer.from_pretrained_no_processing
+    short = load(path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu", first_n_layers=1)
+    left = load(path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu", default_padding_side="left")
+    half = load(path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu", dtype="bfloat16")
+    tokens = short.to_tokens(PROMPT)
+    return {
+        "first_n_layers_logits": short(tokens),
+        "first_n_layers_n_layers": short.cfg.n_layers,
+        "left_padded_tokens": left.to_tokens([PROMPT, "When Mary"]),
+        "right_padded_tokens": short.to_tokens([PROMPT, "When Mary"]),
+        "bf16_dtype": str(half.W_E.dtype),
+        "bf16_logits": half(tokens).float(),
+        "no_bos_tokens": load(
+            path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu", default_prepend_bos=False
+        ).to_tokens(PROMPT),
+    }
 
 
 def tokens(lib, ctx, name):
@@ -308,6 +347,7 @@ CASES = {
     "forward": (forward, MODELS),
     "cache": (cache, MODELS),
     "processed": (processed, MODELS),
+    "loading": (loading, MODELS),
     "tokens": (tokens, MODELS),
     "patching": (patching, MODELS),
     "patching_every_by_pos": (patching_every_by_pos, ("gpt2",)),

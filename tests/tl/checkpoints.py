@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tests.conftest import randomize_
+
 CORPUS = [
     "When Mary and John went to the store, John gave a drink to Mary.",
     "When Tom and Anna went to the park, Anna gave a ball to Tom.",
@@ -37,20 +39,6 @@ def make_tokenizer(path: Path):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, unk_token=SPECIAL)
     hf.save_pretrained(path)
     return hf
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter (norm weights near 1, biases and weights small) so each one shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name or "ln_" in name:
-                p.copy_((1 + 0.2 * noise) if name.endswith("weight") else 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(0.15 * noise)
 
 
 def hf_configs(vocab: int) -> dict:

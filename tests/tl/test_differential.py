@@ -15,7 +15,12 @@ from tests.tl import cases
 
 ATOL = RTOL = 1e-4
 
+TOLERANCES = {"bf16_logits": (1e-1, 5e-2)}
+"""Keys compared at a looser ``(atol, rtol)``: bfloat16 runs round differently in each library."""
+
 KNOWN = {
+    "processed-gpt2/W_U": "TransformerLens' fold_ln also centres every weight that reads a LayerNorm over d_model "
+    "(W_U, and W_Q/W_K/W_V/W_in); mechscope's does not; activations and logits agree (phase 2, model/processing.py)",
     "tokens-gpt2/n_params_total": "TransformerLens stores a separate W_U for tied embeddings and a zero b_U; "
     "mechscope shares the tied tensor and has no b_U without a bias (phase 2: zero biases as TransformerLens)",
     "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U for models "
@@ -25,23 +30,23 @@ KNOWN = {
 difference, and fails when it disappears, so this table stays true)."""
 
 
-def _same(expected, actual) -> str | None:
+def _same(expected, actual, atol: float = ATOL, rtol: float = RTOL) -> str | None:
     """``None`` when equal (tensors and floats at float32 tolerance), else what differs."""
     if isinstance(expected, torch.Tensor):
         actual = torch.as_tensor(actual)
         if tuple(actual.shape) != tuple(expected.shape):
             return f"shape {tuple(actual.shape)} != TransformerLens {tuple(expected.shape)}"
         try:
-            torch.testing.assert_close(actual.float(), expected.float(), atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
         except AssertionError as exc:
-            return str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
+            return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         return None
     if isinstance(expected, float) and isinstance(actual, (int, float)):
-        ok = math.isclose(actual, expected, rel_tol=RTOL, abs_tol=ATOL) or (math.isnan(actual) and math.isnan(expected))
+        ok = math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol) or (math.isnan(actual) and math.isnan(expected))
         return None if ok else f"{actual!r} != TransformerLens {expected!r}"
     if isinstance(actual, torch.Tensor) and actual.dim() == 0:
         actual = actual.item()
-        return _same(expected, actual)
+        return _same(expected, actual, atol, rtol)
     if isinstance(actual, tuple):
         actual = list(actual)
     return None if actual == expected else f"{actual!r} != TransformerLens {expected!r}"
@@ -60,7 +65,7 @@ def test_same_as_transformer_lens(case_id, tl_results, ms_context):
     assert sorted(actual) == sorted(expected)
     problems, expected_differences = [], []
     for key in sorted(expected):
-        diff = _same(expected[key], actual[key])
+        diff = _same(expected[key], actual[key], *TOLERANCES.get(key, (ATOL, RTOL)))
         known = KNOWN.get(f"{case_id}/{key}")
         if known is not None:
             expected_differences.append(key)
