@@ -19,9 +19,18 @@ ROPE = {
 
 def gemma3(**kw) -> Gemma3TextConfig:
     base = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, sliding_window=6,
-        query_pre_attn_scalar=24, rope_parameters=ROPE,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        sliding_window=6,
+        query_pre_attn_scalar=24,
+        rope_parameters=ROPE,
     )
     return Gemma3TextConfig(**{**base, **kw})
 
