@@ -20,6 +20,7 @@ from mechscope.features.database import FeatureDB, vocab_strings, write_harvest
 from mechscope.features.effects import logit_effects, nearest_features, source_attribution
 from mechscope.features.harvest import Harvest, HarvestConfig, harvest, harvest_sources, token_rows
 from mechscope.features.records import Example, FeatureRecord, feature_records
+from mechscope.features.site import export_site, page_name
 from mechscope.features.sketch import FeatureSketch
 from mechscope.features.sources import DirectionSource, FeatureSource, NeuronSource, SAESource, as_sources
 
@@ -35,11 +36,13 @@ __all__ = [
     "NeuronSource",
     "SAESource",
     "as_sources",
+    "export_site",
     "feature_records",
     "harvest",
     "harvest_sources",
     "logit_effects",
     "nearest_features",
+    "page_name",
     "source_attribution",
     "token_rows",
     "vocab_strings",
