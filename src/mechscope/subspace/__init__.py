@@ -9,15 +9,30 @@ Example:
 """
 
 from mechscope.subspace.basis import as_bases, coordinates, interchange, orthonormal_basis, split_subspace
+from mechscope.subspace.das import DASConfig, InterchangeScores, LearnedSubspace, interchange_scores, train_das
+from mechscope.subspace.illusion import IllusionReport, IllusionRow, head_readers, illusion_check
+from mechscope.subspace.intervention import InterchangeData, InterchangeRun, Predicts
 from mechscope.subspace.patch import SubspaceSite, subspace_hooks, subspace_patch
 
 __all__ = [
+    "DASConfig",
+    "IllusionReport",
+    "IllusionRow",
+    "InterchangeData",
+    "InterchangeRun",
+    "InterchangeScores",
+    "LearnedSubspace",
+    "Predicts",
     "SubspaceSite",
     "as_bases",
     "coordinates",
+    "head_readers",
+    "illusion_check",
     "interchange",
+    "interchange_scores",
     "orthonormal_basis",
     "split_subspace",
     "subspace_hooks",
     "subspace_patch",
+    "train_das",
 ]

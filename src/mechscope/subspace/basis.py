@@ -50,8 +50,9 @@ def as_bases(directions: Directions, d_act: int | None = None) -> Float[Tensor, 
     """Subspaces as one tensor of orthonormal bases ``[direction, d_act, d_sub]``.
 
     ``directions`` may be a direction ``[d_act]``; several directions ``[direction, d_act]``
-    (one per row); bases ``[direction, d_act, d_sub]`` (columns span each subspace); or a list
-    whose entries are directions ``[d_act]`` or bases ``[d_act, d_sub]``. Each subspace is
+    (one per row); bases ``[direction, d_act, d_sub]`` (columns span each subspace); a learned
+    subspace (anything with a ``basis [d_act, d_sub]``); or a list whose entries are directions
+    ``[d_act]``, bases ``[d_act, d_sub]`` or learned subspaces. Each subspace is
     orthonormalised (a direction is normalised; all-zero columns count as padding); narrower ones
     are padded with zero columns.
     ``d_act``, when given, is checked.
@@ -63,6 +64,8 @@ def as_bases(directions: Directions, d_act: int | None = None) -> Float[Tensor, 
         tensor([[0.7071, 0.0000],
                 [0.7071, 0.0000]])
     """
+    if hasattr(directions, "basis"):  # a learned subspace (`mechscope.subspace.LearnedSubspace`)
+        directions = [directions.basis]
     if isinstance(directions, Tensor):
         if directions.dim() == 1:
             items = [directions[:, None]]
@@ -76,7 +79,7 @@ def as_bases(directions: Directions, d_act: int | None = None) -> Float[Tensor, 
                 f"got shape {tuple(directions.shape)}"
             )
     else:
-        items = [torch.as_tensor(v) for v in directions]
+        items = [torch.as_tensor(getattr(v, "basis", v)) for v in directions]
         items = [v[:, None] if v.dim() == 1 else v for v in items]
     if not items:
         raise InputError("no directions given; pass at least one direction or basis")
