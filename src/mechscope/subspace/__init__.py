@@ -13,6 +13,7 @@ from mechscope.subspace.das import DASConfig, InterchangeScores, LearnedSubspace
 from mechscope.subspace.illusion import IllusionReport, IllusionRow, head_readers, illusion_check
 from mechscope.subspace.intervention import InterchangeData, InterchangeRun, Predicts
 from mechscope.subspace.patch import SubspaceSite, subspace_hooks, subspace_patch
+from mechscope.subspace.steer import mean_difference, steer, steering_hooks
 
 __all__ = [
     "DASConfig",
@@ -30,8 +31,11 @@ __all__ = [
     "illusion_check",
     "interchange",
     "interchange_scores",
+    "mean_difference",
     "orthonormal_basis",
     "split_subspace",
+    "steer",
+    "steering_hooks",
     "subspace_hooks",
     "subspace_patch",
     "train_das",
