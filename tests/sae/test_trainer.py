@@ -1,6 +1,9 @@
-"""Trainer pieces against their definitions, and exact resume from an atomic checkpoint."""
+"""Trainer pieces against their definitions, exact resume from an atomic checkpoint, resume refusing
+changed settings (naming them), and throughput counting only the resumed segment."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -221,3 +224,70 @@ def test_several_saes_train_from_one_source():
             TensorSource({"x": x}, 64),
             TrainConfig(steps=1, progress=False),
         ).train()
+
+
+# ---------------------------------------------------------------------- resume guard and throughput
+def small_trainer(tmp_path, **overrides) -> SAETrainer:
+    settings = dict(steps=6, lr=1e-3, checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False)
+    settings.update(overrides)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    sae = make_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2, hook_name="x"), seed=0)
+    return SAETrainer([sae], TensorSource({"x": x}, batch_size=32), TrainConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"lr": 1.0}, "lr=0.001 -> 1.0"),
+        ({"lr_warmup_steps": 2}, "lr_warmup_steps=0 -> 2"),
+        ({"b_dec_init": "zeros"}, "b_dec_init='geometric_median' -> 'zeros'"),
+        ({"dead_window": 10}, "dead_window=1000 -> 10"),
+        ({"adam_betas": (0.8, 0.9)}, "adam_betas=(0.9, 0.999) -> (0.8, 0.9)"),
+        ({"resample_steps": (3,)}, "resample_steps=() -> (3,)"),
+    ],
+)
+def test_resume_refuses_changed_settings(tmp_path, change, named):
+    small_trainer(tmp_path).train(stop_after=4)
+    with pytest.raises(LoadError, match="trained with other settings") as info:
+        small_trainer(tmp_path, **change).train()
+    assert named in str(info.value)
+    assert str(tmp_path / "checkpoint.pt") in str(info.value)
+
+
+def test_resume_accepts_bookkeeping_changes_and_more_steps(tmp_path):
+    first = small_trainer(tmp_path)
+    first.train(stop_after=4)
+    resumed = small_trainer(tmp_path, steps=8, log_every=1, checkpoint_every=4)
+    resumed.train()
+    assert resumed.step == 8
+    # with an LR decay the schedule depends on steps, so more steps is a different run
+    decaying = tmp_path / "decay"
+    small_trainer(decaying, lr_decay_steps=2).train(stop_after=2)
+    with pytest.raises(LoadError, match="steps=6 -> 8"):
+        small_trainer(decaying, lr_decay_steps=2, steps=8).train()
+
+
+def test_conflicts_list_every_changed_field():
+    saved = asdict(TrainConfig(steps=10))
+    assert TrainConfig(steps=10, lr=1e-3, seed=1, progress=False).resume_conflicts(saved) == [
+        "lr=0.0002 -> 0.001",
+        "seed=0 -> 1",
+    ]
+    assert TrainConfig(steps=10).resume_conflicts(saved) == []
+
+
+def test_throughput_counts_only_the_resumed_segment(tmp_path):
+    first = small_trainer(tmp_path)
+    first.train(stop_after=4)
+    assert first.segment_rows == 4 * 32 and first.segment_seconds > 0
+    resumed = small_trainer(tmp_path)
+    resumed.train()
+    assert resumed.step == 6
+    assert resumed.segment_rows == 2 * 32  # the checkpoint's 4 batches are not this segment's
+
+
+def test_an_unreadable_checkpoint_names_its_path(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(LoadError, match=r"cannot read checkpoint .*checkpoint\.pt") as info:
+        small_trainer(tmp_path).train()
+    assert "weights_only" not in str(info.value)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -25,6 +26,7 @@ from mechscope.errors import ConfigError, LoadError
 from mechscope.sae import distributed as ddp
 from mechscope.sae.base import SAE, make_sae
 from mechscope.sae.config import SAEConfig
+from mechscope.sae.train_config import TrainConfig
 
 
 @runtime_checkable
@@ -36,97 +38,6 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every SAE a trainer trains.
-
-    Example:
-        >>> TrainConfig(steps=100, lr_warmup_steps=10).lr_at(4)
-        0.0001...
-    """
-
-    steps: int = 1000
-    """Optimisation steps (each on one batch from the source)."""
-    lr: float = 2e-4
-    """Peak Adam learning rate."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_warmup_steps: int = 0
-    """Linear warm-up of the learning rate from 0 over these steps."""
-    lr_decay_steps: int = 0
-    """Linear decay to ``lr * lr_end_fraction`` over the final steps."""
-    lr_end_fraction: float = 0.0
-    coefficient_warmup_steps: int = 0
-    """Linear warm-up of the sparsity coefficient (L1 / L0) from 0 over these steps."""
-    decoder_constraint: Literal["unit_norm", "norm_penalty"] = "unit_norm"
-    """``unit_norm``: renormalise decoder rows after each step and project their gradient;
-    ``norm_penalty``: leave norms free (the penalties weight latents by decoder norm)."""
-    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """Initial decoder bias, from the first batch."""
-    normalize_activations: bool = True
-    """Scale inputs (and targets) so their mean norm is ``sqrt(d)``; folded back at the end."""
-    dead_window: int = 1000
-    """A latent that has not fired for this many steps counts as dead (aux-K, resampling, stats)."""
-    resample_steps: tuple[int, ...] = ()
-    """Steps at which dead latents are resampled (Anthropic, Towards Monosemanticity)."""
-    max_grad_norm: float | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    """Write ``checkpoint_dir/checkpoint.pt`` every this many steps (0: never)."""
-    log_every: int = 50
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)
-        self.resample_steps = tuple(self.resample_steps)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = str(self.checkpoint_dir)
-        if self.steps <= 0:
-            raise ConfigError(f"steps must be positive, got {self.steps}")
-        if self.lr_warmup_steps + self.lr_decay_steps > self.steps:
-            raise ConfigError(
-                f"lr_warmup_steps + lr_decay_steps = {self.lr_warmup_steps + self.lr_decay_steps} "
-                f"exceeds steps={self.steps}"
-            )
-        if self.decoder_constraint not in ("unit_norm", "norm_penalty"):
-            raise ConfigError(
-                f"decoder_constraint must be 'unit_norm' or 'norm_penalty', got {self.decoder_constraint!r}"
-            )
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ConfigError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
-        if self.checkpoint_every and not self.checkpoint_dir:
-            raise ConfigError("checkpoint_every needs checkpoint_dir")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate used at ``step`` (0-based)."""
-        factor = 1.0
-        if self.lr_warmup_steps and step < self.lr_warmup_steps:
-            factor = (step + 1) / self.lr_warmup_steps
-        decay_start = self.steps - self.lr_decay_steps
-        if self.lr_decay_steps and step >= decay_start:
-            progress = (step - decay_start + 1) / self.lr_decay_steps
-            factor *= 1 - (1 - self.lr_end_fraction) * progress
-        return self.lr * factor
-
-    def coefficient_scale_at(self, step: int) -> float:
-        if not self.coefficient_warmup_steps:
-            return 1.0
-        return min(1.0, (step + 1) / self.coefficient_warmup_steps)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            import difflib
-
-            near = difflib.get_close_matches(unknown[0], valid, n=1)
-            raise ConfigError(
-                f"unknown train config key {unknown[0]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-            )
-        return cls(**data)
 
 
 def geometric_median(
@@ -203,6 +114,11 @@ class SAETrainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rank, self.world_size = ddp.rank_and_world()
+        self.segment_rows = 0
+        """Rows (tokens) this process trained on since it started or resumed; a checkpoint's
+        earlier rows are not counted, so ``segment_rows / segment_seconds`` is this run's throughput."""
+        self.segment_seconds = 0.0
+        """Seconds spent in `train` since the trainer was built (or resumed)."""
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -223,6 +139,13 @@ class SAETrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; a `LoadError` names any setting that differs from the saved run's."""
+        conflicts = self.cfg.resume_conflicts(state.get("train_cfg") or {})
+        if conflicts:
+            raise LoadError(
+                f"the checkpoint was trained with other settings ({', '.join(conflicts)}); resume with the "
+                "saved settings, or start a new checkpoint_dir"
+            )
         if len(state["states"]) != len(self.states):
             raise LoadError(f"checkpoint holds {len(state['states'])} SAEs, this trainer has {len(self.states)}")
         for s, saved in zip(self.states, state["states"], strict=True):
@@ -254,8 +177,12 @@ class SAETrainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise LoadError(f"cannot read checkpoint {path}: {exc}") from exc
-        self.load_state_dict(state)
+            reason = str(exc).split("\n")[0] or type(exc).__name__
+            raise LoadError(f"cannot read checkpoint {path} ({reason}); delete it to start afresh") from None
+        try:
+            self.load_state_dict(state)
+        except LoadError as exc:
+            raise LoadError(f"{path}: {exc}") from None
         return True
 
     # ------------------------------------------------------------------ training
@@ -378,6 +305,7 @@ class SAETrainer:
         end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         if self.step == 0 and self.checkpoint_path is not None:
             self.load_checkpoint()
+        started = time.perf_counter()
         progress = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -386,6 +314,7 @@ class SAETrainer:
         try:
             while self.step < end:
                 batch = self.source.next_batch()
+                self.segment_rows += next(iter(batch.values())).shape[0]
                 records = []
                 for state in self.states:
                     x, target = self._batch_for(state.sae, batch)
@@ -400,6 +329,7 @@ class SAETrainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
+            self.segment_seconds += time.perf_counter() - started
             if progress is not None:
                 progress.close()
         return self.trained_saes()
