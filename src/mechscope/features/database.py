@@ -88,10 +88,14 @@ def write_harvest(
     path: str | os.PathLike,
     *,
     commit_every: int = 256,
+    meta: dict | None = None,
+    source_info: dict[str, dict] | None = None,
     **record_options,
 ) -> Path:
     """Write every feature of ``harvest`` into the SQLite database ``path`` (created or extended;
-    a source already in it is replaced). ``record_options`` go to `feature_records`.
+    a source already in it is replaced). ``meta`` adds entries to the ``meta`` table (e.g. how to
+    load the model), ``source_info`` to a source's info (e.g. its SAE's path); ``record_options``
+    go to `feature_records`.
 
     Example:
         >>> import tempfile, pathlib
@@ -110,6 +114,7 @@ def write_harvest(
         meta = {
             "model_name": harvest.model_name, "n_tokens": harvest.n_tokens, "rows": harvest.rows_done,
             "context_size": harvest.config.context_size, "config": vars(harvest.config), "format": 1,
+            **(meta or {}),
         }  # fmt: skip
         con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         strings = vocab_strings(model)
@@ -122,6 +127,7 @@ def write_harvest(
             info = src.describe()
             if hasattr(src, "sae"):
                 info["sae_config"] = src.sae.cfg.to_dict()
+            info.update((source_info or {}).get(name, {}))
             con.execute(
                 "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?)",
                 (name, src.hook_name, src.kind, src.n_features, json.dumps(info, default=str)),
