@@ -1,0 +1,147 @@
+"""Labelled token datasets for probing, built offline from the default corpus.
+
+Each dataset is a batch of equal-length token windows with a label and a selection mask per
+token (`TokenDataset`):
+
+- ``prose_vs_code``: windows from Shakespeare (label 0) or from the Django documentation
+  (label 1) -- the part a text comes from (`mechscope.data.corpus`); every position is labelled.
+- ``code_block``: windows of the Django documentation; label 1 where the token lies inside a
+  literal code block of the reStructuredText (the indented lines after a paragraph ending in
+  ``::`` or after a ``.. code-block::`` directive), 0 elsewhere.
+- ``capitalized``: windows of both parts; only tokens that start a word (a letter after a space
+  or a line start) are selected, labelled 1 when that letter is upper case.
+
+Labels come from character offsets of a fast tokenizer (``return_offsets_mapping``), so they
+do not depend on how the tokenizer splits words.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from mechscope.data.corpus import DJANGO_DOCS, SHAKESPEARE, corpus_documents, split_sections
+from mechscope.errors import InputError
+
+DATASETS = ("prose_vs_code", "code_block", "capitalized")
+
+
+@dataclass
+class TokenDataset:
+    """Token windows with per-token labels and the positions that carry one."""
+
+    name: str
+    tokens: Int[Tensor, "batch pos"]
+    labels: Int[Tensor, "batch pos"]
+    selected: Bool[Tensor, "batch pos"]
+    """Positions that are probed (labelled)."""
+    description: str
+
+
+def code_block_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of reStructuredText literal blocks (after ``::`` or a code directive).
+
+    Example:
+        >>> text = "Run this::\\n\\n    $ python manage.py\\n\\nDone."
+        >>> [text[a:b] for a, b in code_block_spans(text)]
+        ['    $ python manage.py\\n\\n']
+    """
+    spans, pos, lines = [], 0, text.splitlines(keepends=True)
+    opener_indent, block_start, in_block = None, None, False
+    for line in lines:
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip(" "))
+        if in_block and stripped and indent <= opener_indent:
+            spans.append((block_start, pos))
+            in_block, opener_indent = False, None
+        if not in_block and opener_indent is not None and stripped:
+            if indent > opener_indent:
+                in_block, block_start = True, pos
+            elif not stripped.startswith(":"):  # directive options (":linenos:") come before the block
+                opener_indent = None
+        if not in_block and (stripped.endswith("::") or re.match(r"\.\. (code-block|code|sourcecode)::", stripped)):
+            opener_indent = indent
+        pos += len(line)
+    if in_block:
+        spans.append((block_start, pos))
+    return spans
+
+
+def _windows(texts: list[str], tokenizer, seq_len: int, n: int, rng: random.Random, char_label: Callable):
+    """``n`` random windows of ``seq_len`` tokens from ``texts`` with per-token labels and selection."""
+    hf = getattr(tokenizer, "hf", tokenizer)
+    tokens, labels, selected = [], [], []
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    for i in order:
+        text = texts[i]
+        enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if len(ids) < seq_len:
+            continue
+        start = rng.randrange(len(ids) - seq_len + 1)
+        window = range(start, start + seq_len)
+        lab, sel = zip(*(char_label(text, *offsets[j]) for j in window), strict=True)
+        tokens.append([ids[j] for j in window])
+        labels.append(lab)
+        selected.append(sel)
+        if len(tokens) == n:
+            break
+    if len(tokens) < n:
+        raise InputError(f"only {len(tokens)} texts hold {seq_len} tokens; ask for fewer windows or shorter ones")
+    return torch.tensor(tokens), torch.tensor(labels), torch.tensor(selected)
+
+
+def _sections(part) -> list[str]:
+    return [s for doc in corpus_documents(part) for s in split_sections(doc)]
+
+
+def build_dataset(name: str, tokenizer, n_sequences: int = 256, seq_len: int = 128, seed: int = 0) -> TokenDataset:
+    """One of `DATASETS`, as ``n_sequences`` windows of ``seq_len`` tokens (seeded).
+
+    Example:
+        >>> data = build_dataset("capitalized", model.tokenizer, 64)  # doctest: +SKIP
+        >>> data.tokens.shape  # doctest: +SKIP
+        torch.Size([64, 128])
+    """
+    rng = random.Random(seed)
+    if name == "prose_vs_code":
+        half = n_sequences // 2
+        parts = []
+        for part, label in ((SHAKESPEARE, 0), (DJANGO_DOCS, 1)):
+            count = half if label == 0 else n_sequences - half
+            parts.append(_windows(_sections(part), tokenizer, seq_len, count, rng, lambda t, a, b, y=label: (y, True)))
+        tokens, labels, selected = (torch.cat(x) for x in zip(*parts, strict=True))
+        return TokenDataset(name, tokens, labels, selected, "1: the text is Django documentation, 0: Shakespeare")
+    if name == "code_block":
+        texts = _sections(DJANGO_DOCS)
+        texts = [t for t in texts if code_block_spans(t)]
+        spans = {t: code_block_spans(t) for t in texts}
+
+        def inside(text: str, a: int, b: int) -> tuple[int, bool]:
+            mid = (a + b - 1) // 2 if b > a else a
+            return int(any(s <= mid < e for s, e in spans[text])), True
+
+        tokens, labels, selected = _windows(texts, tokenizer, seq_len, n_sequences, rng, inside)
+        return TokenDataset(name, tokens, labels, selected, "1: the token is inside a reST literal code block")
+    if name == "capitalized":
+        texts = _sections(SHAKESPEARE)[::2] + _sections(DJANGO_DOCS)[::2]
+
+        def word_start(text: str, a: int, b: int) -> tuple[int, bool]:
+            piece = text[a:b]
+            k = len(piece) - len(piece.lstrip())
+            first = a + k
+            if first >= b or not text[first].isalpha():
+                return 0, False
+            starts = first == 0 or text[first - 1].isspace()
+            return int(text[first].isupper()), starts
+
+        tokens, labels, selected = _windows(texts, tokenizer, seq_len, n_sequences, rng, word_start)
+        return TokenDataset(name, tokens, labels, selected, "word-start tokens; 1: the word is capitalised")
+    raise InputError(f"unknown probing dataset {name!r}; choose among {list(DATASETS)}")
