@@ -162,6 +162,10 @@ def make_app(db_path, model=None, sources: dict | None = None, allow_remote: boo
             return jsonify(error=exc.description), exc.code
         return page(f"{exc.code} {exc.name}", f"{nav()}<p>{esc(exc.description)}</p>"), exc.code
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return "", 204
+
     @app.get("/")
     def index():
         title = f"Features of {db.meta().get('model_name', 'a model')}"
