@@ -1,0 +1,121 @@
+"""Probe fitting against scikit-learn, and Othello game generation speed.
+
+Probe fitting: ``--rows`` x ``--d`` activations (default 100,000 x 576, the width of SmolLM2's
+residual stream) with ``--targets`` three-class targets (default 64, as the squares of an 8x8
+board). The activations are synthetic (Gaussian, shifted and unevenly scaled like residual
+streams) and each target's class is the argmax of a noisy linear readout, so every probe has
+something to find. Timed, on one process with ``torch.set_num_threads(--threads)``:
+
+  * mechscope ``fit_logistic`` over all targets as one batched fit: full batch (L-BFGS) and
+    minibatch (Adam, ``--epochs`` passes of 4096 rows);
+  * scikit-learn ``LogisticRegression`` (lbfgs, multinomial, the same L2 as ``C = 1 / (l2 n)``,
+    its default tolerance), one fit per target, on ``--sklearn-targets`` targets; its time for
+    all targets is that time scaled by ``targets / sklearn_targets`` (the fits are independent
+    and alike), and says so.
+
+Test accuracy (a fifth of the rows held out) is reported for each, on the targets sklearn fitted.
+
+Othello: random legal games per second (generation alone, and with every label) for 6x6 and
+8x8, ``--games`` games in one batch.
+
+Usage: .venv/bin/python benchmarks/probing.py [--rows 100000] [--d 576] [--targets 64]
+       [--sklearn-targets 4] [--games 20000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def synthetic(rows: int, d: int, targets: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=gen) * torch.linspace(0.3, 3.0, d) + torch.randn(d, generator=gen)
+    readout = torch.randn(targets, d, 3, generator=gen) / d**0.5
+    labels = torch.empty(rows, targets, dtype=torch.long)
+    for start in range(0, rows, 10_000):
+        block = x[start : start + 10_000]
+        scores = torch.einsum("nd,tdc->ntc", (block - block.mean(0)) / block.std(0), readout)
+        labels[start : start + 10_000] = (scores + 0.5 * torch.randn(scores.shape, generator=gen)).argmax(-1)
+    return x, labels
+
+
+def bench_probes(args) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from mechscope.probing import ProbeConfig, fit_logistic
+
+    x, y = synthetic(args.rows, args.d, args.targets)
+    n_train = int(0.8 * args.rows)
+    xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    l2 = 1e-4
+    out = {"rows": args.rows, "d": args.d, "targets": args.targets, "threads": args.threads}
+    configs = {
+        "mechscope_full_batch": ProbeConfig(l2=l2, max_iter=args.max_iter),
+        "mechscope_minibatch": ProbeConfig(l2=l2, batch_size=4096, epochs=args.epochs, lr=1e-2),
+    }
+    for name, cfg in configs.items():
+        start = time.perf_counter()
+        probe = fit_logistic(xt, yt, cfg, n_classes=3)
+        seconds = time.perf_counter() - start
+        acc = probe.evaluate(xv, yv)["accuracy"]
+        out[name] = {"seconds": seconds, "test_accuracy_first": acc[: args.sklearn_targets].tolist(),
+                     "test_accuracy_mean": float(acc.mean())}  # fmt: skip
+    sk_seconds, sk_acc = 0.0, []
+    mean, std = xt.mean(0), xt.std(0)
+    for t in range(args.sklearn_targets):
+        clf = LogisticRegression(C=1 / (l2 * n_train), max_iter=1000)
+        start = time.perf_counter()
+        clf.fit(((xt - mean) / std).numpy(), yt[:, t].numpy())  # standardised, as mechscope's default
+        sk_seconds += time.perf_counter() - start
+        sk_acc.append(float((torch.tensor(clf.predict(((xv - mean) / std).numpy())) == yv[:, t]).float().mean()))
+    out["sklearn"] = {"seconds_for_fitted": sk_seconds, "fitted_targets": args.sklearn_targets,
+                      "seconds_all_targets_extrapolated": sk_seconds * args.targets / args.sklearn_targets,
+                      "test_accuracy_first": sk_acc}  # fmt: skip
+    for name in ("mechscope_full_batch", "mechscope_minibatch"):
+        out[name]["speedup_vs_sklearn"] = out["sklearn"]["seconds_all_targets_extrapolated"] / out[name]["seconds"]
+    return out
+
+
+def bench_games(args) -> dict:
+    from mechscope.toys.othello.games import game_states, random_games
+
+    out = {}
+    for size in (6, 8):
+        random_games(64, size)  # warm-up
+        start = time.perf_counter()
+        moves = random_games(args.games, size, seed=1)
+        generate = time.perf_counter() - start
+        start = time.perf_counter()
+        game_states(moves, size)
+        label = time.perf_counter() - start
+        out[f"{size}x{size}"] = {"games": args.games, "games_per_second": args.games / generate,
+                                 "games_per_second_with_labels": args.games / (generate + label),
+                                 "mean_moves": float((moves >= 0).sum(1).float().mean())}  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--targets", type=int, default=64)
+    parser.add_argument("--sklearn-targets", type=int, default=4)
+    parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations of the full-batch fit")
+    parser.add_argument("--epochs", type=int, default=5, help="Adam epochs of the minibatch fit")
+    parser.add_argument("--games", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-probes", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"othello": bench_games(args)}
+    if not args.skip_probes:
+        result["probes"] = bench_probes(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
