@@ -47,6 +47,31 @@ def _answer_sets(tokens: Tensor | list, what: str) -> Tensor:
     return tokens
 
 
+def check_answer_ids(metric: Metric, d_vocab: int) -> None:
+    """Raise `InputError` when ``metric`` holds answer ids outside a ``d_vocab``-token vocabulary.
+
+    Metrics of this module check themselves on their first call (before reading any logit);
+    calling this first reports the mistake before any forward runs.
+
+    Example:
+        >>> check_answer_ids(LogitDiff(correct=[3], wrong=[50]), d_vocab=50)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.InputError: wrong answer id 50 is not a token of a 50-token vocabulary (valid ids: 0..49); ...
+    """
+    check = getattr(metric, "check_vocab", None)
+    if check is not None:
+        check(d_vocab)
+
+
+def _check_ids(sets: Tensor, d_vocab: int, what: str) -> None:
+    top = int(sets.max())
+    if top >= d_vocab:
+        raise InputError(
+            f"{what} answer id {top} is not a token of a {d_vocab}-token vocabulary (valid ids: 0..{d_vocab - 1}); "
+            "build answers with model.to_single_token or the model's tokenizer"
+        )
+
+
 def metric_positions(metric: Metric, seq: int) -> tuple[list[int], Metric] | None:
     """The logit positions ``metric`` declares it reads in a ``seq``-token run, and the metric
     to call on logits holding only those positions; ``None`` when it declares none.
@@ -119,8 +144,17 @@ class LogitDiff(_PositionMetric):
         self.correct, self.wrong = _answer_sets(correct, "correct"), _answer_sets(wrong, "wrong")
         if self.correct.shape[0] != self.wrong.shape[0]:
             raise InputError(f"correct has {self.correct.shape[0]} prompts but wrong has {self.wrong.shape[0]}")
+        self.checked_vocab: int | None = None
+
+    def check_vocab(self, d_vocab: int) -> None:
+        """Raise `InputError` if an answer id is not below ``d_vocab`` (see `check_answer_ids`)."""
+        if d_vocab != self.checked_vocab:
+            _check_ids(self.correct, d_vocab, "correct")
+            _check_ids(self.wrong, d_vocab, "wrong")
+            self.checked_vocab = d_vocab
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        self.check_vocab(logits.shape[-1])
         final = self._final(logits).float()
         out = []
         for sets in (self.correct, self.wrong):
@@ -145,8 +179,17 @@ class ProbDiff(_PositionMetric):
         self.correct, self.wrong = _answer_sets(correct, "correct"), _answer_sets(wrong, "wrong")
         if self.correct.shape[0] != self.wrong.shape[0]:
             raise InputError(f"correct has {self.correct.shape[0]} prompts but wrong has {self.wrong.shape[0]}")
+        self.checked_vocab: int | None = None
+
+    def check_vocab(self, d_vocab: int) -> None:
+        """Raise `InputError` if an answer id is not below ``d_vocab`` (see `check_answer_ids`)."""
+        if d_vocab != self.checked_vocab:
+            _check_ids(self.correct, d_vocab, "correct")
+            _check_ids(self.wrong, d_vocab, "wrong")
+            self.checked_vocab = d_vocab
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        self.check_vocab(logits.shape[-1])
         probs = self._final(logits).float().softmax(-1)
         out = []
         for sets in (self.correct, self.wrong):
@@ -199,6 +242,10 @@ class Normalized:
                 "the clean and corrupted runs give the same metric value, so it cannot be normalised; "
                 "check that the corruption changes the answer"
             )
+
+    def check_vocab(self, d_vocab: int) -> None:
+        """The wrapped metric's answer-id check (see `check_answer_ids`)."""
+        check_answer_ids(self.metric, d_vocab)
 
     def read_positions(self, seq: int) -> tuple[list[int], Normalized] | None:
         """The wrapped metric's positions (see `metric_positions`), with the same baselines."""

@@ -36,6 +36,41 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def read_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", keys: tuple[str, ...] = ()) -> dict:
+    """A training-state file as a dict (``torch.load`` with ``weights_only=True``).
+
+    A damaged or foreign file, or one missing any of ``keys``, raises a `LoadError` naming the
+    path and how to start afresh.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "state.pt"
+        >>> _ = path.write_bytes(b"PK not a state")
+        >>> read_state(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechscope.errors.LoadError: .../state.pt is not a readable training state (...); delete it ...
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        message = str(exc).strip()
+        first = message.split("\n")[0].strip()
+        # torch's message for an unpicklable file suggests weights_only=False: never pass that on
+        reason = type(exc).__name__ if not first or "weights" in message.lower() else first
+        raise LoadError(
+            f"{path} is not a readable training state ({reason}); delete it (or use another directory) "
+            "to start the run afresh"
+        ) from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise LoadError(
+            f"{path} is not a training state of this run (no {', '.join(missing)}); delete it (or use another "
+            "directory) to start the run afresh"
+        )
+    return state
+
+
 def save_state(out_dir: str | os.PathLike, config: dict, step: int, **state) -> None:
     """Write ``out_dir/state.pt`` atomically: the run's ``config``, the ``step`` reached and ``state``.
 
@@ -56,7 +91,7 @@ def load_state(out_dir: str | os.PathLike, config: dict, resumable: tuple[str, .
 
     Every entry of ``config`` except those named in ``resumable`` must equal the saved run's;
     otherwise a `LoadError` names the differing fields with their saved values. Tensors load
-    on the CPU, with ``weights_only=True``.
+    on the CPU, with ``weights_only=True``; a damaged file is a `LoadError` naming it (`read_state`).
 
     Example:
         >>> import tempfile
@@ -67,12 +102,12 @@ def load_state(out_dir: str | os.PathLike, config: dict, resumable: tuple[str, .
         >>> load_state(out, {"lr": 0.2})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mechscope.errors.LoadError: ... holds a run with other settings (lr=0.1); use another directory or the same settings
+        mechscope.errors.LoadError: ... holds a run with other settings (lr=0.1); use another directory or ...
     """
     path = Path(out_dir) / STATE_FILE
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(path, keys=("config", "step"))
     saved = state["config"]
     changed = sorted(k for k in config if k not in resumable and saved.get(k) != config[k])
     if changed:
@@ -83,8 +118,15 @@ def load_state(out_dir: str | os.PathLike, config: dict, resumable: tuple[str, .
     return state
 
 
-def resume(out_dir: str | os.PathLike | None, config: dict, resumable: tuple[str, ...], steps: int,
-           model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[list, int]:
+def resume(
+    out_dir: str | os.PathLike | None,
+    config: dict,
+    resumable: tuple[str, ...],
+    steps: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[list, int]:
     """Restore ``model``, ``optimizer`` and ``generator`` from ``out_dir``'s state, if any.
 
     Returns the saved curve and the step to continue from (``[]`` and 0 for a fresh run or no

@@ -26,7 +26,7 @@ from mechscope.model.components import AttentionContext
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import fourier
-from mechscope.toys.checkpoint import atomic_save
+from mechscope.toys.checkpoint import atomic_save, read_state
 
 
 @dataclass
@@ -334,7 +334,7 @@ def _resume(run: GrokkingRun, optimizer, scheduler, out: Path) -> int:
     path = out / "state.pt"
     if not path.exists():
         return 0
-    state = torch.load(path, map_location=run.model.device, weights_only=True)
+    state = read_state(path, run.model.device, keys=("config", "model", "optimizer", "scheduler", "history", "epoch"))
     saved = GrokkingConfig(**state["config"]).to_dict()
     current = run.config.to_dict()
     changed = sorted(k for k in current if k not in _RESUMABLE and saved[k] != current[k])
@@ -364,7 +364,7 @@ def load_grokking_run(out_dir: str | os.PathLike, device: str | torch.device = "
     out = Path(out_dir)
     if not (out / "state.pt").exists():
         raise LoadError(f"{out} has no state.pt; train with train_grokking(config, out_dir={str(out)!r}) first")
-    state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    state = read_state(out / "state.pt", keys=("config", "epoch"))
     cfg = GrokkingConfig(**state["config"])
     return train_grokking(dataclasses.replace(cfg, n_epochs=state["epoch"]), out, device=device, progress=False)
 
