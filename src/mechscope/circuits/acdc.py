@@ -19,6 +19,8 @@ differs from the base run from there on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -84,6 +86,7 @@ def acdc(
     attention_mask: Tensor | None = None,
     hook_context: HookContext | None = None,
     window: int = 16,
+    receivers: Sequence[str] | None = None,
     options: SweepOptions | None = None,
     **sweep,
 ) -> Circuit:
@@ -93,8 +96,9 @@ def acdc(
     ``metric``: default the KL divergence of the base run's final-position distribution to the
     circuit's (lower is better); any other metric is taken as higher-is-better unless
     ``lower_is_better=True``. ``window``: the most edges tried per batch (it doubles while every
-    tried edge goes and shrinks to what was used when one stays). Sweep options as in
-    `SweepOptions` (``per_prompt`` does not apply).
+    tried edge goes and shrinks to what was used when one stays). ``receivers``: prune only the
+    incoming edges of these receivers (names, e.g. ``["logits", "m11"]``); every other edge stays.
+    Sweep options as in `SweepOptions` (``per_prompt`` does not apply).
 
     Example:
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
@@ -129,13 +133,17 @@ def acdc(
     n_edges = graph.n_edges
     removed = torch.zeros(n_edges, dtype=torch.bool)
     scores = torch.full((n_edges,), float("nan"))
-    senders, receivers = graph.edge_pairs.unbind(-1)
+    edge_senders, edge_receivers = graph.edge_pairs.unbind(-1)
     current = evaluate(torch.zeros(1, n_edges, dtype=torch.bool))[0]
     start_value = current
-    for r in tqdm(reverse_topological_receivers(graph), desc="acdc", disable=not options.progress):
-        incoming = (receivers == r).nonzero().flatten()
-        incoming = incoming[senders[incoming].argsort(descending=True)].tolist()  # latest sender first
-        alive = not writers(graph, r) or bool(torch.isin(senders[~removed], torch.tensor(writers(graph, r))).any())
+    order = reverse_topological_receivers(graph)
+    if receivers is not None:
+        chosen = {graph.receiver_index(name) for name in receivers}
+        order = [r for r in order if r in chosen]
+    for r in tqdm(order, desc="acdc", disable=not options.progress):
+        incoming = (edge_receivers == r).nonzero().flatten()
+        incoming = incoming[edge_senders[incoming].argsort(descending=True)].tolist()  # latest sender first
+        alive = not writers(graph, r) or bool(torch.isin(edge_senders[~removed], torch.tensor(writers(graph, r))).any())
         if not alive:
             removed[incoming] = True
             continue

@@ -1,0 +1,218 @@
+"""Circuit discovery benchmark (mechscope.circuits) on the bundled SmolLM2-135M.
+
+On IOI prompts (``ioi_dataset(model, n=--prompts, seed=0)``, template 0, third-name corruption,
+15 tokens), metric the mean logit difference (indirect object minus subject), noising:
+
+  * EAP over every edge (70,651) against one plain forward and backward of the same batch
+    (parameters requiring gradients, as in training; and with only the input requiring one);
+  * EAP-IG, 5 steps, inputs and activations variants, against EAP;
+  * ACDC (KL divergence to the clean run, threshold ``--threshold``) on the receivers
+    ``--reference-receivers`` against a reference ACDC implemented in
+    ``benchmarks/circuits_reference.py`` (one edge per full forward with plain hooks, the same
+    greedy rules and threshold; the kept edges must be equal), and against mechscope's own ACDC
+    with one edge per forward (``window=1``); then mechscope's ACDC on the whole graph;
+  * peak memory (RSS high-water mark above the RSS after loading, in a fresh process each) of
+    EAP against a plain forward and backward at 8 x 128 tokens (random tokens; the corrupted
+    copy changes every fourth position);
+  * the CPU other processes took while timing (the machine has 2 cores).
+
+Run from the repository root with the project's venv:
+
+    .venv/bin/python benchmarks/circuits.py [--prompts 8] [--repeats 3] [--threshold 0.02]
+        [--reference-receivers logits,m29,m15] [--skip-acdc] [--skip-memory] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+common.set_offline_env()
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def _load():
+    import mechscope as ms
+    from mechscope.data.tasks import ioi_dataset
+
+    model = ms.load("smollm2-135m")
+    return model, ioi_dataset
+
+
+def _plain(model, tokens, metric, params: bool) -> None:
+    """One forward and backward of ``sum(metric)``: parameter gradients, or the embedding's only."""
+    from mechscope.circuits.attribution import frozen_parameters
+
+    if params:
+        metric(model(tokens)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return
+    leaf = {}
+
+    def make_leaf(x, *, hook):
+        leaf["x"] = x.detach().requires_grad_(True)
+        return leaf["x"]
+
+    with frozen_parameters(model):
+        metric(model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", make_leaf)])).sum().backward()
+
+
+def time_attribution(model, data, repeats: int) -> dict:
+    from mechscope.circuits import edge_scores
+
+    metric = data.metric()
+    clean, corrupted = data.clean_tokens, data.corrupted_tokens
+    runs = {
+        "plain forward+backward (parameter gradients)": lambda: _plain(model, clean, metric, True),
+        "plain forward+backward (input gradient only)": lambda: _plain(model, clean, metric, False),
+        "EAP": lambda: edge_scores(model, clean, corrupted, metric, method="eap"),
+        "EAP-IG inputs, 5 steps": lambda: edge_scores(model, clean, corrupted, metric, method="eap-ig-inputs"),
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {name: [] for name in runs}
+    monitor = common.CpuMonitor()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    edge_scores(model, clean, corrupted, metric, method="eap-ig-activations")
+    times["EAP-IG activations, 5 steps (one run)"] = [time.perf_counter() - start]
+    other, steal = monitor.other_cores()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"seconds": medians, "all_seconds": times, "other_cores": other, "steal_cores": steal}
+
+
+def time_acdc(model, data, threshold: float, receivers: list[str]) -> dict:
+    import circuits_reference
+
+    from mechscope.circuits import acdc
+
+    clean, corrupted = data.clean_tokens, data.corrupted_tokens
+    monitor = common.CpuMonitor()
+    start = time.perf_counter()
+    ours = acdc(model, clean, corrupted, threshold=threshold, receivers=receivers)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    one_per_forward = acdc(model, clean, corrupted, threshold=threshold, receivers=receivers, window=1)
+    one_s = time.perf_counter() - start
+    reference = circuits_reference.reference_acdc(model, clean, corrupted, threshold, receivers)
+    start = time.perf_counter()
+    full = acdc(model, clean, corrupted, threshold=threshold)
+    full_s = time.perf_counter() - start
+    other, steal = monitor.other_cores()
+    return {
+        "receivers": receivers,
+        "threshold": threshold,
+        "ours_seconds": ours_s,
+        "ours_batches": ours.settings["batches"],
+        "ours_evaluations": ours.settings["evaluations"],
+        "window1_seconds": one_s,
+        "window1_batches": one_per_forward.settings["batches"],
+        "reference_seconds": reference["seconds"],
+        "reference_forwards": reference["forwards"],
+        "same_edges_as_reference": sorted(ours.edge_names) == reference["edges"],
+        "same_edges_window1": ours.edge_names == one_per_forward.edge_names,
+        "edges_kept_subset": ours.n_edges,
+        "full_seconds": full_s,
+        "full_edges_kept": full.n_edges,
+        "full_batches": full.settings["batches"],
+        "full_evaluations": full.settings["evaluations"],
+        "full_metric": full.settings["metric_circuit"],
+        "other_cores": other,
+        "steal_cores": steal,
+    }
+
+
+def memory_worker(kind: str) -> None:
+    """In a fresh process: peak RSS above the post-load RSS of one run at 8 x 128 tokens."""
+    from mechscope.circuits import edge_scores
+    from mechscope.patching.metrics import LogitDiff
+
+    model, _ = _load()
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(model.cfg.d_vocab, (8, 128), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, ::4] = torch.randint(model.cfg.d_vocab, corrupted[:, ::4].shape, generator=gen)
+    metric = LogitDiff(torch.randint(model.cfg.d_vocab, (8,), generator=gen),
+                       torch.randint(model.cfg.d_vocab, (8,), generator=gen))  # fmt: skip
+    before = common.current_rss_mib()
+    common.reset_peak_rss()
+    start = time.perf_counter()
+    if kind == "eap":
+        edge_scores(model, clean, corrupted, metric, method="eap")
+    else:
+        _plain(model, clean, metric, kind == "plain")
+    seconds = time.perf_counter() - start
+    print(json.dumps({"kind": kind, "peak_above_load_mib": common.peak_rss_mib() - before, "seconds": seconds}))
+
+
+def memory(kinds=("plain", "plain_inputs", "eap")) -> dict:
+    out = {}
+    for kind in kinds:
+        proc = subprocess.run([sys.executable, __file__, "--memory-worker", kind], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threshold", type=float, default=0.02)
+    parser.add_argument("--reference-receivers", default="logits,m29,m15")
+    parser.add_argument("--skip-attribution", action="store_true")
+    parser.add_argument("--skip-acdc", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        memory_worker(args.memory_worker)
+        return
+    model, ioi_dataset = _load()
+    data = ioi_dataset(model, n=args.prompts, seed=0)
+    results = {"prompts": args.prompts, "tokens": data.clean_tokens.shape[1]}
+    if not args.skip_attribution:
+        results["attribution"] = att = time_attribution(model, data, args.repeats)
+        base = att["seconds"]["plain forward+backward (parameter gradients)"]
+        for name, seconds in att["seconds"].items():
+            print(f"{name:48s} {seconds:7.2f} s  ({seconds / base:.2f}x plain)")
+        eap = att["seconds"]["EAP"]
+        print(f"EAP-IG inputs / EAP: {att['seconds']['EAP-IG inputs, 5 steps'] / eap:.2f}x; "
+              f"other processes used {att['other_cores']:.2f} cores")  # fmt: skip
+    if not args.skip_acdc:
+        receivers = [r for r in args.reference_receivers.split(",") if r]
+        results["acdc"] = a = time_acdc(model, data, args.threshold, receivers)
+        print(f"ACDC on {receivers}: {a['ours_seconds']:.1f} s ({a['ours_batches']} batches), window=1 "
+              f"{a['window1_seconds']:.1f} s, reference {a['reference_seconds']:.1f} s ({a['reference_forwards']} "
+              f"forwards): {a['reference_seconds'] / a['ours_seconds']:.1f}x; same edges: "
+              f"{a['same_edges_as_reference']}")  # fmt: skip
+        print(f"ACDC on the whole graph: {a['full_seconds']:.1f} s, {a['full_edges_kept']} edges kept, "
+              f"{a['full_batches']} batches; other processes used {a['other_cores']:.2f} cores")  # fmt: skip
+    if not args.skip_memory:
+        results["memory"] = mem = memory()
+        for kind, row in mem.items():
+            print(f"memory 8x128 {kind:13s} peak +{row['peak_above_load_mib']:.0f} MiB, {row['seconds']:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
