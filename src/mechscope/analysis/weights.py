@@ -164,7 +164,7 @@ def svd_top_tokens(
         raise InputError(f"no head L{layer}H{head}: layers are 0..{n_layers - 1}, heads 0..{n_heads - 1}")
     w = head_weights(model)
     matrix = (w.OV if circuit == "OV" else w.QK)[layer, head]
-    U, S, Vh = matrix.svd()
+    U, S, V = matrix.svd()  # matrix = U diag(S) V^T
     w_e = model.W_E.detach()
     w_out = model.W_U.detach().T if circuit == "OV" else w_e  # [d_vocab, d_model]
 
@@ -176,6 +176,6 @@ def svd_top_tokens(
     out = []
     for i in range(min(n_directions, S.shape[0])):
         in_ids = (w_e @ U[:, i]).topk(k).indices
-        out_ids = (w_out @ Vh[i]).topk(k).indices
+        out_ids = (w_out @ V[:, i]).topk(k).indices
         out.append(SingularDirection(i, float(S[i]), names(in_ids), names(out_ids)))
     return out
