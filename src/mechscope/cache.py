@@ -1,10 +1,19 @@
-"""`ActivationCache`: cached activations by hook name, with residual-stream decompositions."""
+"""`ActivationCache`: cached activations by hook name, with residual-stream decompositions.
+
+Every method has TransformerLens' name, signature and result: keys resolve through
+TransformerLens' ``get_act_name`` (``cache["k6"]``, ``cache["attn", 0]``, ``cache["z", -1]``),
+an integer ``pos_slice`` drops the position axis (`Slice`), and `remove_batch_dim` and `to` change
+the cache in place. `head_results` is mechscope's own.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -15,41 +24,127 @@ from mechscope.names import act_name, unknown_name_error
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
 
-PosSlice = None | int | slice | list | Tensor
-_POS_DIM = -2  # every residual-stream tensor is [..., pos, d_model]
+SliceInput = int | tuple | list | Tensor | np.ndarray | slice | None
 
 
-def _slice_pos(x: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
-    if pos_slice is None:
-        return x
-    if isinstance(pos_slice, int):
-        return x.narrow(dim, pos_slice % x.shape[dim], 1)
-    index = [slice(None)] * x.dim()
-    index[dim] = pos_slice if isinstance(pos_slice, slice) else torch.as_tensor(pos_slice, device=x.device)
-    return x[tuple(index)]
+class Slice:
+    """TransformerLens' ``Slice``: index one axis with an int (the axis goes), a tuple
+    (``slice(*t)``), a slice, a list / tensor / array of indices, or ``None`` (everything).
+
+    Example:
+        >>> x = torch.arange(10)
+        >>> Slice(3).apply(x), Slice((1, 5, 2)).apply(x), Slice([0, 9]).apply(x), Slice().apply(x).shape
+        (tensor(3), tensor([1, 3]), tensor([0, 9]), torch.Size([10]))
+        >>> Slice(-1).indices(), Slice((2, None)).indices(5)
+        (array([-1]), array([2, 3, 4]))
+    """
+
+    def __init__(self, input_slice: SliceInput = None) -> None:
+        if isinstance(input_slice, tuple):
+            self.slice, self.mode = slice(*input_slice), "slice"
+        elif isinstance(input_slice, int):
+            self.slice, self.mode = input_slice, "int"
+        elif isinstance(input_slice, slice):
+            self.slice, self.mode = input_slice, "slice"
+        elif isinstance(input_slice, (list, Tensor, np.ndarray)):
+            array = input_slice.detach().cpu().numpy() if isinstance(input_slice, Tensor) else np.asarray(input_slice)
+            self.slice, self.mode = array, "array"
+        elif input_slice is None:
+            self.slice, self.mode = slice(None), "identity"
+        else:
+            raise InputError(
+                f"invalid input_slice {input_slice!r}: use an int, tuple, slice, list, tensor, array or None"
+            )
+
+    def apply(self, tensor: Tensor, dim: int = 0) -> Tensor:
+        """``tensor`` indexed along ``dim``."""
+        index = [slice(None)] * tensor.ndim
+        index[dim] = self.slice
+        return tensor[tuple(index)]
+
+    def indices(self, max_ctx: int | None = None) -> np.ndarray:
+        """The indices selected along an axis of size ``max_ctx`` (an int slice needs none)."""
+        if self.mode == "int":
+            return np.array([self.slice], dtype=np.int64)
+        if max_ctx is None:
+            raise InputError("max_ctx must be given when the slice is not an int")
+        return np.arange(max_ctx, dtype=np.int64)[self.slice]
+
+    def __repr__(self) -> str:
+        return f"Slice: {self.slice} Mode: {self.mode} "
+
+    @classmethod
+    def unwrap(cls, slice_input: Slice | SliceInput) -> Slice:
+        """A `Slice` from a slice input; an int becomes ``[int]`` so that the axis stays."""
+        if isinstance(slice_input, Slice):
+            return slice_input
+        if isinstance(slice_input, int):
+            slice_input = [slice_input]
+        return Slice(slice_input)
+
+
+def as_slice(value: Slice | SliceInput) -> Slice:
+    """``value`` as a `Slice` (an int drops its axis).
+
+    Example:
+        >>> as_slice(-1).apply(torch.zeros(2, 5, 3), dim=-2).shape
+        torch.Size([2, 3])
+    """
+    return value if isinstance(value, Slice) else Slice(value)
+
+
+def _centres(cfg) -> bool:
+    return cfg.normalization_type in ("layernorm", "LN", "LNPre")
 
 
 class ActivationCache:
     """Activations from `HookedTransformer.run_with_cache`, keyed by hook name.
 
-    Index by full name (``cache["blocks.0.attn.hook_z"]``) or by a short name and layer
-    (``cache["z", 0]``, ``cache["scale", 2, "ln1"]``).
+    Index by full name (``cache["blocks.0.attn.hook_z"]``), by TransformerLens' short names
+    (``cache["z", 0]``, ``cache["scale", 2, "ln1"]``, ``cache["k6"]``, ``cache["attn", -1]``).
 
     Example:
         >>> logits, cache = model.run_with_cache(tokens)
         >>> resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
-        >>> labels
-        ['0_pre', '1_pre', '2_pre', 'final_post']
+        >>> labels, resid.shape
+        (['0_pre', '1_pre', '2_pre', 'final_post'], torch.Size([4, 1, 4, 32]))
+        >>> cache.accumulated_resid(pos_slice=-1).shape  # an int position drops the axis
+        torch.Size([4, 1, 32])
+        >>> attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), tokens=7, pos_slice=-1)
+        >>> attrs.shape  # [component, batch]
+        torch.Size([8, 1])
     """
 
     def __init__(self, cache_dict: dict[str, Tensor], model: HookedTransformer, has_batch_dim: bool = True) -> None:
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
+        self.has_embed = "hook_embed" in cache_dict
+        self.has_pos_embed = "hook_pos_embed" in cache_dict
 
     # ------------------------------------------------------------------ mapping
+    def _name(self, key: str | tuple) -> str:
+        """The full name of ``key`` through TransformerLens' ``get_act_name`` (negative layers count
+        from the end); mechscope's `act_name` defaults (``("scale", 2)`` is ``ln1``) extend it."""
+        if isinstance(key, str) and key in self.cache_dict:
+            return key
+        args = (key,) if isinstance(key, str) else tuple(key)
+        if len(args) > 1 and isinstance(args[1], int) and args[1] < 0:
+            args = (args[0], self.model.cfg.n_layers + args[1], *args[2:])
+        from mechscope.tl.utils import get_act_name  # TransformerLens' aliases and compact names
+
+        name = get_act_name(*args)
+        if name not in self.cache_dict:
+            try:
+                fallback = act_name(*args)
+            except HookNameError:
+                return name
+            if fallback in self.cache_dict:
+                return fallback
+        return name
+
     def __getitem__(self, key: str | tuple) -> Tensor:
-        name = act_name(*key) if isinstance(key, tuple) else key
+        name = self._name(key)
         if name not in self.cache_dict:
             if name in self.model.hook_dict:
                 raise HookNameError(f"{name!r} was not cached; include it in names_filter when calling run_with_cache")
@@ -57,9 +152,7 @@ class ActivationCache:
         return self.cache_dict[name]
 
     def __contains__(self, key: object) -> bool:
-        if isinstance(key, tuple):
-            key = act_name(*key)
-        return key in self.cache_dict
+        return isinstance(key, (str, tuple)) and self._name(key) in self.cache_dict
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.cache_dict)
@@ -87,49 +180,115 @@ class ActivationCache:
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         return sum(seen.values())
 
+    def _batch_size(self) -> int:
+        counts = Counter(v.shape[0] for v in self.cache_dict.values() if v.dim() > 0)
+        return counts.most_common(1)[0][0] if counts else 1
+
     def to(self, device: torch.device | str) -> ActivationCache:
-        """A cache with every tensor moved to ``device``."""
-        return ActivationCache({k: v.to(device) for k, v in self.items()}, self.model, self.has_batch_dim)
+        """Move every tensor to ``device``, in place; returns the cache."""
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        return self
 
     def remove_batch_dim(self) -> ActivationCache:
-        """Drop a batch dimension of size one from every tensor."""
-        if not self.has_batch_dim:
-            return self
-        for name, t in self.items():
-            if t.shape[0] != 1:
-                raise InputError(f"remove_batch_dim needs batch size 1; {name!r} has shape {tuple(t.shape)}")
-        return ActivationCache({k: v[0] for k, v in self.items()}, self.model, has_batch_dim=False)
+        """Drop the batch axis of a batch-of-one cache, in place; returns the cache.
 
-    def stack_activation(self, name: str, layer: int | None = None) -> Tensor:
-        """Stack a per-layer activation (short name, e.g. ``"z"``) over layers ``[0, layer)`` → ``[layer, ...]``."""
-        n = self.model.cfg.n_layers if layer is None else layer
-        return torch.stack([self[name, layer_] for layer_ in range(n)])
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> cache.remove_batch_dim() is cache, cache["resid_pre", 0].shape, cache.has_batch_dim
+            (True, torch.Size([4, 32]), False)
+        """
+        if not self.has_batch_dim:
+            warnings.warn("remove_batch_dim: the batch dimension was already removed", stacklevel=2)
+            return self
+        batch = self._batch_size()
+        if batch != 1:
+            raise InputError(f"remove_batch_dim needs a cache of batch size 1, this one has batch size {batch}")
+        for key, value in self.cache_dict.items():
+            if value.dim() > 0 and value.shape[0] == 1:
+                self.cache_dict[key] = value[0]
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: Slice | SliceInput) -> ActivationCache:
+        """A new cache with ``batch_slice`` applied to the batch axis (an int drops it).
+
+        Example:
+            >>> _, cache = model.run_with_cache(torch.tensor([[1, 2], [3, 4]]))
+            >>> cache.apply_slice_to_batch_dim(1)["resid_pre", 0].shape
+            torch.Size([2, 32])
+        """
+        batch_slice = as_slice(batch_slice)
+        if not self.has_batch_dim and batch_slice.mode != "identity":
+            raise InputError("this cache has no batch dimension to slice")
+        batch = self._batch_size()
+        sliced = {
+            name: batch_slice.apply(t, dim=0) if t.dim() > 0 and t.shape[0] == batch else t
+            for name, t in self.cache_dict.items()
+        }
+        return ActivationCache(sliced, self.model, has_batch_dim=self.has_batch_dim and batch_slice.mode != "int")
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """``torch.set_grad_enabled(mode)`` for the whole process, with a warning (as TransformerLens)."""
+        warnings.warn(f"Changed the global state, set autodiff to {mode}", stacklevel=2)
+        torch.set_grad_enabled(mode)
+
+    def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> Tensor:
+        """One activation of every layer before ``layer`` (``-1``/``None``: all), as ``[layer, ...]``.
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> cache.stack_activation("pattern").shape
+            torch.Size([3, 1, 4, 4, 4])
+        """
+        layer = self._end(layer)
+        return torch.stack([self[activation_name, layer_, sublayer_type] for layer_ in range(layer)])
 
     # ------------------------------------------------------------------ residual stream
+    def _end(self, layer: int | None) -> int:
+        return self.model.cfg.n_layers if layer is None or layer == -1 else layer
+
+    def _scale(self, layer: int, mlp_input: bool, pos_slice: Slice, batch_slice: Slice | None = None) -> Tensor:
+        n = self.model.cfg.n_layers
+        if layer == n:
+            scale = self["ln_final.hook_scale"]
+        else:
+            scale = self[f"blocks.{layer % n}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+        scale = pos_slice.apply(scale, dim=-2)
+        if batch_slice is not None and self.has_batch_dim:
+            scale = batch_slice.apply(scale, dim=0)
+        return scale
+
     def apply_ln_to_stack(
         self,
-        residual_stack: Float[Tensor, "... batch pos d_model"],
+        residual_stack: Float[Tensor, "component ... d_model"],
         layer: int | None = None,
         mlp_input: bool = False,
-        pos_slice: PosSlice = None,
-    ) -> Float[Tensor, "... batch pos d_model"]:
-        """Apply the cached norm scale of a layer's input to each component of a residual stack.
+        pos_slice: Slice | SliceInput = None,
+        batch_slice: Slice | SliceInput = None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> Float[Tensor, "component ... d_model"]:
+        """Each component of a residual stack as it enters ``layer``'s norm: centred (LayerNorm)
+        and divided by the cached ``hook_scale`` of ``ln_final`` (``layer`` None, -1 or
+        ``n_layers``), ``blocks.{layer}.ln1`` or, with ``mlp_input``, ``ln2``.
 
-        Centres each component (LayerNorm models) and divides by the cached ``hook_scale`` of the
-        final norm (``layer=None`` or ``n_layers``), or of ``blocks.{layer}.ln1`` (``ln2`` with
-        ``mlp_input``). The norm's weight and bias are not applied: with folded norms
-        (``load(..., fold_ln=True)``) the result feeds straight into ``W_U`` or ``W_Q``, ``W_K``, ``W_V``.
+        ``pos_slice``/``batch_slice`` say which positions and rows the stack holds (the scale is
+        sliced to match). With ``recompute_ln`` at the final layer each component goes through
+        ``ln_final`` itself, with its own statistics (the logit lens). The norm's weight and
+        bias are not applied otherwise: on folded models the result feeds ``W_U`` directly.
         """
         cfg = self.model.cfg
         if cfg.normalization_type is None:
             return residual_stack
-        if layer is None or layer == cfg.n_layers or layer == -1:
-            scale = self["ln_final.hook_scale"]
-        else:
-            scale = self[f"blocks.{layer % cfg.n_layers}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
-        scale = _slice_pos(scale, pos_slice, _POS_DIM)
-        if cfg.normalization_type == "layernorm":
+        layer = self._end(layer)
+        batch_slice = as_slice(batch_slice)
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        if recompute_ln and layer == cfg.n_layers and self.model.ln_final is not None:
+            return self.model.ln_final(residual_stack)
+        if _centres(cfg):
             residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+        scale = self._scale(layer, mlp_input, as_slice(pos_slice), batch_slice)
         return residual_stack / scale.to(residual_stack.dtype)
 
     def accumulated_resid(
@@ -137,18 +296,21 @@ class ActivationCache:
         layer: int | None = None,
         incl_mid: bool = False,
         apply_ln: bool = False,
-        pos_slice: PosSlice = None,
+        pos_slice: Slice | SliceInput = None,
         mlp_input: bool = False,
         return_labels: bool = False,
     ):
         """The residual stream entering each layer up to ``layer`` (inclusive), as ``[component, ...]``.
 
-        ``layer=None`` goes to the end and includes the final ``resid_post`` (label ``final_post``).
-        Labels are ``"{l}_pre"`` and, with ``incl_mid``, ``"{l}_mid"``. ``mlp_input`` adds
-        ``resid_mid`` of ``layer`` itself. ``apply_ln`` applies the norm scale of ``layer``'s input.
+        ``layer`` None or -1 goes to the end and includes the final ``resid_post`` (label
+        ``final_post``). Labels are ``"{l}_pre"`` and, with ``incl_mid``, ``"{l}_mid"``;
+        ``mlp_input`` adds ``resid_mid`` of ``layer`` itself. ``apply_ln`` applies ``layer``'s
+        norm: at the final layer ``ln_final`` with each component's own statistics
+        (``recompute_ln``, the logit lens), elsewhere the cached scale.
         """
         n = self.model.cfg.n_layers
-        layer = n if layer is None or layer == -1 else layer
+        layer = self._end(layer)
+        pos_slice = as_slice(pos_slice)
         has_mid = not (self.model.cfg.parallel_attn_mlp or self.model.cfg.attn_only)
         components, labels = [], []
         for layer_ in range(layer + 1):
@@ -161,10 +323,38 @@ class ActivationCache:
             if has_mid and ((incl_mid and layer_ < layer) or (mlp_input and layer_ == layer)):
                 components.append(self["resid_mid", layer_])
                 labels.append(f"{layer_}_mid")
-        stack = _slice_pos(torch.stack(components), pos_slice, _POS_DIM)
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components])
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
+            stack = self.apply_ln_to_stack(
+                stack, layer, mlp_input, pos_slice, has_batch_dim=self.has_batch_dim, recompute_ln=layer == n
+            )
         return (stack, labels) if return_labels else stack
+
+    def logit_attrs(
+        self,
+        residual_stack: Float[Tensor, "component ... d_model"],
+        tokens: str | int | Tensor,
+        incorrect_tokens: str | int | Tensor | None = None,
+        pos_slice: Slice | SliceInput = None,
+        batch_slice: Slice | SliceInput = None,
+        has_batch_dim: bool = True,
+    ) -> Float[Tensor, "component ..."]:
+        """Each component's direct contribution to the logit of ``tokens`` (minus that of
+        ``incorrect_tokens``): the final norm's cached scale applied, then projected on the
+        unembedding directions (`tokens_to_residual_directions`)."""
+        directions = self.model.tokens_to_residual_directions(tokens)
+        if incorrect_tokens is not None:
+            wrong = self.model.tokens_to_residual_directions(incorrect_tokens)
+            if wrong.shape != directions.shape:
+                raise InputError(
+                    f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape[:-1])} "
+                    f"and {tuple(wrong.shape[:-1])}"
+                )
+            directions = directions - wrong
+        scaled = self.apply_ln_to_stack(
+            residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        return (scaled * directions).sum(-1)
 
     def decompose_resid(
         self,
@@ -172,8 +362,8 @@ class ActivationCache:
         mlp_input: bool = False,
         mode: Literal["all", "attn", "mlp"] = "all",
         apply_ln: bool = False,
+        pos_slice: Slice | SliceInput = None,
         incl_embeds: bool = True,
-        pos_slice: PosSlice = None,
         return_labels: bool = False,
     ):
         """The residual stream entering ``layer`` split into the outputs that wrote it.
@@ -183,28 +373,32 @@ class ActivationCache:
         with ``mlp_input``. With ``mode="all"`` and ``incl_embeds`` they sum to the residual stream.
         """
         cfg = self.model.cfg
-        layer = cfg.n_layers if layer is None or layer == -1 else layer
+        layer = self._end(layer)
         if mode not in ("all", "attn", "mlp"):
             raise InputError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        pos_slice = as_slice(pos_slice)
         components, labels = [], []
         if incl_embeds:
-            components.append(self["hook_embed"])
-            labels.append("embed")
-            if "hook_pos_embed" in self.model.hook_dict:
-                components.append(self["hook_pos_embed"])
-                labels.append("pos_embed")
-        for layer_ in range(layer + (1 if mlp_input else 0)):
+            for key, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
+                if key in self.cache_dict:
+                    components.append(self[key])
+                    labels.append(label)
+        for layer_ in range(layer):
             if mode != "mlp":
                 components.append(self["attn_out", layer_])
                 labels.append(f"{layer_}_attn_out")
-            if mode != "attn" and layer_ < layer and not cfg.attn_only:
+            if mode != "attn" and not cfg.attn_only:
                 components.append(self["mlp_out", layer_])
                 labels.append(f"{layer_}_mlp_out")
-        stack = _slice_pos(torch.stack(components), pos_slice, _POS_DIM)
+        if mlp_input and mode != "mlp":
+            components.append(self["attn_out", layer])
+            labels.append(f"{layer}_attn_out")
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
         return (stack, labels) if return_labels else stack
 
+    # ------------------------------------------------------------------ heads
     def head_results(
         self, layer: int, W_O: Float[Tensor, "layer head d_head d_model"] | None = None
     ) -> Float[Tensor, "batch pos head d_model"]:
@@ -225,36 +419,183 @@ class ActivationCache:
         w_o = (self.model.W_O if W_O is None else W_O)[layer]
         return torch.einsum("...hk,hkd->...hd", z, w_o.to(z.device, z.dtype))
 
+    def compute_head_results(self) -> None:
+        """Add every layer's ``attn.hook_result`` (from ``hook_z`` and ``W_O``) to the cache."""
+        if act_name("result", 0) in self.cache_dict:
+            warnings.warn("Tried to compute head results when they were already cached", stacklevel=2)
+            return
+        W_O = self.model.W_O
+        for layer in range(self.model.cfg.n_layers):
+            self.cache_dict[act_name("result", layer)] = self.head_results(layer, W_O)
+
     def stack_head_results(
         self,
-        layer: int | None = None,
+        layer: int = -1,
         return_labels: bool = False,
         incl_remainder: bool = False,
-        pos_slice: PosSlice = None,
+        pos_slice: Slice | SliceInput = None,
         apply_ln: bool = False,
     ):
-        """Every head's output in layers ``[0, layer)`` as ``[layer * head, batch, pos, d_model]``.
+        """Every head's output in layers ``[0, layer)`` as ``[layer * head, ...]`` (labels ``"L{l}H{h}"``).
 
-        Labels are ``"L{l}H{h}"``. ``incl_remainder`` appends the rest of the residual stream
-        (embeddings, MLPs, attention biases) so the stack sums to the stream entering ``layer``.
+        Computes and caches ``hook_result`` first (`compute_head_results`). ``incl_remainder``
+        appends the rest of the stream (embeddings, MLPs, biases), so the stack sums to it.
         """
-        cfg = self.model.cfg
-        layer = cfg.n_layers if layer is None or layer == -1 else layer
+        layer = self._end(layer)
+        pos_slice = as_slice(pos_slice)
+        if act_name("result", 0) not in self.cache_dict:
+            self.compute_head_results()
         components, labels = [], []
-        W_O = self.model.W_O if layer else None  # stacked once for every layer
         for layer_ in range(layer):
-            results = self.head_results(layer_, W_O)
-            components.append(results.movedim(-2, 0))
-            labels.extend(f"L{layer_}H{h}" for h in range(cfg.n_heads))
-        if components:
-            stack = torch.cat(components)
-        else:
-            stack = torch.zeros(0, *self["hook_embed"].shape, dtype=self["hook_embed"].dtype)
+            components.append(pos_slice.apply(self["result", layer_], dim=-3))
+            labels.extend(f"L{layer_}H{h}" for h in range(self.model.cfg.n_heads))
+        empty = pos_slice.apply(self["hook_embed"], dim=-2)
+        stack = torch.cat(components, dim=-2).movedim(-2, 0) if components else empty.new_zeros(0, *empty.shape)
         if incl_remainder:
-            resid = self["resid_post", layer - 1] if layer == cfg.n_layers else self["resid_pre", layer]
+            resid = pos_slice.apply(self["resid_post", layer - 1], dim=-2)
             stack = torch.cat([stack, (resid - stack.sum(0))[None]])
             labels.append("remainder")
-        stack = _slice_pos(stack, pos_slice, _POS_DIM)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, False, pos_slice)
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
+
+    # ------------------------------------------------------------------ neurons
+    def get_neuron_results(
+        self,
+        layer: int,
+        neuron_slice: Slice | SliceInput = None,
+        pos_slice: Slice | SliceInput = None,
+        project_output_onto: Tensor | None = None,
+    ) -> Tensor:
+        """Each neuron's write to the residual stream at ``layer``: ``[..., d_mlp, d_model]``
+        (``hook_post`` times its row of ``W_out``), or projected on ``project_output_onto``
+        (``[d_model]``: ``[..., d_mlp]``; ``[d_model, k]``: ``[..., d_mlp, k]``).
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> cache.get_neuron_results(0, pos_slice=-1).shape, cache.get_neuron_results(0, [1, 2]).shape
+            (torch.Size([1, 64, 32]), torch.Size([1, 4, 2, 32]))
+        """
+        neuron_slice, pos_slice = as_slice(neuron_slice), as_slice(pos_slice)
+        acts = neuron_slice.apply(pos_slice.apply(self["post", layer], dim=-2), dim=-1)
+        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.W_out, dim=0)
+        return _neuron_writes(acts, W_out, project_output_onto)
+
+    def stack_neuron_results(
+        self,
+        layer: int,
+        pos_slice: Slice | SliceInput = None,
+        neuron_slice: Slice | SliceInput = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: Tensor | None = None,
+    ):
+        """Every neuron's write in layers ``[0, layer)`` as ``[layer * d_mlp, ...]`` (labels ``"L{l}N{n}"``).
+
+        With ``project_output_onto`` each write is projected before it is expanded per neuron
+        (and, with ``apply_ln``, the cached norm scale is applied analytically), so the
+        ``[..., d_mlp, d_model]`` tensor is never built.
+        """
+        layer = self._end(layer)
+        pos_slice, neuron_slice = as_slice(pos_slice), as_slice(neuron_slice)
+        cfg = self.model.cfg
+        project = project_output_onto
+        squeeze = project is not None and project.dim() == 1
+        if squeeze:
+            project = project[:, None]
+        neurons = np.atleast_1d(neuron_slice.apply(torch.arange(cfg.d_mlp), dim=0).numpy())
+        labels = [f"L{layer_}N{n}" for layer_ in range(layer) for n in neurons]
+        folded = apply_ln and project is not None and cfg.normalization_type is not None
+        scale = self._scale(layer, False, pos_slice) if folded else None
+        parts = []
+        for layer_ in range(layer):
+            acts = neuron_slice.apply(pos_slice.apply(self["post", layer_], dim=-2), dim=-1)
+            W_out = neuron_slice.apply(self.model.blocks[layer_].mlp.W_out, dim=0)
+            if folded:  # LN_s(a W_out) @ p = (a / s) (centred W_out @ p)
+                acts = acts / scale.to(acts.dtype)
+                W_out = W_out - W_out.mean(-1, keepdim=True) if _centres(cfg) else W_out
+            parts.append(_neuron_writes(acts, W_out, project))
+        embed = pos_slice.apply(self["hook_embed"], dim=-2)
+        width = cfg.d_model if project is None else project.shape[-1]
+        stack = torch.cat(parts, dim=-2).movedim(-2, 0) if parts else embed.new_zeros(0, *embed.shape[:-1], width)
+        if incl_remainder:
+            resid = pos_slice.apply(self["resid_post", layer - 1], dim=-2)
+            if folded:
+                resid = self.apply_ln_to_stack(resid[None], layer, pos_slice=pos_slice)[0]
+            remainder = resid if project is None else resid @ project.to(resid.dtype)
+            stack = torch.cat([stack, (remainder - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln and not folded:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        stack = stack.squeeze(-1) if squeeze else stack
+        return (stack, labels) if return_labels else stack
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: Slice | SliceInput = None,
+        return_labels: bool = False,
+        project_output_onto: Tensor | None = None,
+    ):
+        """The stream entering ``layer`` as every head's output, every neuron's (or, without
+        ``expand_neurons``, every MLP's) output, ``embed``, ``pos_embed`` and the summed ``bias``.
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens)
+            >>> stack, labels = cache.get_full_resid_decomposition(return_labels=True, expand_neurons=False)
+            >>> labels[-5:], torch.allclose(stack.sum(0), cache["resid_post", -1], atol=1e-5)
+            (['1_mlp_out', '2_mlp_out', 'embed', 'pos_embed', 'bias'], True)
+        """
+        layer = self._end(layer)
+        pos_slice = as_slice(pos_slice)
+        project = project_output_onto
+        squeeze = project is not None and project.dim() == 1
+        if squeeze:
+            project = project[:, None]
+        folded = apply_ln and project is not None
+
+        def finish(stack: Tensor) -> Tensor:
+            if folded:
+                stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+            return stack if project is None else stack @ project.to(stack.dtype)
+
+        heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), True, pos_slice=pos_slice)
+        components = [finish(heads)]
+        if not self.model.cfg.attn_only and layer > 0:
+            if expand_neurons:
+                neurons, more = self.stack_neuron_results(
+                    layer, pos_slice, return_labels=True, apply_ln=folded, project_output_onto=project
+                )
+            else:
+                neurons, more = self.decompose_resid(
+                    layer, mlp_input, "mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+                )
+                neurons = finish(neurons)
+            components.append(neurons)
+            labels.extend(more)
+        for key, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
+            if key in self.cache_dict:
+                components.append(finish(pos_slice.apply(self[key], dim=-2)[None]))
+                labels.append(label)
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        bias = bias.to(heads.device, heads.dtype).expand((1, *heads.shape[1:]))
+        components.append(finish(bias))
+        labels.append("bias")
+        stack = torch.cat(components)
+        if apply_ln and not folded:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+        stack = stack.squeeze(-1) if squeeze else stack
+        return (stack, labels) if return_labels else stack
+
+
+def _neuron_writes(acts: Tensor, W_out: Tensor, project: Tensor | None) -> Tensor:
+    """``acts [..., d_mlp]`` times each neuron's output row ``W_out [d_mlp, d_model]``, projected."""
+    W_out = W_out.to(acts.device, acts.dtype)
+    if project is None:
+        return acts[..., None] * W_out
+    projected = W_out @ project.to(acts.device, acts.dtype)
+    return acts * projected if projected.dim() == 1 else acts[..., None] * projected

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechscope.errors import ConfigError
+from mechscope.errors import ConfigError, InputError
 from mechscope.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -145,6 +145,49 @@ class StackedWeights:
     @property
     def b_out(self) -> Float[Tensor, "layer d_model"]:
         return self._stack(lambda block: _or_zeros(self._mlp(block).b_out, self.cfg.d_model, self._mlp(block).w_out))
+
+    # ------------------------------------------------------------------ directions
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, ""] | Int[Tensor, " pos"] | Int[Tensor, "batch pos"]
+    ) -> Tensor:
+        """The unembedding column of each token: ``[d_model]`` for one token (a string, an int or a
+        one-element tensor), ``[..., d_model]`` for a tensor of several.
+
+        Example:
+            >>> model.tokens_to_residual_directions(torch.tensor([1, 2])).shape
+            torch.Size([2, 32])
+            >>> model.tokens_to_residual_directions(4).shape
+            torch.Size([32])
+        """
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return self.W_U[:, tokens].movedim(0, -1)
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, int):
+            token = tokens
+        elif isinstance(tokens, Tensor) and tokens.numel() == 1:
+            token = int(tokens.item())
+        else:
+            raise InputError(f"invalid token type {type(tokens).__name__}: use a string, an int or a tensor")
+        return self.W_U[:, token]
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """The sum of the output biases written before ``layer`` (``b_O`` and, with
+        ``include_mlp_biases``, ``b_out``), plus ``b_O`` of ``layer`` itself with ``mlp_input``.
+
+        Example:
+            >>> model.accumulated_bias(2).shape
+            torch.Size([32])
+        """
+        if mlp_input and layer >= self.cfg.n_layers:
+            raise InputError(f"mlp_input needs a layer below n_layers={self.cfg.n_layers}, got {layer}")
+        b_O = self.b_O
+        total = b_O[: layer + (1 if mlp_input else 0)].sum(0)
+        if include_mlp_biases and not self.cfg.attn_only:
+            total = total + self.b_out[:layer].sum(0)
+        return total
 
     # ------------------------------------------------------------------ helpers
     def _stack(self, get) -> Tensor:

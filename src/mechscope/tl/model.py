@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import einops
 import numpy as np
 import torch
 from jaxtyping import Float, Int
@@ -396,29 +395,6 @@ class HookedTransformer(_Base):
         if mode not in ("first", "last"):
             raise InputError(f"mode must be 'first' or 'last', not {mode!r}")
         return int(indices[0 if mode == "first" else -1])
-
-    def tokens_to_residual_directions(
-        self, tokens: str | int | Int[Tensor, ""] | Int[Tensor, " pos"] | Int[Tensor, "batch pos"]
-    ) -> Tensor:
-        """The unembedding column of each token: ``[d_model]`` for one token, ``[..., d_model]`` for a tensor.
-
-        Example:
-            >>> tl_model = HookedTransformer(model.cfg).init_weights(seed=0)
-            >>> directions = tl_model.tokens_to_residual_directions(torch.tensor([1, 2]))
-            >>> directions.shape, tl_model.tokens_to_residual_directions(4).shape
-            (torch.Size([2, 32]), torch.Size([32]))
-        """
-        if isinstance(tokens, Tensor) and tokens.numel() > 1:
-            return einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
-        if isinstance(tokens, str):
-            token = self.to_single_token(tokens)
-        elif isinstance(tokens, int):
-            token = tokens
-        elif isinstance(tokens, Tensor) and tokens.numel() == 1:
-            token = int(tokens.item())
-        else:
-            raise InputError(f"invalid token type {type(tokens).__name__}: use a string, an int or a tensor")
-        return self.W_U[:, token]
 
     @property
     def n_params_total(self) -> int:

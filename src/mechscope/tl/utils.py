@@ -16,9 +16,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.analysis.factored import FactoredMatrix
+from mechscope.cache import Slice, SliceInput
 from mechscope.errors import InputError
 from mechscope.tl.config import SUPPORTED_ACTIVATIONS
-from mechscope.tl.slice import Slice, SliceInput
 
 USE_DEFAULT_VALUE = None
 
