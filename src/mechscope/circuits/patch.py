@@ -42,12 +42,18 @@ from mechscope.patching.metrics import Metric
 
 
 class _PatchedForward:
-    """The state of one batched forward: masks, sender differences, hooks."""
+    """The state of one batched forward: masks, sender differences, hooks.
+
+    Differences are kept sender-major, ``[sender, n * pos * d_model]`` (shared by the sets) and
+    ``[set, sender, n * pos * d_model]`` (per set), so that a receiver group's correction is one
+    batched matrix product over contiguous memory.
+    """
 
     def __init__(self, model, graph: Graph, base: SenderRun, source: Tensor, masks: Tensor, first: int) -> None:
         self.model, self.graph, self.base, self.first = model, graph, base, first
         self.k = masks.shape[0]
         self.n, self.seq = base.outputs.shape[:2]
+        d = model.cfg.d_model
         device, dtype = model.device, model.dtype
         self.masks = masks.to(device=device, dtype=dtype)  # [k, sender, receiver]
         if graph.post_norm:  # heads reach receivers through their layer's post-norm (see `_head_groups`)
@@ -63,43 +69,35 @@ class _PatchedForward:
         self.shared_cols = index[: self.split][used[: self.split]]
         self.row_cols = index[self.split :][used[self.split :]]
         self.source = source.to(device=device, dtype=dtype)
-        self.shared_diff = base.outputs[:, :, self.shared_cols] - self.source[:, :, self.shared_cols]  # [n, pos, s, d]
-        d = model.cfg.d_model
-        self.row_diff = torch.zeros(self.k, self.n, self.seq, len(self.row_cols), d, device=device, dtype=dtype)
+        shared = base.outputs[:, :, self.shared_cols] - self.source[:, :, self.shared_cols]  # [n, pos, s, d]
+        self.shared_diff = shared.permute(2, 0, 1, 3).reshape(len(self.shared_cols), -1)  # [s, n * pos * d]
+        self.row_diff = torch.zeros(self.k, len(self.row_cols), self.n * self.seq * d, device=device, dtype=dtype)
         self.row_sums: dict[int, Tensor] = {}  # post-norm head sums of layers >= first, per row
         self.column = torch.full((graph.n_senders,), -1, dtype=torch.long, device=device)
         self.column[self.row_cols] = torch.arange(len(self.row_cols), device=device)
+        self.attention: tuple[int, Tensor] | None = None  # (layer, its q/k/v corrections)
 
     # ------------------------------------------------------------------ corrections
-    def correction(self, receivers: range | list[int], limit: int) -> Float[Tensor, "rows pos receiver d_model"]:
+    def correction(self, receivers: range, limit: int) -> Float[Tensor, "rows pos receiver d_model"]:
         """``sum_s mask[s, r] (out_s - source_s)`` for each receiver: what it must stop reading.
         Only senders before index ``limit`` can reach these receivers."""
-        receivers = torch.as_tensor(list(receivers), device=self.masks.device)
-        lin = self.linear[:, :, receivers]  # [k, sender, r]
-        out = torch.einsum("npsd,ksr->knprd", self.shared_diff, lin[:, self.shared_cols])
+        lin = self.linear[:, :, receivers.start : receivers.stop]  # [k, sender, r]
+        out = torch.matmul(lin[:, self.shared_cols].transpose(1, 2), self.shared_diff)  # [k, r, n * pos * d]
         written = int(torch.searchsorted(self.row_cols, limit))
         if written:
-            row_lin = lin[:, self.row_cols[:written]]
-            out = out + torch.einsum("knpsd,ksr->knprd", self.row_diff[:, :, :, :written], row_lin)
+            out = out + torch.bmm(lin[:, self.row_cols[:written]].transpose(1, 2), self.row_diff[:, :written])
+        out = out.view(self.k, len(receivers), self.n, self.seq, -1).permute(0, 2, 3, 1, 4)  # [k, n, pos, r, d]
         if self.graph.post_norm:
             out = out + self._head_groups(receivers)
         return out.flatten(0, 1)  # [k * n, pos, r, d]
 
-    def _head_groups(self, receivers: Tensor) -> Tensor:
+    def _head_groups(self, receivers: range) -> Tensor:
         """Post-norm models: ``post(sum) - post(sum - patched head differences)`` per upstream layer."""
-        graph = self.graph
-        out = torch.zeros(
-            self.k,
-            self.n,
-            self.seq,
-            len(receivers),
-            self.model.cfg.d_model,
-            device=receivers.device,
-            dtype=self.masks.dtype,
-        )
+        graph, d = self.graph, self.model.cfg.d_model
+        out = torch.zeros(self.k, self.n, self.seq, len(receivers), d, device=self.masks.device, dtype=self.masks.dtype)
         for layer in range(graph.n_layers):
             heads = graph.head_senders(layer)
-            mask = self.masks[:, heads.start : heads.stop][:, :, receivers]  # [k, head, r]
+            mask = self.masks[:, heads.start : heads.stop, receivers.start : receivers.stop]  # [k, head, r]
             if not bool(mask.any()):
                 continue
             norm = self.model.blocks[layer].ln1_post
@@ -109,7 +107,8 @@ class _PatchedForward:
                 total = self.base.head_sums[layer][None]  # [1, n, pos, d]
             else:  # heads without a patched edge have no column (-1); their mask is zero
                 cols = self.column[heads.start : heads.stop].clamp(min=0)
-                delta = torch.einsum("knphd,khr->knprd", self.row_diff[:, :, :, cols], mask)
+                diff = self.row_diff[:, cols].view(self.k, len(heads), self.n, self.seq, d)
+                delta = torch.einsum("khnpd,khr->knprd", diff, mask)
                 total = self.row_sums[layer]
             total = total[:, :, :, None]  # [k or 1, n, pos, 1, d]
             out = out + (norm(total) - norm(total - delta))
@@ -124,8 +123,7 @@ class _PatchedForward:
             heads = graph.head_senders(layer)
             for which in ("q", "k", "v"):
                 if bool(masks[:, :, groups[which].start : groups[which].stop].any()):
-                    hook = self._receiver_hook(groups[which], heads.start, True)
-                    hooks.append((f"blocks.{layer}.hook_{which}_input", hook))
+                    hooks.append((f"blocks.{layer}.hook_{which}_input", self._attention_hook(layer, which)))
             if bool(masks[:, heads.start : heads.stop].any()):
                 hooks.append((f"blocks.{layer}.attn.hook_result", self._heads_hook(layer)))
             if graph.attn_only:
@@ -133,23 +131,36 @@ class _PatchedForward:
             mlp = graph.mlp_sender(layer)
             limit = heads.start if graph.parallel else mlp
             if bool(masks[:, :, groups["mlp"].start].any()):
-                hooks.append((f"blocks.{layer}.hook_mlp_in", self._receiver_hook(groups["mlp"], limit, False)))
+                hooks.append((f"blocks.{layer}.hook_mlp_in", self._mlp_hook(groups["mlp"], limit)))
             if bool(masks[:, mlp].any()):
                 hooks.append((f"blocks.{layer}.hook_mlp_out", self._sender_hook(mlp)))
         return hooks
 
-    def _receiver_hook(self, receivers: range, limit: int, per_head: bool):
+    def _attention_hook(self, layer: int, which: str):
+        """Queries, keys and values of a layer read the same senders: their corrections are
+        computed together when the first of the three hooks runs."""
+        groups = self.graph.layer_receivers(layer)
+        every = range(groups["q"].start, groups["v"].stop)
+        part = slice(groups[which].start - every.start, groups[which].stop - every.start)
+
+        def hook(x: Tensor, *, hook) -> Tensor:  # x: [rows, pos, head or kv_head, d_model]
+            if self.attention is None or self.attention[0] != layer:
+                self.attention = (layer, self.correction(every, self.graph.head_senders(layer).start))
+            return x - self.attention[1][:, :, part].to(x.dtype)
+
+        return hook
+
+    def _mlp_hook(self, receivers: range, limit: int):
         def hook(x: Tensor, *, hook) -> Tensor:
-            corr = self.correction(receivers, limit).to(x.dtype)  # [rows, pos, r, d]
-            return x - (corr if per_head else corr[:, :, 0])
+            return x - self.correction(receivers, limit)[:, :, 0].to(x.dtype)
 
         return hook
 
     def _store(self, sender: int, value: Tensor) -> None:
         col = int(self.column[sender])
         if col >= 0:
-            rows = value.view(self.k, self.n, self.seq, -1)
-            self.row_diff[:, :, :, col] = rows - self.source[:, :, sender]
+            rows = value.view(self.k, self.n, self.seq, -1) - self.source[:, :, sender]
+            self.row_diff[:, col] = rows.reshape(self.k, -1)
 
     def _sender_hook(self, sender: int):
         def hook(x: Tensor, *, hook) -> None:
@@ -215,7 +226,8 @@ def patched_logits(
         with (hook_context or model.hooks)(state.hooks()):
             resid = model.run_blocks(resid, first, n_layers, ctx)
     if bool(masks[:, :, graph.logits_receiver].any()):
-        correction = state.correction([graph.logits_receiver], graph.n_senders)[:, :, 0]
+        logits_receiver = range(graph.logits_receiver, graph.logits_receiver + 1)
+        correction = state.correction(logits_receiver, graph.n_senders)[:, :, 0]
         resid = resid - correction.to(resid.dtype)
     if keep is not None:
         resid = resid[:, keep]
