@@ -6,7 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mechscope.cli.browse import add_browse_parser
+from mechscope.cli.circuit import add_circuit_parser
+from mechscope.cli.features import add_features_parser
+from mechscope.cli.othello import add_othello_parser
+from mechscope.cli.probe import add_probe_parser
 from mechscope.cli.sae import add_sae_parser
+from mechscope.cli.subspace import add_subspace_parser
 from mechscope.cli.tour import DEFAULT_PROMPT, tour
 from mechscope.cli.toys import add_toys_parser
 from mechscope.errors import MechscopeError
@@ -17,10 +23,11 @@ DESCRIPTION = (
     "generation and attention heads; 'mechscope toys' and 'mechscope sae' train toy models and sparse autoencoders."
 )
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+COMMANDS = "{tour,toys,sae,circuit,subspace,probe,othello,features,browse}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mechscope`` parser: ``tour``, ``toys`` and ``sae`` (building it imports no torch).
+    """The ``mechscope`` parser and every subcommand (building it imports no torch).
 
     Example:
         >>> args = build_parser().parse_args(["tour", "--no-heads", "--top-k", "3"])
@@ -28,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         (True, 3, 'tour')
     """
     parser = argparse.ArgumentParser(prog="mechscope", description=DESCRIPTION, formatter_class=Formatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tour,toys,sae}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar=COMMANDS)
     p = sub.add_parser(
         "tour",
         help="load the bundled model, predict, and summarise an activation cache",
@@ -65,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=tour)
     add_toys_parser(sub, Formatter)
     add_sae_parser(sub, Formatter)
+    for add in (
+        add_circuit_parser,
+        add_subspace_parser,
+        add_probe_parser,
+        add_othello_parser,
+        add_features_parser,
+        add_browse_parser,
+    ):
+        add(sub, Formatter)
     return parser
 
 
