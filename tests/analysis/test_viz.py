@@ -132,7 +132,8 @@ def test_view_input_errors(tmp_path):
 
 _DOM_STUB = """
 class El {
-  constructor(tag) { this.tagName = tag; this.children = []; this.cells = []; this.rows = []; this.style = {};
+  constructor(tag) { this.tagName = tag; this.children = []; this.cells = []; this.rows = [];
+    this.style = { setProperty(k, v) { this[k] = v; } };
     this.dataset = {}; this.listeners = {}; this.textContent = ''; this.className = '';
     this.classList = { toggle: () => {} }; }
   appendChild(c) { this.children.push(c); if (c.tagName === 'th' || c.tagName === 'td') this.cells.push(c); return c; }
@@ -143,6 +144,7 @@ class El {
   insertCell() { return this.appendChild(new El('td')); }
 }
 const ids = {};
+const window = { innerWidth: 1200 };
 const document = {
   getElementById: id => ids[id] || (ids[id] = new El(id === 'grid' ? 'table' : 'div')),
   createElement: tag => new El(tag),
@@ -229,3 +231,139 @@ def test_auto_backend_falls_back_to_matplotlib_silently(heatmap_without_kaleido,
         out = save_png(heatmap_without_kaleido, tmp_path / "x.png")
     assert out == tmp_path / "x.png" and out.read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+# ---------------------------------------------------------------------- NaN and infinities, scales, file modes
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_attention_view_with_nan_and_inf_is_valid_json():
+    pattern = torch.tensor([[[1.0, 0.0], [float("nan"), float("inf")]]])
+    doc = attention_heads_html(pattern, ["a", "b"])
+    data = _strict_json(_parse(doc).scripts[0])
+    assert data["patterns"] == [[[1.0, 0.0], ["NaN", "Infinity"]]]
+    assert "NaN / infinite" in doc and "source (key)" in doc and "destination (query)" in doc
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_attention_view_script_shows_nan_cells(tmp_path):
+    pattern = torch.tensor([[[1.0, 0.0, 0.0], [float("nan"), 0.5, 0.0], [0.2, float("-inf"), 0.8]]])
+    scripts = _parse(attention_heads_html(pattern, ["a", "b", "c"])).scripts
+    driver = (
+        _DOM_STUB
+        + f"ids['mechscope-data'] = {{textContent: {json.dumps(scripts[0])}}};\n"
+        + scripts[1]
+        + "\n"
+        + scripts[2]
+        + """
+const g = ids['grid'], tp = ids['mechscope-tip'];
+g.rows[2].cells[1].fire('mousemove');
+console.log(JSON.stringify({classes: g.rows.slice(1).map(r => r.cells.slice(1).map(c => c.className)),
+  good: g.rows[2].cells[2].style.background, tip: tp.textContent, count: ids['badcount'].textContent}));
+"""
+    )
+    path = tmp_path / "driver.js"
+    path.write_text(driver)
+    out = json.loads(subprocess.run(["node", str(path)], check=True, capture_output=True, text=True).stdout)
+    assert out["classes"] == [["", "", ""], ["bad", "", ""], ["", "bad", ""]]
+    assert out["good"] == "rgba(31,95,191,0.5)" and out["tip"].splitlines()[-1] == "attention   NaN"
+    assert out["count"] == "2 cells NaN or infinite"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_a_long_attention_view_loads_in_a_browser(tmp_path):
+    n = 120
+    pattern = torch.softmax(torch.randn(1, n, n, generator=torch.Generator().manual_seed(0)), -1)
+    pattern[0, 3, 1] = float("nan")
+    path = save_html(attention_heads_html(pattern, [f" t{i}" for i in range(n)]), tmp_path / "long.html")
+    dom = subprocess.run(
+        ["chromium", "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", path.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert dom.count("<tr>") == n + 1  # the script ran and built every row
+    assert "1 cells NaN or infinite" in dom and 'class="bad"' in dom
+
+
+def test_token_view_with_nan_and_inf_colours_the_rest():
+    doc = colored_tokens_html(["a", "b", "c", "d"], torch.tensor([0.5, float("nan"), float("inf"), -1.0]))
+    colours = re.findall(r"background:rgba\((\d+,\d+,\d+),([\d.]+)\)", doc)
+    assert colours == [("214,39,40", "0.500"), ("214,39,40", "1.000"), ("31,119,180", "1.000")]
+    assert doc.count("repeating-linear-gradient") == 1  # the NaN token is hatched
+    assert "2 NaN or infinite" in doc and "max |finite value| 1" in doc
+    titles = [attrs["title"] for tag, attrs in _parse(doc).tags if tag == "span"]
+    assert titles[1] == "[1] 'b': nan" and titles[2] == "[2] 'c': inf"
+
+
+def test_heatmap_with_nan_and_inf_keeps_a_finite_scale():
+    from mechscope.viz.heatmap import layer_head_heatmap
+
+    fig = layer_head_heatmap(torch.tensor([[1.0, float("nan")], [float("-inf"), -2.0]]), "heads")
+    trace = fig.data[0]
+    assert trace.zmin == -2.0 and trace.zmax == 2.0
+    assert [list(row) for row in trace.z] == [[1.0, None], [None, -2.0]]
+    assert [list(row) for row in trace.text] == [["1.0000", "nan"], ["-inf", "-2.0000"]]
+    assert "2 NaN or infinite cells" in fig.layout.title.text
+
+
+def _captured_imshow(monkeypatch, figure, tmp_path):
+    from matplotlib.axes import Axes
+
+    from mechscope.viz.png import save_png
+
+    seen = {}
+    real = Axes.imshow
+
+    def imshow(self, z, **kwargs):
+        seen.update(kwargs, masked=int(z.mask.sum()))
+        return real(self, z, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", imshow)
+    save_png(figure, tmp_path / "f.png", backend="matplotlib")
+    return seen
+
+
+def test_png_colour_ranges_follow_the_html(monkeypatch, tmp_path):
+    from mechscope.cli.figures import heatmap_figure
+    from mechscope.viz.heatmap import layer_head_heatmap
+
+    norms = [[0.4, 1.3], [0.9, float("nan")]]  # sequential, never negative: 0 .. max, as in the HTML
+    seq = _captured_imshow(monkeypatch, heatmap_figure(norms, "norms", colorscale="Blues", zmid=None), tmp_path)
+    assert (seq["vmin"], seq["vmax"]) == (0.0, 1.3) and seq["masked"] == 1
+    phases = [[0, 1], [2, 1]]
+    seq = _captured_imshow(monkeypatch, heatmap_figure(phases, "phases", colorscale="Viridis", zmid=None), tmp_path)
+    assert (seq["vmin"], seq["vmax"]) == (0.0, 2.0)
+    div = _captured_imshow(monkeypatch, layer_head_heatmap(torch.tensor([[0.5, -1.5]]), "z"), tmp_path)
+    assert (div["vmin"], div["vmax"]) == (-1.5, 1.5)
+    import plotly.graph_objects as go
+
+    plain = _captured_imshow(monkeypatch, go.Figure(go.Heatmap(z=[[0.5, 2.0]])), tmp_path)  # plotly: data range
+    assert (plain["vmin"], plain["vmax"]) == (0.5, 2.0)
+
+
+def test_written_files_have_ordinary_modes(tmp_path):
+    import os
+
+    from mechscope.cli.figures import heatmap_figure, write_report
+    from mechscope.viz.heatmap import layer_head_heatmap, save_heatmaps
+    from mechscope.viz.png import save_png
+
+    previous = os.umask(0o022)
+    try:
+        files = [
+            save_html(colored_tokens_html(["a"], torch.ones(1)), tmp_path / "v.html"),
+            save_heatmaps([layer_head_heatmap(torch.ones(2, 2), "x")], tmp_path / "h.html", "h"),
+            save_png(layer_head_heatmap(torch.ones(2, 2), "x"), tmp_path / "h.png", backend="matplotlib"),
+            *write_report(tmp_path / "r" / "report.html", "r", [("a map", heatmap_figure([[1, 2]], "m"))], {"x": 1}),
+        ]
+    finally:
+        os.umask(previous)
+    files += list((tmp_path / "r" / "report_png").iterdir())
+    assert len(files) == 6
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "r" / "report_png").stat().st_mode & 0o777 == 0o755
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from mechscope.errors import ConfigError
+from mechscope.viz.html import write_atomic
 
 
 def _plotly():
@@ -24,13 +26,6 @@ def _plotly():
     except ImportError as exc:  # pragma: no cover - plotly is a dependency
         raise ConfigError("the toy reports need plotly: pip install plotly") from exc
     return go, make_subplots
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -76,9 +71,9 @@ def write_report(
         parts.append(figure.to_html(full_html=False, include_plotlyjs=first))
         first = False
     parts.append("</body></html>")
-    _atomic_write(path, "\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     json_path = path.with_suffix(".json")
-    _atomic_write(json_path, json.dumps(numbers, indent=2))
+    write_atomic(json_path, json.dumps(numbers, indent=2))
     if png:
         write_pngs(path.with_name(path.stem + "_png"), sections)
     return path, json_path
@@ -143,12 +138,22 @@ def heatmap_figure(
 ):
     """A plotly heatmap of a 2-D array (rows top to bottom).
 
+    Diverging data (``zmid`` set, the default 0) is centred on ``zmid``; sequential data
+    (``zmid=None``) that is never negative starts its colour scale at 0, so a scale never
+    suggests negative values that are not there. The offline PNG uses the same range.
+
     Example:
-        >>> heatmap_figure([[1, -1], [0, 2]], "W").data[0].type
-        'heatmap'
+        >>> heatmap_figure([[1, -1], [0, 2]], "W").data[0].zmid
+        0.0
+        >>> heatmap_figure([[1, 3], [0.5, 2]], "norms", colorscale="Blues", zmid=None).data[0].zmin
+        0.0
     """
     go, _ = _plotly()
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=colorscale, zmid=zmid))
+    finite = [v for row in z for v in row if v is not None and math.isfinite(v)]
+    scale = {"zmid": zmid}
+    if zmid is None and finite and min(finite) >= 0:
+        scale = {"zmin": 0.0, "zmax": max(finite) or 1.0}  # plotly uses zmin only together with zmax
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=colorscale, **scale))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420)
     fig.update_yaxes(autorange="reversed")
     return fig

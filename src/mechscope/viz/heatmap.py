@@ -10,8 +10,8 @@ subset of HTML in labels.
 from __future__ import annotations
 
 import html
+import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +19,16 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
+from mechscope.viz.html import write_atomic
 from mechscope.viz.png import save_png
 
 __all__ = [
-    "figures_html", "heatmap_figure", "layer_head_heatmap", "layer_pos_heatmap", "save_heatmaps", "save_png",
+    "figures_html",
+    "heatmap_figure",
+    "layer_head_heatmap",
+    "layer_pos_heatmap",
+    "save_heatmaps",
+    "save_png",
     "token_labels",
 ]
 
@@ -64,6 +70,8 @@ def heatmap_figure(
 ):
     """A diverging (zero-centred, red-blue) heatmap with hover values; ``values`` is ``[y, x]``.
 
+    NaN and infinite cells are drawn blank, named in the hover text and counted in the title.
+
     Example:
         >>> fig = heatmap_figure(torch.zeros(2, 3), ["a", "b", "c"], ["0", "1"], "demo", "pos")
         >>> fig.layout.title.text, len(fig.data[0].z)
@@ -73,18 +81,34 @@ def heatmap_figure(
     z = _matrix(values, "values")
     if len(z) != len(y_labels) or len(z[0]) != len(x_labels):
         raise InputError(f"values are {len(z)} x {len(z[0])} but labels are {len(y_labels)} x {len(x_labels)}")
-    limit = max((abs(v) for row in z for v in row), default=0.0) or 1.0
+    finite = [abs(v) for row in z for v in row if math.isfinite(v)]
+    limit = max(finite, default=0.0) or 1.0
+    n_bad = sum(len(row) for row in z) - len(finite)
+    text = [[f"{v:.4f}" if math.isfinite(v) else str(v) for v in row] for row in z]  # hover names nan/inf
+    if n_bad:  # plotly draws non-finite cells blank; say so
+        title = f"{title} ({n_bad} NaN or infinite cells, drawn blank)"
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=list(x_labels), y=list(y_labels), colorscale="RdBu", zmid=0.0, zmin=-limit, zmax=limit,
+            z=[[v if math.isfinite(v) else None for v in row] for row in z],
+            text=text,
+            x=list(x_labels),
+            y=list(y_labels),
+            colorscale="RdBu",
+            zmid=0.0,
+            zmin=-limit,
+            zmax=limit,
             colorbar={"title": {"text": html.escape(colorbar_title)}},
-            hovertemplate=f"{html.escape(y_title)} %{{y}}<br>{html.escape(x_title)} %{{x}}<br>%{{z:.4f}}<extra></extra>",
+            hovertemplate=f"{html.escape(y_title)} %{{y}}<br>{html.escape(x_title)} %{{x}}<br>%{{text}}<extra></extra>",
         )
     )
     fig.update_layout(
-        title={"text": html.escape(title)}, xaxis_title=html.escape(x_title), yaxis_title=html.escape(y_title),
-        yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"},
-        width=max(500, 40 * len(x_labels) + 200), height=max(350, 18 * len(y_labels) + 150),
+        title={"text": html.escape(title)},
+        xaxis_title=html.escape(x_title),
+        yaxis_title=html.escape(y_title),
+        yaxis={"autorange": "reversed", "type": "category"},
+        xaxis={"type": "category"},
+        width=max(500, 40 * len(x_labels) + 200),
+        height=max(350, 18 * len(y_labels) + 150),
     )
     return fig
 
@@ -160,14 +184,9 @@ def save_heatmaps(figures: Sequence, path: str | os.PathLike, title: str, intro:
 
     Example:
         >>> import tempfile, pathlib
-        >>> out = save_heatmaps([layer_head_heatmap(torch.ones(2, 2), "x")], pathlib.Path(tempfile.mkdtemp()) / "r.html", "r")
+        >>> figure = layer_head_heatmap(torch.ones(2, 2), "x")
+        >>> out = save_heatmaps([figure], pathlib.Path(tempfile.mkdtemp()) / "r.html", "r")
         >>> out.stat().st_size > 100_000
         True
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(figures_html(figures, title, intro, sections))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, figures_html(figures, title, intro, sections))

@@ -2,20 +2,22 @@
 
 plotly's own export (``kaleido``) drives a Chrome browser, which many machines lack. `save_png`
 uses it when it works and otherwise draws the figure with matplotlib: heatmaps (with their
-token labels, diverging colour scale and colour bar) and line/marker plots on one pair of axes,
-which covers the patching heatmaps and the single-panel figures of the toy reports.
+token labels, colour scale, colour range and colour bar as plotly draws them: diverging scales
+centred on ``zmid``, sequential ones over the data's range or ``zmin``/``zmax``) and line/marker
+plots on one pair of axes, which covers the patching heatmaps and the single-panel figures of the
+toy reports. NaN and infinite cells are drawn grey.
 """
 
 from __future__ import annotations
 
 import html
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal
 
 from mechscope.errors import ConfigError, InputError
+from mechscope.viz.html import temporary_path
 
 Backend = Literal["auto", "kaleido", "matplotlib"]
 _SUPPORTED = ("heatmap", "scatter")
@@ -48,12 +50,18 @@ def _check_drawable(figure) -> None:
         raise InputError("the figure has no traces to draw")
 
 
-def _colormap(colorscale):
-    """A matplotlib colormap from plotly's ``[(position, "rgb(r, g, b)" or "#rrggbb"), ...]``."""
+def _colormap(colorscale, layout=None):
+    """A matplotlib colormap from plotly's ``[(position, "rgb(r, g, b)" or "#rrggbb"), ...]``
+    (no scale: the figure template's sequential one, as plotly draws it). Non-finite cells
+    are drawn light grey."""
     from matplotlib.colors import LinearSegmentedColormap, to_rgb
 
+    if not colorscale and layout is not None:
+        colorscale = getattr(getattr(layout.template.layout, "colorscale", None), "sequential", None)
     if not colorscale:
-        return "viridis"  # plotly's default sequential scale
+        import matplotlib
+
+        return matplotlib.colormaps["plasma"].with_extremes(bad="#d9d9d9")  # plotly's default sequential scale
     stops = []
     for position, color in colorscale:
         if color.startswith("rgb"):
@@ -61,17 +69,47 @@ def _colormap(colorscale):
         else:
             rgb = to_rgb(color)
         stops.append((float(position), rgb))
-    return LinearSegmentedColormap.from_list("plotly", stops)
+    return LinearSegmentedColormap.from_list("plotly", stops).with_extremes(bad="#d9d9d9")
+
+
+def colour_range(
+    z, zmin: float | None = None, zmax: float | None = None, zmid: float | None = None, zauto: bool | None = None
+):
+    """The colour range plotly gives a heatmap: ``(zmin, zmax)`` when both are set (and ``zauto``
+    is not true); otherwise the finite data's minimum and maximum (sequential scales), widened to
+    be symmetric around ``zmid`` when that is set (diverging scales). NaN and infinities are ignored.
+
+    Example:
+        >>> colour_range([[0.5, 2.0], [1.0, float("nan")]])
+        (0.5, 2.0)
+        >>> colour_range([[0.5, 2.0], [1.0, float("nan")]], zmin=0.0, zmax=2.0)
+        (0.0, 2.0)
+        >>> colour_range([[0.0, 2.0], [-1.0, float("inf")]], zmid=0.0)
+        (-2.0, 2.0)
+    """
+    import numpy as np
+
+    if zmin is not None and zmax is not None and not zauto:
+        return float(zmin), float(zmax)
+    values = np.asarray(z, dtype=float)
+    values = values[np.isfinite(values)]
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if zmid is not None:
+        reach = max(abs(high - zmid), abs(zmid - low)) or 1.0
+        low, high = zmid - reach, zmid + reach
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    return low, high
 
 
 def _draw_heatmap(fig, ax, trace, layout) -> None:
     import numpy as np
 
-    z = np.asarray(trace.z, dtype=float)
-    limit = float(np.nanmax(np.abs(z))) if z.size else 1.0
-    vmin = trace.zmin if trace.zmin is not None else -limit
-    vmax = trace.zmax if trace.zmax is not None else limit
-    image = ax.imshow(z, cmap=_colormap(trace.colorscale), vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    z = np.asarray([[np.nan if v is None else v for v in row] for row in trace.z], dtype=float)
+    vmin, vmax = colour_range(z, trace.zmin, trace.zmax, trace.zmid, trace.zauto)
+    z = np.ma.masked_invalid(z)  # NaN and infinities: the colormap's grey
+    cmap = _colormap(trace.colorscale, layout)
+    image = ax.imshow(z, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     rows, cols = z.shape
     x = [_text(v) for v in trace.x] if trace.x is not None else [str(i) for i in range(cols)]
     y = [_text(v) for v in trace.y] if trace.y is not None else [str(i) for i in range(rows)]
@@ -142,9 +180,7 @@ def save_png(figure, path: str | os.PathLike, *, backend: Backend = "auto", dpi:
     if backend not in ("auto", "kaleido", "matplotlib"):
         raise InputError(f"backend must be 'auto', 'kaleido' or 'matplotlib', got {backend!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
+    tmp = str(temporary_path(path))  # mode from the umask, unlike mkstemp's 0600
     reasons = []
     try:
         if backend in ("auto", "kaleido"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,10 +29,20 @@ if (pick) pick.addEventListener('change', () => {
 
 
 def _colour(value: float, limit: float) -> str:
-    """Red for positive, blue for negative, white at zero; alpha grows with ``|value| / limit``."""
-    alpha = min(abs(value) / limit, 1.0) if limit > 0 else 0.0
+    """Red for positive, blue for negative, white at zero; alpha grows with ``|value| / limit``
+    (infinities are full colour). NaN has no colour: `_style` hatches it."""
+    if math.isinf(value):
+        alpha = 1.0
+    else:
+        alpha = min(abs(value) / limit, 1.0) if limit > 0 else 0.0
     rgb = "214,39,40" if value >= 0 else "31,119,180"
     return f"rgba({rgb},{alpha:.3f})"
+
+
+def _style(value: float, limit: float) -> str:
+    if math.isnan(value):
+        return "background:repeating-linear-gradient(45deg,#bbb 0 2px,#fff 2px 4px);outline:1px dashed #888"
+    return f"background:{_colour(value, limit)}"
 
 
 def colored_tokens_html(
@@ -44,7 +55,8 @@ def colored_tokens_html(
 
     ``values`` is ``[pos]`` or ``[series, pos]`` (several neurons or features, chosen with a
     menu). Hovering a token shows its text, position and value. Each series is scaled by its own
-    largest absolute value. Token text is HTML-escaped.
+    largest finite absolute value; infinities get full colour and NaN a grey hatch, and the
+    legend counts them. Token text is HTML-escaped.
 
     Example:
         >>> doc = colored_tokens_html(['<script>', ' "x"'], torch.tensor([0.5, -1.0]))
@@ -63,14 +75,17 @@ def colored_tokens_html(
     if len(labels) > 1:
         options = "".join(f'<option value="{i}">{html.escape(str(label))}</option>' for i, label in enumerate(labels))
         parts.append(f'<select id="series-pick">{options}</select>')
-    for i, (label, row) in enumerate(zip(labels, values)):
-        limit = float(row.abs().max()) if row.numel() else 0.0
+    for i, (label, row) in enumerate(zip(labels, values, strict=True)):
+        finite = row[torch.isfinite(row)]
+        limit = float(finite.abs().max()) if finite.numel() else 0.0
+        bad = int(row.numel() - finite.numel())
         spans = "".join(
-            f'<span class="tok" style="background:{_colour(float(v), limit)}" '
+            f'<span class="tok" style="{_style(float(v), limit)}" '
             f'title="{html.escape(f"[{pos}] {token!r}: {float(v):.4g}", quote=True)}">'
             f"{html.escape(display_token(str(token)))}</span>"
-            for pos, (token, v) in enumerate(zip(str_tokens, row))
+            for pos, (token, v) in enumerate(zip(str_tokens, row, strict=True))
         )
-        legend = f'<div class="legend">{html.escape(str(label))}: max |value| {limit:.4g}</div>'
+        note = f"; {bad} NaN or infinite (hatched: NaN; full colour: ±inf)" if bad else ""
+        legend = f'<div class="legend">{html.escape(str(label))}: max |finite value| {limit:.4g}{note}</div>'
         parts.append(f'<div class="series{" hidden" if i else ""}">{legend}{spans}</div>')
     return page(title, "\n".join(parts), _CSS, _SCRIPT)
