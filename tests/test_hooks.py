@@ -149,18 +149,104 @@ def test_hooks_are_removed_when_the_body_raises(small_model):
             raise Boom
     with pytest.raises(ms.HookError):
         small_model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, *, hook: x[0])])
-    assert not any(p.has_hooks for p in small_model.hook_dict.values())
+    assert not any(p.has_hooks() for p in small_model.hook_dict.values())
 
 
 def test_persistent_hooks_survive_reset_unless_asked(small_model):
     calls = []
-    small_model.add_hook("blocks.0.hook_resid_post", lambda x, *, hook: calls.append(1), persistent=True)
+    small_model.add_hook("blocks.0.hook_resid_post", lambda x, *, hook: calls.append(1), is_permanent=True)
     small_model.reset_hooks()
     small_model(TOKENS)
     assert calls == [1]
     small_model.reset_hooks(including_permanent=True)
     small_model(TOKENS)
     assert calls == [1]
+
+
+def test_transformer_lens_hook_point_api(small_model):
+    point = small_model.hook_dict["blocks.1.hook_resid_pre"]
+    order = []
+    point.add_hook(lambda x, *, hook: order.append("first"))
+    point.add_hook(lambda x, *, hook: order.append("prepended"), prepend=True)
+    point.add_perma_hook(lambda x, *, hook: order.append("permanent"))
+    assert [h.user_hook for h in point.fwd_hooks][0] is point.fwd_hooks[0].user_hook and not point.bwd_hooks
+    small_model(TOKENS)
+    assert order == ["prepended", "first", "permanent"] and point.layer() == 1
+    assert point.has_hooks() and point.has_hooks(including_permanent=False) and not point.has_hooks("bwd")
+    point.remove_hooks()  # TransformerLens' default: the temporary forward hooks
+    assert len(point.fwd_hooks) == 1 and point.fwd_hooks[0].is_permanent
+    point.fwd_hooks[0].hook.remove()
+    assert not point.has_hooks()
+    with pytest.raises(ms.HookNameError, match="no name"):
+        ms.hooks.HookPoint().layer()
+
+
+def test_context_levels_and_reset_hooks_end(small_model):
+    outer = small_model.hook_dict["blocks.0.hook_resid_post"]
+    with small_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, *, hook: None)]):
+        assert outer.fwd_hooks[0].context_level == 1
+        with small_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, *, hook: None)]):
+            assert [h.context_level for h in outer.fwd_hooks] == [1, 2]
+        assert [h.context_level for h in outer.fwd_hooks] == [1]
+    assert not outer.has_hooks() and small_model.context_level == 0
+    small_model.run_with_hooks(
+        TOKENS, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, *, hook: None)], reset_hooks_end=False
+    )
+    assert outer.has_hooks()
+    outer.ctx["seen"] = 1
+    small_model.reset_hooks()  # clears contexts by default
+    assert not outer.has_hooks() and outer.ctx == {}
+
+
+def test_backward_hooks_may_return_a_one_tuple(small_model):
+    name = "blocks.1.hook_resid_pre"
+    resid = small_model(TOKENS, stop_at_layer=1).detach().requires_grad_(True)
+    small_model(resid, start_at_layer=1, return_type="loss", tokens=TOKENS).backward()
+    plain = resid.grad.clone()
+    resid.grad = None
+    with small_model.hooks(bwd_hooks=[(name, lambda g, *, hook: (2 * g,))]):
+        small_model(resid, start_at_layer=1, return_type="loss", tokens=TOKENS).backward()
+    torch.testing.assert_close(resid.grad, 2 * plain)
+    small_model.zero_grad()
+
+
+def test_run_with_cache_pos_slice_and_batch(small_model):
+    _, full = small_model.run_with_cache(TOKENS)
+    _, last = small_model.run_with_cache(TOKENS, pos_slice=-1)
+    for name in (
+        "blocks.0.attn.hook_z",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.attn.hook_pattern",
+        "ln_final.hook_scale",
+    ):
+        dim = -3 if name.endswith("hook_z") else -2
+        torch.testing.assert_close(last[name], full[name].narrow(dim, full[name].shape[dim] - 1, 1))
+    _, single = small_model.run_with_cache(TOKENS[:1], remove_batch_dim=True)
+    assert not single.has_batch_dim
+    torch.testing.assert_close(single["blocks.1.hook_mlp_out"], full["blocks.1.hook_mlp_out"][0])
+    _, plain = small_model.run_with_cache(TOKENS, names_filter="hook_embed", return_cache_object=False)
+    assert type(plain) is dict and list(plain) == ["hook_embed"]
+
+
+def test_custom_hooked_root_module():
+    class Tiny(ms.hooks.HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+            self.hook_in, self.hook_out = ms.hooks.HookPoint(), ms.hooks.HookPoint()
+            self.setup()
+
+        def forward(self, x):
+            return self.hook_out(self.linear(self.hook_in(x)))
+
+    tiny = Tiny()
+    assert list(tiny.hook_dict) == ["hook_in", "hook_out"] and tiny.mod_dict["linear"] is tiny.linear
+    x = torch.randn(2, 3)
+    out, cache = tiny.run_with_cache(x)
+    torch.testing.assert_close(cache["hook_out"], out.detach())
+    zeroed = tiny.run_with_hooks(x, fwd_hooks=[("hook_in", lambda t, *, hook: torch.zeros_like(t))])
+    torch.testing.assert_close(zeroed, tiny.linear.bias.expand(2, 3))
+    assert not tiny.hook_dict["hook_in"].has_hooks()
 
 
 def test_backward_hooks_and_gradient_cache(small_model):

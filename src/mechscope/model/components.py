@@ -92,7 +92,7 @@ class LayerNorm(nn.Module):
         def fused() -> Tensor:
             return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
 
-        if not self.hook_scale.has_hooks:
+        if not self.hook_scale.has_hooks():
             return self.hook_normalized(fused())
         centred = x - x.mean(-1, keepdim=True)
         scale, read_only = _run_hook(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
@@ -117,7 +117,7 @@ class RMSNorm(nn.Module):
         def fused() -> Tensor:
             return x32 * torch.rsqrt(variance + self.eps)
 
-        if self.hook_scale.has_hooks:
+        if self.hook_scale.has_hooks():
             scale, read_only = _run_hook(self.hook_scale, (variance + self.eps).sqrt())
             normed = _fast_unless_edited(read_only, fused, lambda: x32 / scale, scale)
         else:
@@ -255,12 +255,12 @@ class Attention(nn.Module):
             k, v = ctx.kv_cache.append(self.layer, k, v)  # [batch, kv_head, past + pos, d_head]
         mask = ctx.mask(self.sliding_window)
         explicit = cfg.attn_implementation == "eager" or cfg.attn_scores_soft_cap is not None
-        if explicit or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+        if explicit or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             z = self._explicit_attention(q, k, v, mask, fused_if_unedited=not explicit)
         else:
             z = self._fused_attention(q, k, v, mask)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        if not (cfg.use_attn_result or self.hook_result.has_hooks):
+        if not (cfg.use_attn_result or self.hook_result.has_hooks()):
             return F.linear(z.flatten(-2), self.w_o, self.b_o)
         result = torch.einsum("bphk,hkd->bphd", z, self.W_O)  # [batch, pos, head, d_model]
         result, read_only = _run_hook(self.hook_result, result)
@@ -424,13 +424,13 @@ class TransformerBlock(nn.Module):
 
     def _attention_inputs(self, resid: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.cfg
-        if cfg.use_attn_in or self.hook_attn_in.has_hooks:
+        if cfg.use_attn_in or self.hook_attn_in.has_hooks():
             resid = self.hook_attn_in(resid.clone())
         split = (
             cfg.use_split_qkv_input
-            or self.hook_q_input.has_hooks
-            or self.hook_k_input.has_hooks
-            or self.hook_v_input.has_hooks
+            or self.hook_q_input.has_hooks()
+            or self.hook_k_input.has_hooks()
+            or self.hook_v_input.has_hooks()
         )
         if not split:
             x = self._norm(self.ln1, resid)
@@ -451,7 +451,7 @@ class TransformerBlock(nn.Module):
             return self.hook_resid_post(resid_pre + attn_out)
         resid = resid_pre if self.cfg.parallel_attn_mlp else self.hook_resid_mid(resid_pre + attn_out)
         mlp_in = resid
-        if self.cfg.use_hook_mlp_in or self.hook_mlp_in.has_hooks:
+        if self.cfg.use_hook_mlp_in or self.hook_mlp_in.has_hooks():
             mlp_in = self.hook_mlp_in(resid.clone())
         mlp_out = self.hook_mlp_out(self._norm(self.ln2_post, self.mlp(self._norm(self.ln2, mlp_in))))
         if self.cfg.parallel_attn_mlp:

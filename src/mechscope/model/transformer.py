@@ -6,7 +6,6 @@ initialisation, the loss and generation live in their own modules and appear her
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
-from mechscope.hooks import HookedRootModule, HookFn, HookPoint, HookTarget, NamesFilter
+from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
 from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from mechscope.model.config import ModelConfig
@@ -68,7 +67,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         self.unembed = Unembed(cfg)
         if cfg.tie_word_embeddings:
             self.unembed.w_u = self.embed.W_E
-        self.setup_hooks()
+        self.setup()
 
     init_weights = init_weights  # `mechscope.model.init.init_weights`, as a method
 
@@ -190,39 +189,18 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         return index
 
     # ------------------------------------------------------------------ hooks
-    def run_with_hooks(
-        self,
-        *args,
-        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
-        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] | None = None,
-        **kwargs,
-    ):
-        """Run `forward` with temporary hooks, removed afterwards even if the forward raises.
-
-        Example:
-            >>> def zero_head_3(z, *, hook):
-            ...     z[:, :, 3] = 0
-            >>> logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_3)])
-        """
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self(*args, **kwargs)
-
     def run_with_cache(
-        self,
-        *args,
-        names_filter: NamesFilter = None,
-        device: torch.device | str | None = None,
-        incl_bwd: bool = False,
-        **kwargs,
-    ) -> tuple[object, ActivationCache]:
-        """Run `forward` and cache the activations selected by ``names_filter``.
+        self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
+    ) -> tuple[object, ActivationCache | dict[str, Tensor]]:
+        """Run `forward` and cache the activations selected by ``names_filter`` (see
+        `HookedRootModule.run_with_cache` for ``names_filter``, ``device``, ``incl_bwd``,
+        ``pos_slice``, ``reset_hooks_end``, ``clear_contexts``).
 
-        ``names_filter``: ``None`` caches every hook point that runs by default; a name, a list
-        of names or a callable ``fn(name) -> bool`` selects (opt-in points included when named).
-        ``device`` moves cached tensors (e.g. ``"cpu"``). With ``incl_bwd`` the output must be a
-        scalar (e.g. ``return_type="loss"``); gradients are cached as ``"{name}_grad"``.
-        Caching only reads activations, so the output equals a plain forward's exactly (under
-        ``torch.inference_mode`` to within rounding: torch keeps no count of in-place edits there).
+        Returns ``(output, ActivationCache)``, or the plain dict without ``return_cache_object``.
+        ``names_filter=None`` caches every hook point that runs by default; naming an opt-in
+        point turns it on for the run. Caching only reads activations, so the output equals a
+        plain forward's exactly (under ``torch.inference_mode`` to within rounding: torch keeps
+        no count of in-place edits there).
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
@@ -230,26 +208,14 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             torch.Size([1, 4, 4, 8])
             >>> torch.equal(model.run_with_cache(tokens)[0], model(tokens))
             True
+            >>> _, last = model.run_with_cache(tokens, pos_slice=-1, remove_batch_dim=True)
+            >>> last["blocks.0.attn.hook_z"].shape, last.has_batch_dim
+            (torch.Size([1, 4, 8]), False)
         """
-        store: dict[str, Tensor] = {}
-
-        def save(tensor: Tensor, *, hook: HookPoint, suffix: str = "") -> None:
-            tensor = tensor.detach()
-            store[hook.name + suffix] = tensor if device is None else tensor.to(device)
-
-        def save_grad(grad: Tensor, *, hook: HookPoint) -> None:
-            save(grad, hook=hook, suffix="_grad")
-
-        names = self.hook_names(names_filter)
-        fwd = [(name, save) for name in names]
-        bwd = [(name, save_grad) for name in names] if incl_bwd else None
-        with self.hooks(fwd, bwd):
-            out = self(*args, **kwargs)
-            if incl_bwd:
-                if not isinstance(out, Tensor) or out.numel() != 1:
-                    raise InputError("incl_bwd=True needs a scalar output: use return_type='loss' or a metric")
-                out.backward()
-        return out, ActivationCache(store, self)
+        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------ generation
     generate = generate  # `mechscope.model.generate.generate`, as a method

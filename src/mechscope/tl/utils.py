@@ -16,8 +16,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.analysis.factored import FactoredMatrix
-from mechscope.cache import Slice, SliceInput
 from mechscope.errors import InputError
+from mechscope.hooks import Slice, SliceInput
 from mechscope.tl.config import SUPPORTED_ACTIVATIONS
 
 USE_DEFAULT_VALUE = None
