@@ -92,7 +92,7 @@ class SAE(HookedRootModule):
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
         self.hook_sae_output = HookPoint()
-        self.setup_hooks()
+        self.setup()
 
     # ------------------------------------------------------------------ weights
     def init_weights(self, seed: int | None = 0) -> SAE:
@@ -279,7 +279,7 @@ class SAE(HookedRootModule):
             >>> torch.allclose(sae.encoder_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc, atol=1e-5)
             True
         """
-        if self.cfg.apply_b_dec_to_input and not self.hook_sae_input.has_hooks:
+        if self.cfg.apply_b_dec_to_input and not self.hook_sae_input.has_hooks():
             return self.flatten_input(x) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
         return self.sae_input(x) @ self.W_enc + self.b_enc
 

@@ -57,14 +57,14 @@ _INNER_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "h
 def _inner_hooks_muted(sae: SAE) -> Iterator[None]:
     """Run the SAE's encoder and decoder without the hooks on its inner points."""
     points = [sae.hook_dict[name] for name in _INNER_POINTS]
-    saved = [(point._fwd, point._bwd) for point in points]
+    saved = [(point.fwd_hooks, point.bwd_hooks) for point in points]
     for point in points:
-        point._fwd, point._bwd = [], []
+        point.fwd_hooks, point.bwd_hooks = [], []
     try:
         yield
     finally:
         for point, (fwd, bwd) in zip(points, saved, strict=True):
-            point._fwd, point._bwd = fwd, bwd
+            point.fwd_hooks, point.bwd_hooks = fwd, bwd
 
 
 def spliced_output(
@@ -92,7 +92,7 @@ def spliced_output(
         act.reshape(*shape[:2], -1).to(recons.dtype) if act.shape[-1] != recons.shape[-1] else act.to(recons.dtype)
     )
     if use_error_term:
-        if any(sae.hook_dict[name].has_hooks for name in _INNER_POINTS):
+        if any(sae.hook_dict[name].has_hooks() for name in _INNER_POINTS):
             with torch.no_grad(), _inner_hooks_muted(sae):
                 clean = sae.decode(sae.encode(sae_in), skip_in)
         else:

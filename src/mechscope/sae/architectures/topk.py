@@ -182,7 +182,7 @@ def sparse_training_applies(sae: SAE) -> bool:
         >>> handle.remove(); sparse_training_applies(sae)
         True
     """
-    return not any(point.has_hooks for point in (sae.hook_sae_input, sae.hook_sae_acts_pre, sae.hook_sae_acts_post))
+    return not any(point.has_hooks() for point in (sae.hook_sae_input, sae.hook_sae_acts_pre, sae.hook_sae_acts_post))
 
 
 def sparse_training_loss(
