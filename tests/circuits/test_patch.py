@@ -145,3 +145,20 @@ def test_edge_patch_batches_equal_one_set_per_forward(batch_size, one_thread):
     assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     naive = _naive(model, graph, clean, source_outputs(model, corrupted), sets)
     assert_close(batched, metric(naive).view(len(sets), -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2_like", "gemma_post_norm_gqa"])
+def test_node_patch_is_activation_patching(arch, one_thread):
+    """Patching every outgoing edge of a head or an MLP is patching its output."""
+    from mechscope.circuits import node_patch
+    from mechscope.patching import activation_patch
+
+    model = _model(arch, seed=12)
+    clean, corrupted = _prompts(model, seed=13)
+    metric = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]  # noqa: E731
+    heads = [(0, 1), (1, 3), (2, 0)]
+    nodes = node_patch(model, clean, corrupted, metric, [[f"a{layer}.h{h}"] for layer, h in heads] + [["m1"]])
+    z = activation_patch(model, clean, corrupted, metric, "z", direction="noising", patches=torch.tensor(heads))
+    mlp = activation_patch(model, clean, corrupted, metric, "mlp_out", by=(), direction="noising",
+                           patches=torch.tensor([[1]]))  # fmt: skip
+    assert_close(nodes, torch.cat((z, mlp)), atol=1e-5, rtol=1e-5)

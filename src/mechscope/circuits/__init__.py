@@ -15,7 +15,7 @@ from mechscope.circuits.attribution import attribute, edge_scores
 from mechscope.circuits.circuit import Circuit
 from mechscope.circuits.faithfulness import FaithfulnessCurve, faithfulness_curve, verify_edges
 from mechscope.circuits.graph import Graph
-from mechscope.circuits.patch import edge_patch
+from mechscope.circuits.patch import edge_patch, node_patch
 
 __all__ = [
     "Circuit",
@@ -26,5 +26,6 @@ __all__ = [
     "edge_patch",
     "edge_scores",
     "faithfulness_curve",
+    "node_patch",
     "verify_edges",
 ]

@@ -143,6 +143,20 @@ class Circuit:
 
         return sorted(names, key=key)
 
+    def node_scores(self) -> dict[str, float]:
+        """Node-level scores: each sender's scores summed over its outgoing edges in the circuit.
+        For EAP this is the node's own attribution score (its difference times the gradient
+        of everything that reads it).
+
+        Example:
+            >>> graph = Graph.of(model)
+            >>> Circuit.from_scores(graph, torch.ones(graph.n_edges), "demo").node_scores()["a2.h0"]
+            2.0
+        """
+        scores = self.scores.nan_to_num(0.0) * self.edges
+        totals = torch.zeros(self.graph.n_senders).index_add_(0, self.graph.edge_pairs[:, 0], scores)
+        return dict(zip(self.graph.senders, totals.tolist(), strict=True))
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         scores = [None if math.isnan(s) else s for s in self.scores.tolist()]

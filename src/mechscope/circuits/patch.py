@@ -70,7 +70,7 @@ class _PatchedForward:
         self.row_cols = index[self.split :][used[self.split :]]
         self.source = source.to(device=device, dtype=dtype)
         shared = base.outputs[:, :, self.shared_cols] - self.source[:, :, self.shared_cols]  # [n, pos, s, d]
-        self.shared_diff = shared.permute(2, 0, 1, 3).reshape(len(self.shared_cols), -1)  # [s, n * pos * d]
+        self.shared_diff = shared.permute(2, 0, 1, 3).reshape(len(self.shared_cols), self.n * self.seq * d)
         self.row_diff = torch.zeros(self.k, len(self.row_cols), self.n * self.seq * d, device=device, dtype=dtype)
         self.row_sums: dict[int, Tensor] = {}  # post-norm head sums of layers >= first, per row
         self.column = torch.full((graph.n_senders,), -1, dtype=torch.long, device=device)
@@ -350,3 +350,19 @@ def edge_patch(
         progress=options.progress,
     )
     return values if options.per_prompt else values.mean(-1)
+
+
+def node_patch(
+    model, clean_tokens, corrupted_tokens, metric: Metric, node_sets, *, options: SweepOptions | None = None, **kwargs
+) -> Tensor:
+    """Node-level patching: each set of senders (``"input"``, ``"a3.h2"``, ``"m5"``, ...) has every
+    outgoing edge patched, which is patching the nodes' outputs. Keywords as in `edge_patch`.
+
+    Example:
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> node_patch(model, clean, corrupted, lambda x: x[:, -1, 7], [["a0.h1"], ["m0", "a2.h3"]]).shape
+        torch.Size([2])
+    """
+    graph = Graph.of(model)
+    sets = torch.stack([graph.outgoing(nodes) for nodes in node_sets])
+    return edge_patch(model, clean_tokens, corrupted_tokens, metric, sets, options=options, **kwargs)
