@@ -18,7 +18,7 @@ from mechscope.toys import induction
 def test_repeated_spans_are_copies_and_the_mask_marks_predictable_targets():
     cfg = induction.InductionConfig(d_vocab=1000, seq_len=20, min_span=3, max_span=6)
     tokens, mask = induction.repeated_span_batch(cfg, 200, torch.Generator().manual_seed(0))
-    for row, m in zip(tokens.tolist(), mask.tolist()):
+    for row, m in zip(tokens.tolist(), mask.tolist(), strict=True):
         positions = [t for t, v in enumerate(m) if v]
         assert 2 <= len(positions) <= 5 and positions == list(range(positions[0], positions[-1] + 1))
         span = len(positions) + 1
@@ -119,6 +119,19 @@ def test_training_learns_induction_above_chance():
     assert summary["each_induction_head_composes_most_with_a_previous_token_head"]
     assert summary["each_induction_head_depends_most_on_a_previous_token_head"]
     assert layer0_head in summary["previous_token_heads"] and layer1_head in summary["top_induction_heads"]
+    assert summary["induction_formed"]
+    assert summary["verdict"].startswith(f"induction heads {summary['induction_heads']}")
+
+
+def test_a_run_at_chance_reports_no_induction_head():
+    cfg = induction.InductionConfig(steps=300)  # the default task, stopped long before induction forms
+    summary = induction.induction_summary(induction.train_induction(cfg, progress=False), n_sequences=64)
+    assert summary["second_half_loss"] > 0.8 * summary["chance_loss"]
+    assert max(summary["induction_scores"][1]) < induction.HEAD_SCORE_THRESHOLD
+    assert not summary["induction_formed"]
+    assert summary["induction_heads"] == [] and summary["top_induction_heads"] == []
+    assert summary["each_induction_head_composes_most_with_a_previous_token_head"] is None
+    assert summary["verdict"].startswith("no induction head formed (best score 0.")
 
 
 def _interrupt_after(monkeypatch, module, name, calls):

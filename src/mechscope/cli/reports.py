@@ -329,6 +329,7 @@ def induction_report(run: induction.InductionRun, path) -> dict:
         ),
     ]
     summary = [
+        numbers["verdict"],
         (
             f"loss on repeated half {numbers['second_half_loss']:.3f} vs chance {numbers['chance_loss']:.3f} "
             f"(first half {numbers['first_half_loss']:.3f})"

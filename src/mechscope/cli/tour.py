@@ -221,12 +221,13 @@ def toys_section() -> dict[str, Any]:
         start = time.perf_counter()
         cfg = induction.InductionConfig(d_vocab=32, seq_len=24, d_model=32, lr=1e-2, steps=800)
         n = induction.induction_summary(induction.train_induction(cfg, progress=False))
-        print(
-            f"induction (2-layer attention-only): loss on repeated tokens {n['second_half_loss']:.2f} vs chance "
-            f"{n['chance_loss']:.2f}; previous-token head {n['previous_token_head']}, induction heads "
-            f"{n['induction_heads']} of layer 1, highest K-composition pair {n['k_composition_best_pair']} "
-            f"[{time.perf_counter() - start:.0f}s]"
+        found = (
+            f"; previous-token head {n['previous_token_head']}, highest K-composition pair "
+            f"{n['k_composition_best_pair']}"
+            if n["induction_formed"]
+            else ""
         )
+        print(f"induction (2-layer attention-only): {n['verdict']}{found} [{time.perf_counter() - start:.0f}s]")
     finally:
         torch.set_num_threads(threads)
     return {"grokking_epoch": run.grokking_epoch(), "superposition_phases": phases, "induction": n}

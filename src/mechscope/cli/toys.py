@@ -131,13 +131,15 @@ def _induction(args: argparse.Namespace) -> int:
     run = induction.train_induction(cfg, out / "run", progress=not args.quiet)
     print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
     n = induction_report(run, out / "induction.html")
-    print(
-        f"loss on the repeated half {n['second_half_loss']:.3f} (chance {n['chance_loss']:.3f}); previous-token "
-        f"head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
-        f"{n['induction_head']} (tied {n['top_induction_heads']}, induction heads {n['induction_heads']}); "
-        f"highest K-composition pair "
-        f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}"
-    )
+    print(n["verdict"])
+    if n["induction_formed"]:
+        print(
+            f"previous-token head {n['previous_token_head']} (tied {n['top_previous_token_heads']}), induction head "
+            f"{n['induction_head']} (tied {n['top_induction_heads']}); highest K-composition pair "
+            f"{n['k_composition_best_pair']}, by ablation {n['k_composition_ablation_best_pair']}"
+        )
+    else:
+        print(f"train longer (--steps; the default is {induction.InductionConfig().steps}) or see docs/toys.md")
     print(f"report: {out / 'induction.html'} and {out / 'induction.json'}")
     return 0
 

@@ -179,11 +179,14 @@ def train_induction(
     model = HookedTransformer(cfg.model_config()).init_weights(seed=cfg.seed, std=cfg.d_model**-0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    history, start = checkpoint.resume(out_dir, dataclasses.asdict(cfg), _RESUMABLE, cfg.steps, model, optimizer, generator)
+    history, start = checkpoint.resume(
+        out_dir, dataclasses.asdict(cfg), _RESUMABLE, cfg.steps, model, optimizer, generator
+    )
     log_every = max(1, cfg.steps // 100)
     model.train()
-    bar = tqdm(range(start, cfg.steps), desc="induction", disable=not progress, leave=False, initial=start,
-               total=cfg.steps)
+    bar = tqdm(
+        range(start, cfg.steps), desc="induction", disable=not progress, leave=False, initial=start, total=cfg.steps
+    )
     for step in bar:
         tokens, mask = repeated_span_batch(cfg, cfg.batch_size, generator)
         loss, induction_loss = _masked_losses(model, tokens, mask)
@@ -194,8 +197,15 @@ def train_induction(
             history.append({"step": step, "loss": loss.item(), "induction_loss": induction_loss.item()})
         done = step + 1
         if out_dir is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            checkpoint.save_state(out_dir, dataclasses.asdict(cfg), done, model=model.state_dict(),
-                                  optimizer=optimizer.state_dict(), generator=generator.get_state(), history=history)
+            checkpoint.save_state(
+                out_dir,
+                dataclasses.asdict(cfg),
+                done,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                generator=generator.get_state(),
+                history=history,
+            )
     model.eval()
     return InductionRun(cfg, model, history)
 
@@ -261,6 +271,7 @@ def k_composition_ablation(
     base = heads.score_patterns(heads.attention_patterns(model, tokens)[second_layer : second_layer + 1], target)[0]
     drops = []
     for i in range(model.cfg.n_heads):
+
         def remove(k_input: Tensor, *, hook, i: int = i) -> Tensor:  # k_input: [batch, pos, kv_head, d_model]
             return k_input - deviation[:, :, i, None]
 
@@ -270,16 +281,41 @@ def k_composition_ablation(
     return torch.stack(drops)
 
 
+HEAD_SCORE_THRESHOLD = 0.3
+"""The least mean score (attention to the right position) for a head to count as a
+previous-token or induction head; attention spread evenly over a 32-token sequence scores
+about 0.05."""
+LOSS_FRACTION = 0.5
+"""An induction circuit has formed only when the loss on the repeated half is below this
+fraction of chance (``log d_vocab``)."""
+
+
 def _top_heads(per_sequence: Float[Tensor, "batch head"]) -> tuple[int, list[int], list[int]]:
     """The best head, the heads within two standard errors of it (paired over sequences), and
-    those with at least half its score."""
+    those with at least half its score; only heads scoring at least `HEAD_SCORE_THRESHOLD` are listed."""
     mean = per_sequence.mean(0)
     best = int(mean.argmax())
     gap = per_sequence[:, best, None] - per_sequence  # [batch, head]
     stderr = gap.std(0) / gap.shape[0] ** 0.5 if gap.shape[0] > 1 else torch.zeros_like(mean)
-    tied = [h for h in range(mean.shape[0]) if gap[:, h].mean() <= 2 * stderr[h]]
-    strong = [h for h in range(mean.shape[0]) if mean[h] >= 0.5 * mean[best]]
+    scoring = [h for h in range(mean.shape[0]) if mean[h] >= HEAD_SCORE_THRESHOLD]
+    tied = [h for h in scoring if gap[:, h].mean() <= 2 * stderr[h]]
+    strong = [h for h in scoring if mean[h] >= 0.5 * mean[best]]
     return best, tied, strong
+
+
+def induction_verdict(summary: dict) -> str:
+    """One line saying whether an induction circuit formed, from an `induction_summary`.
+
+    Example:
+        >>> induction_verdict({"induction_formed": False, "second_half_loss": 4.1, "chance_loss": 4.16,
+        ...                    "induction_scores": [[0.1], [0.04]], "induction_heads": []})
+        'no induction head formed (best score 0.04, a head needs 0.3; repeated-half loss 4.10 vs chance 4.16)'
+    """
+    best = max(summary["induction_scores"][-1])
+    loss = f"repeated-half loss {summary['second_half_loss']:.2f} vs chance {summary['chance_loss']:.2f}"
+    if summary["induction_formed"]:
+        return f"induction heads {summary['induction_heads']} in the last layer (best score {best:.2f}; {loss})"
+    return f"no induction head formed (best score {best:.2f}, a head needs {HEAD_SCORE_THRESHOLD}; {loss})"
 
 
 @torch.no_grad()
@@ -290,7 +326,10 @@ def induction_summary(run: InductionRun, n_sequences: int = 256, seed: int = 123
     d_vocab``); every head's previous-token and induction score (`head_scores`, with standard
     errors over sequences); in layer 0 the best previous-token head, and in the last layer the
     best induction head, each with the heads within two standard errors of it (``top_...``:
-    redundant heads score alike) and the heads with at least half its score; the K-composition
+    redundant heads score alike) and the heads with at least half its score, counting only heads
+    that score at least `HEAD_SCORE_THRESHOLD`; ``induction_formed`` (an induction head, and a
+    repeated-half loss below `LOSS_FRACTION` of chance: otherwise no head is listed as an induction
+    head) and a one-line ``verdict`` (`induction_verdict`); the K-composition
     of every layer-0 head into every last-layer head (`mechscope.analysis.weights.composition_scores`)
     and its causal counterpart (`k_composition_ablation`). The checks: whether the highest
     K-composition pair is the detected pair, a pair of top heads, or a previous-token head into
@@ -312,14 +351,26 @@ def induction_summary(run: InductionRun, n_sequences: int = 256, seed: int = 123
     k_comp = weights.composition_scores(model, "K")[0, :, last]  # [layer-0 head, last-layer head]
     ablation = k_composition_ablation(model, tokens, 0, last)
     best_pair = divmod(int(k_comp.argmax()), cfg.n_heads)
-    stderr = {name: (v.std(0) / n_sequences**0.5).tolist() if n_sequences > 1 else None
-              for name, v in per_sequence.items()}
-    return {
+    stderr = {
+        name: (v.std(0) / n_sequences**0.5).tolist() if n_sequences > 1 else None for name, v in per_sequence.items()
+    }
+    chance = float(torch.log(torch.tensor(float(cfg.d_vocab))))
+    second_half = per_token[:, half:].mean().item()
+    formed = bool(ind_heads) and second_half < LOSS_FRACTION * chance
+    if not formed:  # heads scoring at chance are not induction heads, whatever ranks first
+        top_ind, ind_heads = [], []
+
+    def each(ok: bool) -> bool | None:
+        return ok if ind_heads else None  # no induction heads: nothing to check
+
+    summary = {
         "config": dataclasses.asdict(cfg),
         "n_sequences": n_sequences,
-        "chance_loss": float(torch.log(torch.tensor(float(cfg.d_vocab)))),
+        "chance_loss": chance,
         "first_half_loss": per_token[:, : half - 1].mean().item(),
-        "second_half_loss": per_token[:, half:].mean().item(),
+        "second_half_loss": second_half,
+        "induction_formed": formed,
+        "head_score_threshold": HEAD_SCORE_THRESHOLD,
         "previous_token_head": [0, prev_head],
         "induction_head": [last, ind_head],
         "previous_token_scores": per_sequence["previous_token"].mean(0).tolist(),
@@ -339,12 +390,14 @@ def induction_summary(run: InductionRun, n_sequences: int = 256, seed: int = 123
         "highest_k_composition_is_top_pair": best_pair[0] in top_prev and best_pair[1] in top_ind,
         "highest_k_composition_is_previous_token_to_induction": best_pair[0] in prev_heads
         and best_pair[1] in ind_heads,
-        "each_induction_head_composes_most_with_a_previous_token_head": all(
-            int(k_comp[:, h].argmax()) in prev_heads for h in ind_heads
+        "each_induction_head_composes_most_with_a_previous_token_head": each(
+            all(int(k_comp[:, h].argmax()) in prev_heads for h in ind_heads)
         ),
-        "each_induction_head_depends_most_on_a_previous_token_head": all(
-            int(ablation[:, h].argmax()) in prev_heads for h in ind_heads
+        "each_induction_head_depends_most_on_a_previous_token_head": each(
+            all(int(ablation[:, h].argmax()) in prev_heads for h in ind_heads)
         ),
         "final_train_loss": run.history[-1]["loss"],
         "final_induction_loss": run.history[-1]["induction_loss"],
     }
+    summary["verdict"] = induction_verdict(summary)
+    return summary
