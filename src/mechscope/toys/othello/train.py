@@ -205,12 +205,9 @@ def train_othello(
     cfg = cfg or OthelloConfig()
     model = HookedTransformer(cfg.model_config()).init_weights(seed=cfg.seed, std=0.02).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg, step))
     generator = torch.Generator().manual_seed(cfg.seed)
     settings = dataclasses.asdict(cfg)
     history, start = checkpoint.resume(out_dir, settings, _RESUMABLE, cfg.steps, model, optimizer, generator)
-    for _ in range(start):
-        scheduler.step()  # the schedule is a function of the step: replay it
     train = make_data(random_games(cfg.n_games, cfg.size, seed=cfg.seed, progress=progress), cfg.size)
     log_every = max(1, cfg.steps // 100)
     model.train()
@@ -220,8 +217,9 @@ def train_othello(
         batch = OthelloData(*(getattr(train, f.name)[rows].to(device) for f in dataclasses.fields(OthelloData)))
         loss = legal_move_loss(model(batch.tokens), batch, cfg.target)
         loss.backward()
+        for group in optimizer.param_groups:  # the schedule is a function of the step alone (resumable)
+            group["lr"] = cfg.lr * _lr_factor(cfg, step)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item()})
