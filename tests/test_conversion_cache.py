@@ -59,7 +59,10 @@ def logits(model):
 
 def test_second_load_reads_the_cache(gguf, tmp_path):
     path, conversions, source = gguf
+    older = tmp_path / "cache" / f"gguf-{cache_entries.file_sha256(path)[:32]}-v1"
+    (older / "tokenizer").mkdir(parents=True)  # the same source in an older cache format: replaced
     first = ms.load(path, device="cpu")
+    assert not older.exists()
     second = ms.load(path, device="cpu")
     assert len(conversions) == 1
     torch.testing.assert_close(logits(second), logits(source), atol=0, rtol=0)

@@ -297,6 +297,9 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any]:
         bar.update(1)
         write_cache_entry(entry, cfg, weights, hf_tokenizer, source)
         bar.update(1)
+    for old in entry.parent.glob(f"gguf-{source['sha256'][:32]}-v*"):
+        if old != entry:  # the same source converted by an older cache format
+            discard_entry(old)
     return cfg, weights, hf_tokenizer
 
 
