@@ -13,10 +13,12 @@ from mechscope.subspace import (
     InterchangeData,
     InterchangeRun,
     LearnedSubspace,
+    Predicts,
     illusion_check,
     interchange,
     interchange_scores,
     orthonormal_basis,
+    subspace_patch,
     train_das,
 )
 from mechscope.subspace.toy import TOY_HOOK, genuine_toy, illusion_toy, toy_pairs
@@ -153,3 +155,18 @@ def test_errors_name_the_fix():
         InterchangeData(data.base_tokens, data.source_tokens, torch.tensor([1]), data.base_labels)
     with pytest.raises(InputError, match="outside prompts"):
         InterchangeRun(model, data, "blocks.0.hook_resid_pre", 6)
+
+
+def test_interchange_scores_match_the_batched_engine():
+    model = gqa_model()
+    data = random_data(model, n=5, seed=4)
+    basis = orthonormal_basis(torch.randn(model.cfg.d_model, 2, generator=torch.Generator().manual_seed(6)))
+    scores = interchange_scores(model, basis, data, "blocks.1.hook_resid_mid", 2, batch_size=2)
+    ld = subspace_patch(model, data.source_tokens, data.base_tokens, basis[None], data.metric(), "resid_mid",
+                        layers=[1], positions=[2], per_prompt=True).flatten()  # fmt: skip
+    hits = subspace_patch(model, data.source_tokens, data.base_tokens, basis[None], Predicts(data.labels),
+                          "resid_mid", layers=[1], positions=[2], per_prompt=True).flatten()  # fmt: skip
+    unpatched = data.metric()(model(data.base_tokens)).mean()
+    assert_close(torch.tensor(scores.logit_diff), ld.mean(), atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(scores.logit_diff_unpatched), unpatched.detach(), atol=1e-5, rtol=1e-5)
+    assert scores.iia == float(hits.mean())

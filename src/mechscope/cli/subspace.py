@@ -21,8 +21,10 @@ from pathlib import Path
 
 
 def localise(model, data, progress: bool) -> dict:
-    """The metric after patching the final token's residual stream at each layer, and each
-    head's effect (its ``z`` at the final token) in the layers where that patch matters."""
+    """The metric after patching the final token's residual stream at each layer, and the effect
+    of patching each head's query at the final token in the two layers from the last one where
+    that patch matters (the heads that read the signal: their outputs copy the same name in both
+    prompts, so their queries, not their outputs, differ)."""
     import torch
 
     from mechscope.patching import activation_patch
@@ -41,7 +43,7 @@ def localise(model, data, progress: bool) -> dict:
     layer = max(strong)  # the last layer whose input still carries the signal: the readers' input
     head_layers = list(range(layer, min(layer + 2, n_layers)))
     heads = activation_patch(
-        model, data.source_tokens, data.base_tokens, data.metric(), "z", ("pos", "head"),
+        model, data.source_tokens, data.base_tokens, data.metric(), "q", ("pos", "head"),
         patches=[[hl, last, h] for hl in head_layers for h in range(model.cfg.n_heads)], **common,
     )  # fmt: skip
     ranked = sorted(
@@ -64,7 +66,9 @@ def cli_ioi(args: argparse.Namespace) -> int:
 
     import mechscope as ms
     from mechscope.names import act_name
-    from mechscope.subspace import DASConfig, head_readers, illusion_check, interchange_scores, train_das
+    from mechscope.subspace import (
+        DASConfig, InterchangeRun, head_readers, illusion_check, interchange_scores, train_das,
+    )  # fmt: skip
     from mechscope.subspace.tasks import ioi_position_pairs
 
     torch.set_num_threads(args.threads)
@@ -81,7 +85,7 @@ def cli_ioi(args: argparse.Namespace) -> int:
     print("effect of patching the final token's residual stream, by layer:")
     print("  " + " ".join(f"{i}:{e:+.2f}" for i, e in enumerate(where["resid_effect"])))
     readers = [(hl, h) for hl, h, _ in where["heads"][: args.n_readers]]
-    print(f"residual layer {layer}; heads reading it (largest effect of their z at the final token): "
+    print(f"residual layer {layer}; heads reading it (largest effect of their query at the final token): "
           + ", ".join(f"{hl}.{h} ({e:+.2f})" for hl, h, e in where["heads"][: args.n_readers]))  # fmt: skip
     mlp_layers = args.mlp_layers or sorted({model.cfg.n_layers // 2, max(0, layer - 2)})
     sites = [(act_name("resid_pre", layer), head_readers(model, readers, "q"))]
@@ -94,10 +98,11 @@ def cli_ioi(args: argparse.Namespace) -> int:
         sub.save(out / hook_name)
         d_act = sub.basis.shape[0]
         random_dir = torch.randn(d_act, generator=gen)
+        run = InterchangeRun(model, test, hook_name, -1)
         scores = {
-            "das": interchange_scores(model, sub, test),
-            "random direction": interchange_scores(model, random_dir, test, hook_name, -1),
-            "whole activation": interchange_scores(model, torch.eye(d_act), test, hook_name, -1),
+            "das": interchange_scores(model, sub, test, run=run),
+            "random direction": interchange_scores(model, random_dir, test, run=run),
+            "whole activation": interchange_scores(model, torch.eye(d_act), test, run=run),
         }
         report = illusion_check(
             model, test.source_tokens, test.base_tokens, [sub.basis, random_dir], test.metric(), hook_name,

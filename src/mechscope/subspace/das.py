@@ -9,9 +9,9 @@ the rotated coordinates, ``x + R diag(m) Rᵀ (x_source - x)`` with ``m_i = sigm
 the width ``w`` is learned (penalised by ``boundary_penalty · w / d_act``) while the temperature
 ``T`` falls; the learned subspace is the first ``round(w)`` rotated coordinates.
 
-Training runs on `InterchangeRun`: each step computes only the intervened position onward, from
-the site's block, and differentiates the rotation alone (the model's weights get no gradient).
-Held-out scores (`interchange_scores`) run on the batched patching engine.
+Training and held-out scores (`interchange_scores`) run on `InterchangeRun`: each step computes
+only the intervened position onward, from the site's block, and differentiates the rotation
+alone (the model's weights get no gradient).
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechscope.errors import ConfigError, InputError, LoadError
-from mechscope.names import layer_of, parse_act_name
 from mechscope.subspace.basis import as_bases, interchange
-from mechscope.subspace.intervention import InterchangeData, InterchangeRun, Predicts
-from mechscope.subspace.patch import subspace_patch
+from mechscope.subspace.intervention import InterchangeData, InterchangeRun
 
 OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
 CONFIG_FILE, WEIGHTS_FILE = "subspace.json", "subspace.safetensors"
@@ -271,23 +269,33 @@ class InterchangeScores:
     n: int
 
 
+@torch.no_grad()
 def interchange_scores(
     model,
     subspace: LearnedSubspace | Tensor,
     data: InterchangeData,
     hook_name: str | None = None,
     position: int | None = None,
-    **sweep,
+    *,
+    run: InterchangeRun | None = None,
+    batch_size: int = 64,
 ) -> InterchangeScores:
     """Score interchange interventions along ``subspace`` (a `LearnedSubspace`, or a basis
-    ``[d_act, d_sub]`` / direction ``[d_act]`` with ``hook_name`` and ``position``) on ``data``,
-    with the batched patching engine (sweep options as keywords).
+    ``[d_act, d_sub]`` / direction ``[d_act]`` with ``hook_name`` and ``position``) on ``data``.
+
+    The patched runs start at the site's block and intervened position (`InterchangeRun`; pass
+    ``run`` to reuse one across subspaces), ``batch_size`` pairs at a time; one set of logits gives
+    every score. `subspace_patch` on the batched engine gives the same numbers (tests).
 
     Example:
         >>> data = InterchangeData(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 9, 3]]), torch.tensor([7]),
         ...                        torch.tensor([2]))
         >>> s = interchange_scores(model, torch.eye(32), data, "blocks.1.hook_resid_pre", position=1)
-        >>> s.iia == float(model(torch.tensor([[1, 9, 3]]))[0, -1].argmax() == 7)
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 9, 3]]))
+        >>> def swap(x, *, hook):
+        ...     x = x.clone(); x[:, 1] = cache[hook.name][:, 1]; return x
+        >>> logits = model.run_with_hooks(torch.tensor([[1, 2, 3]]), fwd_hooks=[("blocks.1.hook_resid_pre", swap)])
+        >>> s.iia == float(logits[0, -1].argmax() == 7)
         True
     """
     if isinstance(subspace, LearnedSubspace):
@@ -295,18 +303,25 @@ def interchange_scores(
         position = subspace.position if position is None else position
         basis = subspace.basis
     else:
-        basis = subspace
-        if hook_name is None or position is None:
-            raise InputError("a plain basis needs hook_name and position; a LearnedSubspace carries both")
-    bases = as_bases(basis if basis.dim() == 1 else basis[None])
-    kind, layer = parse_act_name(hook_name).kind, layer_of(hook_name)
-    ld_metric = data.metric()
-    common = dict(site=kind, by=("pos",), layers=[layer], positions=[position], attention_mask=data.attention_mask)
-    args = (model, data.source_tokens, data.base_tokens, bases)
-    ld = subspace_patch(*args, ld_metric, per_prompt=True, **common, **sweep).flatten()
-    hits = subspace_patch(*args, Predicts(data.labels), per_prompt=True, **common, **sweep).flatten()
-    with torch.no_grad():
-        unpatched = ld_metric(model(data.base_tokens, attention_mask=data.attention_mask)).float()
-    base, patched = float(unpatched.mean()), float(ld.mean())
+        basis = subspace if subspace.dim() == 2 else subspace[:, None]
+        if run is None and (hook_name is None or position is None):
+            raise InputError("a plain basis needs hook_name and position (or run); a LearnedSubspace carries both")
+    if run is None:
+        run = InterchangeRun(model, data, hook_name, -1 if position is None else position)
+    elif run.data is not data or (hook_name is not None and hook_name != run.hook_name):
+        raise InputError(f"run was built for {run.hook_name!r} and other pairs; build one for these")
+    basis = as_bases(basis[None])[0].to(model.device)
+    logits = torch.cat([
+        run.logits(index, lambda base, source: interchange(base, source, basis))
+        for index in torch.arange(len(data)).split(batch_size)
+    ]).float()  # fmt: skip
+    labels, base_labels = data.labels.to(logits.device), data.base_labels.to(logits.device)
+
+    def logit_diff(values: Tensor) -> Tensor:
+        values = values.float()
+        return values.gather(1, labels[:, None])[:, 0] - values.gather(1, base_labels[:, None])[:, 0]
+
+    patched, base = float(logit_diff(logits).mean()), float(logit_diff(run.base_logits.to(logits.device)).mean())
     recovered = (patched - base) / (-2 * base) if base < 0 else float("nan")
-    return InterchangeScores(float(hits.mean()), patched, base, recovered, len(data))
+    iia = float((logits.argmax(-1) == labels).float().mean())
+    return InterchangeScores(iia, patched, base, recovered, len(data))

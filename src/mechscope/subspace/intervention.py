@@ -134,6 +134,7 @@ class InterchangeRun:
         name = act_name("resid_pre", self.layer)
         base, cache = base_run(model, base_tokens, self.mask, names=[name])
         self.resid = cache[name][:, self.position :]
+        self.base_logits = base.logits[:, -1]  # the unpatched runs' final-position logits
         self.kv = KVCache(model.cfg.n_layers)
         for layer in range(self.layer, model.cfg.n_layers):
             self.kv.keys[layer] = base.kv.keys[layer][:, :, : self.position]
