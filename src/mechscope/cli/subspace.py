@@ -67,7 +67,12 @@ def cli_ioi(args: argparse.Namespace) -> int:
     import mechscope as ms
     from mechscope.names import act_name
     from mechscope.subspace import (
-        DASConfig, InterchangeRun, head_readers, illusion_check, interchange_scores, train_das,
+        DASConfig,
+        InterchangeRun,
+        head_readers,
+        illusion_check,
+        interchange_scores,
+        train_das,
     )  # fmt: skip
     from mechscope.subspace.tasks import ioi_position_pairs
 
