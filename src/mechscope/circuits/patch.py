@@ -64,6 +64,12 @@ class _PatchedForward:
         else:
             self.linear = self.masks
         used = masks.any(dim=(0, 2)).to(device)  # senders with a patched edge in some set
+        # Mostly-patched sets (circuits, ACDC): a receiver reads "every upstream difference minus the
+        # kept ones", so only senders with a kept edge are multiplied; every difference is stored.
+        patched_share = masks.sum((1, 2)).max() / graph.valid.sum()
+        self.complement = not graph.post_norm and float(patched_share) > 0.5
+        if self.complement:
+            used = torch.ones_like(used)
         self.split = graph.n_embed + first * graph.senders_per_layer  # senders before `first` are the base run's
         index = torch.arange(graph.n_senders, device=device)
         self.shared_cols = index[: self.split][used[: self.split]]
@@ -76,20 +82,40 @@ class _PatchedForward:
         self.column = torch.full((graph.n_senders,), -1, dtype=torch.long, device=device)
         self.column[self.row_cols] = torch.arange(len(self.row_cols), device=device)
         self.attention: tuple[int, Tensor] | None = None  # (layer, its q/k/v corrections)
+        self.total = self.shared_diff.sum(0).expand(self.k, -1).clone()  # sum of the differences stored so far
+        self.stored = self.split  # senders below this index are in `total`
+        self.before_heads: dict[int, Tensor] = {}  # `total` before each layer's heads were stored
 
     # ------------------------------------------------------------------ corrections
     def correction(self, receivers: range, limit: int) -> Float[Tensor, "rows pos receiver d_model"]:
         """``sum_s mask[s, r] (out_s - source_s)`` for each receiver: what it must stop reading.
         Only senders before index ``limit`` can reach these receivers."""
         lin = self.linear[:, :, receivers.start : receivers.stop]  # [k, sender, r]
-        out = torch.matmul(lin[:, self.shared_cols].transpose(1, 2), self.shared_diff)  # [k, r, n * pos * d]
         written = int(torch.searchsorted(self.row_cols, limit))
-        if written:
-            out = out + torch.bmm(lin[:, self.row_cols[:written]].transpose(1, 2), self.row_diff[:, :written])
+        kept = (1 - lin[:, :limit]).any(-1).any(0).nonzero().flatten() if self.complement else None
+        if kept is not None and len(kept) < int(lin[:, :limit].any(-1).any(0).sum()):
+            out = self._complement(lin[:, :limit], kept, limit)
+        else:
+            out = torch.matmul(lin[:, self.shared_cols].transpose(1, 2), self.shared_diff)  # [k, r, n * pos * d]
+            if written:
+                out = out + torch.bmm(lin[:, self.row_cols[:written]].transpose(1, 2), self.row_diff[:, :written])
         out = out.view(self.k, len(receivers), self.n, self.seq, -1).permute(0, 2, 3, 1, 4)  # [k, n, pos, r, d]
         if self.graph.post_norm:
             out = out + self._head_groups(receivers)
         return out.flatten(0, 1)  # [k * n, pos, r, d]
+
+    def _complement(self, lin: Tensor, kept: Tensor, limit: int) -> Tensor:
+        """``sum_{s < limit} diff_s - sum_s (1 - mask[s, r]) diff_s`` over the senders with a kept edge."""
+        if limit >= self.stored:
+            total = self.total
+        else:  # a parallel block's MLP: the sum before its own layer's heads
+            total = self.before_heads[int(self.graph.sender_layer[limit])]
+        keep = 1 - lin  # [k, s < limit, r]
+        shared, rows = kept[kept < self.split], kept[kept >= self.split]
+        out = total[:, None, :] - torch.matmul(keep[:, shared].transpose(1, 2), self.shared_diff[shared])
+        if len(rows):
+            out = out - torch.bmm(keep[:, rows].transpose(1, 2), self.row_diff[:, self.column[rows]])
+        return out
 
     def _head_groups(self, receivers: range) -> Tensor:
         """Post-norm models: ``post(sum) - post(sum - patched head differences)`` per upstream layer."""
@@ -161,6 +187,9 @@ class _PatchedForward:
         if col >= 0:
             rows = value.view(self.k, self.n, self.seq, -1) - self.source[:, :, sender]
             self.row_diff[:, col] = rows.reshape(self.k, -1)
+            if self.complement:
+                self.total += self.row_diff[:, col]
+                self.stored = sender + 1
 
     def _sender_hook(self, sender: int):
         def hook(x: Tensor, *, hook) -> None:
@@ -173,6 +202,8 @@ class _PatchedForward:
         b_o = self.model.blocks[layer].attn.b_o
 
         def hook(result: Tensor, *, hook) -> None:  # result: [rows, pos, head, d_model]
+            if self.complement:
+                self.before_heads[layer] = self.total.clone()
             for i, sender in enumerate(heads):
                 self._store(sender, result[:, :, i])
             if self.graph.post_norm:
