@@ -61,3 +61,21 @@ def test_cli_parses_sae_commands():
     args = build_parser().parse_args(["sae", "eval", "a", "b"])
     assert args.sae == ["a", "b"] and args.func.__name__ == "cli_eval"
     assert build_parser().parse_args(["tour", "--sae"]).sae
+
+
+def test_the_example_config_is_valid_and_shown_in_the_help(monkeypatch, capsys):
+    from pathlib import Path
+
+    from mechscope.cli.sae import CONFIG_EXAMPLE
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "sae_topk.json"
+    run = RunConfig.from_file(example)
+    assert run.saes[0]["architecture"] == "topk" and run.train.checkpoint_every == 100
+    shown = CONFIG_EXAMPLE[CONFIG_EXAMPLE.index("{") : CONFIG_EXAMPLE.rindex("}") + 1]
+    assert json.loads(shown) == json.loads(example.read_text())  # the help shows the file as it is
+    monkeypatch.setenv("COLUMNS", "200")
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sae", "train", "--help"])
+    text = capsys.readouterr().out
+    assert "e.g. examples/sae_topk.json" in text and '"checkpoint_every": 100' in text

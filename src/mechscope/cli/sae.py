@@ -11,10 +11,17 @@ from collections.abc import Iterable
 from typing import Any
 
 CONFIG_EXAMPLE = """\
-a run config (JSON, or the same keys in TOML); every key is optional except "saes":
-  {"model": "smollm2-135m", "context_size": 128, "batch_size": 4096,
+A run config is JSON (or the same keys in TOML); every key is optional except "saes". This one is
+examples/sae_topk.json in the source repository (text null: the default corpus, downloaded once):
+  {"model": "smollm2-135m", "text": null, "context_size": 128, "batch_size": 4096,
+   "model_batch_size": 8, "eval_sequences": 16,
    "saes": [{"architecture": "topk", "hook_name": "blocks.6.hook_resid_post", "expansion": 4, "k": 32}],
-   "train": {"steps": 1000, "lr": 2e-4}, "out_dir": "saes"}
+   "train": {"steps": 1000, "lr": 0.0002, "lr_warmup_steps": 50, "lr_decay_steps": 200,
+             "checkpoint_dir": "saes/checkpoint", "checkpoint_every": 100},
+   "out_dir": "saes"}
+Its 1000 steps of 4096 tokens take hours on a CPU; try it with --steps 20 first. A killed run
+resumes from its checkpoint when started again with the same settings. Every key: the
+docstrings of mechscope.sae.run.RunConfig and mechscope.sae.TrainConfig.
 """
 
 
@@ -116,7 +123,7 @@ def add_sae_parser(sub, formatter_class: type[argparse.HelpFormatter] = argparse
     train.add_argument(
         "--config",
         required=True,
-        help="run config (.json or .toml); format below and in the docstring of mechscope.sae.run",
+        help="run config (.json or .toml), e.g. examples/sae_topk.json; format below",
     )
     train.add_argument("--out-dir", default=None, help="where to save the SAEs (None: the config's out_dir)")
     train.add_argument("--steps", type=int, default=None, help="training steps (None: the config's train.steps)")

