@@ -7,6 +7,8 @@
   something.
 - **Every public name has a docstring.** A name in any ``__all__`` whose object has no docstring
   stops the build with the list of such names.
+- **The benchmark page** is ``BENCHMARKS.md`` from the repository root, included as
+  ``benchmarks.md``.
 - **Pages that may not exist yet.** Navigation entries listed in ``OPTIONAL_PAGES`` are dropped
   when their file is absent (each one is logged); any other missing page stays a strict-mode error.
 
@@ -155,4 +157,5 @@ def on_files(files, config):
     for package, names in _state["packages"].items():
         page = _page(package, names, _state["root"])
         files.append(File.generated(config, f"api/{package}.md", content=page))
+    files.append(File.generated(config, "benchmarks.md", content=(ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")))
     return files

@@ -30,7 +30,6 @@ import matplotlib.pyplot as plt
 import torch
 
 from mechscope import toys
-from mechscope.toys import superposition
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # these models are tiny: one thread is the fastest
@@ -78,17 +77,17 @@ plt.show()
 # %% [markdown]
 # ## Measures: norms, interference and dimensionality
 #
-# `feature_norms` is `‖W_i‖` (is the feature represented?), `feature_superposition` is
-# `Σ_{j≠i}(Ŵ_i·W_j)²` (how much the others interfere with it), and `feature_dimensionality`
-# is `D_i = ‖W_i‖² / Σ_j(Ŵ_i·W_j)²`, the fraction of a dimension the feature gets: 1 for a
-# dedicated dimension, 2/5 for a feature of the pentagon. `dimensions_per_feature` is
-# `n_hidden / ‖W‖_F²`.
+# `‖W_i‖` says whether a feature is represented; `feature_dimensionality` is
+# `D_i = ‖W_i‖² / Σ_j(Ŵ_i·W_j)²`, the fraction of a dimension the feature gets: 1 for a
+# dedicated dimension, 1/2 for an antipodal pair, 2/5 for a feature of the pentagon; and
+# `n_hidden / ‖W‖_F²` is the number of dimensions per embedded feature.
+# (`mechscope.toys.superposition` also has the interference `Σ_{j≠i}(Ŵ_i·W_j)²` and these
+# measures as functions.)
 
 # %%
-norms = superposition.feature_norms(W)
-interference = superposition.feature_superposition(W)
-dims = toys.feature_dimensionality(W)
-per_feature = superposition.dimensions_per_feature(W)
+norms = W.norm(dim=1)  # [instance, feature]
+dims = toys.feature_dimensionality(W)  # [instance, feature]
+per_feature = n_hidden / W.pow(2).sum((1, 2))  # [instance]
 print("1-S     ‖W_i‖ per feature              D_i per feature                dims/feature")
 for t in range(n_instances):
     print(

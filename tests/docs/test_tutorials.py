@@ -1,0 +1,114 @@
+"""The tutorials under ``docs/tutorials``: in the site's navigation, written against the public
+API, each naming its full-size command, and executable.
+
+`make docs` executes every tutorial while it builds the site (a cell that raises fails the
+build), so the default run here only checks the files. ``MECHSCOPE_RUN_TUTORIALS=1`` executes
+them as well, one test per tutorial, through the Jupyter kernel the build uses (needs the
+``docs`` extra)::
+
+    MECHSCOPE_RUN_TUTORIALS=1 .venv/bin/python -m pytest tests/docs/test_tutorials.py -k grokking
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.py"))
+PUBLIC_PACKAGES = {
+    "mechscope",
+    "mechscope.analysis",
+    "mechscope.data",
+    "mechscope.patching",
+    "mechscope.sae",
+    "mechscope.toys",
+    "mechscope.viz",
+}
+RUN = os.environ.get("MECHSCOPE_RUN_TUTORIALS", "") not in ("", "0")
+
+
+def _cells(path: Path) -> list[tuple[str, str]]:
+    """``(kind, source)`` of each percent-format cell (``kind`` is ``"markdown"`` or ``"code"``)."""
+    cells, kind, lines = [], None, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        marker = re.match(r"^# %%( \[markdown\])?", line)
+        if marker:
+            if kind is not None:
+                cells.append((kind, "\n".join(lines)))
+            kind, lines = ("markdown" if marker.group(1) else "code"), []
+        elif kind is not None:
+            lines.append(line)
+    if kind is not None:
+        cells.append((kind, "\n".join(lines)))
+    return cells
+
+
+def test_the_six_tutorials_of_the_issue_exist():
+    names = {path.stem for path in TUTORIALS}
+    expected = {
+        "first_steps",
+        "induction_heads",
+        "indirect_object_identification",
+        "sparse_autoencoders",
+        "grokking",
+        "superposition",
+    }
+    assert expected <= names, f"missing tutorials: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_is_in_the_site_navigation(path):
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert f"tutorials/{path.name}" in nav, f"add tutorials/{path.name} to the Tutorials section of mkdocs.yml"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_opens_with_a_title_and_its_full_size_command(path):
+    cells = _cells(path)
+    assert cells and cells[0][0] == "markdown", f"{path.name}: the first cell must be a markdown cell"
+    intro = cells[0][1]
+    assert re.search(r"^# # \S", intro, re.MULTILINE), f"{path.name}: the first cell needs a '# # Title' heading"
+    assert "# ```bash" in intro, f"{path.name}: the first cell must show the full-size command in a bash block"
+    assert any(kind == "code" for kind, _ in cells), f"{path.name}: no code cell"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_uses_only_public_names(path):
+    """Every ``from mechscope... import name`` names a public package and a name in its ``__all__``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("mechscope") and alias.name not in PUBLIC_PACKAGES:
+                    problems.append(f"line {node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mechscope"):
+            if node.module not in PUBLIC_PACKAGES:
+                problems.append(f"line {node.lineno}: from {node.module} import ...")
+                continue
+            exported = set(importlib.import_module(node.module).__all__)
+            problems += [
+                f"line {node.lineno}: {node.module}.{alias.name} is not in its __all__"
+                for alias in node.names
+                if alias.name not in exported
+            ]
+    assert not problems, f"{path.name} reaches past the public API ({sorted(PUBLIC_PACKAGES)}):\n" + "\n".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN, reason="make docs executes the tutorials; set MECHSCOPE_RUN_TUTORIALS=1 to run them here")
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_executes(path):
+    jupytext = pytest.importorskip("jupytext", reason="the docs extra is needed: pip install -e '.[docs]'")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = jupytext.read(path)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()
