@@ -14,6 +14,8 @@ On IOI prompts (``ioi_dataset(model, n=--prompts, seed=0)``, template 0, third-n
   * peak memory (RSS high-water mark above the RSS after loading, in a fresh process each) of
     EAP against a plain forward and backward at 8 x 128 tokens (random tokens; the corrupted
     copy changes every fourth position);
+  * auto-circuit's EAP (in ``benchmarks/.venv-autocircuit``, see ``circuits_autocircuit.py``) on
+    the same model weights and prompts: time, and Spearman correlation of the edge scores;
   * the CPU other processes took while timing (the machine has 2 cores).
 
 Run from the repository root with the project's venv:
@@ -171,6 +173,48 @@ def memory(kinds=("plain", "plain_inputs", "eap")) -> dict:
     return out
 
 
+def autocircuit(model, data, repeats: int) -> dict:
+    """auto-circuit's EAP in its own venv (see circuits_autocircuit.py) against mechscope's: time
+    and Spearman correlations of the scores of the edges both graphs share."""
+    import tempfile
+
+    from scipy.stats import spearmanr
+
+    from mechscope.circuits import Graph, edge_scores
+
+    python = common.venv_python(common.BENCH_DIR / ".venv-autocircuit")
+    if not python.exists():
+        return {"error": "benchmarks/.venv-autocircuit is missing (see circuits_autocircuit.py for how it is made)"}
+    common.ensure_hf_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path, out_path = Path(tmp) / "data.pt", Path(tmp) / "out.json"
+        torch.save({"clean": data.clean_tokens, "corrupted": data.corrupted_tokens, "correct": data.correct,
+                    "wrong": data.wrong, "repeats": repeats}, data_path)  # fmt: skip
+        proc = subprocess.run([str(python), str(Path(__file__).with_name("circuits_autocircuit.py")), str(data_path),
+                               str(out_path)], capture_output=True, text=True)  # fmt: skip
+        if proc.returncode:
+            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"}
+        theirs = json.loads(out_path.read_text())
+    graph = Graph.of(model)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours = edge_scores(model, data.clean_tokens, data.corrupted_tokens, data.metric())
+        times.append(time.perf_counter() - start)
+    shared = [name for name in theirs["edges"] if name in set(graph.edge_names)]
+    a = torch.tensor([float(ours[graph.edge_index(name)]) for name in shared])
+    b = torch.tensor([theirs["edges"][name] for name in shared])
+    return {
+        "edges_compared": len(shared),
+        "autocircuit_edges": len(theirs["edges"]),
+        "spearman_signed": float(spearmanr(a, b).statistic),
+        "spearman_abs": float(spearmanr(a.abs(), b.abs()).statistic),
+        "autocircuit_seconds": statistics.median(theirs["seconds"]),
+        "autocircuit_wrap_seconds": theirs["wrap_seconds"],
+        "mechscope_seconds": statistics.median(times),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
@@ -180,6 +224,7 @@ def main() -> None:
     parser.add_argument("--skip-attribution", action="store_true")
     parser.add_argument("--skip-acdc", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-autocircuit", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,6 +255,14 @@ def main() -> None:
         results["memory"] = mem = memory()
         for kind, row in mem.items():
             print(f"memory 8x128 {kind:13s} peak +{row['peak_above_load_mib']:.0f} MiB, {row['seconds']:.1f} s")
+    if not args.skip_autocircuit:
+        results["autocircuit"] = ac = autocircuit(model, data, args.repeats)
+        if "error" in ac:
+            print(f"auto-circuit: {ac['error']}")
+        else:
+            print(f"auto-circuit EAP {ac['autocircuit_seconds']:.2f} s, mechscope {ac['mechscope_seconds']:.2f} s; "
+                  f"Spearman over {ac['edges_compared']} edges: signed {ac['spearman_signed']:.4f}, "
+                  f"|score| {ac['spearman_abs']:.4f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
