@@ -1,0 +1,185 @@
+"""Feature dashboards: mechscope against SAEDashboard on the same SAE, corpus and tokens.
+
+    .venv/bin/python benchmarks/features.py [--rows 800] [--floor-rows 200] [--skip-saedash]
+
+An SAELens-format TopK SAE (d_sae 2048, k 32; random unit-norm decoder, encoder its transpose,
+seed 0) on ``blocks.6.hook_resid_post`` of the bundled SmolLM2-135M, the first ``rows`` x 128
+tokens of the default corpus (no BOS, as SmolLM2 is used). Measured:
+
+(a) mechscope's whole dashboard generation: one harvesting pass, the SQLite database (logit
+    effects, neighbours), the static site (a page per feature) and the Neuronpedia JSON; and
+    SAEDashboard 0.8.0's ``SaeVisRunner`` with its Neuronpedia runner's layout (top 20, five
+    quantile groups of 5, histograms, logit tables, feature tables; activations cached on disk)
+    plus its Neuronpedia JSON conversion, in ``benchmarks/.venv-saedash`` (TransformerLens 2.17
+    on the same local weights; the two models' layer-6 activations are compared first):
+    tokens/s and peak RSS over the resident model;
+(b) harvesting alone against the model's forward to the hooked layer (the limit);
+(c) agreement: every feature's top examples (positions and values) and density; histograms
+    compared on SAEDashboard's bins.
+Absolute times depend on the machine and its load: compare ratios from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+common.set_offline_env()
+
+import torch  # noqa: E402
+
+import mechscope as ms  # noqa: E402
+from mechscope.data.corpus import cached_token_stream, default_corpus_texts  # noqa: E402
+from mechscope.features import HarvestConfig, export_site, harvest, write_harvest  # noqa: E402
+from mechscope.features.neuronpedia import export_neuronpedia  # noqa: E402
+from mechscope.sae import SAEConfig, make_sae, save_sae  # noqa: E402
+
+HOOK, CONTEXT = "blocks.6.hook_resid_post", 128
+# pyarrow < 18: the newer ones need NumPy 2, and this stack keeps NumPy 1.26
+SAEDASH = (common.BENCH_DIR / ".venv-saedash", ["sae-dashboard==0.8.0", "pyarrow<18"])
+
+
+def ensure_saedash_venv() -> Path:
+    """``benchmarks/.venv-saedash`` (torch pinned first, then sae-dashboard 0.8.0), made once."""
+    venv, requirements = SAEDASH
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run(pip + [common.TORCH_PIN], check=True)
+        subprocess.run(pip + requirements, check=True)
+    return python
+
+
+@torch.no_grad()
+def forward_rate(model, rows: torch.Tensor, batch: int = 8) -> float:
+    """Tokens/s of the model's forward to the end of block 6 (the limit of harvesting)."""
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        model(rows[i : i + batch], stop_at_layer=7)
+    return rows.numel() / (time.perf_counter() - start)
+
+
+def histogram_gap(ours: dict, bar_values: list[float], bar_heights: list[int]) -> float:
+    """Largest difference of the cumulative counts (as a fraction of the firing tokens) at
+    SAEDashboard's bin edges, ours read from the fine histogram (uniform within a fine bin)."""
+    if not bar_heights:
+        return 0.0
+    hist, top = ours["hist"], 2.0 ** ours["exp"]
+    width = top / len(hist)
+    step = (bar_values[1] - bar_values[0]) if len(bar_values) > 1 else 0.0
+    lo = bar_values[0] - step / 2
+    cum_fine = torch.cat([torch.zeros(1), hist.double().cumsum(0)])
+    total = float(hist.sum())
+    gap, running = 0.0, 0.0
+    for i, h in enumerate(bar_heights):
+        running += h
+        edge = lo + (i + 1) * step
+        j = min(edge / width, len(hist))
+        k = int(j)
+        ours_cum = float(cum_fine[k]) + (float(hist[k]) * (j - k) if k < len(hist) else 0.0)
+        gap = max(gap, abs(ours_cum - running) / max(total, 1))
+    return gap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=800, help="rows of 128 tokens (800: 102,400 tokens)")
+    parser.add_argument("--floor-rows", type=int, default=200, help="rows for the forward-rate floor")
+    parser.add_argument("--skip-saedash", action="store_true")
+    parser.add_argument("--json", default=str(common.BENCH_DIR / "results" / "features.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    monitor = common.CpuMonitor()
+    model = ms.load("smollm2-135m", device="cpu")
+    stream = cached_token_stream(default_corpus_texts(), model.tokenizer, "smollm2")
+    rows = stream[: args.rows * CONTEXT].reshape(args.rows, CONTEXT)
+    sae = make_sae(SAEConfig(d_in=576, d_sae=2048, architecture="topk", k=32, hook_name=HOOK), seed=0)
+    work = Path(tempfile.mkdtemp(prefix="features-bench-"))
+    from safetensors.torch import save_file
+
+    save_sae(sae, work / "sae")
+    save_file({"tokens": rows.contiguous()}, str(work / "tokens.safetensors"))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows[:2], names_filter=HOOK, stop_at_layer=7)
+    save_file({"tokens": rows[:2].contiguous(), "acts": cache[HOOK].contiguous()}, str(work / "reference.safetensors"))
+
+    results: dict = {"n_tokens": int(rows.numel()), "d_sae": 2048}
+    floor_before = forward_rate(model, rows[: args.floor_rows])
+    common.reset_peak_rss()
+    base_rss = common.current_rss_mib()
+    cfg = HarvestConfig(context_size=CONTEXT, batch_size=8, prepend_bos=False, exclude_bos=False, top_k=20)
+    t0 = time.perf_counter()
+    result = harvest(model, sae, rows, cfg, progress=False)
+    t1 = time.perf_counter()
+    db = write_harvest(result, model, work / "features.db")
+    t2 = time.perf_counter()
+    export_site(db, work / "site", progress=False)
+    t3 = time.perf_counter()
+    export_neuronpedia(db, work / "neuronpedia", features_per_batch=256)
+    t4 = time.perf_counter()
+    floor_after = forward_rate(model, rows[: args.floor_rows])
+    floor = (floor_before + floor_after) / 2
+    n = rows.numel()
+    results["mechscope"] = {
+        "harvest_s": t1 - t0, "database_s": t2 - t1, "site_s": t3 - t2, "neuronpedia_s": t4 - t3, "total_s": t4 - t0,
+        "tokens_per_s": n / (t4 - t0), "harvest_tokens_per_s": n / (t1 - t0), "forward_tokens_per_s": floor,
+        "harvest_over_forward": (n / (t1 - t0)) / floor, "peak_rss_mib": common.peak_rss_mib(),
+        "base_rss_mib": base_rss, "db_mib": db.stat().st_size / 2**20,
+    }  # fmt: skip
+    print(json.dumps(results["mechscope"], indent=1), flush=True)
+    sk = result.sketches[HOOK]
+    if not args.skip_saedash:
+        python = ensure_saedash_venv()
+        cmd = ["nice", "-n", "10", str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError("SAEDashboard worker failed:\n" + proc.stderr[-4000:])
+        theirs = json.loads((work / "saedash.json").read_text())
+        results["saedash"] = {k: v for k, v in theirs.items() if k != "features"}
+        results["saedash"]["tokens_per_s"] = n / theirs["total_s"]
+        same_top, value_gap, density_gap, hist_gap, compared = 0, 0.0, 0.0, 0.0, 0
+        for f_str, data in theirs["features"].items():
+            f = int(f_str)
+            mine = [(float(v), int(i)) for v, i in zip(sk.top_val[:, f], sk.top_idx[:, f], strict=True) if v > 0]
+            them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v > 0]
+            compared += 1
+            same_top += [i for _, i in mine] == [i for _, i in them]
+            for (a, _), (b, _) in zip(mine, them, strict=False):
+                value_gap = max(value_gap, abs(a - b))
+            match = re.search(r"DENSITY = ([0-9.]+)%", data["title"] or "")
+            if match:
+                density_gap = max(density_gap, abs(float(match.group(1)) / 100 - int(sk.fire[f]) / n))
+            ours = {"hist": sk.hist[f], "exp": int(sk.hist_exp[f])}
+            hist_gap = max(hist_gap, histogram_gap(ours, data["bar_values"], data["bar_heights"]))
+        results["agreement"] = {
+            "features": compared, "identical_top_positions": same_top, "max_top_value_diff": value_gap,
+            "max_density_diff": density_gap, "max_histogram_cdf_gap": hist_gap,
+        }  # fmt: skip
+        results["ratio_tokens_per_s"] = results["mechscope"]["tokens_per_s"] / results["saedash"]["tokens_per_s"]
+        mine_np = json.loads((work / "neuronpedia" / "batch-0.json").read_text())
+        their_np = json.loads((work / "saedash-batch.json").read_text())
+        results["neuronpedia_layout"] = {
+            "batch_keys_equal": list(mine_np) == list(their_np),
+            "feature_keys_equal": list(mine_np["features"][0]) == list(their_np["features"][0]),
+            "activation_keys_equal": list(mine_np["features"][0]["activations"][0])
+            == list(their_np["features"][0]["activations"][0]),
+        }
+    other, steal = monitor.other_cores()
+    results["other_cores"], results["steal_cores"] = other, steal
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "mechscope"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
