@@ -7,15 +7,13 @@ interpretability-illusion check on each, prints the tables and writes ``results.
 check's HTML/PNG figures and the learned subspaces. The computing lives in `mechscope.subspace`;
 this module prints.
 
-Run it as ``python -m mechscope.cli.subspace ioi`` or, with the subcommand registered, as
-``mechscope subspace ioi``.
+Run as ``mechscope subspace ioi`` and ``mechscope subspace steer`` (``--help`` lists the flags).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -58,8 +56,8 @@ def cli_ioi(args: argparse.Namespace) -> int:
     """``mechscope subspace ioi``: see the module docstring.
 
     Example:
-        >>> from mechscope.cli.subspace import build_parser
-        >>> build_parser().parse_args(["ioi", "--steps", "10"]).steps
+        >>> from mechscope.cli import build_parser
+        >>> build_parser().parse_args(["subspace", "ioi", "--steps", "10"]).steps
         10
     """
     import torch
@@ -137,8 +135,8 @@ def cli_steer(args: argparse.Namespace) -> int:
     """``mechscope subspace steer``: generate with and without a mean-difference direction added.
 
     Example:
-        >>> from mechscope.cli.subspace import build_parser
-        >>> build_parser().parse_args(["steer", "--coefficient", "4"]).coefficient
+        >>> from mechscope.cli import build_parser
+        >>> build_parser().parse_args(["subspace", "steer", "--coefficient", "4"]).coefficient
         4.0
     """
     import torch
@@ -216,34 +214,3 @@ def add_subspace_commands(kinds, formatter_class: type[argparse.HelpFormatter]) 
         q.add_argument("--seed", type=int, default=0, help="seed of the pairs, DAS and the random direction")
         q.add_argument("--threads", type=int, default=2, help="torch CPU threads")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m mechscope.cli.subspace`` (the subcommands of ``mechscope subspace``).
-
-    Example:
-        >>> build_parser().parse_args(["steer", "--hook", "blocks.3.hook_resid_post"]).hook
-        'blocks.3.hook_resid_post'
-    """
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="python -m mechscope.cli.subspace", description=(__doc__ or "").split("\n\n")[0], formatter_class=formatter
-    )
-    add_subspace_commands(parser.add_subparsers(dest="subspace", required=True, metavar="{ioi,steer}"), formatter)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m mechscope.cli.subspace`` with ``argv``; a mechscope error is one line on stderr (status 2)."""
-    from mechscope.errors import MechscopeError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MechscopeError as exc:
-        print(f"mechscope: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
