@@ -95,8 +95,22 @@ def test_bad_inputs_raise_clear_errors(small_model):
 
 def test_learned_positions_beyond_n_ctx_raise():
     model = tiny_model(n_ctx=6)
-    with pytest.raises(IndexError, match="n_ctx=6"):
+    with pytest.raises(ms.InputError, match="7 positions exceed this model's n_ctx=6 learned"):
         model(torch.zeros(1, 7, dtype=torch.long))
+    cache = ms.model.context.KVCache(model.cfg.n_layers)
+    model(torch.zeros(1, 4, dtype=torch.long), past_kv_cache=cache)
+    with pytest.raises(ms.InputError, match="n_ctx=6"):  # positions continue past the cached ones
+        model(torch.zeros(1, 3, dtype=torch.long), past_kv_cache=cache)
+    padded = torch.zeros(2, 7, dtype=torch.long)  # seven columns, at most six real tokens per row
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[:, 0] = 0
+    assert model(padded, attention_mask=mask).shape == (2, 7, model.cfg.d_vocab)
+
+
+def test_rotary_positions_beyond_n_ctx_warn():
+    model = tiny_model(n_ctx=6, positional_embedding_type="rotary")
+    with pytest.warns(UserWarning, match="7 positions exceed the context length"):
+        assert model(torch.zeros(1, 7, dtype=torch.long)).shape == (1, 7, model.cfg.d_vocab)
 
 
 def test_sliding_window_limits_attention():
@@ -155,3 +169,64 @@ def test_attention_scores_take_unexpanded_keys_and_extra_axes():
     stacked = attn.scores(torch.stack([q, 2 * q]), k)  # a leading axis before batch
     torch.testing.assert_close(stacked[1], 2 * stacked[0])
     torch.testing.assert_close(stacked[0], attn.scores(q, k))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny GPT-2-style model with a small byte-level BPE tokenizer (BOS = EOS = pad)."""
+    from tests.tl.checkpoints import make_tokenizer
+
+    hf = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    return tiny_model(d_vocab=len(hf), n_ctx=12), hf
+
+
+def test_tokenizer_is_the_hugging_face_tokenizer(text_model):
+    model, hf = text_model
+    model.set_tokenizer(hf)
+    assert model.tokenizer is hf and model.codec.hf is hf and hf.padding_side == "right"
+    prompts = ["When Mary", "The cat sat on the mat"]
+    right = model.to_tokens(prompts)
+    hf.padding_side = "left"  # TransformerLens: the tokenizer's padding side is every call's default
+    try:
+        left = model.to_tokens(prompts)
+        assert left[0, 0] == hf.pad_token_id and right[0, -1] == hf.pad_token_id
+        assert torch.equal(model.to_tokens(prompts, padding_side="right"), right)
+        # Left-padded token ids without a mask are masked at their leading pads, as strings are.
+        torch.testing.assert_close(model(left)[:, -1], model(prompts)[:, -1])
+        torch.testing.assert_close(model(left)[0, -1], model(prompts[0])[0, -1], atol=1e-5, rtol=1e-5)
+    finally:
+        hf.padding_side = "right"
+    torch.testing.assert_close(model(right)[0, 2], model(prompts[0])[0, -1], atol=1e-5, rtol=1e-5)
+    model.tokenizer = None
+    assert model.codec is None
+    with pytest.raises(ms.InputError, match="no tokenizer"):
+        model.to_tokens("hello")
+    model.tokenizer = hf
+    assert model.codec.hf is hf
+
+
+def test_context_length_of_text(text_model):
+    model, hf = text_model
+    model.set_tokenizer(hf)
+    text = "When Mary and John went to the store, John gave a drink to Mary and the cat sat on the mat."
+    n = len(model.to_str_tokens(text))
+    assert n > model.cfg.n_ctx
+    with pytest.raises(ms.InputError, match=f"{n} positions exceed this model's n_ctx=12"):
+        model(text)
+    with pytest.warns(UserWarning, match=f"cut {n} tokens to the model's n_ctx=12"):
+        cut = model.to_tokens(text)
+    assert cut.shape == (1, 12)
+    assert model.to_str_tokens(cut) == model.to_str_tokens(text)[:12]
+    assert model.to_tokens(text, truncate=False).shape == (1, n)
+    assert model.to_str_tokens(model.to_tokens(text, truncate=False)) == model.to_str_tokens(text)
+
+
+def test_token_helpers_take_transformer_lens_inputs(text_model):
+    model, hf = text_model
+    model.set_tokenizer(hf)
+    ids = model.to_tokens("When Mary and John", prepend_bos=False)[0]
+    assert model.to_string(ids.tolist()) == model.to_string(ids) == "When Mary and John"
+    assert model.to_string(int(ids[1])) == model.to_str_tokens(ids[1])[0]
+    assert model.to_str_tokens(ids.numpy()) == model.to_str_tokens(ids[None])
+    with pytest.raises(ms.InputError, match=r"\[1, pos\]"):
+        model.to_str_tokens(torch.stack([ids, ids]))

@@ -68,8 +68,9 @@ class PosEmbed(nn.Module):
 
     def forward(self, positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         if positions.numel() and int(positions.max()) >= self.W_pos.shape[0]:
-            raise IndexError(
-                f"position {int(positions.max())} is beyond the model's n_ctx={self.W_pos.shape[0]}; shorten the input"
+            raise InputError(
+                f"position {int(positions.max())} is beyond the model's n_ctx={self.W_pos.shape[0]} learned "
+                "position embeddings; shorten the input"
             )
         return F.embedding(positions, self.W_pos)
 

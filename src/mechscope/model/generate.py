@@ -1,9 +1,11 @@
 """Text generation with a key/value cache, running under whatever hooks are attached.
 
-Prompts of different lengths are left-padded; positions count only real tokens, so every row
-generates exactly what it would alone. With the cache each step runs the model on the new token
-only, so hooks see one new position per step (``[batch, 1, ...]``); without it each step reruns
-the whole sequence.
+`generate` has TransformerLens' signature and defaults: it samples (``do_sample=True``), shows a
+progress bar (``verbose=True``) and reuses past keys and values (``use_past_kv_cache=True``);
+pass ``do_sample=False`` for greedy decoding. Prompts of different lengths are left-padded;
+positions count only real tokens, so every row generates exactly what it would alone. With the
+cache each step runs the model on the new token only, so hooks see one new position per step
+(``[batch, 1, ...]``); without it each step reruns the whole sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mechscope.errors import InputError
 from mechscope.model.context import KVCache
-from mechscope.model.tokenize import input_tokens, max_length, require_tokenizer
+from mechscope.model.tokenize import PaddingSide, input_tokens, max_length, require_tokenizer
 
 if TYPE_CHECKING:
     from mechscope.model.transformer import HookedTransformer
@@ -25,56 +27,76 @@ if TYPE_CHECKING:
 GenerateReturn = Literal["input", "str", "tokens"]
 
 
-def sample_next(
-    logits: Float[Tensor, "batch d_vocab"],
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+def sample_logits(
+    final_logits: Float[Tensor, "batch d_vocab"],
     top_k: int | None = None,
     top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    tokens: Int[Tensor, "batch pos"] | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, " batch"]:
-    """Choose the next token of each row: greedy, or sampled with temperature, top-k and top-p.
+    """TransformerLens' ``sample_logits``: the next token of each row, sampled from the logits
+    after the repetition penalty (on ``tokens``), the temperature (``0``: greedy), the frequency
+    penalty (on ``tokens``) and top-k (else top-p) filtering. ``generator`` seeds the draw.
 
     Example:
-        >>> sample_next(torch.tensor([[0.1, 2.0, 0.3]])).tolist()
+        >>> sample_logits(torch.tensor([[0.1, 2.0, 0.3]]), temperature=0.0).tolist()
         [1]
-        >>> sample_next(torch.tensor([[0.1, 2.0, 0.3]]), do_sample=True, top_k=1).tolist()
+        >>> sample_logits(torch.tensor([[0.1, 2.0, 0.3]]), top_k=1).tolist()
         [1]
     """
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
     if temperature < 0:
         raise InputError(f"temperature must be >= 0, got {temperature}")
-    logits = logits.float() / temperature
+    logits = final_logits
+    if repetition_penalty != 1.0 and tokens is not None:
+        seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, tokens.to(logits.device), True)
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if freq_penalty > 0:
+        if tokens is None or tokens.dim() != 2:
+            raise InputError("a frequency penalty needs the tokens so far, [batch, pos]")
+        counts = torch.zeros_like(logits).scatter_add_(
+            -1, tokens.to(logits.device), torch.ones_like(tokens, dtype=logits.dtype, device=logits.device)
+        )
+        logits = logits - freq_penalty * counts
     if top_k is not None:
         if top_k < 1:
             raise InputError(f"top_k must be a positive integer or None, got {top_k}")
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
+    elif top_p is not None:
         if not 0 < top_p <= 1:
             raise InputError(f"top_p must lie in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold more than top_p of the mass.
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) > top_p
+        drop_sorted = torch.cat((torch.zeros_like(drop_sorted[..., :1]), drop_sorted[..., :-1]), dim=-1)
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.float().softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _prompt(
-    model: HookedTransformer, input: str | list[str] | Tensor, attention_mask: Tensor | None, prepend_bos: bool | None
+    model: HookedTransformer,
+    input: str | list[str] | Tensor,
+    attention_mask: Tensor | None,
+    prepend_bos: bool | None,
+    padding_side: PaddingSide | None,
 ) -> tuple[Tensor, Tensor]:
     """Left-padded token ids ``[batch, pos]`` and their mask (``True`` = real token)."""
     if isinstance(input, (str, list, tuple)):
         if attention_mask is not None:
             raise InputError("attention_mask is built from string input; pass token ids to give your own")
-        tokens, mask = require_tokenizer(model).encode(input, prepend_bos, "left", max_length(model.cfg))
+        side = "left" if isinstance(input, (list, tuple)) and len(input) > 1 else padding_side
+        tokens, mask = require_tokenizer(model).encode(input, prepend_bos, side)
     elif isinstance(input, Tensor):
-        tokens, mask = input_tokens(model, input, attention_mask, None, "left")
+        tokens, mask = input_tokens(model, input, attention_mask, prepend_bos, padding_side)
     else:
         raise InputError(f"expected a string, a list of strings or a token tensor, got {type(input).__name__}")
     tokens = tokens.to(model.device)
@@ -89,79 +111,86 @@ def _prompt(
 @torch.no_grad()
 def generate(
     model: HookedTransformer,
-    input: str | list[str] | Tensor,
+    input: str | list[str] | Tensor = "",
     max_new_tokens: int = 10,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    stop_at_eos: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    do_sample: bool = True,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_at_eos: bool = True,
-    eos_token_id: int | None = None,
-    use_kv_cache: bool = True,
-    attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    use_past_kv_cache: bool = True,
     prepend_bos: bool | None = None,
-    seed: int | None = None,
+    padding_side: PaddingSide | None = None,
     return_type: GenerateReturn = "input",
-    verbose: bool = False,
+    verbose: bool = True,
+    *,
+    attention_mask: Tensor | None = None,
+    seed: int | None = None,
 ) -> str | list[str] | Int[Tensor, "batch pos"]:
     """Continue a prompt (or a batch of prompts) by up to ``max_new_tokens`` tokens.
 
-    Runs under every attached hook (``with model.hooks(...)``). Lists of strings are
-    left-padded; token input may bring a left-padded ``attention_mask``. Greedy unless
-    ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``seed`` apply). Rows stop
-    at ``eos_token_id`` (the tokenizer's EOS by default) and are then filled with it.
-    ``use_kv_cache`` reuses past keys and values (same tokens, much faster). Returns the
-    prompt plus continuation: strings for string input (the prompt text as given, then the
-    new tokens up to any EOS), else token ids ``[batch, pos]`` (``return_type="str"``/``"tokens"``
-    forces one).
+    TransformerLens' arguments and defaults: samples unless ``do_sample=False`` (greedy), with
+    ``temperature``, ``top_k`` (else ``top_p``) and ``freq_penalty`` (see `sample_logits`);
+    ``verbose`` shows a progress bar; ``use_past_kv_cache`` reuses past keys and values (same
+    tokens, much faster). Rows stop at ``eos_token_id`` (an id or a list; the tokenizer's EOS by
+    default; none without a tokenizer) and are then filled with EOS. A list of several prompts
+    is left-padded; token input may bring a left-padded ``attention_mask``. Runs under every
+    attached hook.
+
+    Returns strings for string input (each row decoded without special tokens; one string when
+    there is one row), else token ids ``[batch, pos]`` with the prompt (``return_type="str"`` or
+    ``"tokens"`` forces one). mechscope's additions: ``attention_mask`` and ``seed`` (a
+    generator for the draws).
 
     Example:
-        >>> out = model.generate(tokens, max_new_tokens=3)
-        >>> out.shape, torch.equal(out, model.generate(tokens, max_new_tokens=3, use_kv_cache=False))
+        >>> out = model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
+        >>> slow = model.generate(tokens, 3, do_sample=False, use_past_kv_cache=False, verbose=False)
+        >>> out.shape, torch.equal(out, slow)
         (torch.Size([1, 7]), True)
     """
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if return_type not in ("input", "str", "tokens"):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
-    tokens, mask = _prompt(model, input, attention_mask, prepend_bos)
+    tokens, mask = _prompt(model, input, attention_mask, prepend_bos, padding_side)
     limit = max_length(model.cfg)
     if limit is not None and tokens.shape[1] + max_new_tokens > limit:
         raise InputError(
             f"{tokens.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's n_ctx={limit}"
         )
-    if eos_token_id is None and stop_at_eos and model.tokenizer is not None:
-        eos_token_id = model.tokenizer.hf.eos_token_id
-    pad = eos_token_id if eos_token_id is not None else 0
+    tok_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+    if eos_token_id is None and stop_at_eos:
+        eos_token_id = tok_eos  # no tokenizer, no EOS: generation runs to max_new_tokens
+    stop = torch.tensor([] if eos_token_id is None else eos_token_id, device=tokens.device).reshape(-1)
+    pad = tok_eos if tok_eos is not None else (int(stop[0]) if len(stop) else 0)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.unembed.w_u.device).manual_seed(seed)
     batch, width = tokens.shape
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
-    cache = KVCache(model.cfg.n_layers) if use_kv_cache else None
+    cache = KVCache(model.cfg.n_layers) if use_past_kv_cache else None
     step_input, step_mask = tokens, mask
-    for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose):
+    for _ in tqdm(range(max_new_tokens), disable=not verbose):
         logits = model(step_input, attention_mask=step_mask, past_kv_cache=cache)
-        next_token = sample_next(
-            logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        ).to(tokens.device)
-        next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+        if do_sample:
+            next_token = sample_logits(
+                logits[:, -1], top_k, top_p, temperature, freq_penalty, tokens=tokens, generator=generator
+            )
+        else:
+            next_token = logits[:, -1].argmax(-1)
+        next_token = next_token.to(tokens.device)
+        if stop_at_eos:
+            next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+            finished |= torch.isin(next_token, stop)
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
         mask = torch.cat((mask, torch.ones_like(next_token[:, None], dtype=torch.bool)), dim=1)
-        if stop_at_eos and eos_token_id is not None:
-            finished |= next_token == eos_token_id
-            if bool(finished.all()):
-                break
-        step_input, step_mask = (next_token[:, None], None) if use_kv_cache else (tokens, mask)
+        if stop_at_eos and bool(finished.all()):
+            break
+        step_input, step_mask = (next_token[:, None], None) if use_past_kv_cache else (tokens, mask)
     if return_type == "tokens" or (return_type == "input" and isinstance(input, Tensor)):
         return tokens
-    prompts = [input] if isinstance(input, str) else input
-    if not isinstance(prompts, (list, tuple)):  # token input, text requested
-        prompts = [model.to_string(row[row_mask]) for row, row_mask in zip(tokens[:, :width], mask[:, :width])]
-    texts = []
-    for prompt, new in zip(prompts, tokens[:, width:]):
-        if stop_at_eos and eos_token_id is not None and bool((new == eos_token_id).any()):
-            new = new[: int((new == eos_token_id).nonzero()[0])]
-        texts.append(prompt + model.to_string(new))
-    return texts[0] if isinstance(input, str) else texts
+    hf = require_tokenizer(model).hf
+    texts = [hf.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
+    return texts[0] if len(texts) == 1 else texts

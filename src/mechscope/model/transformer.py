@@ -6,7 +6,7 @@ initialisation, the loss and generation live in their own modules and appear her
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -20,9 +20,9 @@ from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembe
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
-from mechscope.model.init import init_weights
+from mechscope.model.init import init_gpt2, init_weights
 from mechscope.model.loss import next_token_loss
-from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, input_tokens
+from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, check_positions, input_tokens
 from mechscope.model.weights import StackedWeights
 
 ModelInput = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | Float[Tensor, "batch pos d_model"]
@@ -41,9 +41,11 @@ _OPT_IN_FLAGS = {
 class HookedTransformer(StackedWeights, HookedRootModule):
     """A decoder-only transformer with a named hook point on every activation.
 
-    Build one with `mechscope.load` (pretrained weights) or from a `ModelConfig`
-    (uninitialised weights; call `init_weights` to train from scratch). Layer-stacked weights
-    (``W_Q``, ``W_O``, ``W_in``, ``QK``, ...) come from `StackedWeights`.
+    Build one with `mechscope.load` (pretrained weights) or from a `ModelConfig` (weights
+    initialised as TransformerLens does, `init_gpt2`; `init_weights` re-draws them with a seed).
+    ``tokenizer`` is a Hugging Face tokenizer (or a mechscope `Tokenizer`): ``model.tokenizer``
+    is the Hugging Face tokenizer and ``model.codec`` mechscope's BOS and padding rules around
+    it. Layer-stacked weights (``W_Q``, ``W_O``, ``W_in``, ``QK``, ...) come from `StackedWeights`.
 
     Example:
         >>> model = HookedTransformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64,
@@ -53,10 +55,11 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         (torch.Size([1, 3, 50]), torch.Size([1, 4, 3, 3]))
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tokenizer: Any = None, default_padding_side: PaddingSide | None = "right"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
         if cfg.positional_embedding_type == "learned":
@@ -68,8 +71,23 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         if cfg.tie_word_embeddings:
             self.unembed.w_u = self.embed.W_E
         self.setup()
+        init_gpt2(self)
+        self.codec = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer, default_padding_side)
 
     init_weights = init_weights  # `mechscope.model.init.init_weights`, as a method
+    set_tokenizer = tokenize.set_tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (``None`` without one); its ``padding_side`` is the default
+        of every call. Assigning a tokenizer (or ``None``) rewraps ``model.codec``."""
+        return None if self.codec is None else self.codec.hf
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.codec = Tokenizer.wrap(tokenizer, self.cfg.default_prepend_bos)
 
     def _opt_in_enabled(self, name: str) -> bool:
         flag = _OPT_IN_FLAGS.get(name.rsplit(".", 1)[-1])
@@ -86,7 +104,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         attention_mask: Tensor | None = None,
         tokens: Tensor | None = None,
         prepend_bos: bool | None = None,
-        padding_side: PaddingSide = "right",
+        padding_side: PaddingSide | None = None,
         loss_per_token: bool = False,
         past_kv_cache: KVCache | None = None,
     ):
@@ -102,7 +120,9 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             attention_mask: ``[batch, pos]``, 1 for real tokens and 0 for padding. Built
                 automatically for lists of strings.
             tokens: the token ids, needed for the loss when ``start_at_layer`` is set.
-            prepend_bos, padding_side: tokenisation of string input (see `to_tokens`).
+            prepend_bos, padding_side: tokenisation of string input (see `to_tokens`);
+                ``padding_side=None`` is the tokenizer's. Token ids padded on the left and given
+                without a mask are masked at their leading pad tokens, as in TransformerLens.
             loss_per_token: return the loss at every position ``[batch, pos - 1]`` instead of the mean.
             past_kv_cache: a `KVCache` holding earlier positions; this forward attends to them,
                 continues their positions and appends its own keys and values (see `generate`).
@@ -125,6 +145,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             tokens, attention_mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
             batch, seq = tokens.shape
             ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device, past_kv_cache)
+            if (seq if ctx.key_positions is None else ctx.key_positions.shape[1]) > self.cfg.n_ctx:
+                check_positions(self.cfg, int(ctx.positions.max()) + 1)
             resid = self.hook_embed(self.embed(tokens))
             if self.cfg.positional_embedding_type == "learned":
                 resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -21,6 +20,7 @@ from mechscope.loading.families import adapter_for
 from mechscope.loading.pretrained import load, read_hf_weights
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext
+from mechscope.model.init import init_gpt2
 from mechscope.model.placement import place
 from mechscope.model.processing import process_weights, unsupported_steps
 from mechscope.model.tokenize import Tokenizer, input_tokens
@@ -62,7 +62,7 @@ class HookedTransformer(_Base):
         cfg: HookedTransformerConfig | ModelConfig | dict,
         tokenizer: Any = None,
         move_to_device: bool = True,
-        default_padding_side: Literal["left", "right"] = "right",
+        default_padding_side: Literal["left", "right"] | None = None,
     ) -> None:
         if isinstance(cfg, dict):
             cfg = HookedTransformerConfig.from_dict(cfg)
@@ -82,37 +82,23 @@ class HookedTransformer(_Base):
             raise ConfigError(
                 f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}"
             )
-        wrapped = None
-        if hf_tok is not None:
-            wrapped = (
-                tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(hf_tok, model_cfg.default_prepend_bos)
-            )
-        super().__init__(model_cfg, wrapped)
-        self.default_padding_side = default_padding_side
-        if wrapped is not None and default_padding_side is not None:
-            wrapped.hf.padding_side = default_padding_side
+        super().__init__(model_cfg, tokenizer, default_padding_side)
+        self.initializer_range = None if tl_cfg is None else tl_cfg.initializer_range
+        self.seed = None if tl_cfg is None else tl_cfg.seed
         if tl_cfg is not None:
             if tl_cfg.init_weights:
-                self.init_weights_tl(tl_cfg.initializer_range)
+                self.init_weights()
             self.to(tl_cfg.dtype)
             if move_to_device:
                 self.to(tl_cfg.device)
 
-    @torch.no_grad()
-    def init_weights_tl(self, initializer_range: float) -> HookedTransformer:
-        """TransformerLens' ``init_mode="gpt2"``: weights ``N(0, initializer_range)`` from torch's
-        global generator, biases 0, norm weights 1."""
-        for name, param in self.named_parameters():
-            if param.is_meta:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("b"):
-                param.zero_()
-            elif param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, initializer_range)
-        return self
+    def init_weights(self, seed: int | None = None, std: float | None = None) -> HookedTransformer:
+        """Without arguments, TransformerLens' ``init_weights()`` (`init_gpt2` with the config's
+        ``initializer_range`` and ``seed``); with ``seed`` or ``std``, mechscope's `init_weights`
+        (``std`` 0.02 by default)."""
+        if seed is None and std is None:
+            return init_gpt2(self, self.initializer_range, self.seed)
+        return super().init_weights(seed, 0.02 if std is None else std)
 
     def to(self, *args, **kwargs):
         """`torch.nn.Module.to`, keeping ``cfg.device`` current (as TransformerLens does)."""
@@ -176,7 +162,7 @@ class HookedTransformer(_Base):
             cfg.n_ctx = n_ctx
             if "pos_embed.W_pos" in weights:
                 weights["pos_embed.W_pos"] = weights["pos_embed.W_pos"][:n_ctx]
-        model = cls._assemble(cfg, weights, hf_tok, default_padding_side or "right")
+        model = cls._assemble(cfg, weights, hf_tok, default_padding_side)
         skip = unsupported_steps(cfg)
         flags = dict(
             fold_ln=fold_ln,
@@ -229,14 +215,10 @@ class HookedTransformer(_Base):
 
     @classmethod
     def _assemble(
-        cls, cfg: ModelConfig, weights: dict[str, Tensor], hf_tok: Any, padding_side: str
+        cls, cfg: ModelConfig, weights: dict[str, Tensor], hf_tok: Any, padding_side: str | None
     ) -> HookedTransformer:
         with torch.device("meta"):
-            model = cls(
-                cfg,
-                Tokenizer(hf_tok, cfg.default_prepend_bos) if hf_tok is not None else None,
-                default_padding_side=padding_side,
-            )
+            model = cls(cfg, hf_tok, default_padding_side=padding_side)
         weights = {k: v.to(torch.float32) for k, v in weights.items()}
         if cfg.tie_word_embeddings:
             weights["unembed.w_u"] = weights["embed.W_E"]
@@ -278,78 +260,13 @@ class HookedTransformer(_Base):
             >>> resid.shape, mask is None
             (torch.Size([1, 3, 32]), True)
         """
-        side = padding_side or self._padding_side()
-        tokens, mask = input_tokens(self, input, attention_mask, prepend_bos, side)
+        tokens, mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
         batch, seq = tokens.shape
         ctx = AttentionContext.build(mask, batch, seq, tokens.device, past_kv_cache)
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional_embedding_type == "learned":
             resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         return resid, tokens, None, mask
-
-    def to_tokens(
-        self,
-        input: str | list[str],
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        move_to_device: bool = True,
-        truncate: bool = True,
-    ) -> Int[Tensor, "batch pos"]:
-        """Token ids ``[batch, pos]``; ``padding_side=None`` follows the tokenizer's ``padding_side``."""
-        return super().to_tokens(input, prepend_bos, padding_side or self._padding_side(), move_to_device, truncate)
-
-    def to_string(self, tokens: Any) -> str | list[str]:
-        """Decode token ids: a list of strings for ``[batch, pos]``, a string for ``[pos]``, one id
-        (int or 0-d tensor), a list of ids or a numpy array, as in TransformerLens.
-
-        Example:
-            >>> HookedTransformer(model.cfg).to_string(torch.tensor([[1, 2]]))   # doctest: +SKIP
-            ['ab']
-        """
-        hf = self._hf()
-        tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens)
-        if tokens.dim() == 2:
-            return hf.batch_decode(tokens.tolist(), clean_up_tokenization_spaces=False)
-        if tokens.dim() <= 1:
-            return hf.decode(tokens.tolist(), clean_up_tokenization_spaces=False)
-        raise InputError(f"to_string takes [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}")
-
-    def to_str_tokens(
-        self,
-        input: Any,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> list[str] | list[list[str]]:
-        """The text of each token of a string, of ``[pos]``/``[1, pos]`` token ids (tensor or numpy
-        array, a single id too), or of each element of a list, as in TransformerLens.
-
-        Example:
-            >>> HookedTransformer(model.cfg).to_str_tokens(torch.tensor(3))   # doctest: +SKIP
-            ['c']
-        """
-        if isinstance(input, list):
-            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
-        if isinstance(input, str):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
-        elif isinstance(input, (Tensor, np.ndarray)):
-            tokens = torch.as_tensor(input).squeeze()
-            tokens = tokens[None] if tokens.dim() == 0 else tokens
-            if tokens.dim() != 1:
-                raise InputError(f"to_str_tokens takes [pos] or [1, pos] token ids, got shape {tuple(input.shape)}")
-        else:
-            raise InputError(f"invalid input type to to_str_tokens: {type(input).__name__}")
-        return self._hf().batch_decode([[int(t)] for t in tokens.tolist()], clean_up_tokenization_spaces=False)
-
-    def _hf(self) -> Any:
-        if self.tokenizer is None:
-            raise InputError(
-                "this model has no tokenizer: pass one to HookedTransformer(cfg, tokenizer) or set_tokenizer"
-            )
-        return self.tokenizer.hf
-
-    def _padding_side(self) -> str:
-        hf = self.tokenizer.hf if self.tokenizer is not None else None
-        return getattr(hf, "padding_side", None) or "right"
 
     def to_single_str_token(self, int_token: int) -> str:
         """The text of token ``int_token``.
@@ -377,7 +294,7 @@ class HookedTransformer(_Base):
             3
         """
         tokens = (
-            self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side or self._padding_side())
+            self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
             if isinstance(input, str)
             else input
         )
@@ -402,21 +319,6 @@ class HookedTransformer(_Base):
         attention and MLP matrices)."""
         return sum(p.numel() for p in self.parameters())
 
-    def set_tokenizer(self, tokenizer: Any, default_padding_side: Literal["left", "right"] | None = None) -> None:
-        """Use a Hugging Face tokenizer (its pad and BOS tokens default to EOS, as in TransformerLens)."""
-        hf = _hf_tokenizer(tokenizer)
-        if default_padding_side not in ("left", "right", None):
-            raise InputError(f"padding_side must be 'right', 'left' or None, got {default_padding_side!r}")
-        if default_padding_side is not None:
-            hf.padding_side = default_padding_side
-        if hf.eos_token is None:
-            hf.eos_token = "<|endoftext|>"
-        if hf.pad_token is None:
-            hf.pad_token = hf.eos_token
-        if hf.bos_token is None:
-            hf.bos_token = hf.eos_token
-        self.tokenizer = Tokenizer(hf, self.cfg.default_prepend_bos)
-
 
 def _source(model_name: str, hf_model: Any, tokenizer: Any) -> tuple[ModelConfig, dict[str, Tensor], Any]:
     """``(cfg, converted weights, HF tokenizer or None)`` for `HookedTransformer.from_pretrained`."""
@@ -435,7 +337,7 @@ def _source(model_name: str, hf_model: Any, tokenizer: Any) -> tuple[ModelConfig
         base = load(model_name, device="cpu")
         cfg, weights = base.cfg, dict(base.state_dict())
         if tokenizer is None and base.tokenizer is not None:
-            tokenizer = base.tokenizer.hf
+            tokenizer = base.tokenizer
     if tokenizer is None and path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(path)
     cfg.model_name = str(model_name)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mechscope.analysis.factored import FactoredMatrix
 from mechscope.errors import InputError
 from mechscope.hooks import Slice, SliceInput
+from mechscope.model.tokenize import get_attention_mask
 from mechscope.tl.config import SUPPORTED_ACTIVATIONS
 
 USE_DEFAULT_VALUE = None
@@ -281,31 +282,6 @@ def init_kaiming_normal_(
 
 
 # ---------------------------------------------------------------------- tokens
-def get_attention_mask(tokenizer: Any, tokens: Tensor, prepend_bos: bool, padding_side: str | None = None) -> Tensor:
-    """1 for real tokens, 0 for the trailing (right padding) or leading (left padding) pad tokens.
-
-    Only pads at the padded end count; with left padding a BOS equal to the pad token stays attended.
-
-    Example:
-        >>> class Tok: pad_token_id, bos_token_id, padding_side = 0, 0, "right"
-        >>> get_attention_mask(Tok(), torch.tensor([[0, 5, 6, 0, 0]]), prepend_bos=True)
-        tensor([[1, 1, 1, 0, 0]])
-    """
-    mask = torch.ones_like(tokens)
-    if tokenizer is None:
-        return mask
-    padding_side = padding_side or tokenizer.padding_side
-    not_pad = tokens.ne(tokenizer.pad_token_id)
-    if padding_side == "right":
-        mask[get_cumsum_along_dim(not_pad, -1, reverse=True) == 0] = 0
-    else:
-        leading = get_cumsum_along_dim(not_pad, -1, reverse=False) == 0
-        mask[leading] = 0
-        if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
-            mask[torch.arange(mask.shape[0]), leading.sum(-1) - 1] = 1
-    return mask
-
-
 def keep_single_column(dataset: Any, col_name: str) -> Any:
     """A Hugging Face dataset with every column but ``col_name`` removed."""
     for key in dataset.features:
