@@ -75,7 +75,9 @@ def bench_model(name: str, hf_dir: Path, repeats: int, new_tokens: int) -> dict[
         )
 
     def ours_generate(use_kv_cache: bool) -> torch.Tensor:
-        return model.generate(prompt, max_new_tokens=new_tokens, use_kv_cache=use_kv_cache, stop_at_eos=False)
+        return model.generate(
+            prompt, new_tokens, stop_at_eos=False, do_sample=False, use_past_kv_cache=use_kv_cache, verbose=False
+        )
 
     with torch.no_grad():
         same = torch.equal(ours_generate(True), hf_generate(True))

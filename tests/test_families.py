@@ -167,7 +167,7 @@ def test_greedy_generation_matches_transformers(pair):
         tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False, eos_token_id=None,
         pad_token_id=0,
     )
-    assert torch.equal(model.generate(tokens, max_new_tokens=8, stop_at_eos=False), expected)
+    assert torch.equal(model.generate(tokens, max_new_tokens=8, stop_at_eos=False, do_sample=False), expected)
 
 
 def test_conversion_rejects_missing_and_unexpected_keys(tmp_path):
@@ -213,7 +213,7 @@ def test_bundled_gemma3_matches_transformers_gguf_load():
             torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-3, rtol=1e-4)
     tokens = model.to_tokens(prompts[0])
     expected = hf_model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(tokens, max_new_tokens=8), expected)
+    assert torch.equal(model.generate(tokens, max_new_tokens=8, do_sample=False), expected)
 
 
 def test_missing_bundled_gemma_says_how_to_install(monkeypatch):

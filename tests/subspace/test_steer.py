@@ -30,14 +30,15 @@ def test_steering_reaches_generation_with_and_without_the_cache():
     model = tiny_model()
     tokens = torch.tensor([[3, 1, 4, 1]])
     direction = model.W_U[:, 11].detach()
-    plain = model.generate(tokens, max_new_tokens=4)
+    plain = model.generate(tokens, max_new_tokens=4, do_sample=False)
     with steer(model, "blocks.2.hook_resid_post", direction, 30.0):
-        cached = model.generate(tokens, max_new_tokens=4)
-        uncached = model.generate(tokens, max_new_tokens=4, use_kv_cache=False)
+        cached = model.generate(tokens, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(tokens, max_new_tokens=4, do_sample=False, use_past_kv_cache=False)
         first = int(model(tokens)[0, -1].argmax())
     assert torch.equal(cached, uncached)
     assert int(cached[0, 4]) == first and not torch.equal(cached, plain)
-    assert torch.equal(model.generate(tokens, max_new_tokens=4), plain)  # the hooks are gone afterwards
+    # The hooks are gone afterwards.
+    assert torch.equal(model.generate(tokens, max_new_tokens=4, do_sample=False), plain)
 
 
 def test_mean_difference_counts_each_prompt_at_its_last_token():

@@ -51,12 +51,12 @@ def repeated_random_tokens(
     """
     if seq_len < 1 or batch < 1:
         raise InputError(f"seq_len and batch must be positive, got seq_len={seq_len}, batch={batch}")
-    special = set(getattr(getattr(model.tokenizer, "hf", None), "all_special_ids", None) or [])
+    special = set(getattr(model.tokenizer, "all_special_ids", None) or [])
     allowed = torch.tensor([t for t in range(model.cfg.d_vocab) if t not in special])
     gen = torch.Generator().manual_seed(seed)
     half = allowed[torch.randint(len(allowed), (batch, seq_len), generator=gen)]
     tokens = torch.cat([half, half], dim=1)
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    bos = model.codec.bos_token_id if model.codec is not None else None
     prepend = (model.cfg.default_prepend_bos and bos is not None) if prepend_bos is None else prepend_bos
     if prepend:
         if bos is None:

@@ -47,7 +47,7 @@ def harvest_tokens(model, text: str | None, n_tokens: int, config):
         else tokenize_texts(texts, model.tokenizer)
     )
     rows = token_rows(model, stream, config)
-    kept = rows.shape[1] - (1 if config.exclude_bos and model.tokenizer.bos_token_id is not None else 0)
+    kept = rows.shape[1] - (1 if config.exclude_bos and model.codec.bos_token_id is not None else 0)
     need = math.ceil(n_tokens / kept)
     if need > rows.shape[0]:
         raise InputError(f"the text holds {rows.shape[0] * kept:,} tokens in rows, fewer than --tokens {n_tokens:,}")

@@ -147,9 +147,9 @@ def cli_steer(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model = ms.load(args.model, device=args.device)
     direction = mean_difference(model, args.positive, args.negative, args.hook)
-    plain = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    plain = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False, verbose=False)
     with steer(model, args.hook, direction, args.coefficient):
-        steered = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+        steered = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False, verbose=False)
     print(f"direction: mean activation at {args.hook} of {args.positive!r} minus {args.negative!r} "
           f"(norm {float(direction.norm()):.2f}), coefficient {args.coefficient}")  # fmt: skip
     print(f"plain:   {plain!r}\nsteered: {steered!r}")

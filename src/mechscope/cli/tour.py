@@ -146,7 +146,14 @@ def generation_section(model: HookedTransformer, prompt: str, max_new_tokens: in
     timings = {}
     for use_kv_cache in (True, False):
         start = time.perf_counter()
-        text = model.generate(prompt, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache, stop_at_eos=False)
+        text = model.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            use_past_kv_cache=use_kv_cache,
+            stop_at_eos=False,
+            do_sample=False,
+            verbose=False,
+        )
         timings[use_kv_cache] = time.perf_counter() - start
     print(f"\ngenerate (greedy, {max_new_tokens} new tokens): {text!r}")
     speed = {use: max_new_tokens / seconds for use, seconds in timings.items()}

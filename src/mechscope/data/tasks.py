@@ -92,9 +92,9 @@ class TaskDataset:
 
 
 def _tokenizer(model):
-    if getattr(model, "tokenizer", None) is None:
+    if getattr(model, "codec", None) is None:
         raise InputError("this dataset needs the model's tokenizer; load the model with mechscope.load")
-    return model.tokenizer
+    return model.codec
 
 
 def single_token_words(model, words, prefix: str = " ") -> list[str]:

@@ -74,7 +74,7 @@ def vocab_strings(model) -> list[str] | None:
         >>> vocab_strings(model) is None
         True
     """
-    tok = getattr(model, "tokenizer", None)
+    tok = getattr(model, "codec", None)
     if tok is None:
         return None
     import torch

@@ -139,7 +139,7 @@ def token_rows(model, tokens: Int[Tensor, "..."], config: HarvestConfig) -> Int[
 
 def bos_token(model) -> int | None:
     """The model's BOS token id, or ``None`` without a tokenizer."""
-    tok = getattr(model, "tokenizer", None)
+    tok = getattr(model, "codec", None)
     return None if tok is None else tok.bos_token_id
 
 
@@ -279,8 +279,9 @@ def harvest(
                         cfg = src.sae.cfg
                         w_enc = src.sae.W_enc.detach().reshape(cfg.n_heads, -1, cfg.d_sae)
 
-                        def dfa(b, q, pattern=pattern, v=v, w_enc=w_enc):
-                            return source_attribution(pattern.to(device), v.to(device), w_enc.to(device), b, q)
+                        def dfa(b, q, cols, pattern=pattern, v=v, w_enc=w_enc):
+                            w = w_enc.to(device)[..., cols]
+                            return source_attribution(pattern.to(device), v.to(device), w, b, q)
 
                     acts = src.encode(store[src.hook_name])
                     seed = config.seed * 1_000_003 + batch_index

@@ -107,7 +107,7 @@ def evaluate_sae(
         raise InputError(f"tokens must be [n_seq, pos] with at least one sequence, got {tuple(tokens.shape)}")
     cfg = sae.cfg
     if skip_first_position is None:
-        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+        bos = getattr(getattr(model, "codec", None), "bos_token_id", None)
         skip_first_position = bos is not None and bool((tokens[:, 0] == bos).all())
     skip = 1 if skip_first_position else 0
     sae = sae.to(model.device).eval()

@@ -88,7 +88,7 @@ def steer(
     Example:
         >>> direction = model.W_U[:, 7]  # the unembedding of token 7
         >>> with steer(model, "blocks.2.hook_resid_post", direction, 50.0):
-        ...     out = model.generate(tokens, max_new_tokens=2)
+        ...     out = model.generate(tokens, max_new_tokens=2, do_sample=False, verbose=False)
         >>> out[0, -2:].tolist()
         [7, 7]
     """
