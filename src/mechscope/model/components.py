@@ -303,13 +303,15 @@ class Attention(nn.Module):
 
 def _run_hook(hook: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
     """``hook(x)``, and whether its hooks only read ``x``: they returned ``x`` or a view of it
-    with its layout (as a backward hook's node is) and edited nothing in place.
+    with its layout and gradient tracking (as a backward hook's node is) and edited nothing in place.
 
     Inference-mode tensors keep no count of in-place edits; they count as edited.
     """
     edits = None if x.is_inference() else x._version
     out = hook(x)
-    same = out is x or (out.data_ptr() == x.data_ptr() and out.stride() == x.stride())
+    same = out is x or (
+        out.data_ptr() == x.data_ptr() and out.stride() == x.stride() and out.requires_grad == x.requires_grad
+    )  # a detached copy (e.g. a frozen norm scale) is an edit: it changes the gradient
     return out, same and edits is not None and edits == x._version
 
 
