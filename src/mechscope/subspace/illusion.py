@@ -120,7 +120,8 @@ class IllusionReport:
             f"<p>{html.escape(self.hook_name)}, position {self.position}; unpatched metric {self.unpatched:.4g}, "
             f"effect of patching the whole activation {self.effect_full:.4g}.</p>\n{self.table_html()}"
         )
-        written = save_illusion_figures(names, self.effects(), self.variances(), path, table_html=intro, png=png)
+        title = f"illusion check at {self.hook_name}"
+        written = save_illusion_figures(names, self.effects(), self.variances(), path, title, intro, png)
         out = path.with_suffix(".json")
         out.write_text(json.dumps(self.to_dict(), indent=1))
         return [*written, out]

@@ -88,7 +88,7 @@ def save_illusion_figures(
         ['.html']
     """
     path = Path(path)
-    figures = illusion_figures(names, effects, variances)
+    figures = illusion_figures(names, effects, variances, title)
     written = [save_heatmaps(figures, path, title, intro=table_html)]
     if png:
         for fig, kind in zip(figures, ("effect", "variance"), strict=True):
