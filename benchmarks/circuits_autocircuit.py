@@ -2,7 +2,10 @@
 
 ``benchmarks/.venv-autocircuit``: torch 2.13.0, then ``auto-circuit==1.0.1`` (which resolves
 ``transformer-lens>=1.13`` to 4.3.0, where the ``HookedTransformer`` it imports no longer exists),
-then ``transformer-lens==3.9.0``. The model is TransformerLens' classic ``HookedTransformer`` on
+then ``transformer-lens==3.9.0`` and ``attrs`` (imported by auto-circuit, not declared). TransformerLens
+3.9 renamed ``HookedTransformerKeyValueCache`` to ``cache.key_value_cache.TransformerLensKeyValueCache``
+and dropped ``transformer_lens.past_key_value_caching``; `alias_renamed_cache` points the old names
+at the new class before auto-circuit is imported. The model is TransformerLens' classic ``HookedTransformer`` on
 the local Hugging Face copy of the bundled SmolLM2 (``forward_worker``'s ``tl3`` contender).
 EAP is auto-circuit's ``mask_gradient_prune_scores`` with ``mask_val=0`` (its documented
 equivalent of edge attribution patching), logit-difference metric, clean prompts patched from
@@ -47,8 +50,23 @@ def node_name(name: str, kv_groups: int) -> str:
     return f"a{layer}.kv{int(head)}<{which}>"
 
 
+def alias_renamed_cache() -> None:
+    """The key-value cache under the names auto-circuit imports (TransformerLens < 3)."""
+    import types
+
+    import transformer_lens
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    transformer_lens.HookedTransformerKeyValueCache = TransformerLensKeyValueCache
+    shim = types.ModuleType("transformer_lens.past_key_value_caching")
+    shim.HookedTransformerKeyValueCache = TransformerLensKeyValueCache
+    sys.modules["transformer_lens.past_key_value_caching"] = shim
+
+
 def main(data_path: str, out_path: str) -> None:
     import forward_worker as fw
+
+    alias_renamed_cache()
     from auto_circuit.data import PromptDataLoader, PromptDataset
     from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
     from auto_circuit.utils.graph_utils import patchable_model
