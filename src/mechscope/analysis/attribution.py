@@ -35,6 +35,11 @@ class LogitTarget:
 
     ``direction`` is ``[batch, d_model]`` in the space after the final norm (the unembedding's
     input); ``bias`` ``[batch]`` is the unembedding bias of the target (zero for a raw direction).
+
+    Example:
+        >>> target = logit_target(model, 3, against=7, batch=2)
+        >>> target.direction.shape, target.bias.tolist()
+        (torch.Size([2, 32]), [0.0, 0.0])
     """
 
     direction: Float[Tensor, "batch d_model"]
@@ -164,11 +169,21 @@ class Attribution:
     labels: list[str]
 
     def total(self) -> Float[Tensor, " batch"]:
-        """Sum over components (the full logit when the decomposition is complete)."""
+        """Sum over components (the full logit when the decomposition is complete).
+
+        Example:
+            >>> Attribution(torch.tensor([[1.0, 2.0], [0.5, -1.0]]), ["a", "b"]).total()
+            tensor([1.5000, 1.0000])
+        """
         return self.values.sum(0)
 
     def mean(self) -> Float[Tensor, " component"]:
-        """Mean over the batch."""
+        """Mean over the batch.
+
+        Example:
+            >>> Attribution(torch.tensor([[1.0, 2.0], [0.5, -1.0]]), ["a", "b"]).mean()
+            tensor([ 1.5000, -0.2500])
+        """
         return self.values.mean(-1)
 
     def __getitem__(self, label: str) -> Float[Tensor, " batch"]:
@@ -179,13 +194,25 @@ class Attribution:
         return self.values[self.labels.index(label)]
 
     def top(self, k: int = 10, batch: int | None = None) -> list[tuple[str, float]]:
-        """The ``k`` components of largest absolute contribution (batch mean, or one prompt)."""
+        """The ``k`` components of largest absolute contribution (batch mean, or one prompt).
+
+        Example:
+            >>> a = Attribution(torch.tensor([[1.0, 2.0], [0.5, -4.0]]), ["a", "b"])
+            >>> a.top(1), a.top(1, batch=0)
+            ([('b', -1.75)], [('a', 1.0)])
+        """
         v = self.mean() if batch is None else self.values[:, batch]
         order = v.abs().argsort(descending=True)[:k]
         return [(self.labels[i], round(float(v[i]), 4)) for i in order]
 
     def table(self, k: int = 10, batch: int | None = None) -> str:
-        """A printable table of `top` components."""
+        """A printable table of `top` components.
+
+        Example:
+            >>> print(Attribution(torch.tensor([[1.0], [-3.0]]), ["L0H1", "L2H0"]).table(k=2))
+            L2H0    -3.0000
+            L0H1    +1.0000
+        """
         rows = self.top(k, batch)
         width = max((len(label) for label, _ in rows), default=5)
         return "\n".join(f"{label:<{width}}  {value:+9.4f}" for label, value in rows)
@@ -297,6 +324,12 @@ class LogitLens:
 
     ``labels`` name the residual streams (``"0_pre"`` ... ``"final_post"``); ``positions`` are the
     positions kept.
+
+    Example:
+        >>> _, cache = model.run_with_cache(tokens)
+        >>> lens = logit_lens(cache)
+        >>> lens.logits.shape, lens.labels[-1]
+        (torch.Size([4, 1, 4, 50]), 'final_post')
     """
 
     logits: Float[Tensor, "layer batch pos d_vocab"]
@@ -304,20 +337,44 @@ class LogitLens:
     positions: list[int]
 
     def top_tokens(self, k: int = 5) -> tuple[Float[Tensor, "layer batch pos k"], Int[Tensor, "layer batch pos k"]]:
-        """Top-``k`` ``(probabilities, token ids)``, each ``[layer, batch, pos, k]``."""
+        """Top-``k`` ``(probabilities, token ids)``, each ``[layer, batch, pos, k]``.
+
+        Example:
+            >>> probs, ids = logit_lens(model.run_with_cache(tokens)[1]).top_tokens(k=2)
+            >>> probs.shape, ids.shape, bool((probs[..., 0] >= probs[..., 1]).all())
+            (torch.Size([4, 1, 4, 2]), torch.Size([4, 1, 4, 2]), True)
+        """
         top = self.logits.float().softmax(-1).topk(k, dim=-1)
         return top.values, top.indices
 
     def probs(self, token: int) -> Float[Tensor, "layer batch pos"]:
-        """Probability of ``token`` at every layer, prompt and position."""
+        """Probability of ``token`` at every layer, prompt and position.
+
+        Example:
+            >>> logit_lens(model.run_with_cache(tokens)[1]).probs(7).shape
+            torch.Size([4, 1, 4])
+        """
         return self.logits.float().softmax(-1)[..., token]
 
     def ranks(self, token: int) -> Int[Tensor, "layer batch pos"]:
-        """Rank of ``token`` (0 = top prediction) at every layer, prompt and position."""
+        """Rank of ``token`` (0 = top prediction) at every layer, prompt and position.
+
+        Example:
+            >>> lens = logit_lens(model.run_with_cache(tokens)[1])
+            >>> top = lens.logits[-1, 0, -1].argmax().item()
+            >>> lens.ranks(top)[-1, 0, -1].item()
+            0
+        """
         return (self.logits > self.logits[..., token : token + 1]).sum(-1)
 
     def table(self, model: HookedTransformer, batch: int = 0, pos: int = -1, k: int = 3) -> str:
-        """One line per layer: the top-``k`` tokens (and probabilities) at one position."""
+        """One line per layer: the top-``k`` tokens (and probabilities) at one position.
+
+        Example:
+            >>> smollm = ms.load("smollm2-135m")  # doctest: +SKIP
+            >>> lens = logit_lens(smollm.run_with_cache("The capital of France is")[1])  # doctest: +SKIP
+            >>> print(lens.table(smollm, k=2))  # doctest: +SKIP
+        """
         probs, ids = self.top_tokens(k)
         lines = []
         for i, label in enumerate(self.labels):

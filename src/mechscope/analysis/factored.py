@@ -99,7 +99,12 @@ class FactoredMatrix:
         return FactoredMatrix(self.A[index[:-1]], self.B[(*index[:-2], slice(None), index[-1])])
 
     def unsqueeze(self, k: int) -> FactoredMatrix:
-        """A new leading axis at ``k`` (counted over the factors' dimensions)."""
+        """A new leading axis at ``k`` (counted over the factors' dimensions).
+
+        Example:
+            >>> FactoredMatrix(torch.randn(3, 5, 2), torch.randn(3, 2, 4)).unsqueeze(0).shape
+            torch.Size([1, 3, 5, 4])
+        """
         return FactoredMatrix(self.A.unsqueeze(k), self.B.unsqueeze(k))
 
     # ------------------------------------------------------------------ algebra
@@ -190,6 +195,14 @@ class FactoredMatrix:
 
         Computed as TransformerLens does (SVDs of both factors, then of a small core), so the
         signs of the singular vectors match its; cached on the instance.
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(6, 2), torch.randn(2, 5))
+            >>> U, S, V = fm.svd()
+            >>> torch.allclose(U @ torch.diag(S) @ V.T, fm.AB, atol=1e-5)
+            True
+            >>> torch.allclose(S, torch.linalg.svdvals(fm.AB)[:2], atol=1e-5)
+            True
         """
         return self._svd
 
@@ -234,26 +247,57 @@ class FactoredMatrix:
         return torch.linalg.eigvals(inner)
 
     def norm(self) -> Float[Tensor, "..."]:
-        """Frobenius norm, from ``||AB||^2 = sum((A^T A) * (B B^T))`` (``mdim x mdim`` matrices only)."""
+        """Frobenius norm, from ``||AB||^2 = sum((A^T A) * (B B^T))`` (``mdim x mdim`` matrices only).
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(6, 2), torch.randn(2, 5))
+            >>> torch.allclose(fm.norm(), fm.AB.norm(), atol=1e-5)
+            True
+        """
         gram_a = _t(self.A) @ self.A
         gram_b = self.B @ _t(self.B)
         return (gram_a * gram_b).sum((-1, -2)).clamp(min=0).sqrt()
 
     def make_even(self) -> FactoredMatrix:
-        """The same matrix as ``(U S^1/2) (S^1/2 V^T)``: orthogonal columns and rows, balanced norms."""
+        """The same matrix as ``(U S^1/2) (S^1/2 V^T)``: orthogonal columns and rows, balanced norms.
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(6, 2), 10 * torch.randn(2, 5))
+            >>> even = fm.make_even()
+            >>> torch.allclose(even.AB, fm.AB, atol=1e-4), torch.allclose(even.A.norm(dim=0), even.B.norm(dim=1))
+            (True, True)
+        """
         root = self.S.sqrt()
         return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * _t(self.V))
 
     def collapse_l(self) -> Float[Tensor, "... k rdim"]:
-        """``S V^T``: the matrix with its left orthogonal factor ``U`` removed."""
+        """``S V^T``: the matrix with its left orthogonal factor ``U`` removed.
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(6, 2), torch.randn(2, 5))
+            >>> fm.collapse_l().shape, torch.allclose(fm.U @ fm.collapse_l(), fm.AB, atol=1e-5)
+            (torch.Size([2, 5]), True)
+        """
         return self.S[..., :, None] * _t(self.V)
 
     def collapse_r(self) -> Float[Tensor, "... ldim k"]:
-        """``U S``: the matrix with its right orthogonal factor ``V^T`` removed."""
+        """``U S``: the matrix with its right orthogonal factor ``V^T`` removed.
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(6, 2), torch.randn(2, 5))
+            >>> fm.collapse_r().shape, torch.allclose(fm.collapse_r() @ fm.V.T, fm.AB, atol=1e-5)
+            (torch.Size([6, 2]), True)
+        """
         return self.U * self.S[..., None, :]
 
     def get_corner(self, k: int = 3) -> Float[Tensor, "..."]:
-        """The first ``k`` entries along every axis of ``AB`` (leading axes included, as in TransformerLens)."""
+        """The first ``k`` entries along every axis of ``AB`` (leading axes included, as in TransformerLens).
+
+        Example:
+            >>> fm = FactoredMatrix(torch.randn(4, 6, 2), torch.randn(4, 2, 5))
+            >>> fm.get_corner(3).shape, torch.allclose(fm.get_corner(3), fm.AB[:3, :3, :3], atol=1e-6)
+            (torch.Size([3, 3, 3]), True)
+        """
         corner = self.A[..., :k, :] @ self.B[..., :, :k]
         return corner[tuple(slice(k) for _ in range(corner.dim()))]
 

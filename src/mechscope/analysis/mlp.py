@@ -52,6 +52,11 @@ class MLPLinearisation:
     ``input_direction [d_model]`` is the gradient of the target with respect to the MLP's input
     (the residual stream), so ``value + input_direction @ delta`` approximates the target after a
     small change ``delta`` of that input. ``value`` is the target at the actual input.
+
+    Example:
+        >>> lin = linearise_mlp(model, tokens, layer=1, neuron=7)
+        >>> lin.input_direction.shape, lin.layer, lin.pos  # pos: the last position, counted from 0
+        (torch.Size([32]), 1, 3)
     """
 
     input_direction: Float[Tensor, " d_model"]
@@ -60,7 +65,13 @@ class MLPLinearisation:
     pos: int
 
     def top_tokens(self, model: HookedTransformer, k: int = 10) -> list[tuple[str, float]]:
-        """Tokens whose embeddings align most with the direction: ``(token, W_E[t] @ direction)``."""
+        """Tokens whose embeddings align most with the direction: ``(token, W_E[t] @ direction)``.
+
+        Example:
+            >>> top = linearise_mlp(model, tokens, layer=1, neuron=7).top_tokens(model, k=3)
+            >>> len(top), top[0][1] >= top[1][1] >= top[2][1]
+            (3, True)
+        """
         scores = model.W_E.detach() @ self.input_direction.to(model.dtype)
         top = scores.topk(k)
         return [

@@ -124,7 +124,12 @@ def ov_copying_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
 
 @dataclass
 class SingularDirection:
-    """One singular direction of a head's circuit: its value and the tokens at each end."""
+    """One singular direction of a head's circuit: its value and the tokens at each end.
+
+    Example:
+        >>> print(SingularDirection(0, 2.5, [" cat", " dog"], [" cats", " dogs"]))
+        #0 s=2.500  in:  cat |  dog  ->  out:  cats |  dogs
+    """
 
     index: int
     singular_value: float

@@ -67,11 +67,26 @@ class ToyModel(nn.Module):
         self.b_final = nn.Parameter(torch.zeros(n_instances, n_features))
 
     def forward(self, features: Float[Tensor, "batch inst feat"]) -> Float[Tensor, "batch inst feat"]:
+        """The reconstruction ``ReLU(Wᵀ W x + b)`` of every instance.
+
+        Example:
+            >>> toy = ToyModel(n_features=3, n_hidden=2, seed=0)
+            >>> toy(torch.zeros(4, 1, 3)).shape, bool((toy(torch.rand(4, 1, 3)) >= 0).all())
+            (torch.Size([4, 1, 3]), True)
+        """
         hidden = torch.einsum("bif,ihf->bih", features, self.W)  # [batch, inst, hidden]
         return torch.relu(torch.einsum("bih,ihf->bif", hidden, self.W) + self.b_final)
 
     def generate_batch(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """Sparse features ``[batch, inst, feat]``: uniform in ``[0, 1]`` where present, else 0."""
+        """Sparse features ``[batch, inst, feat]``: uniform in ``[0, 1]`` where present, else 0.
+
+        Example:
+            >>> toy = ToyModel(5, 2, n_instances=2, feature_probability=torch.tensor([[1.0], [0.1]]))
+            >>> batch = toy.generate_batch(1000, torch.Generator().manual_seed(0))
+            >>> present = (batch > 0).float().mean((0, 2))  # fraction of features present, per instance
+            >>> batch.shape, present[0].item(), round(present[1].item(), 1)
+            (torch.Size([1000, 2, 5]), 1.0, 0.1)
+        """
         shape = (batch_size, self.n_instances, self.n_features)
         device = self.W.device
         values = torch.rand(shape, generator=generator, device=device)
@@ -79,13 +94,24 @@ class ToyModel(nn.Module):
         return values * present
 
     def loss_per_instance(self, features: Tensor, out: Tensor) -> Float[Tensor, " inst"]:
-        """Importance-weighted squared error, summed over features and averaged over the batch."""
+        """Importance-weighted squared error, summed over features and averaged over the batch.
+
+        Example:
+            >>> toy = ToyModel(n_features=2, n_hidden=1, n_instances=2, importance=torch.tensor([1.0, 0.5]))
+            >>> toy.loss_per_instance(torch.ones(1, 2, 2), torch.zeros(1, 2, 2))
+            tensor([1.5000, 1.5000])
+        """
         return (self.importance * (features - out).pow(2)).sum(-1).mean(0)
 
 
 @dataclass
 class SuperpositionTraining:
-    """Optimiser settings of `train_toy_model` (Adam at a constant learning rate, as in the paper's code)."""
+    """Optimiser settings of `train_toy_model` (Adam at a constant learning rate, as in the paper's code).
+
+    Example:
+        >>> SuperpositionTraining(steps=200, lr=1e-2)
+        SuperpositionTraining(steps=200, batch_size=1024, lr=0.01, seed=0, save_every=1000)
+    """
 
     steps: int = 5000
     """Number of Adam steps."""
