@@ -234,3 +234,22 @@ def test_bundled_model_generates_sensible_text():
     assert "Paris" in text
     batch = model.generate(["The capital of France is", "One, two, three, four,"], max_new_tokens=4, **GREEDY)
     assert "Paris" in batch[0] and "five" in batch[1]
+
+
+def test_frozen_cache_serves_many_continuations():
+    """TransformerLens' cache API: a frozen prefix is read by every continuation and never grows."""
+    model = MODELS["llama_like_window"]()
+    tokens = _prompts(model, (9,), seed=7)[0][None]
+    cache = ms.tl.TransformerLensKeyValueCache.init_cache(model.cfg, "cpu")
+    assert ms.tl.HookedTransformerKeyValueCache is KVCache
+    model(tokens[:, :6], past_kv_cache=cache)
+    cache.freeze()
+    full = model(tokens)
+    for end in (7, 9):
+        step = model(tokens[:, 6:end], past_kv_cache=cache)
+        torch.testing.assert_close(step[:, -1], full[:, end - 1], atol=1e-5, rtol=1e-5)
+        assert len(cache) == 6 and cache.previous_attention_mask.shape == (1, 6)
+    assert cache.append_attention_mask(torch.ones(1, 2, dtype=torch.long)).shape == (1, 8) and len(cache) == 6
+    cache.unfreeze()
+    model(tokens[:, 6:], past_kv_cache=cache)
+    assert len(cache) == 9

@@ -93,6 +93,12 @@ def test_steps_change_the_weights_as_documented():
     torch.testing.assert_close(model.W_E, w_e - w_e.mean(-1, keepdim=True))
     torch.testing.assert_close(model.unembed.w_u.mean(0), torch.zeros(model.cfg.d_model), atol=1e-6, rtol=0)
     torch.testing.assert_close(model.unembed.b_U.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    # fold_ln centres every reader of a LayerNorm over d_model, as TransformerLens does.
+    zeros = lambda n: torch.zeros(n)  # noqa: E731
+    for block in model.blocks:
+        for w in (block.attn.w_q, block.attn.w_k, block.attn.w_v, block.mlp.w_in):
+            torch.testing.assert_close(w.mean(-1), zeros(w.shape[0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.unembed.w_u.mean(-1), zeros(model.cfg.d_vocab), atol=1e-6, rtol=0)
 
 
 def test_fold_ln_matches_naive_scaled_weights():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -21,7 +22,11 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far.
 
     A forward called with ``past_kv_cache=cache`` appends its keys and values (and its attention
-    mask and positions) to the cache, so the next call only needs the new tokens.
+    mask and positions) to the cache, so the next call only needs the new tokens. A frozen cache
+    (`freeze`) is read but not extended: many continuations can share one cached prefix.
+    TransformerLens' names: ``init_cache``, ``freeze``/``unfreeze``, ``frozen``,
+    ``append_attention_mask`` and ``previous_attention_mask`` (``mechscope.tl`` exports this class
+    as ``TransformerLensKeyValueCache`` and ``HookedTransformerKeyValueCache``).
 
     Example:
         >>> cache = KVCache(model.cfg.n_layers)
@@ -36,31 +41,72 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * n_layers
         self.attention_mask: Bool[Tensor, "batch past_pos"] | None = None
         self.positions: Int[Tensor, "batch past_pos"] | None = None
+        self.frozen = False
+
+    @classmethod
+    def init_cache(cls, cfg: Any, device: torch.device | str | None = None, batch_size: int = 1) -> KVCache:
+        """An empty cache for a model with config ``cfg`` (TransformerLens' constructor; the
+        device and batch size follow the first forward).
+
+        Example:
+            >>> len(KVCache.init_cache(model.cfg, "cpu"))
+            0
+        """
+        return cls(cfg.n_layers)
 
     def __len__(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
 
+    def freeze(self) -> None:
+        """Stop storing new keys, values and mask entries (forwards still read the cache)."""
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+
+    @property
+    def previous_attention_mask(self) -> Tensor:
+        """The attention mask of the cached positions ``[batch, past_pos]`` (1 = real token)."""
+        return torch.zeros(1, 0, dtype=torch.int) if self.attention_mask is None else self.attention_mask.int()
+
     def append(
         self, layer: int, k: Float[Tensor, "batch kv_head pos d_head"], v: Float[Tensor, "batch kv_head pos d_head"]
     ) -> tuple[Tensor, Tensor]:
-        """Store this forward's keys and values for ``layer``; return all of them (past first)."""
+        """This forward's keys and values for ``layer`` after the cached ones (stored unless frozen)."""
         past_k, past_v = self.keys[layer], self.values[layer]
         if past_k is not None:
             k = torch.cat((past_k.to(k.device), k), dim=2)
             v = torch.cat((past_v.to(v.device), v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
+        if not self.frozen:
+            self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def _extend(self, mask: Tensor, positions: Tensor) -> None:
-        if self.attention_mask is None:
-            self.attention_mask, self.positions = mask, positions
-            return
-        if mask.shape[0] != self.attention_mask.shape[0]:
+    def extend(self, mask: Bool[Tensor, "batch pos"]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(positions, full_mask, full_positions)`` of new tokens with ``mask``: positions continue
+        each row's real tokens; the mask and positions are stored unless frozen."""
+        if self.attention_mask is not None and mask.shape[0] != self.attention_mask.shape[0]:
             raise InputError(
                 f"the key/value cache holds a batch of {self.attention_mask.shape[0]}, got {mask.shape[0]} new rows"
             )
-        self.attention_mask = torch.cat((self.attention_mask, mask.to(self.attention_mask.device)), dim=1)
-        self.positions = torch.cat((self.positions, positions.to(self.positions.device)), dim=1)
+        start = self.next_positions().to(mask.device)[:, None] if len(self) else 0
+        positions = start + (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.attention_mask is None:
+            full_mask, full_positions = mask, positions
+        else:
+            full_mask = torch.cat((self.attention_mask.to(mask.device), mask), dim=1)
+            full_positions = torch.cat((self.positions.to(mask.device), positions), dim=1)
+        if not self.frozen:
+            self.attention_mask, self.positions = full_mask, full_positions
+        return positions, full_mask, full_positions
+
+    def append_attention_mask(self, attention_mask: Int[Tensor, "batch new_pos"]) -> Int[Tensor, "batch pos"]:
+        """The mask of cached and new positions (stored unless frozen), as TransformerLens'.
+
+        Example:
+            >>> KVCache(2).append_attention_mask(torch.tensor([[0, 1, 1]])).tolist()
+            [[0, 1, 1]]
+        """
+        return self.extend(attention_mask.bool())[1].to(attention_mask.dtype)
 
     def next_positions(self) -> Int[Tensor, " batch"]:
         """The position the next real token of each row will have (real tokens seen so far)."""
@@ -105,12 +151,9 @@ class AttentionContext:
             mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
         else:
             mask = attention_mask.to(device=device, dtype=torch.bool)
-        start = kv_cache.next_positions().to(device)[:, None] if len(kv_cache) else 0
-        positions = start + (mask.long().cumsum(-1) - 1).clamp(min=0)
-        kv_cache._extend(mask, positions)
-        full_mask = kv_cache.attention_mask.to(device)
+        positions, full_mask, full_positions = kv_cache.extend(mask)
         padding = None if bool(full_mask.all()) else full_mask
-        return cls(positions, padding, kv_cache, kv_cache.positions.to(device))
+        return cls(positions, padding, kv_cache, full_positions)
 
     def to(self, device: torch.device) -> AttentionContext:
         """The same context with its tensors on ``device`` (for models placed over several devices)."""

@@ -5,8 +5,10 @@ exact (up to float rounding) for the models it accepts and raises `ConfigError` 
 
 - ``fold_ln``: multiply each pre-norm's weight (and add its bias) into the weights that read
   the norm's output (``w_q``/``w_k``/``w_v``, ``w_in``/``w_gate``, ``w_u``); the norm then only
-  centres (LayerNorm) and scales. Post-norms and QK-norms stay as they are, since nothing
-  linear reads them before the residual stream or RoPE.
+  centres (LayerNorm) and scales, as TransformerLens' ``LNPre``/``RMSPre``. After a LayerNorm
+  the readers ``w_q``/``w_k``/``w_v``, ``w_in`` and ``w_u`` are also centred over ``d_model``
+  (its output has mean zero there), as in TransformerLens. Post-norms and QK-norms stay as
+  they are, since nothing linear reads them before the residual stream or RoPE.
 - ``center_writing_weights``: remove the mean over ``d_model`` from every weight writing to the
   residual stream (``W_E``, ``W_pos``, ``w_o``/``b_o``, ``w_out``/``b_out``). LayerNorm models
   only: every reader centres first. RMSNorm does not centre, so it is refused there.
@@ -147,22 +149,36 @@ def _fold_norm_into(norm: nn.Module | None, readers: list[tuple[nn.Module, str, 
     return True
 
 
+def _centre_readers(readers: list[tuple[nn.Module, str]]) -> None:
+    """Remove each reader's mean over ``d_model`` (its input axis): exact when it reads a
+    LayerNorm's output, whose mean over ``d_model`` is zero."""
+    for module, weight_name in readers:
+        weight = getattr(module, weight_name)  # [out, d_model]
+        weight.sub_(weight.mean(-1, keepdim=True))
+
+
 def _fold_ln(model: HookedTransformer) -> None:
+    """Fold each pre-norm into its readers; after a LayerNorm, also centre the readers
+    (``w_q``/``w_k``/``w_v``, ``w_in``, ``w_u``) over ``d_model``, as TransformerLens does."""
     cfg = model.cfg
+    layernorm = cfg.normalization_type == "layernorm"
     for block in model.blocks:
         attn = block.attn
         qkv = [(attn, f"w_{n}", f"b_{n}") for n in "qkv"]
-        if _fold_norm_into(block.ln1, qkv) and cfg.normalization_type == "layernorm":
+        if _fold_norm_into(block.ln1, qkv) and layernorm:
             cfg.attn_qkv_bias = True
+            _centre_readers([(attn, f"w_{n}") for n in "qkv"])
         if not cfg.attn_only:
             mlp = [(block.mlp, "w_in", "b_in")] + ([(block.mlp, "w_gate", "b_gate")] if cfg.gated_mlp else [])
-            if _fold_norm_into(block.ln2, mlp) and cfg.normalization_type == "layernorm":
+            if _fold_norm_into(block.ln2, mlp) and layernorm:
                 _bias(block.mlp, "b_out", cfg.d_model, block.mlp.w_out)
                 cfg.mlp_bias = True
+                _centre_readers([(block.mlp, "w_in")])
     if model.ln_final is not None:
         _untie(model)
-        if _fold_norm_into(model.ln_final, [(model.unembed, "w_u", "b_U")]) and cfg.normalization_type == "layernorm":
+        if _fold_norm_into(model.ln_final, [(model.unembed, "w_u", "b_U")]) and layernorm:
             cfg.unembed_bias = True
+            _centre_readers([(model.unembed, "w_u")])
 
 
 def _center_writing_weights(model: HookedTransformer) -> None:

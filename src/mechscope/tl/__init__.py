@@ -16,12 +16,17 @@ Example:
 from mechscope.analysis.factored import FactoredMatrix
 from mechscope.cache import ActivationCache
 from mechscope.hooks import HookedRootModule, HookPoint
-from mechscope.tl import head_detector, patching, utils
+from mechscope.model.context import KVCache
+from mechscope.tl import head_detector, hook_points, patching, utils
 from mechscope.tl.config import HookedTransformerConfig
 from mechscope.tl.model import HookedTransformer
 
 utilities = utils
 """TransformerLens 3 renamed ``utils`` to ``utilities``; both names work."""
+TransformerLensKeyValueCache = KVCache
+"""TransformerLens' key/value cache: mechscope's `KVCache` (``init_cache``, ``freeze``, ``append_attention_mask``)."""
+HookedTransformerKeyValueCache = KVCache
+"""The cache's name before TransformerLens 3."""
 
 __all__ = [
     "ActivationCache",
@@ -30,7 +35,10 @@ __all__ = [
     "HookedRootModule",
     "HookedTransformer",
     "HookedTransformerConfig",
+    "HookedTransformerKeyValueCache",
+    "TransformerLensKeyValueCache",
     "head_detector",
+    "hook_points",
     "patching",
     "utilities",
     "utils",

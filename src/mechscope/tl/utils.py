@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mechscope.analysis.factored import FactoredMatrix
 from mechscope.errors import InputError
 from mechscope.hooks import Slice, SliceInput
+from mechscope.model.generate import sample_logits
 from mechscope.model.tokenize import get_attention_mask
 from mechscope.tl.config import SUPPORTED_ACTIVATIONS
 
@@ -410,6 +411,7 @@ __all__ = [
     "SUPPORTED_ACTIVATIONS",
     "USE_DEFAULT_VALUE",
     "Slice",
+    "sample_logits",
     "SliceInput",
     "calc_fan_in_and_fan_out",
     "filter_dict_by_prefix",
