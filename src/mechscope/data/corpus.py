@@ -394,9 +394,9 @@ def load_texts(
     return [str(row[text_field]) for row in dataset]
 
 
-def tokenize_texts(texts: list[str], tokenizer, separator: int | None = None) -> Tensor:
+def tokenize_texts(texts: list[str], tokenizer, separator: int | None = None, progress: bool = False) -> Tensor:
     """One flat token stream ``[n_tokens]``: each document's tokens followed by ``separator``
-    (default: the tokenizer's EOS, else BOS).
+    (default: the tokenizer's EOS, else BOS); ``progress`` shows a bar over the documents.
 
     Example:
         >>> class Toy:
@@ -409,13 +409,17 @@ def tokenize_texts(texts: list[str], tokenizer, separator: int | None = None) ->
     hf = getattr(tokenizer, "hf", tokenizer)
     if separator is None:
         separator = hf.eos_token_id if hf.eos_token_id is not None else hf.bos_token_id
+    from tqdm.auto import tqdm
+
     ids: list[int] = []
     chunk = 64
-    for start in range(0, len(texts), chunk):
-        for row in hf(texts[start : start + chunk], add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-            if separator is not None:
-                ids.append(int(separator))
+    with tqdm(total=len(texts), desc="tokenising the texts", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(texts), chunk):
+            for row in hf(texts[start : start + chunk], add_special_tokens=False)["input_ids"]:
+                ids.extend(row)
+                if separator is not None:
+                    ids.append(int(separator))
+            bar.update(min(chunk, len(texts) - start))
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -445,7 +449,7 @@ def cached_token_stream(texts: list[str], tokenizer, name: str) -> Tensor:
             reason = "no 'tokens' tensor in it" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             warnings.warn(f"the token cache {path} is unreadable ({reason}); rebuilding it", stacklevel=2)
             path.unlink(missing_ok=True)
-    tokens = tokenize_texts(texts, tokenizer)
+    tokens = tokenize_texts(texts, tokenizer, progress=len(texts) > 100)  # once per corpus and vocabulary
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file({"tokens": tokens}, str(tmp))
