@@ -140,7 +140,9 @@ class InterchangeRun:
             self.kv.keys[layer] = base.kv.keys[layer][:, :, : self.position]
             self.kv.values[layer] = base.kv.values[layer][:, :, : self.position]
         with torch.no_grad():
-            _, source = model.run_with_cache(source_tokens, names_filter=[hook_name], attention_mask=self.mask)
+            _, source = model.run_with_cache(
+                source_tokens, names_filter=[hook_name], attention_mask=self.mask, stop_at_layer=self.layer + 1
+            )
         self.source = source[hook_name][:, self.position]
 
     @property

@@ -163,8 +163,9 @@ def subspace_patch(
     base, cache = base_run(model, base_tokens, attention_mask, names)
     with torch.no_grad():
         _, source_cache = model.run_with_cache(
-            source_tokens, names_filter=[site.hook(layer) for layer in layers], attention_mask=attention_mask
-        )
+            source_tokens, names_filter=[site.hook(layer) for layer in layers], attention_mask=attention_mask,
+            stop_at_layer=max(layers) + 1,
+        )  # fmt: skip
     bases = layer_bases(directions, layers, source_cache[site.hook(layers[0])].shape[-1])
     inner = SubspaceSite.of(site)
     sources = {layer: coordinates(source_cache[site.hook(layer)].float(), bases[layer].float()) for layer in layers}
