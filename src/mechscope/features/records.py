@@ -67,9 +67,11 @@ class FeatureRecord:
 
 
 def _examples(state: dict[str, np.ndarray], part: str, f: int, center: int) -> list[Example]:
+    """The examples kept for feature ``f``: top ones by value, pool ones by key (their random order)."""
     values = state[f"{part}_val"][:, f]
+    order = np.argsort(state["pool_key"][:, f], kind="stable") if part == "pool" else np.arange(len(values))
     out = []
-    for j in np.flatnonzero(np.isfinite(values)):
+    for j in order[np.isfinite(values[order])]:
         dfa = state.get(f"{part}_dfa")
         out.append(
             Example(

@@ -10,7 +10,8 @@ For every feature `FeatureSketch` keeps, over all tokens seen:
   the earliest token wins (within a batch too);
 * a uniform random sample (``pool``) of firing tokens with the same context data: every
   (token, feature) pair gets a key drawn from a generator seeded by the batch number, and the
-  ``pool`` smallest keys are kept (a bottom-k sample: uniform, and the same after a resume);
+  ``pool`` smallest keys are kept, unordered (a bottom-k sample: uniform, and the same after a
+  resume). Only features whose new candidates enter are touched, so late batches cost little;
 * a histogram of firing activations with ``hist_bins`` equal bins on ``[0, 2**e]``, where
   ``2**e`` is the smallest power of two at or above the running maximum. When the maximum
   grows past it the range doubles and adjacent bins merge, so every count stays exact.
@@ -30,8 +31,8 @@ from torch import Tensor
 
 UNSET_EXP = -10_000
 
-DFAFn = Callable[[Tensor, Tensor], Tensor]
-"""``dfa(rows [k, d_sae], query_pos [k, d_sae]) -> [k, d_sae, pos]``: attribution by source position."""
+DFAFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``dfa(rows [k, c], query_pos [k, c], features [c]) -> [k, c, pos]``: attribution by source position."""
 
 
 class FeatureSketch:
@@ -113,61 +114,94 @@ class FeatureSketch:
         flat = acts.reshape(batch * seq, n)  # [batch * pos, d_sae]
         valid = keep.repeat(batch)[:, None]  # [batch * pos, 1]
         firing = (flat > self.threshold) & valid
+        # the firing entries, token-major (so ascending token within each feature)
+        token, feature = firing.nonzero(as_tuple=True)
+        value = flat[token, feature]
+        counts = torch.bincount(feature, minlength=n)
         st["n_tokens"] += valid.sum()
-        st["fire"] += firing.sum(0)
-        st["sum_all"] += torch.where(valid, flat, 0.0).sum(0, dtype=torch.float64)
-        st["sum_fire"] += torch.where(firing, flat, 0.0).sum(0, dtype=torch.float64)
-        masked = torch.where(firing, flat, -math.inf)
-        st["max"] = torch.maximum(st["max"], torch.where(valid, flat, -math.inf).max(0).values)
-        self._histogram(flat, firing, masked.max(0).values)
+        st["fire"] += counts
+        st["sum_all"] += (flat.sum(0, dtype=torch.float64) if bool(keep.all())
+                          else torch.where(valid, flat, 0.0).sum(0, dtype=torch.float64))  # fmt: skip
+        st["sum_fire"].index_add_(0, feature, value.double())
+        batch_max = torch.full((n,), -math.inf, device=dev).scatter_reduce(0, feature, value, "amax")
+        st["max"] = torch.maximum(st["max"], flat.max(0).values if bool(keep.all()) else
+                                  torch.where(valid, flat, -math.inf).max(0).values)  # fmt: skip
+        self._histogram(token, feature, value, batch_max)
+        starts = counts.cumsum(0) - counts
+
+        def per_feature(order: Tensor, size: int, fill: float, score: Tensor) -> tuple[Tensor, Tensor]:
+            """The first ``size`` entries of each feature in ``order``: ``[size, d_sae]`` scores and
+            flat positions (``fill`` where a feature has fewer)."""
+            order = order[torch.argsort(feature[order], stable=True)]  # by feature, ``order`` within
+            rank = torch.arange(len(order), device=dev) - starts[feature[order]]
+            chosen = order[rank < size]
+            at = (rank[rank < size], feature[chosen])
+            scores = torch.full((size, n), fill, device=dev)
+            scores[at] = score[chosen]
+            index = torch.zeros(size, n, dtype=torch.long, device=dev)
+            index[at] = token[chosen]
+            return scores, index
+
         rows = torch.arange(first_row, first_row + batch, device=dev)
         padded_acts = F.pad(acts, (0, 0, self.left, self.right))  # [batch, left + pos + right, d_sae]
         padded_tok = F.pad(tokens.to(torch.int32), (self.left, self.right), value=-1)
 
-        def candidates(values: Tensor, index: Tensor) -> dict[str, Tensor]:
-            b, q = index // seq, index % seq  # [k, d_sae]
-            window = q[..., None] + torch.arange(self.width, device=dev)  # [k, d_sae, width]
-            feature = torch.arange(n, device=dev)[None, :, None]
+        def candidates(values: Tensor, index: Tensor, cols: Tensor) -> dict[str, Tensor]:
+            """Context data of the tokens ``index [k, c]`` (flat batch positions) of features ``cols [c]``."""
+            b, q = index // seq, index % seq  # [k, c]
+            window = q[..., None] + torch.arange(self.width, device=dev)  # [k, c, width]
             out = {
-                "val": flat.gather(0, index),
+                "val": torch.where(values.isfinite(), flat[index, cols], -math.inf),
                 "idx": rows[b] * seq + q,
                 "tok": padded_tok[b[..., None], window],
-                "act": padded_acts[b[..., None], window, feature],
+                "act": padded_acts[b[..., None], window, cols[None, :, None]],
             }
             if self.with_dfa:
-                full = dfa(b, q) if dfa is not None else torch.zeros(*b.shape, seq, device=dev)  # [k, d_sae, pos]
+                full = dfa(b, q, cols) if dfa is not None else torch.zeros(*b.shape, seq, device=dev)  # [k, c, pos]
                 out["dfa"] = F.pad(full, (self.left, self.right)).gather(2, window)
-            out["val"] = torch.where(values.isfinite(), out["val"], -math.inf)
             return out
 
-        k = min(self.top_k, batch * seq)
-        # ties go to the earliest token: a float64 key below the gap between distinct float32 values
-        order = torch.arange(batch * seq, device=dev, dtype=torch.float64)[:, None] * 2.0**-50
-        key = masked.double()
-        key = key - key.abs() * order
-        index = key.topk(k, dim=0).indices
-        values = masked.gather(0, index)
-        self._merge("top", candidates(values, index), order=-torch.cat([st["top_val"], values]))
+        # strongest first; ties go to the earliest token (a stable sort of token-major entries)
+        values, index = per_feature(torch.argsort(-value, stable=True), self.top_k, -math.inf, value)
+        # only features whose best new token beats their worst kept one change
+        enter = values > st["top_val"][-1]  # [k, d_sae]; sorted, so a prefix of each column
+        cols = enter[0].nonzero().squeeze(1)
+        if len(cols):
+            rows_in = int(enter.sum(0).max())
+            values, index = values[:rows_in, cols], index[:rows_in, cols]
+            order = -torch.cat([st["top_val"][:, cols], values])
+            self._merge("top", candidates(values, index, cols), order, cols)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        keys = torch.where(firing, torch.rand(flat.shape, generator=gen, device=dev), math.inf)
-        k = min(self.pool, batch * seq)
-        keys, index = keys.topk(k, dim=0, largest=False)
-        new = candidates(torch.where(keys.isfinite(), 0.0, -math.inf), index)
-        new["key"] = keys
-        self._merge("pool", new, order=torch.cat([st["pool_key"], keys]))
+        draws = torch.rand(len(value), generator=gen, device=dev)
+        keys, index = per_feature(torch.argsort(draws), self.pool, math.inf, draws)
+        enter = keys < st["pool_key"].max(0).values
+        cols = enter[0].nonzero().squeeze(1)
+        if len(cols):
+            rows_in = int(enter.sum(0).max())
+            keys, index = keys[:rows_in, cols], index[:rows_in, cols]
+            new = candidates(torch.where(keys.isfinite(), 0.0, -math.inf), index, cols)
+            new["key"] = keys
+            # the pool is unordered: each new key (ascending) replaces the largest kept key if smaller
+            for j in range(rows_in):
+                largest, slot = st["pool_key"][:, cols].max(0)
+                take = new["key"][j] < largest
+                where = (slot[take], cols[take])
+                for name, value in new.items():
+                    st[f"pool_{name}"][where] = value[j, take].to(st[f"pool_{name}"].dtype)
 
-    def _merge(self, part: str, new: dict[str, Tensor], order: Tensor) -> None:
-        """Keep the first entries of ``old + new`` by ``order`` (ascending, stable: old first on ties)."""
+    def _merge(self, part: str, new: dict[str, Tensor], order: Tensor, cols: Tensor) -> None:
+        """For features ``cols``, keep the first entries of ``old + new`` by ``order`` (ascending,
+        stable: old first on ties)."""
         st = self.state
         size = st[f"{part}_val"].shape[0]
-        pick = order.sort(dim=0, stable=True).indices[:size]  # [size, d_sae]
+        pick = order.sort(dim=0, stable=True).indices[:size]  # [size, c]
         for name, value in new.items():
             key = f"{part}_{name}"
-            joined = torch.cat([st[key], value.to(st[key].dtype)])
+            joined = torch.cat([st[key][:, cols], value.to(st[key].dtype)])
             index = pick if joined.dim() == 2 else pick[..., None].expand(-1, -1, joined.shape[-1])
-            st[key] = joined.gather(0, index)
+            st[key][:, cols] = joined.gather(0, index)
 
-    def _histogram(self, flat: Tensor, firing: Tensor, batch_max: Tensor) -> None:
+    def _histogram(self, token: Tensor, feature: Tensor, value: Tensor, batch_max: Tensor) -> None:
         st, bins = self.state, self.hist_bins
         grow = batch_max > torch.exp2(st["hist_exp"].clamp_min(-1000).double()).float()
         grow &= batch_max > 0
@@ -185,11 +219,10 @@ class FeatureSketch:
                 rows[chosen] = F.pad(merged, (0, bins - merged.shape[1]))
             st["hist"][grow] = rows
             st["hist_exp"][grow] = need
-        token, feature = firing.nonzero(as_tuple=True)
         if not len(token):
             return
         top = torch.exp2(st["hist_exp"][feature].double())
-        index = (flat[token, feature].double() / top * bins).long().clamp(0, bins - 1)
+        index = (value.double() / top * bins).long().clamp(0, bins - 1)
         st["hist"].view(-1).index_add_(0, feature * bins + index, torch.ones_like(index))
 
 
