@@ -139,6 +139,7 @@ def write_harvest(
                     _insert(con, batch)
                     batch = []
             _insert(con, batch)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file: one file to copy
     finally:
         con.close()
     return path
