@@ -76,21 +76,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "tl_scores.pt"
         proc = subprocess.run(
-            [str(tl_python), str(Path(__file__).with_name("analysis_worker.py")), str(args.runs), str(args.layers), str(out_file)],
-            check=True, capture_output=True, text=True,
+            [
+                str(tl_python),
+                str(Path(__file__).with_name("analysis_worker.py")),
+                str(args.runs),
+                str(args.layers),
+                str(out_file),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         tl_times = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
         theirs = torch.load(out_file, weights_only=True)
 
     heads = args.layers * model.cfg.n_heads
-    print(f"composition scores, SmolLM2-135M, first {args.layers} layers ({heads} x {heads} head pairs), "
-          f"median of {args.runs}")
+    print(
+        f"composition scores, SmolLM2-135M, first {args.layers} layers ({heads} x {heads} head pairs), "
+        f"median of {args.runs}"
+    )
     print(f"{'mode':<5} {'mechscope s':>12} {'TL 3.x s':>10} {'TL / mechscope':>15} {'max |diff|':>11}")
     for mode in ("Q", "K", "V"):
         diff = float((ours[mode] - theirs[mode].to(ours[mode].dtype)).abs().max())
-        print(f"{mode:<5} {times[mode]:>12.3f} {tl_times[mode]:>10.3f} {tl_times[mode] / times[mode]:>15.1f} {diff:>11.2e}")
-    print(f"mechscope on all {full_layers} layers ({full_layers * model.cfg.n_heads}^2 pairs): "
-          + ", ".join(f"{mode} {t:.3f} s" for mode, t in full_times.items()))
+        print(
+            f"{mode:<5} {times[mode]:>12.3f} {tl_times[mode]:>10.3f} "
+            f"{tl_times[mode] / times[mode]:>15.1f} {diff:>11.2e}"
+        )
+    print(
+        f"mechscope on all {full_layers} layers ({full_layers * model.cfg.n_heads}^2 pairs): "
+        + ", ".join(f"{mode} {t:.3f} s" for mode, t in full_times.items())
+    )
     if cpu is not None:
         other, steal = cpu.other_cores()
         print(f"CPU taken by other processes while running: {other:.2f} cores (steal {steal:.2f})")

@@ -40,7 +40,11 @@ def load():
         supported.OFFICIAL_MODEL_NAMES.append(local)  # the list its loader checks names against
     hf_model = AutoModelForCausalLM.from_pretrained(common.HF_DIR, dtype=torch.float32)
     return HookedTransformer.from_pretrained_no_processing(
-        local, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(common.HF_DIR), device="cpu", dtype=torch.float32
+        local,
+        hf_model=hf_model,
+        tokenizer=AutoTokenizer.from_pretrained(common.HF_DIR),
+        device="cpu",
+        dtype=torch.float32,
     ).eval()
 
 

@@ -116,12 +116,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
 
-    print(f"mechscope forward benchmark  {datetime.date.today()}  "
-          f"python {platform.python_version()}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}  cpus {os.cpu_count()}  "
-          f"loadavg {os.getloadavg()[0]:.2f}")
-    print(f"workload: SmolLM2-135M fp32, batch {args.batch} x {args.seq} random token ids "
-          f"(seed {args.seed}), median/min of {args.runs} runs after 1 warm-up, inference_mode")
+    print(
+        f"mechscope forward benchmark  {datetime.date.today()}  "
+        f"python {platform.python_version()}  torch {torch.__version__}  "
+        f"threads {torch.get_num_threads()}  cpus {os.cpu_count()}  "
+        f"loadavg {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"workload: SmolLM2-135M fp32, batch {args.batch} x {args.seq} random token ids "
+        f"(seed {args.seed}), median/min of {args.runs} runs after 1 warm-up, inference_mode"
+    )
 
     common.ensure_hf_dir()
     peers: dict[str, Path] = {}
@@ -133,8 +137,15 @@ def main(argv=None) -> int:
             except RuntimeError as exc:
                 problems.append(f"{LABELS[name]}: venv install failed:\n{exc}")
 
-    results: dict = {"date": str(datetime.date.today()), "args": vars(args), "timings": {},
-                     "memory": {}, "load_s": {}, "versions": {}, "logits_max_abs_diff": {}}
+    results: dict = {
+        "date": str(datetime.date.today()),
+        "args": vars(args),
+        "timings": {},
+        "memory": {},
+        "load_s": {},
+        "versions": {},
+        "logits_max_abs_diff": {},
+    }
 
     with tempfile.TemporaryDirectory(prefix="mechscope-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -160,9 +171,21 @@ def main(argv=None) -> int:
         # TransformerLens: one subprocess per line, timed the same way.
         for name, python in peers.items():
             try:
-                out = run_worker(python, ["time", "--contenders", name, "--runs", str(args.runs),
-                                          "--tokens", str(tokens_path), "--save-logits", str(tmp)],
-                                 tmp / f"time-{name}.json")
+                out = run_worker(
+                    python,
+                    [
+                        "time",
+                        "--contenders",
+                        name,
+                        "--runs",
+                        str(args.runs),
+                        "--tokens",
+                        str(tokens_path),
+                        "--save-logits",
+                        str(tmp),
+                    ],
+                    tmp / f"time-{name}.json",
+                )
             except WorkerError as exc:
                 problems.append(f"{LABELS[name]} timing failed:\n{exc}")
                 continue
@@ -181,9 +204,11 @@ def main(argv=None) -> int:
                 if name in peers and name not in results["timings"]:
                     continue
                 try:
-                    mem = run_worker(python, ["mem", "--contender", name, "--workload", workload,
-                                              "--tokens", str(tokens_path)],
-                                     tmp / f"mem-{name}-{workload}.json")
+                    mem = run_worker(
+                        python,
+                        ["mem", "--contender", name, "--workload", workload, "--tokens", str(tokens_path)],
+                        tmp / f"mem-{name}-{workload}.json",
+                    )
                 except WorkerError as exc:
                     problems.append(f"{LABELS[name]} {workload} memory run failed:\n{exc}")
                     continue
@@ -191,7 +216,7 @@ def main(argv=None) -> int:
 
     names = [n for n in LABELS if n in results["timings"]]
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             if a in logits and b in logits:
                 results["logits_max_abs_diff"][f"{a} vs {b}"] = max_abs_diff(logits[a], logits[b])
 
@@ -213,22 +238,28 @@ def compute_ratios(results: dict) -> dict:
     peers, run_with_cache time, peak RSS and RSS increase against the peers."""
     timings, memory = results["timings"], results["memory"]
     ratios = {
-        "ms_forward_over_hf_forward_median": ratio(_get(timings, "ms", "forward", "median_s"),
-                                                   _get(timings, "hf", "forward", "median_s")),
-        "ms_forward_over_hf_forward_min": ratio(_get(timings, "ms", "forward", "min_s"),
-                                                _get(timings, "hf", "forward", "min_s")),
+        "ms_forward_over_hf_forward_median": ratio(
+            _get(timings, "ms", "forward", "median_s"), _get(timings, "hf", "forward", "median_s")
+        ),
+        "ms_forward_over_hf_forward_min": ratio(
+            _get(timings, "ms", "forward", "min_s"), _get(timings, "hf", "forward", "min_s")
+        ),
     }
     for peer in PEERS:
         if peer not in timings:
             continue
         ratios[f"ms_cache_over_{peer}_cache_time_median"] = ratio(
-            _get(timings, "ms", "cache", "median_s"), _get(timings, peer, "cache", "median_s"))
+            _get(timings, "ms", "cache", "median_s"), _get(timings, peer, "cache", "median_s")
+        )
         ratios[f"ms_cache_over_{peer}_cache_peak_rss"] = ratio(
-            _get(memory, "ms", "cache", "peak_mib"), _get(memory, peer, "cache", "peak_mib"))
+            _get(memory, "ms", "cache", "peak_mib"), _get(memory, peer, "cache", "peak_mib")
+        )
         ratios[f"ms_cache_over_{peer}_cache_rss_increase"] = ratio(
-            _get(memory, "ms", "cache", "increase_mib"), _get(memory, peer, "cache", "increase_mib"))
+            _get(memory, "ms", "cache", "increase_mib"), _get(memory, peer, "cache", "increase_mib")
+        )
         ratios[f"ms_forward_over_{peer}_forward_median"] = ratio(
-            _get(timings, "ms", "forward", "median_s"), _get(timings, peer, "forward", "median_s"))
+            _get(timings, "ms", "forward", "median_s"), _get(timings, peer, "forward", "median_s")
+        )
     return ratios
 
 
@@ -236,8 +267,10 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
     timings, memory, ratios = results["timings"], results["memory"], results["ratios"]
 
     print()
-    header = (f"{'contender':<26} {'workload':<27} {'median s':>9} {'min s':>7} "
-              f"{'peak RSS MiB':>13} {'+ over model':>12} {'cached':>16}")
+    header = (
+        f"{'contender':<26} {'workload':<27} {'median s':>9} {'min s':>7} "
+        f"{'peak RSS MiB':>13} {'+ over model':>12} {'cached':>16}"
+    )
     print(header)
     print("-" * len(header))
     for name in names:
@@ -246,17 +279,24 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
                 continue
             cache = timings[name][workload].get("cache")
             cached = f"{cache['entries']} / {cache['mib']:.0f} MiB" if cache else ""
-            print(f"{LABELS[name]:<26} {WORKLOAD_LABELS[workload]:<27} "
-                  f"{fmt(_get(timings, name, workload, 'median_s'), '9.3f'):>9} "
-                  f"{fmt(_get(timings, name, workload, 'min_s'), '7.3f'):>7} "
-                  f"{fmt(_get(memory, name, workload, 'peak_mib'), '13.0f'):>13} "
-                  f"{fmt(_get(memory, name, workload, 'increase_mib'), '+12.0f'):>12} "
-                  f"{cached:>16}")
+            print(
+                f"{LABELS[name]:<26} {WORKLOAD_LABELS[workload]:<27} "
+                f"{fmt(_get(timings, name, workload, 'median_s'), '9.3f'):>9} "
+                f"{fmt(_get(timings, name, workload, 'min_s'), '7.3f'):>7} "
+                f"{fmt(_get(memory, name, workload, 'peak_mib'), '13.0f'):>13} "
+                f"{fmt(_get(memory, name, workload, 'increase_mib'), '+12.0f'):>12} "
+                f"{cached:>16}"
+            )
     print("\nload time (s): " + ", ".join(f"{LABELS[n]} {results['load_s'][n]:.1f}" for n in names))
     loaded = [n for n in names if "forward" in memory.get(n, {})]
-    print("RSS right after load / after a warm-up forward (MiB): " + ", ".join(
-        f"{LABELS[n]} {memory[n]['forward']['rss_after_load_mib']:.0f} / "
-        f"{memory[n]['forward']['rss_before_run_mib']:.0f}" for n in loaded))
+    print(
+        "RSS right after load / after a warm-up forward (MiB): "
+        + ", ".join(
+            f"{LABELS[n]} {memory[n]['forward']['rss_after_load_mib']:.0f} / "
+            f"{memory[n]['forward']['rss_before_run_mib']:.0f}"
+            for n in loaded
+        )
+    )
 
     print("\nlogits agreement (max abs diff):")
     for pair, diff in results["logits_max_abs_diff"].items():
@@ -264,10 +304,14 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
         print(f"  {LABELS[a]:<26} vs {LABELS[b]:<26} {diff:.2e}")
 
     print("\nratios:")
-    print("  mechscope forward / transformers forward, median: "
-          + verdict(ratios["ms_forward_over_hf_forward_median"], TARGET_FORWARD))
-    print("  mechscope forward / transformers forward, min:    "
-          + verdict(ratios["ms_forward_over_hf_forward_min"], TARGET_FORWARD))
+    print(
+        "  mechscope forward / transformers forward, median: "
+        + verdict(ratios["ms_forward_over_hf_forward_median"], TARGET_FORWARD)
+    )
+    print(
+        "  mechscope forward / transformers forward, min:    "
+        + verdict(ratios["ms_forward_over_hf_forward_min"], TARGET_FORWARD)
+    )
     for peer in PEERS:
         if peer not in timings:
             continue
@@ -275,14 +319,20 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
         print("    time (median):  " + verdict(ratios[f"ms_cache_over_{peer}_cache_time_median"], TARGET_CACHE_TIME))
         print("    peak RSS:       " + verdict(ratios[f"ms_cache_over_{peer}_cache_peak_rss"], TARGET_CACHE_MEM))
         print("    RSS increase:   " + verdict(ratios[f"ms_cache_over_{peer}_cache_rss_increase"], TARGET_CACHE_MEM))
-        print(f"  mechscope forward / {LABELS[peer]} forward (median): "
-              + fmt(ratios[f"ms_forward_over_{peer}_forward_median"], ".2f"))
+        print(
+            f"  mechscope forward / {LABELS[peer]} forward (median): "
+            + fmt(ratios[f"ms_forward_over_{peer}_forward_median"], ".2f")
+        )
 
     others = results["cpu_taken_by_others_cores"]
-    print(f"\nCPU taken by other processes while timing: {others['processes']:.2f} cores "
-          f"(hypervisor steal {others['steal']:.2f}); timings are reliable only near 0")
-    print("\nversions: " + "; ".join(
-        f"{LABELS[n]}: " + ", ".join(f"{k} {v}" for k, v in results["versions"][n].items()) for n in names))
+    print(
+        f"\nCPU taken by other processes while timing: {others['processes']:.2f} cores "
+        f"(hypervisor steal {others['steal']:.2f}); timings are reliable only near 0"
+    )
+    print(
+        "\nversions: "
+        + "; ".join(f"{LABELS[n]}: " + ", ".join(f"{k} {v}" for k, v in results["versions"][n].items()) for n in names)
+    )
     if problems:
         print("\nproblems:")
         for problem in problems:

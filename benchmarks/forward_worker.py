@@ -36,7 +36,7 @@ import common
 
 common.set_offline_env()
 
-import torch
+import torch  # noqa: E402  (after the offline environment is set)
 
 torch.set_num_threads(2)
 
@@ -161,9 +161,7 @@ class BridgeContender(HookedTransformerContender):
         from transformer_lens.model_bridge import TransformerBridge
 
         _quiet_transformers()
-        self.model = TransformerBridge.boot_transformers(
-            str(common.HF_DIR), device="cpu", dtype=torch.float32
-        ).eval()
+        self.model = TransformerBridge.boot_transformers(str(common.HF_DIR), device="cpu", dtype=torch.float32).eval()
 
 
 CONTENDERS = {c.name: c for c in (HFContender, MechscopeContender, HookedTransformerContender, BridgeContender)}

@@ -70,8 +70,13 @@ def bench_model(name: str, hf_dir: Path, repeats: int, new_tokens: int) -> dict[
 
     def hf_generate(use_cache: bool) -> torch.Tensor:
         return hf_model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, use_cache=use_cache, pad_token_id=0,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
         )
 
     def ours_generate(use_kv_cache: bool) -> torch.Tensor:
@@ -126,8 +131,11 @@ def main() -> None:
             hf_dir = ensure_hf_dir()
         rows.append((name, bench_model(name, hf_dir, args.repeats, args.new_tokens)))
     print()
-    print("| model | forward 8x128: mechscope / transformers | ratio | generate tok/s, KV cache: mechscope / transformers "
-          "| ratio | generate tok/s, no cache: mechscope / transformers | cache speed-up (mechscope) |")
+    print(
+        "| model | forward 8x128: mechscope / transformers | ratio "
+        "| generate tok/s, KV cache: mechscope / transformers "
+        "| ratio | generate tok/s, no cache: mechscope / transformers | cache speed-up (mechscope) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         print(

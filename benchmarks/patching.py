@@ -117,13 +117,16 @@ def atp_section(model, clean, corrupted, metric, heads, figures, timed, kw) -> N
     from mechscope.patching import activation_patch, atp_star
 
     if heads is None:
-        heads, _ = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", **kw), "heads sweep, all layers")
+        heads, _ = timed(
+            lambda: activation_patch(model, clean, corrupted, metric, "z", **kw), "heads sweep, all layers"
+        )
         t_full = figures["_last_timed"]
     else:
         t_full = figures["mechscope"]["heads_s"]
     star, t_star = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, **kw), "AtP*")
-    star_nogd, t_nogd = timed(lambda: atp_star(model, clean, corrupted, metric, top_k=10, graddrop=False, **kw),
-                              "AtP* without GradDrop")
+    star_nogd, t_nogd = timed(
+        lambda: atp_star(model, clean, corrupted, metric, top_k=10, graddrop=False, **kw), "AtP* without GradDrop"
+    )
     with torch.no_grad():
         exact = heads - metric(model(corrupted)).mean()
     exact_top = set(exact.abs().flatten().argsort(descending=True)[:10].tolist())
@@ -134,11 +137,14 @@ def atp_section(model, clean, corrupted, metric, heads, figures, timed, kw) -> N
         return len(found & exact_top) / 10
 
     figures["atp_star"] = {
-        "seconds": t_star, "seconds_no_graddrop": t_nogd, "exhaustive_heads_s": t_full,
+        "seconds": t_star,
+        "seconds_no_graddrop": t_nogd,
+        "exhaustive_heads_s": t_full,
         "spearman_estimates": spearman(star.estimates, exact),
         "spearman_graddrop_scores_vs_abs": spearman(star.scores, exact.abs()),
         "spearman_no_graddrop_abs": spearman(star_nogd.scores, exact.abs()),
-        "recall_top10": recall(star), "recall_top10_no_graddrop": recall(star_nogd),
+        "recall_top10": recall(star),
+        "recall_top10_no_graddrop": recall(star_nogd),
     }
 
 
@@ -149,21 +155,28 @@ def graddrop_section(model, clean, corrupted, metric, figures, timed) -> None:
 
     n_layers = model.cfg.n_layers
     names = [name for layer in range(n_layers) for name in head_names(model, layer)]
-    (_, fast), t_fast = timed(lambda: graddrop_pass(model, corrupted, names, metric), "GradDrop gradients (graddrop_pass)")
+    (_, fast), t_fast = timed(
+        lambda: graddrop_pass(model, corrupted, names, metric), "GradDrop gradients (graddrop_pass)"
+    )
     (_, copies), t_copies = timed(
         lambda: gradient_pass(model, corrupted, names, metric, [None, *range(n_layers)]),
         "GradDrop gradients, one batched copy per layer (gradient_pass)",
     )
     diff = max(float((fast[n] - copies[n]).abs().max()) for n in names)
-    figures["graddrop"] = {"graddrop_pass_s": t_fast, "batched_copies_s": t_copies, "ratio": t_copies / t_fast,
-                           "max_abs_diff": diff}
+    figures["graddrop"] = {
+        "graddrop_pass_s": t_fast,
+        "batched_copies_s": t_copies,
+        "ratio": t_copies / t_fast,
+        "max_abs_diff": diff,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2, help="IOI prompts in the batch")
-    parser.add_argument("--layer-step", type=int, default=3,
-                        help="sweep comparison on layers 0, step, 2*step, ... (1: the full grid)")
+    parser.add_argument(
+        "--layer-step", type=int, default=3, help="sweep comparison on layers 0, step, 2*step, ... (1: the full grid)"
+    )
     parser.add_argument("--skip-tl", action="store_true", help="mechscope only")
     parser.add_argument("--skip-atp", action="store_true", help="sweeps only, no AtP* section")
     parser.add_argument("--json", default=None, help="write all figures to this file")
@@ -208,21 +221,39 @@ def main() -> None:
         lambda: activation_patch(model, clean, corrupted, metric, "resid_pre", layers=layers, reuse_prefix=False, **kw),
         "resid sweep, every position recomputed (reuse_prefix=False)",
     )
-    heads, t_heads = timed(lambda: activation_patch(model, clean, corrupted, metric, "z", layers=layers, **kw), "heads sweep")
-    figures.update({
-        "prompts": len(data), "tokens": clean.shape[1], "layers": layers,
-        "mechscope": {"resid_s": t_resid, "heads_s": t_heads},
-        "prefix_reuse": {"full_length_s": t_full_length, "suffix_s": t_resid, "ratio": t_full_length / t_resid,
-                         "max_abs_diff": float((full_length - resid).abs().max())},
-    })
+    heads, t_heads = timed(
+        lambda: activation_patch(model, clean, corrupted, metric, "z", layers=layers, **kw), "heads sweep"
+    )
+    figures.update(
+        {
+            "prompts": len(data),
+            "tokens": clean.shape[1],
+            "layers": layers,
+            "mechscope": {"resid_s": t_resid, "heads_s": t_heads},
+            "prefix_reuse": {
+                "full_length_s": t_full_length,
+                "suffix_s": t_resid,
+                "ratio": t_full_length / t_resid,
+                "max_abs_diff": float((full_length - resid).abs().max()),
+            },
+        }
+    )
     if not args.skip_atp:
         graddrop_section(model, clean, corrupted, metric, figures, timed)
         atp_section(model, clean, corrupted, metric, heads if len(layers) == n_layers else None, figures, timed, kw)
     peers = {}
     if not args.skip_tl:
         with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
-            torch.save({"clean": clean, "corrupted": corrupted, "correct": data.correct, "wrong": data.wrong,
-                        "layers": torch.tensor(layers)}, f.name)
+            torch.save(
+                {
+                    "clean": clean,
+                    "corrupted": corrupted,
+                    "correct": data.correct,
+                    "wrong": data.wrong,
+                    "layers": torch.tensor(layers),
+                },
+                f.name,
+            )
             for name in PEERS:
                 print(f"running {PEERS[name]} ...", flush=True)
                 peers[name] = run_peer(name, f.name)
@@ -230,7 +261,10 @@ def main() -> None:
     figures["cpu_other_cores"], figures["cpu_steal_cores"] = other, steal
 
     print(f"\n{'sweep':<28}{'mechscope':>12}" + "".join(f"{PEERS[p]:>28}" for p in peers))
-    for key, mine, t_mine, label in (("resid", resid, t_resid, "resid_pre layer x pos"), ("heads", heads, t_heads, "head out layer x head")):
+    for key, mine, t_mine, label in (
+        ("resid", resid, t_resid, "resid_pre layer x pos"),
+        ("heads", heads, t_heads, "head out layer x head"),
+    ):
         row = f"{label:<28}{t_mine:>11.1f}s"
         for name, peer in peers.items():
             if "error" in peer:
@@ -246,20 +280,35 @@ def main() -> None:
         if "error" in peer:
             print(f"{PEERS[name]} failed:\n{peer['error']}")
     r = figures["prefix_reuse"]
-    print(f"\nresid sweep reusing the base run before each patched position: {r['ratio']:.2f}x faster than "
-          f"recomputing every position ({r['full_length_s']:.1f}s -> {r['suffix_s']:.1f}s), max diff {r['max_abs_diff']:.1e}")
+    print(
+        f"\nresid sweep reusing the base run before each patched position: {r['ratio']:.2f}x faster than "
+        f"recomputing every position ({r['full_length_s']:.1f}s -> {r['suffix_s']:.1f}s), "
+        f"max diff {r['max_abs_diff']:.1e}"
+    )
     if "graddrop" in figures:
         g = figures["graddrop"]
-        print(f"GradDrop gradients: {g['ratio']:.2f}x faster than one batched copy per layer "
-              f"({g['batched_copies_s']:.1f}s -> {g['graddrop_pass_s']:.1f}s), max diff {g['max_abs_diff']:.1e}")
+        print(
+            f"GradDrop gradients: {g['ratio']:.2f}x faster than one batched copy per layer "
+            f"({g['batched_copies_s']:.1f}s -> {g['graddrop_pass_s']:.1f}s), max diff {g['max_abs_diff']:.1e}"
+        )
     if "atp_star" in figures:
         a = figures["atp_star"]
         t_full = a["exhaustive_heads_s"]
-        print(f"\nAtP* (QK fix, GradDrop, 20 verified): {a['seconds']:.1f}s; without GradDrop {a['seconds_no_graddrop']:.1f}s")
-        print(f"  Spearman(AtP* estimates, exact head effects) = {a['spearman_estimates']:.3f}; "
-              f"Spearman(GradDrop score, |exact|) = {a['spearman_graddrop_scores_vs_abs']:.3f}")
-        print(f"  recall of the exact top-10 heads: {a['recall_top10']:.1f} (without GradDrop {a['recall_top10_no_graddrop']:.1f})")
-        line = f"  time ratio vs exhaustive head patching (all {n_layers} layers): mechscope {t_full / a['seconds']:.1f}x"
+        print(
+            f"\nAtP* (QK fix, GradDrop, 20 verified): {a['seconds']:.1f}s; "
+            f"without GradDrop {a['seconds_no_graddrop']:.1f}s"
+        )
+        print(
+            f"  Spearman(AtP* estimates, exact head effects) = {a['spearman_estimates']:.3f}; "
+            f"Spearman(GradDrop score, |exact|) = {a['spearman_graddrop_scores_vs_abs']:.3f}"
+        )
+        print(
+            f"  recall of the exact top-10 heads: {a['recall_top10']:.1f} "
+            f"(without GradDrop {a['recall_top10_no_graddrop']:.1f})"
+        )
+        line = (
+            f"  time ratio vs exhaustive head patching (all {n_layers} layers): mechscope {t_full / a['seconds']:.1f}x"
+        )
         for name, peer in peers.items():
             if "error" not in peer:
                 full = peer["heads"]["seconds"] * n_layers / len(layers)

@@ -61,8 +61,10 @@ def sae_cfg(arch: str, hook: str = HOOK) -> SAEConfig:
 def train_cfg(steps: int, **kw) -> TrainConfig:
     # SAELens' trainer: constant LR, Adam (0.9, 0.999), grad-norm clipping at 1, no unit-norm decoder
     # and (as in the SAELens run) no activation normalisation
-    return TrainConfig(steps=steps, lr=LR, max_grad_norm=1.0, decoder_constraint="norm_penalty", b_dec_init="zeros",
-                       normalize_activations=False, dead_window=200, progress=False, log_every=max(steps, 1), **kw)  # fmt: skip
+    return TrainConfig(
+        steps=steps, lr=LR, max_grad_norm=1.0, decoder_constraint="norm_penalty", b_dec_init="zeros",
+        normalize_activations=False, dead_window=200, progress=False, log_every=max(steps, 1), **kw,
+    )  # fmt: skip
 
 
 def mechscope_e2e(model, rows: torch.Tensor, arch: str, steps: int, batch: int, hooks=(HOOK,)):
@@ -131,7 +133,9 @@ def main() -> None:
                          "sl_sae": load_sae(tmp / f"saelens-{arch}")}  # fmt: skip
 
     floor_fwd = forward_floor(model, train_rows, n_tokens)
-    store = ActivationStore(model, [HOOK], train_rows.reshape(-1), context_size=CONTEXT, batch_size=4096, buffer_batches=1)
+    store = ActivationStore(
+        model, [HOOK], train_rows.reshape(-1), context_size=CONTEXT, batch_size=4096, buffer_batches=1
+    )
     acts = torch.cat([store.next_batch()[HOOK] for _ in range(2)])
     torch.save(acts, tmp / "acts.pt")
     for arch in ("topk", "standard"):

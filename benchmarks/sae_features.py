@@ -48,6 +48,7 @@ def loop_sweep(model, sae, base, source_acts, metric, cells) -> torch.Tensor:
 
     out = []
     for pos, feature in cells:
+
         def patch(acts, *, hook, pos=pos, feature=feature):
             acts = acts.clone()
             where = slice(None) if pos is None else pos

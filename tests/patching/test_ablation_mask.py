@@ -59,8 +59,18 @@ def test_padded_ablation_equals_naive(make_model, kind, site):
         ref_acts = cache_site(model, reference, site, attention_mask=ref_mask)
         sources = {layer: act[[1, 2, 3]] for layer, act in ref_acts.items()}
     expected = naive_patch_grid(model, tokens, sources, metric, site, by, attention_mask=mask)
-    got = ablate(model, tokens, metric, site, by, kind=kind, reference=reference, attention_mask=mask,
-                 reference_mask=ref_mask, batch_size=8)
+    got = ablate(
+        model,
+        tokens,
+        metric,
+        site,
+        by,
+        kind=kind,
+        reference=reference,
+        attention_mask=mask,
+        reference_mask=ref_mask,
+        batch_size=8,
+    )
     assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -81,9 +91,18 @@ def test_padded_ablation_errors():
     mask, _ = _masks()
     reference = tokens[:2]
     with pytest.raises(ms.InputError, match="positions \\[0\\]"):
-        ablate(model, tokens, metric, kind="mean", reference=reference, reference_mask=torch.tensor([[0] + [1] * 5] * 2))
+        ablate(
+            model, tokens, metric, kind="mean", reference=reference, reference_mask=torch.tensor([[0] + [1] * 5] * 2)
+        )
     with pytest.raises(ms.InputError, match="padded like prompt 1"):
-        ablate(model, tokens, metric, kind="resample", attention_mask=mask, reference=reference,
-               reference_mask=torch.ones(2, 6))
+        ablate(
+            model,
+            tokens,
+            metric,
+            kind="resample",
+            attention_mask=mask,
+            reference=reference,
+            reference_mask=torch.ones(2, 6),
+        )
     with pytest.raises(ms.InputError, match="attention_mask has shape"):
         ablate(model, tokens, metric, kind="mean", reference=reference, reference_mask=torch.ones(3, 6))

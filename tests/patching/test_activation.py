@@ -43,8 +43,14 @@ def _pair(model, seed=0, n=2, seq=4):
 def gqa_model():
     """Two layers, RMSNorm, rotary, gated MLP and grouped-query attention (4 heads, 2 kv heads)."""
     return tiny_model(
-        seed=1, n_layers=2, d_mlp=8, n_key_value_heads=2, normalization_type="rmsnorm",
-        positional_embedding_type="rotary", gated_mlp=True, act_fn="silu",
+        seed=1,
+        n_layers=2,
+        d_mlp=8,
+        n_key_value_heads=2,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
     )
 
 
@@ -72,7 +78,8 @@ def test_batched_equals_naive(make_model, direction, site, by):
 
 @pytest.mark.parametrize(
     "kind,site,by",
-    [(kind, site, None) for kind in ("zero", "mean", "resample") for site in ("resid_post", "k")] + [("mean", "post", None)],
+    [(kind, site, None) for kind in ("zero", "mean", "resample") for site in ("resid_post", "k")]
+    + [("mean", "post", None)],
 )
 def test_ablation_equals_naive(kind, site, by):
     model = gqa_model()
@@ -184,13 +191,16 @@ def test_left_padded_prompts_with_attention_mask():
     expected = torch.empty(2, 4)
     for layer in range(2):
         for head in range(4):
+
             def hook(z, *, hook, layer=layer, head=head):
                 z = z.clone()
                 z[:, :, head] = sources[layer][:, :, head]
                 return z
 
             with torch.no_grad():
-                logits = model.run_with_hooks(corrupted, attention_mask=mask, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
+                logits = model.run_with_hooks(
+                    corrupted, attention_mask=mask, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)]
+                )
             expected[layer, head] = metric(logits).mean()
     got = activation_patch(model, clean, corrupted, metric, "z", attention_mask=mask, batch_size=6)
     assert_close(got, expected, atol=1e-5, rtol=0)

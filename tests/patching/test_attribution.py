@@ -34,7 +34,11 @@ def naive_grad(model, tokens, name, metric, drop_layer=None):
 
     bwd = []
     if drop_layer is not None:
-        bwd = [(n, zero) for n in (act_name("attn_out", drop_layer), act_name("mlp_out", drop_layer)) if n in model.hook_dict]
+        bwd = [
+            (n, zero)
+            for n in (act_name("attn_out", drop_layer), act_name("mlp_out", drop_layer))
+            if n in model.hook_dict
+        ]
     logits = model.run_with_hooks(tokens, fwd_hooks=[(name, add)], bwd_hooks=bwd)
     (grad,) = torch.autograd.grad(metric(logits).sum(), delta)
     return grad
@@ -99,8 +103,15 @@ def tiny_model_std(seed, std, **overrides):
 
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
 def test_qk_fix_components_are_exact_for_linear_attention(positional):
-    model = tiny_model_std(4, 0.6, n_layers=1, attn_only=True, normalization_type=None, n_key_value_heads=2,
-                           positional_embedding_type=positional)
+    model = tiny_model_std(
+        4,
+        0.6,
+        n_layers=1,
+        attn_only=True,
+        normalization_type=None,
+        n_key_value_heads=2,
+        positional_embedding_type=positional,
+    )
     clean, _, metric = _pair(model, n=2, seq=5)
     corrupted = clean.clone()
     corrupted[:, 1], corrupted[:, 4] = (clean[:, 1] + 7) % 61, (clean[:, 4] + 3) % 61  # the final query changes
@@ -187,10 +198,16 @@ def test_binomial_upper_bound():
     assert 0.3 < _binomial_upper(2, 10, 0.05) < 0.6
 
 
-
 THREE_LAYERS = {
-    "gqa": {"seed": 1, "d_mlp": 8, "n_key_value_heads": 2, "normalization_type": "rmsnorm",
-                "positional_embedding_type": "rotary", "gated_mlp": True, "act_fn": "silu"},
+    "gqa": {
+        "seed": 1,
+        "d_mlp": 8,
+        "n_key_value_heads": 2,
+        "normalization_type": "rmsnorm",
+        "positional_embedding_type": "rotary",
+        "gated_mlp": True,
+        "act_fn": "silu",
+    },
     "gpt2": {"d_mlp": 8, "attn_qkv_bias": True, "attn_out_bias": True, "mlp_bias": True},
 }
 
@@ -205,7 +222,9 @@ def test_graddrop_pass_equals_batched_copies(kind, padded):
     if padded:
         mask = torch.ones_like(corrupted)
         mask[1, :1] = 0
-    names = [n for layer in range(3) for n in head_names(model, layer)] + [act_name("post", layer) for layer in range(3)]
+    names = [n for layer in range(3) for n in head_names(model, layer)] + [
+        act_name("post", layer) for layer in range(3)
+    ]
     acts, grads = graddrop_pass(model, corrupted, names, metric, mask)
     ref_acts, ref_grads = gradient_pass(model, corrupted, names, metric, [None, 0, 1, 2], mask)
     for name in names:

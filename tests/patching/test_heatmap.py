@@ -56,8 +56,12 @@ def _png_size(path):
 
 def test_png_export_offline_with_token_labels(tmp_path):
     tokens = ["When", " Mary", " <b>$x$</b>", "\n"]
-    fig = layer_pos_heatmap(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), tokens, "resid <pre>",
-                            layers=[0, 3, 6, 9, 12, 15])
+    fig = layer_pos_heatmap(
+        torch.randn(6, 4, generator=torch.Generator().manual_seed(0)),
+        tokens,
+        "resid <pre>",
+        layers=[0, 3, 6, 9, 12, 15],
+    )
     out = save_png(fig, tmp_path / "resid.png", backend="matplotlib")
     width, height = _png_size(out)
     assert (width, height) == (fig.layout.width, fig.layout.height)  # layout pixels at 100 dpi

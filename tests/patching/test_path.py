@@ -16,13 +16,16 @@ from tests.patching.test_activation import _pair, gqa_model
 def slow_path_patch(model, clean, corrupted, metric, senders, receivers, which, freeze_mlps=False):
     """One sender set: full forwards with simple hooks, no batching, no starting mid-model."""
     n_layers = model.cfg.n_layers
-    names = [act_name("z", layer) for layer in range(n_layers)] + [act_name("mlp_out", layer) for layer in range(n_layers)]
+    names = [act_name("z", layer) for layer in range(n_layers)] + [
+        act_name("mlp_out", layer) for layer in range(n_layers)
+    ]
     names = [name for name in names if name in model.hook_dict]
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean, names_filter=names)
         _, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
     hooks = []
     for layer in range(n_layers):
+
         def freeze(z, *, hook, layer=layer):
             z = clean_cache["z", layer].clone()
             for sl, sh in senders:
@@ -45,6 +48,7 @@ def slow_path_patch(model, clean, corrupted, metric, senders, receivers, which, 
         return metric(logits).mean()
     swaps = []
     for layer, head in receivers:
+
         def swap(x, *, hook, layer=layer, head=head):
             x = x.clone()
             x[:, :, head] = store[act_name("resid_pre", layer)]

@@ -26,19 +26,29 @@ def mha_learned():
 def gqa_rotary():
     """RMSNorm, rotary, gated MLP, grouped-query attention (4 heads, 2 kv heads)."""
     return tiny_model(
-        seed=1, n_layers=2, d_mlp=8, n_key_value_heads=2, normalization_type="rmsnorm",
-        positional_embedding_type="rotary", gated_mlp=True, act_fn="silu",
+        seed=1,
+        n_layers=2,
+        d_mlp=8,
+        n_key_value_heads=2,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
     )
 
 
 def sliding():
     """A sliding-window layer (window 2) then a full-attention layer, rotary, GQA."""
     return tiny_model(
-        seed=2, n_layers=2, d_mlp=8, n_key_value_heads=2, normalization_type="rmsnorm",
-        positional_embedding_type="rotary", sliding_window=2, layer_types=["sliding_attention", "full_attention"],
+        seed=2,
+        n_layers=2,
+        d_mlp=8,
+        n_key_value_heads=2,
+        normalization_type="rmsnorm",
+        positional_embedding_type="rotary",
+        sliding_window=2,
+        layer_types=["sliding_attention", "full_attention"],
     )
-
-
 
 
 def every_position(logits):
@@ -47,12 +57,23 @@ def every_position(logits):
 
 
 MODELS = [mha_learned, gqa_rotary, sliding]
-CASES = [(m, d, s, b) for m in MODELS for d in ("denoising", "noising") for s, b in
-         [("resid_pre", None), ("z", ("pos", "head"))]]
-CASES += [(mha_learned, "denoising", s, b) for s, b in [
-    ("attn_out", None), ("mlp_out", None), ("q", ("pos", "head")), ("result", ("pos", "head")),
-    ("k", ("pos", "kv_head")), ("v", ("pos", "kv_head")),
-]]
+CASES = [
+    (m, d, s, b)
+    for m in MODELS
+    for d in ("denoising", "noising")
+    for s, b in [("resid_pre", None), ("z", ("pos", "head"))]
+]
+CASES += [
+    (mha_learned, "denoising", s, b)
+    for s, b in [
+        ("attn_out", None),
+        ("mlp_out", None),
+        ("q", ("pos", "head")),
+        ("result", ("pos", "head")),
+        ("k", ("pos", "kv_head")),
+        ("v", ("pos", "kv_head")),
+    ]
+]
 CASES += [(gqa_rotary, "noising", s, b) for s, b in [("k", ("pos", "kv_head")), ("attn_out", None)]]
 
 
@@ -64,8 +85,9 @@ def _check(model, clean, corrupted, metric, site, by, direction, mask=None, **kw
     assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("make_model,direction,site,by", CASES,
-                         ids=[f"{m.__name__}-{d}-{s}-{b}" for m, d, s, b in CASES])
+@pytest.mark.parametrize(
+    "make_model,direction,site,by", CASES, ids=[f"{m.__name__}-{d}-{s}-{b}" for m, d, s, b in CASES]
+)
 def test_suffix_equals_naive(make_model, direction, site, by):
     model = make_model()
     clean, corrupted, metric = _pair(model, seq=5)
@@ -96,8 +118,9 @@ def test_metric_sees_prefix_logits(logit_positions):
         return every_position(logits if keep is None else logits[:, keep])
 
     reference = naive_patch_grid(model, corrupted, cache_site(model, clean, "resid_post"), on_kept, "resid_post", None)
-    got = activation_patch(model, clean, corrupted, every_position, "resid_post", batch_size=4,
-                           logit_positions=logit_positions)
+    got = activation_patch(
+        model, clean, corrupted, every_position, "resid_post", batch_size=4, logit_positions=logit_positions
+    )
     assert_close(got, reference, atol=1e-5, rtol=0)
 
 
@@ -110,8 +133,9 @@ def test_suffix_runs_fewer_positions():
         seen = lengths[reuse] = []
         handles = model.add_hook("blocks.1.hook_resid_post", lambda x, *, hook, seen=seen: seen.append(x.shape[1]))
         try:
-            results[reuse] = activation_patch(model, clean, corrupted, metric, "resid_pre", batch_size=2,
-                                              reuse_prefix=reuse)
+            results[reuse] = activation_patch(
+                model, clean, corrupted, metric, "resid_pre", batch_size=2, reuse_prefix=reuse
+            )
         finally:
             for handle in handles:
                 handle.remove()

@@ -26,7 +26,7 @@ def test_ioi_prompts_answers_and_corruptions(smol, corruption):
     data = ioi_dataset(smol, n=6, corruption=corruption, seed=1)
     assert data.clean_tokens.shape == data.corrupted_tokens.shape
     assert data.clean_tokens.shape[0] == 6 and data.attention_mask is None
-    for i, (clean, corrupted) in enumerate(zip(data.clean_prompts, data.corrupted_prompts)):
+    for i, (clean, corrupted) in enumerate(zip(data.clean_prompts, data.corrupted_prompts, strict=False)):
         io, s = smol.to_string([int(data.correct[i])]).strip(), smol.to_string([int(data.wrong[i])]).strip()
         first, second = clean.split(",")[1].split(" went")[0].strip().split(" and ")
         # Even prompts are ABBA (indirect object first), odd ones BABA.

@@ -69,6 +69,7 @@ def _oracle_run(model, tokens, sae, edit):
         hooks = [(sae.cfg.hook_name, lambda a, *, hook: captured.__setitem__("x", a)),
                  (sae.cfg.hook_name_out, lambda a, *, hook: a + spliced(captured["x"], edit))]  # fmt: skip
     else:
+
         def hook(a, *, hook):
             return a + spliced(a.flatten(2), edit).reshape(a.shape)
 
@@ -89,6 +90,7 @@ def _oracle_sweep(model, base_tokens, source_acts, sae, features, per_pos):
     for pos in range(seq) if per_pos else [slice(None)]:
         row = []
         for f in features:
+
             def edit(acts, f=f, pos=pos):
                 acts = acts.clone()
                 acts[:, pos, f] = source_acts.expand_as(acts)[:, pos, f]
@@ -133,7 +135,9 @@ def test_patch_by_position_noising_matches_loop(model, pair, saes):
 def test_ablation_matches_loop(model, pair, saes, kind):
     clean, corrupted = pair
     reference = torch.cat([clean, corrupted, clean.flip(0)])
-    got = feature_ablate(model, saes, clean, METRIC, kind=kind, reference=reference, seed=3, per_prompt=True, batch_size=10)
+    got = feature_ablate(
+        model, saes, clean, METRIC, kind=kind, reference=reference, seed=3, per_prompt=True, batch_size=10
+    )
     for sae in saes:
         ref_acts = _oracle_acts(model, reference, sae)
         if kind == "zero":
@@ -173,7 +177,9 @@ def test_attribution_matches_direct_autograd(model, pair, saes):
     source = {k: (a.detach(), e.detach()) for k, (a, e) in nodes.items()}
     base_metric = METRIC(model.run_with_hooks(corrupted, fwd_hooks=hooks)).sum()
     tensors = [t for k in sorted(nodes) for t in nodes[k]]
-    grads = dict(zip([(k, i) for k in sorted(nodes) for i in range(2)], torch.autograd.grad(base_metric, tensors)))
+    grads = dict(
+        zip([(k, i) for k in sorted(nodes) for i in range(2)], torch.autograd.grad(base_metric, tensors), strict=False)
+    )
     for sae in saes:
         key = sae.cfg.output_hook
         (acts, error), (src_acts, src_error) = nodes[key], source[key]

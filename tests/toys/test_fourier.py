@@ -277,7 +277,8 @@ def test_restricted_loss_on_constructed_neurons():
     noise = torch.randn(p * p, 6, dtype=torch.float64)
     # Six neurons: cos/sin of 4(a+b) with offsets, plus a bit of unrelated structure.
     key_part = torch.stack([torch.cos(w * (a + b)), torch.sin(w * (a + b))], -1) @ torch.randn(
-        2, 6, dtype=torch.float64)
+        2, 6, dtype=torch.float64
+    )
     acts = 2.0 + key_part + 0.2 * noise
     W_logit = torch.randn(6, p, dtype=torch.float64)
     logits = acts @ W_logit + torch.randn(p, dtype=torch.float64)  # a constant direct-path term

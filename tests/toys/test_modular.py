@@ -31,7 +31,14 @@ def test_config_validation_names_the_field():
         modular.GrokkingConfig(n_epochs=0)
     cfg = modular.GrokkingConfig()
     assert (cfg.p, cfg.frac_train, cfg.lr, cfg.weight_decay, cfg.d_model, cfg.n_heads, cfg.d_mlp) == (
-        113, 0.3, 1e-3, 1.0, 128, 4, 512)
+        113,
+        0.3,
+        1e-3,
+        1.0,
+        128,
+        4,
+        512,
+    )
     mcfg = cfg.model_config()
     assert mcfg.normalization_type is None and mcfg.act_fn == "relu" and mcfg.n_layers == 1 and mcfg.d_vocab == 114
 
@@ -52,8 +59,9 @@ def test_final_logits_equal_the_full_forward(overrides):
 
 
 def _small(**kw) -> modular.GrokkingConfig:
-    return modular.GrokkingConfig(p=11, d_model=16, d_mlp=32, n_heads=2, n_epochs=30, log_every=5,
-                                  checkpoint_every=10, save_every=10, **kw)
+    return modular.GrokkingConfig(
+        p=11, d_model=16, d_mlp=32, n_heads=2, n_epochs=30, log_every=5, checkpoint_every=10, save_every=10, **kw
+    )
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -117,7 +125,8 @@ def test_analysis_rules_and_their_errors():
     assert threshold["key_freqs_embed"] == fourier.key_frequencies_from_embedding(run.model.W_E[:11], rule="threshold")
     assert_close(torch.tensor(threshold["neurons_per_frequency"]), fourier.neurons_per_frequency(acts))
     assert modular.key_frequencies(run.model, run.data, rule="threshold", min_fraction=0.3) == (
-        fourier.key_frequencies_from_neurons(acts, rule="threshold", min_fraction=0.3))
+        fourier.key_frequencies_from_neurons(acts, rule="threshold", min_fraction=0.3)
+    )
     with pytest.raises(ConfigError, match="unknown key-frequency rule 'treshold'.*did you mean 'threshold'"):
         modular.analyse_model(run.model, run.data, 11, rule="treshold")
     with pytest.raises(ConfigError, match="both key_freqs=\\[1\\] and rule='gap'"):

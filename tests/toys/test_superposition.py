@@ -13,8 +13,14 @@ from mechscope.toys import superposition as sp
 
 
 def test_instances_are_independent_under_batched_training():
-    toy = sp.ToyModel(6, 3, n_instances=4, feature_probability=torch.tensor([[1.0], [0.5], [0.1], [0.03]]),
-                      importance=0.8 ** torch.arange(6.0), seed=0)
+    toy = sp.ToyModel(
+        6,
+        3,
+        n_instances=4,
+        feature_probability=torch.tensor([[1.0], [0.5], [0.1], [0.03]]),
+        importance=0.8 ** torch.arange(6.0),
+        seed=0,
+    )
     features = toy.generate_batch(64, torch.Generator().manual_seed(0))
     losses = toy.loss_per_instance(features, toy(features))
     total_grad = torch.autograd.grad(losses.sum(), toy.W, retain_graph=True)[0]
@@ -50,8 +56,14 @@ def test_bad_configs_are_named():
 
 
 def test_training_lowers_the_loss():
-    toy = sp.ToyModel(5, 2, n_instances=3, feature_probability=torch.tensor([[1.0], [0.3], [0.05]]),
-                      importance=0.9 ** torch.arange(5.0), seed=0)
+    toy = sp.ToyModel(
+        5,
+        2,
+        n_instances=3,
+        feature_probability=torch.tensor([[1.0], [0.3], [0.05]]),
+        importance=0.9 ** torch.arange(5.0),
+        seed=0,
+    )
     history = sp.train_toy_model(toy, sp.SuperpositionTraining(steps=400, batch_size=512, lr=1e-2), progress=False)
     first, last = torch.tensor(history[0]), torch.tensor(history[-1])
     assert (last < 0.7 * first).all()
@@ -60,8 +72,14 @@ def test_training_lowers_the_loss():
 def test_two_features_one_dimension_known_solutions():
     """Dense with an unimportant second feature: W = (±1, 0), b = (0, E[x₂]) = (0, 0.5), loss 0.1/12.
     Sparse with equal importance: an antipodal pair, W = (w, -w) with |w| ≈ 1."""
-    toy = sp.ToyModel(2, 1, n_instances=2, feature_probability=torch.tensor([[1.0], [0.03]]),
-                      importance=torch.tensor([[1.0, 0.1], [1.0, 1.0]]), seed=0)
+    toy = sp.ToyModel(
+        2,
+        1,
+        n_instances=2,
+        feature_probability=torch.tensor([[1.0], [0.03]]),
+        importance=torch.tensor([[1.0, 0.1], [1.0, 1.0]]),
+        seed=0,
+    )
     sp.train_toy_model(toy, sp.SuperpositionTraining(steps=1500, batch_size=1024, lr=1e-2), progress=False)
     W, b = toy.W.detach()[:, 0], toy.b_final.detach()
     assert_close(W[0].abs(), torch.tensor([1.0, 0.0]), atol=0.05, rtol=0)
@@ -87,7 +105,8 @@ def test_geometry_measures_against_loops():
             overlaps = [(unit @ W[inst, :, j]) ** 2 for j in range(7)]
             assert dims[inst, i].item() == pytest.approx((wi.norm() ** 2 / sum(overlaps)).item(), rel=1e-5)
             assert interference[inst, i].item() == pytest.approx(
-                sum(o for j, o in enumerate(overlaps) if j != i).item(), rel=1e-5)
+                sum(o for j, o in enumerate(overlaps) if j != i).item(), rel=1e-5
+            )
     assert_close(sp.dimensions_per_feature(W), 4 / W.pow(2).sum((1, 2)))
     assert_close(sp.feature_norms(W), W.norm(dim=1))
     # Orthogonal features each get a full dimension and no interference.
@@ -98,8 +117,10 @@ def test_geometry_measures_against_loops():
 
 def test_phase_diagram_corners():
     diagram = sp.phase_diagram(
-        densities=[1.0, 0.02], importances=[0.2, 1.0, 5.0],
-        training=sp.SuperpositionTraining(steps=1000, batch_size=1024, lr=1e-2), progress=False,
+        densities=[1.0, 0.02],
+        importances=[0.2, 1.0, 5.0],
+        training=sp.SuperpositionTraining(steps=1000, batch_size=1024, lr=1e-2),
+        progress=False,
     )
     assert diagram.phases[0][0] == "not represented"  # dense, unimportant
     assert diagram.phases[0][2] == "dedicated dimension"  # dense, more important than feature 1
@@ -109,8 +130,14 @@ def test_phase_diagram_corners():
 
 def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     def toy():
-        return sp.ToyModel(5, 2, n_instances=3, feature_probability=torch.tensor([[1.0], [0.3], [0.05]]),
-                           importance=0.9 ** torch.arange(5.0), seed=0)
+        return sp.ToyModel(
+            5,
+            2,
+            n_instances=3,
+            feature_probability=torch.tensor([[1.0], [0.3], [0.05]]),
+            importance=0.9 ** torch.arange(5.0),
+            seed=0,
+        )
 
     training = sp.SuperpositionTraining(steps=60, batch_size=64, lr=1e-2, save_every=20)
     straight = toy()

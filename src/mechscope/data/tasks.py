@@ -38,11 +38,30 @@ IOI_TEMPLATES = (
 
 NOUNS = "war dynasty siege drought project expedition reign journey".split()
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Canada": "Ottawa", "China": "Beijing",
-    "England": "London", "Austria": "Vienna", "Portugal": "Lisbon", "Poland": "Warsaw", "Ireland": "Dublin",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Kenya": "Nairobi", "Peru": "Lima", "Cuba": "Havana",
-    "Turkey": "Ankara", "Hungary": "Budapest", "Belgium": "Brussels", "Denmark": "Copenhagen",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Canada": "Ottawa",
+    "China": "Beijing",
+    "England": "London",
+    "Austria": "Vienna",
+    "Portugal": "Lisbon",
+    "Poland": "Warsaw",
+    "Ireland": "Dublin",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Cuba": "Havana",
+    "Turkey": "Ankara",
+    "Hungary": "Budapest",
+    "Belgium": "Brussels",
+    "Denmark": "Copenhagen",
 }
 FACT_TEMPLATES = ("The capital of {X} is", "{X}'s capital city is called", "The largest city of {X} is")
 
@@ -82,12 +101,18 @@ class TaskDataset:
 
     def to(self, device: torch.device | str) -> TaskDataset:
         """The same dataset with every tensor on ``device``."""
+
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
         return TaskDataset(
-            move(self.clean_tokens), move(self.corrupted_tokens), move(self.correct), move(self.wrong),
-            self.clean_prompts, self.corrupted_prompts, move(self.attention_mask),
+            move(self.clean_tokens),
+            move(self.corrupted_tokens),
+            move(self.correct),
+            move(self.wrong),
+            self.clean_prompts,
+            self.corrupted_prompts,
+            move(self.attention_mask),
         )
 
 
@@ -113,7 +138,9 @@ def _single_token(model, text: str) -> int:
     return int(tokens[0])
 
 
-def tokenize_pairs(model, clean: list[str], corrupted: list[str], align: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def tokenize_pairs(
+    model, clean: list[str], corrupted: list[str], align: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Token ids of prompt pairs ``(clean [n, pos], corrupted [n, pos], attention_mask | None)``.
 
     Every clean prompt must have as many tokens as its corrupted partner. Prompts of different
@@ -127,7 +154,7 @@ def tokenize_pairs(model, clean: list[str], corrupted: list[str], align: bool = 
     if len(clean) != len(corrupted) or not clean:
         raise InputError(f"need equally many clean and corrupted prompts, got {len(clean)} and {len(corrupted)}")
     rows = []
-    for a, b in zip(clean, corrupted):
+    for a, b in zip(clean, corrupted, strict=False):
         ta, tb = tok.encode(a)[0][0], tok.encode(b)[0][0]
         if ta.shape != tb.shape:
             raise InputError(
@@ -208,7 +235,13 @@ def ioi_dataset(
 def _dataset(model, clean, corrupted, correct, wrong, align) -> TaskDataset:
     clean_t, corrupted_t, mask = tokenize_pairs(model, clean, corrupted, align)
     return TaskDataset(
-        clean_t, corrupted_t, torch.as_tensor(correct), torch.as_tensor(wrong), clean, corrupted, mask,
+        clean_t,
+        corrupted_t,
+        torch.as_tensor(correct),
+        torch.as_tensor(wrong),
+        clean,
+        corrupted,
+        mask,
     )
 
 
@@ -239,7 +272,7 @@ def induction_dataset(
 
 
 def greater_than_dataset(model, n: int = 16, *, century: int = 17, seed: int = 0) -> TaskDataset:
-    """"The war lasted from the year 1732 to the year 17": the answer is a later year.
+    """ "The war lasted from the year 1732 to the year 17": the answer is a later year.
 
     Corrupted prompts use the year ``{century}01``. When two-digit numbers are single tokens
     the answers are the sets of years after (correct) and up to (wrong) the start year; when

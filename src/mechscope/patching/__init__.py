@@ -9,9 +9,9 @@ Example:
 
 from mechscope.names import SITES, Site
 from mechscope.patching.activation import ablate, activation_patch, get_site
-from mechscope.patching.engine import BaseRun, SweepOptions, base_run, run_patches
 from mechscope.patching.atp_star import AtPStarResult, FalseNegativeEstimate, atp_star
 from mechscope.patching.attribution import attribution_patch
+from mechscope.patching.engine import BaseRun, SweepOptions, base_run, run_patches
 from mechscope.patching.metrics import KLDivergence, LogitDiff, Normalized, ProbDiff
 from mechscope.patching.path import path_patch
 

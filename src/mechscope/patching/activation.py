@@ -85,11 +85,21 @@ def _sweep(
             bad_layer = ~torch.isin(patches[:, 0], torch.tensor(layers))
             limits = torch.tensor(sizes, dtype=torch.long)
             if bool(bad_layer.any()) or bool(((patches[:, 1:] < 0) | (patches[:, 1:] >= limits)).any()):
-                raise InputError(f"patch indices out of range: layers {layers}, {dict(zip(by, sizes))}")
+                raise InputError(f"patch indices out of range: layers {layers}, {dict(zip(by, sizes, strict=False))}")
     out = run_patches(
-        model, base_resid, sources, site, by, patches, metric, attention_mask=attention_mask,
-        base=base if options.reuse_prefix else None, batch_size=options.batch_size,
-        memory_budget=options.memory_budget, logit_positions=options.logit_positions, progress=options.progress,
+        model,
+        base_resid,
+        sources,
+        site,
+        by,
+        patches,
+        metric,
+        attention_mask=attention_mask,
+        base=base if options.reuse_prefix else None,
+        batch_size=options.batch_size,
+        memory_budget=options.memory_budget,
+        logit_positions=options.logit_positions,
+        progress=options.progress,
     )
     out = out if options.per_prompt else out.mean(-1)
     return out.reshape(len(layers), *sizes, *out.shape[1:]) if grid else out

@@ -56,7 +56,14 @@ def head_names(model, layer: int) -> list[str]:
         ['blocks.0.attn.hook_z', 'blocks.0.attn.hook_attn_scores', 'blocks.0.attn.hook_pattern']
     """
     q, k = _final_qk_names(model, layer)
-    return [act_name("z", layer), act_name("attn_scores", layer), act_name("pattern", layer), q, k, act_name("v", layer)]
+    return [
+        act_name("z", layer),
+        act_name("attn_scores", layer),
+        act_name("pattern", layer),
+        q,
+        k,
+        act_name("v", layer),
+    ]
 
 
 def qk_fix_components(model, layer: int, base: dict[str, Tensor], source: dict[str, Tensor], grad_z: Tensor):
@@ -120,7 +127,9 @@ def graddrop_pass(
     for name in names:
         parsed = parse_act_name(name)
         if parsed.module not in ("attn", "mlp"):
-            raise InputError(f"graddrop_pass takes attention and MLP nodes (blocks.{{l}}.attn.*, blocks.{{l}}.mlp.*), got {name!r}")
+            raise InputError(
+                f"graddrop_pass takes attention and MLP nodes (blocks.{{l}}.attn.*, blocks.{{l}}.mlp.*), got {name!r}"
+            )
         layer_of[name] = parsed.layer
     store: dict[str, Tensor] = {}
 
@@ -134,24 +143,28 @@ def graddrop_pass(
     post = [act_name("resid_post", layer) for layer in range(1, n_layers)]
     with torch.enable_grad():
         logits = model.run_with_hooks(
-            tokens, attention_mask=attention_mask,
+            tokens,
+            attention_mask=attention_mask,
             fwd_hooks=[("hook_embed", leaf)] + [(name, save) for name in [*names, *resid, *post]],
         )
         wanted = [*names, *post]
         plain = torch.autograd.grad(
             metric(logits).sum(), [store[n] for n in wanted], retain_graph=True, allow_unused=True
         )
-        plain = {n: torch.zeros_like(store[n]) if g is None else g for n, g in zip(wanted, plain)}
+        plain = {n: torch.zeros_like(store[n]) if g is None else g for n, g in zip(wanted, plain, strict=False)}
         grads = {name: [plain[name]] + [None] * n_layers for name in names}
         for drop in range(n_layers):
             below = [n for n in names if layer_of[n] < drop]
             if below:
                 # Gradient entering layer `drop` := gradient leaving it; backward through layers < drop.
                 partial = torch.autograd.grad(
-                    store[resid[drop - 1]], [store[n] for n in below], grad_outputs=plain[post[drop - 1]],
-                    retain_graph=True, allow_unused=True,
+                    store[resid[drop - 1]],
+                    [store[n] for n in below],
+                    grad_outputs=plain[post[drop - 1]],
+                    retain_graph=True,
+                    allow_unused=True,
                 )
-                for name, g in zip(below, partial):
+                for name, g in zip(below, partial, strict=False):
                     grads[name][1 + drop] = torch.zeros_like(store[name]) if g is None else g
             for name in names:
                 if layer_of[name] == drop:
@@ -259,7 +272,7 @@ def _false_negatives(effects, sample_sizes, stratum_sizes, threshold, confidence
     alpha = (1 - confidence) / max(1, len(stratum_sizes))
     estimate = upper = 0.0
     found_total, start = 0, 0
-    for m, size in zip(sample_sizes, stratum_sizes):
+    for m, size in zip(sample_sizes, stratum_sizes, strict=False):
         found = int((effects[start : start + m].abs() > threshold).sum())
         start += m
         found_total += found
@@ -326,18 +339,29 @@ def atp_star(
     rest = order[n_verify:]
     strata = list(torch.tensor_split(rest, min(3, len(rest)))) if n_samples and len(rest) else []
     gen = torch.Generator().manual_seed(seed)
-    quotas = [len(q) for q in torch.tensor_split(torch.arange(max(n_samples, len(strata))), len(strata))] if strata else []
-    sample = [c[torch.randperm(len(c), generator=gen)[:q]] for c, q in zip(strata, quotas)]
+    quotas = (
+        [len(q) for q in torch.tensor_split(torch.arange(max(n_samples, len(strata))), len(strata))] if strata else []
+    )
+    sample = [c[torch.randperm(len(c), generator=gen)[:q]] for c, q in zip(strata, quotas, strict=False)]
     picked = torch.cat([order[:n_verify], *sample])
     effects = torch.zeros(0)
     if len(picked):
         with torch.no_grad():
             base_value = metric(model(base, attention_mask=attention_mask)).float().mean().cpu()
-        effects = activation_patch(
-            model, clean_tokens, corrupted_tokens, metric, site, direction=direction,
-            patches=torch.stack((picked // width, picked % width), -1), attention_mask=attention_mask,
-            options=replace(options, per_prompt=False),
-        ).cpu() - base_value
+        effects = (
+            activation_patch(
+                model,
+                clean_tokens,
+                corrupted_tokens,
+                metric,
+                site,
+                direction=direction,
+                patches=torch.stack((picked // width, picked % width), -1),
+                attention_mask=attention_mask,
+                options=replace(options, per_prompt=False),
+            ).cpu()
+            - base_value
+        )
     verified = effects[:n_verify] if n_verify else None
     if verified is not None:
         top = candidates[verified.abs().argsort(descending=True)[:top_k]]

@@ -65,7 +65,7 @@ def gradient_pass(
         grads = torch.autograd.grad(metric(logits).sum(), [store[name] for name in names], allow_unused=True)
     acts = {name: store[name][:n].detach() for name in names}
     out = {}
-    for name, g in zip(names, grads):
+    for name, g in zip(names, grads, strict=False):
         g = torch.zeros_like(store[name]) if g is None else g
         out[name] = g.detach().view(copies, n, *g.shape[1:])
     return acts, out

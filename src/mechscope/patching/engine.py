@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -37,7 +37,7 @@ from mechscope.names import Site, closest_names
 from mechscope.patching.metrics import Metric, metric_positions
 
 HookContext = Callable[[list], AbstractContextManager]
-LogitPositions = Union[Literal["auto"], None, int, list[int]]
+LogitPositions = Literal["auto"] | None | int | list[int]
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,9 @@ def rows_per_forward(model, seq: int, memory_budget: int, logit_seq: int | None 
     return max(1, int(memory_budget // per_row))
 
 
-def resolve_logit_positions(metric: Metric, logit_positions: LogitPositions, seq: int) -> tuple[list[int] | None, Metric]:
+def resolve_logit_positions(
+    metric: Metric, logit_positions: LogitPositions, seq: int
+) -> tuple[list[int] | None, Metric]:
     """The positions to unembed and the metric to call on logits at those positions.
 
     ``"auto"`` takes the positions the metric declares (`metric_positions`) and the metric's
@@ -206,7 +208,9 @@ def resolve_logit_positions(metric: Metric, logit_positions: LogitPositions, seq
         return None, metric
     keep = [logit_positions] if isinstance(logit_positions, int) else list(logit_positions)
     if not keep or any(not isinstance(k, int) or not -seq <= k < seq for k in keep):
-        raise InputError(f"logit_positions {logit_positions!r} out of range for {seq} positions; use ints in [-{seq}, {seq})")
+        raise InputError(
+            f"logit_positions {logit_positions!r} out of range for {seq} positions; use ints in [-{seq}, {seq})"
+        )
     return keep, metric
 
 
@@ -276,7 +280,9 @@ def run_patches(
         resid = base_resid[first][:, start:].repeat(len(chunk), 1, 1)
         with context(hooks):
             if start > 0:
-                ctx = suffix_context(chunk_mask, resid.shape[0], seq, start, PrefixKV(base.kv, start, len(chunk)), device)
+                ctx = suffix_context(
+                    chunk_mask, resid.shape[0], seq, start, PrefixKV(base.kv, start, len(chunk)), device
+                )
             else:
                 ctx = AttentionContext.build(chunk_mask, resid.shape[0], seq, device)
             resid = model.run_blocks(resid, first, n_layers, ctx)
@@ -313,7 +319,7 @@ def unembed_positions(
 def patch_hooks(site: Site, by, chunk: Tensor, sources: dict[int, Tensor], n_prompts: int, start: int, device) -> list:
     """One patch hook per layer of ``chunk``; positions count from ``start`` (the forward's first)."""
     source_shape = next(iter(sources.values())).shape[1:]
-    mask_shape = [size if axis in by else 1 for axis, size in zip(site.axes, source_shape)]
+    mask_shape = [size if axis in by else 1 for axis, size in zip(site.axes, source_shape, strict=False)]
     if start:
         mask_shape[0] -= start  # the position axis: only positions start: run
     hooks = []
@@ -381,7 +387,9 @@ def schedule(layers: Tensor, starts: Tensor, per_chunk: int, n_prompts: int, seq
         chunks = split_chunks(boundary[order], per_chunk, n_prompts * (seq - starts[order]))
         first_layer = [int(layers[order[c]].min()) for c in chunks]
         first_pos = [int(starts[order[c]].min()) for c in chunks]
-        cost = sum(len(c) * (n_layers - fl) * (seq - fp) for c, fl, fp in zip(chunks, first_layer, first_pos))
+        cost = sum(
+            len(c) * (n_layers - fl) * (seq - fp) for c, fl, fp in zip(chunks, first_layer, first_pos, strict=False)
+        )
         if best is None or cost < best[0]:
             best = (cost, order, chunks)
     return best[1], best[2]

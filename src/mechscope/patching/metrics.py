@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import Tensor
 from mechscope.errors import InputError
 
 Metric = Callable[[Tensor], Tensor]
-Answers = Union[Int[Tensor, " n_prompts"], Int[Tensor, "n_prompts k"], Sequence[int], Sequence[Sequence[int]]]
+Answers = Int[Tensor, " n_prompts"] | Int[Tensor, "n_prompts k"] | Sequence[int] | Sequence[Sequence[int]]
 
 
 def _tile(x: Tensor, rows: int) -> Tensor:

@@ -97,11 +97,15 @@ def path_patch(
         raise InputError("receivers is empty: pass 'logits' or at least one (layer, head)")
 
     n_layers, n = cfg.n_layers, clean.shape[0]
-    names = [act_name("z", layer) for layer in range(n_layers)] + [act_name("resid_pre", layer) for layer in range(n_layers)]
+    names = [act_name("z", layer) for layer in range(n_layers)] + [
+        act_name("resid_pre", layer) for layer in range(n_layers)
+    ]
     if freeze_mlps and not cfg.attn_only:
         names += [act_name("mlp_out", layer) for layer in range(n_layers)]
     _, clean_cache = model.run_with_cache(clean, names_filter=names)
-    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=[act_name("z", layer) for layer in range(n_layers)])
+    _, corrupted_cache = model.run_with_cache(
+        corrupted, names_filter=[act_name("z", layer) for layer in range(n_layers)]
+    )
     receiver_layers = sorted({layer for layer, _ in receiver_list})
 
     sender_mask = torch.zeros(len(sender_sets), n_layers, cfg.n_heads, dtype=torch.bool, device=model.device)

@@ -161,11 +161,18 @@ def _sweep(model, saes, base_tokens, sources_fn, metric, by, features, error, at
             elif name.endswith(ACTS):
                 chosen = ids.to(device)
                 if "pos" in node_by:
-                    index, grid = torch.cartesian_prod(torch.arange(seq, device=device), chosen).reshape(-1, 2), (seq, len(chosen))
+                    index, grid = (
+                        torch.cartesian_prod(torch.arange(seq, device=device), chosen).reshape(-1, 2),
+                        (seq, len(chosen)),
+                    )
                 else:
                     index, grid = chosen[:, None], (len(chosen),)
             else:  # the error term: whole, or one position at a time
-                index = torch.arange(seq, device=device)[:, None] if node_by else torch.zeros(1, 0, dtype=torch.long, device=device)
+                index = (
+                    torch.arange(seq, device=device)[:, None]
+                    if node_by
+                    else torch.zeros(1, 0, dtype=torch.long, device=device)
+                )
                 grid = (seq,) if node_by else ()
             values = base_metric.expand(*grid, n_prompts).clone()
             if len(index):
@@ -232,7 +239,9 @@ def feature_patch(
             )
         return {name: cache[name] for name in names}
 
-    return _sweep(model, saes, base, sources_fn, metric, by, features, error, attention_mask, SweepOptions.of(options, sweep))
+    return _sweep(
+        model, saes, base, sources_fn, metric, by, features, error, attention_mask, SweepOptions.of(options, sweep)
+    )
 
 
 def feature_ablate(
@@ -314,7 +323,8 @@ def feature_attribution_patch(
         >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post"))
         >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
         >>> est = feature_attribution_patch(model, sae, clean, corrupted, lambda logits: logits[:, -1, 7])
-        >>> est["blocks.1.hook_resid_post.hook_sae_acts_post"].shape, est["blocks.1.hook_resid_post.hook_sae_error"].shape
+        >>> name = "blocks.1.hook_resid_post"
+        >>> est[f"{name}.hook_sae_acts_post"].shape, est[f"{name}.hook_sae_error"].shape
         (torch.Size([64]), torch.Size([]))
     """
     base, source = base_and_source(model, clean_tokens, corrupted_tokens, direction)
@@ -341,7 +351,7 @@ def feature_attribution_patch(
         _, src = run_with_cache_with_saes(model, source, saes=saes, use_error_term=True, names_filter=names,
                                           attention_mask=attention_mask)  # fmt: skip
     out = {}
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=False):
         act = store[name].detach()
         grad = torch.zeros_like(act) if grad is None else grad
         prod = (src[name] - act) * grad  # [n_prompts, pos, d_sae or d_out]

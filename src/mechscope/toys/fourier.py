@@ -141,8 +141,9 @@ def _check_rule(rule: str, options: dict[str, object], valid: dict[str, tuple[st
     wrong = [name for name, value in options.items() if value is not None and name not in valid[rule]]
     if wrong:
         owner = next(r for r, names in valid.items() if wrong[0] in names)
-        raise ConfigError(f"{wrong[0]} is an option of rule={owner!r}, not of rule={rule!r}; "
-                          f"rule={rule!r} takes {list(valid[rule])}")
+        raise ConfigError(
+            f"{wrong[0]} is an option of rule={owner!r}, not of rule={rule!r}; rule={rule!r} takes {list(valid[rule])}"
+        )
 
 
 def gap_key_frequencies(
@@ -229,8 +230,11 @@ def key_frequencies_from_norms(
         >>> key_frequencies_from_norms(norms), key_frequencies_from_norms(norms, rule="threshold")
         ([1, 3, 5, 7, 9], [1, 2, 3, 5, 6, 7, 8, 9])
     """
-    _check_rule(rule, {"max_keys": max_keys, "min_ratio": min_ratio, "floor": floor, "threshold": threshold},
-                {"gap": _GAP_OPTIONS, "threshold": ("threshold",)})
+    _check_rule(
+        rule,
+        {"max_keys": max_keys, "min_ratio": min_ratio, "floor": floor, "threshold": threshold},
+        {"gap": _GAP_OPTIONS, "threshold": ("threshold",)},
+    )
     if rule == "threshold":
         return threshold_key_frequencies(norms, 0.1 if threshold is None else threshold)
     gap = {"max_keys": max_keys, "min_ratio": min_ratio, "floor": floor}
@@ -259,8 +263,9 @@ def key_frequencies_from_embedding(
         >>> key_frequencies_from_embedding(W_E)  # rows 3 and 8 are cos 2 and sin 4
         [2, 4]
     """
-    return key_frequencies_from_norms(frequency_norms(W_E, dim=0), rule=rule, max_keys=max_keys,
-                                      min_ratio=min_ratio, floor=floor, threshold=threshold)
+    return key_frequencies_from_norms(
+        frequency_norms(W_E, dim=0), rule=rule, max_keys=max_keys, min_ratio=min_ratio, floor=floor, threshold=threshold
+    )
 
 
 def neuron_frequency_fractions(acts: Float[Tensor, "p p d_mlp"]) -> Float[Tensor, "freq d_mlp"]:
@@ -356,12 +361,21 @@ def key_frequencies_from_neurons(
         >>> key_frequencies_from_neurons(acts), key_frequencies_from_neurons(acts, rule="threshold")
         ([1, 4], [1, 4])
     """
-    _check_rule(rule, {"max_keys": max_keys, "min_ratio": min_ratio, "floor": floor, "min_fraction": min_fraction,
-                       "min_neurons": min_neurons},
-                {"gap": _GAP_OPTIONS, "threshold": ("min_fraction", "min_neurons")})
+    _check_rule(
+        rule,
+        {
+            "max_keys": max_keys,
+            "min_ratio": min_ratio,
+            "floor": floor,
+            "min_fraction": min_fraction,
+            "min_neurons": min_neurons,
+        },
+        {"gap": _GAP_OPTIONS, "threshold": ("min_fraction", "min_neurons")},
+    )
     if rule == "gap":
-        return key_frequencies_from_norms(neurons_per_frequency(acts), max_keys=max_keys, min_ratio=min_ratio,
-                                          floor=floor)
+        return key_frequencies_from_norms(
+            neurons_per_frequency(acts), max_keys=max_keys, min_ratio=min_ratio, floor=floor
+        )
     min_fraction = 0.5 if min_fraction is None else min_fraction
     if min_neurons is None:
         min_neurons = max(2, acts.shape[-1] // 100)

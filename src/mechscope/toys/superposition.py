@@ -137,8 +137,11 @@ _RESUMABLE = ("steps", "save_every")
 def _run_settings(model: ToyModel, training: SuperpositionTraining) -> dict:
     """What a saved run must share with the one resuming it: the models' shapes, their data and the training."""
     return {
-        **dataclasses.asdict(training), "n_features": model.n_features, "n_hidden": model.n_hidden,
-        "n_instances": model.n_instances, "feature_probability": model.feature_probability.tolist(),
+        **dataclasses.asdict(training),
+        "n_features": model.n_features,
+        "n_hidden": model.n_hidden,
+        "n_instances": model.n_instances,
+        "feature_probability": model.feature_probability.tolist(),
         "importance": model.importance.tolist(),
     }
 
@@ -169,8 +172,14 @@ def train_toy_model(
     settings = _run_settings(model, training)
     history, start = checkpoint.resume(out_dir, settings, _RESUMABLE, training.steps, model, optimizer, generator)
     log_every = max(1, training.steps // 100)
-    bar = tqdm(range(start, training.steps), desc="superposition", disable=not progress, leave=False, initial=start,
-               total=training.steps)
+    bar = tqdm(
+        range(start, training.steps),
+        desc="superposition",
+        disable=not progress,
+        leave=False,
+        initial=start,
+        total=training.steps,
+    )
     for step in bar:
         features = model.generate_batch(training.batch_size, generator)
         loss = model.loss_per_instance(features, model(features))
@@ -181,8 +190,15 @@ def train_toy_model(
             history.append(loss.detach().tolist())
         done = step + 1
         if out_dir is not None and (done % training.save_every == 0 or done == training.steps):
-            checkpoint.save_state(out_dir, settings, done, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                  generator=generator.get_state(), history=history)
+            checkpoint.save_state(
+                out_dir,
+                settings,
+                done,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                generator=generator.get_state(),
+                history=history,
+            )
     return history
 
 
@@ -251,7 +267,10 @@ def classify_two_feature_phase(W: Float[Tensor, "inst 1 2"], threshold: float = 
     if W.dim() != 3 or W.shape[1:] != (1, 2):
         raise InputError(f"the phase diagram needs W of shape [inst, 1, 2], got {tuple(W.shape)}")
     w1, w2 = W[:, 0, 0].abs().tolist(), W[:, 0, 1].abs().tolist()
-    return [PHASES[0] if b <= threshold else PHASES[1] if a <= threshold else PHASES[2] for a, b in zip(w1, w2)]
+    return [
+        PHASES[0] if b <= threshold else PHASES[1] if a <= threshold else PHASES[2]
+        for a, b in zip(w1, w2, strict=False)
+    ]
 
 
 @dataclass
@@ -309,6 +328,9 @@ def phase_diagram(
     b = model.b_final.detach().view(n_restarts, nd * ni, 2)[best, cells]
     phases = classify_two_feature_phase(W)
     return PhaseDiagram(
-        densities, importances, [phases[i * ni : (i + 1) * ni] for i in range(nd)], W.view(nd, ni, 1, 2),
+        densities,
+        importances,
+        [phases[i * ni : (i + 1) * ni] for i in range(nd)],
+        W.view(nd, ni, 1, 2),
         b.view(nd, ni, 2),
     )

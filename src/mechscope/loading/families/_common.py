@@ -8,8 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from mechscope.errors import ConfigError, WeightConversionError
-from mechscope.names import closest_names
 from mechscope.model.config import ModelConfig
+from mechscope.names import closest_names
 
 HF_ACTIVATIONS = {
     "gelu_new": "gelu_new",
@@ -98,8 +98,10 @@ def rope_parameters(hf: Any, family: str, params: dict | None = None) -> tuple[f
         return float(theta), None, partial
     if rope_type not in ("linear", "llama3"):
         raise ConfigError(f"{family}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
-    keys = ("factor",) if rope_type == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"
+    keys = (
+        ("factor",)
+        if rope_type == "linear"
+        else ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     )
     missing = [k for k in keys if k not in params]
     if missing:
@@ -133,12 +135,16 @@ def attention_windows(hf: Any) -> tuple[int | None, list[str] | None]:
 
 
 def take_attention(
-    r: StateDictReader, src: str, dst: str, cfg: ModelConfig, names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    r: StateDictReader,
+    src: str,
+    dst: str,
+    cfg: ModelConfig,
+    names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
 ) -> dict[str, Tensor]:
     """Separate ``[out, in]`` query/key/value/output projections (Llama layout) and their biases."""
     d, q_size, kv_size = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
     out = {}
-    for ours, theirs, size in zip("qkv", names, (q_size, kv_size, kv_size)):
+    for ours, theirs, size in zip("qkv", names, (q_size, kv_size, kv_size), strict=False):
         out[f"{dst}attn.w_{ours}"] = r.take(f"{src}{theirs}.weight", (size, d))
         if cfg.attn_qkv_bias:
             out[f"{dst}attn.b_{ours}"] = r.take(f"{src}{theirs}.bias", (size,))
@@ -152,7 +158,11 @@ def take_gated_mlp(r: StateDictReader, src: str, dst: str, cfg: ModelConfig) -> 
     """``gate_proj``/``up_proj``/``down_proj`` (Llama layout) and their biases."""
     d, m = cfg.d_model, cfg.d_mlp
     out = {}
-    for ours, theirs, shape in (("w_gate", "gate_proj", (m, d)), ("w_in", "up_proj", (m, d)), ("w_out", "down_proj", (d, m))):
+    for ours, theirs, shape in (
+        ("w_gate", "gate_proj", (m, d)),
+        ("w_in", "up_proj", (m, d)),
+        ("w_out", "down_proj", (d, m)),
+    ):
         out[f"{dst}mlp.{ours}"] = r.take(f"{src}{theirs}.weight", shape)
         if cfg.mlp_bias:
             out[f"{dst}mlp.b{ours[1:]}"] = r.take(f"{src}{theirs}.bias", (shape[0],))

@@ -76,7 +76,9 @@ def convert_weights(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str
     ``cfg.qk_norm`` (Qwen3) the ``q_norm``/``k_norm`` weights are read too.
     """
     sd = {key.removeprefix("model."): value for key, value in state_dict.items()}
-    r = StateDictReader(sd, cfg.extra.get("model_type", "llama"), ignore=lambda key: key.endswith("rotary_emb.inv_freq"))
+    r = StateDictReader(
+        sd, cfg.extra.get("model_type", "llama"), ignore=lambda key: key.endswith("rotary_emb.inv_freq")
+    )
     d = cfg.d_model
     out = {
         "embed.W_E": r.take("embed_tokens.weight", (cfg.d_vocab, d)),
