@@ -150,8 +150,6 @@ def splice(model, saes: SAE | Sequence[SAE], use_error_term: bool = False) -> It
         yield {sae.cfg.output_hook: sae for sae in saes}
 
 
-
-
 def _restore_names(sae: SAE) -> None:
     for local, point in sae.hook_dict.items():
         point.name = local
