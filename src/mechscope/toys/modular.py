@@ -104,7 +104,7 @@ class GrokkingConfig:
             31
         """
         settings = {"p": 31, "frac_train": 0.5, "d_model": 64, "d_mlp": 128, "lr": 3e-3, "weight_decay": 2.0,
-                    "n_epochs": 2000, "stop_after_grokking": 100, "log_every": 20, "checkpoint_every": 50}
+                    "n_epochs": 2000, "stop_after_grokking": 100, "log_every": 20, "checkpoint_every": 50}  # fmt: skip
         settings.update(overrides)
         return cls(**settings)
 
@@ -284,8 +284,7 @@ def train_grokking(
     end = cfg.n_epochs
     if cfg.stop_after_grokking is not None and grokked_at is not None:
         end = min(end, max(start, grokked_at + cfg.stop_after_grokking))  # a finished run stays finished
-    bar = tqdm(range(start + 1, end + 1), desc="grokking", disable=not progress, initial=start, total=end,
-               leave=False)
+    bar = tqdm(range(start + 1, end + 1), desc="grokking", disable=not progress, initial=start, total=end, leave=False)
     model.train()
     for epoch in bar:
         loss = fourier.modular_loss(final_logits(model, x_train)[:, : cfg.p], y_train)
@@ -441,15 +440,18 @@ def progress_measures(
     if key_freqs is None:
         key_freqs = key_frequencies(run.model, data, rule=rule or "gap")
     elif rule is not None:
-        raise ConfigError(f"progress_measures got both key_freqs={key_freqs} and rule={rule!r}; "
-                          "pass key_freqs to use given frequencies, or rule to choose them from the final model")
+        raise ConfigError(
+            f"progress_measures got both key_freqs={key_freqs} and rule={rule!r}; "
+            "pass key_freqs to use given frequencies, or rule to choose them from the final model"
+        )
     rows = []
     for epoch in tqdm(sorted(epochs or run.checkpoints), desc="progress measures", disable=not progress, leave=False):
         model = run.model_at(epoch).eval()
         acts = neuron_activations(model, data)
         logits = model(data.tokens)[:, -1, :p]
-        restricted = fourier.restricted_logits(acts.reshape(p * p, -1), neuron_logit_weights(model, p), logits,
-                                               key_freqs, p)
+        restricted = fourier.restricted_logits(
+            acts.reshape(p * p, -1), neuron_logit_weights(model, p), logits, key_freqs, p
+        )
         excluded = fourier.excluded_logits(logits, key_freqs, p)
         embed_norms = fourier.frequency_norms(model.W_E[:p], dim=0)
         row = {"epoch": epoch, **_evaluate(model, data, p)}
