@@ -69,26 +69,66 @@ def forward_rate(model, rows: torch.Tensor, batch: int = 8) -> float:
     return rows.numel() / (time.perf_counter() - start)
 
 
-def histogram_gap(ours: dict, bar_values: list[float], bar_heights: list[int]) -> float:
+def histogram_gap(edges: list[float], counts: list[int], bar_values: list[float], bar_heights: list[int]) -> float:
     """Largest difference of the cumulative counts (as a fraction of the firing tokens) at
-    SAEDashboard's bin edges, ours read from the fine histogram (uniform within a fine bin)."""
-    if not bar_heights:
+    SAEDashboard's bin edges; ours from the database's histogram (exact counts on its own edges,
+    linear within a bin)."""
+    if not bar_heights or not counts:
         return 0.0
-    hist, top = ours["hist"], 2.0 ** ours["exp"]
-    width = top / len(hist)
+    total = sum(counts)
     step = (bar_values[1] - bar_values[0]) if len(bar_values) > 1 else 0.0
     lo = bar_values[0] - step / 2
-    cum_fine = torch.cat([torch.zeros(1), hist.double().cumsum(0)])
-    total = float(hist.sum())
     gap, running = 0.0, 0.0
     for i, h in enumerate(bar_heights):
         running += h
-        edge = lo + (i + 1) * step
-        j = min(edge / width, len(hist))
-        k = int(j)
-        ours_cum = float(cum_fine[k]) + (float(hist[k]) * (j - k) if k < len(hist) else 0.0)
-        gap = max(gap, abs(ours_cum - running) / max(total, 1))
+        x = lo + (i + 1) * step
+        ours = 0.0
+        for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True):
+            ours += c * min(max((x - a) / (b - a), 0.0), 1.0)
+        gap = max(gap, abs(ours - running) / max(total, 1))
     return gap
+
+
+def agreement(work: Path, n_tokens: int) -> dict:
+    """Top examples, density and histograms of every feature: mechscope's database against SAEDashboard."""
+    from mechscope.features import FeatureDB
+
+    theirs = json.loads((work / "saedash.json").read_text())
+    db = FeatureDB(work / "features.db")
+    same_top, value_gap, density_gap, hist_gap = 0, 0.0, 0.0, 0.0
+    for f_str, data in theirs["features"].items():
+        rec = db.feature(int(f_str))
+        mine = [(e.value, e.token_index) for e in rec.top]
+        them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v > 0]
+        same_top += [i for _, i in mine] == [i for _, i in them]
+        for (a, _), (b, _) in zip(mine, them, strict=False):
+            value_gap = max(value_gap, abs(a - b))
+        match = re.search(r"DENSITY = ([0-9.]+)%", data["title"] or "")
+        if match:
+            density_gap = max(density_gap, abs(float(match.group(1)) / 100 - rec.fire_count / n_tokens))
+        hist_gap = max(
+            hist_gap, histogram_gap(rec.hist_edges, rec.hist_counts, data["bar_values"], data["bar_heights"])
+        )
+    mine_np = json.loads((work / "neuronpedia" / "batch-0.json").read_text())
+    their_np = json.loads((work / "saedash-batch.json").read_text())
+    feature, their_feature = mine_np["features"][0], their_np["features"][0]
+    return {
+        "features": len(theirs["features"]), "identical_top_positions": same_top, "max_top_value_diff": value_gap,
+        "max_density_diff": density_gap, "max_histogram_cdf_gap": hist_gap,
+        "neuronpedia_batch_keys_equal": list(mine_np) == list(their_np),
+        "neuronpedia_feature_keys_equal": list(feature) == list(their_feature),
+        "neuronpedia_activation_keys_equal": list(feature["activations"][0]) == list(their_feature["activations"][0]),
+    }  # fmt: skip
+
+
+def compare(work: Path, results: dict) -> None:
+    """Add SAEDashboard's figures, the ratio and the agreement to ``results``."""
+    theirs = json.loads((work / "saedash.json").read_text())
+    n = theirs["n_tokens"]
+    results["saedash"] = {k: v for k, v in theirs.items() if k != "features"}
+    results["saedash"]["tokens_per_s"] = n / theirs["total_s"]
+    results["ratio_tokens_per_s"] = results["mechscope"]["tokens_per_s"] / results["saedash"]["tokens_per_s"]
+    results["agreement"] = agreement(work, n)
 
 
 def main() -> None:
@@ -96,9 +136,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=800, help="rows of 128 tokens (800: 102,400 tokens)")
     parser.add_argument("--floor-rows", type=int, default=200, help="rows for the forward-rate floor")
     parser.add_argument("--skip-saedash", action="store_true")
+    parser.add_argument("--rescore", default=None, help="a finished run's work folder: recompute the comparison only")
     parser.add_argument("--json", default=str(common.BENCH_DIR / "results" / "features.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.rescore:
+        work = Path(args.rescore)
+        results = {"mechscope": json.loads((work / "mechscope.json").read_text())}
+        compare(work, results)
+        print(json.dumps(results, indent=1))
+        return
     monitor = common.CpuMonitor()
     model = ms.load("smollm2-135m", device="cpu")
     stream = cached_token_stream(default_corpus_texts(), model.tokenizer, "smollm2")
@@ -137,43 +184,14 @@ def main() -> None:
         "base_rss_mib": base_rss, "db_mib": db.stat().st_size / 2**20,
     }  # fmt: skip
     print(json.dumps(results["mechscope"], indent=1), flush=True)
-    sk = result.sketches[HOOK]
+    (work / "mechscope.json").write_text(json.dumps(results["mechscope"]))
     if not args.skip_saedash:
         python = ensure_saedash_venv()
         cmd = ["nice", "-n", "10", str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError("SAEDashboard worker failed:\n" + proc.stderr[-4000:])
-        theirs = json.loads((work / "saedash.json").read_text())
-        results["saedash"] = {k: v for k, v in theirs.items() if k != "features"}
-        results["saedash"]["tokens_per_s"] = n / theirs["total_s"]
-        same_top, value_gap, density_gap, hist_gap, compared = 0, 0.0, 0.0, 0.0, 0
-        for f_str, data in theirs["features"].items():
-            f = int(f_str)
-            mine = [(float(v), int(i)) for v, i in zip(sk.top_val[:, f], sk.top_idx[:, f], strict=True) if v > 0]
-            them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v > 0]
-            compared += 1
-            same_top += [i for _, i in mine] == [i for _, i in them]
-            for (a, _), (b, _) in zip(mine, them, strict=False):
-                value_gap = max(value_gap, abs(a - b))
-            match = re.search(r"DENSITY = ([0-9.]+)%", data["title"] or "")
-            if match:
-                density_gap = max(density_gap, abs(float(match.group(1)) / 100 - int(sk.fire[f]) / n))
-            ours = {"hist": sk.hist[f], "exp": int(sk.hist_exp[f])}
-            hist_gap = max(hist_gap, histogram_gap(ours, data["bar_values"], data["bar_heights"]))
-        results["agreement"] = {
-            "features": compared, "identical_top_positions": same_top, "max_top_value_diff": value_gap,
-            "max_density_diff": density_gap, "max_histogram_cdf_gap": hist_gap,
-        }  # fmt: skip
-        results["ratio_tokens_per_s"] = results["mechscope"]["tokens_per_s"] / results["saedash"]["tokens_per_s"]
-        mine_np = json.loads((work / "neuronpedia" / "batch-0.json").read_text())
-        their_np = json.loads((work / "saedash-batch.json").read_text())
-        results["neuronpedia_layout"] = {
-            "batch_keys_equal": list(mine_np) == list(their_np),
-            "feature_keys_equal": list(mine_np["features"][0]) == list(their_np["features"][0]),
-            "activation_keys_equal": list(mine_np["features"][0]["activations"][0])
-            == list(their_np["features"][0]["activations"][0]),
-        }
+        compare(work, results)
     other, steal = monitor.other_cores()
     results["other_cores"], results["steal_cores"] = other, steal
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

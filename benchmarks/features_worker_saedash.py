@@ -132,11 +132,13 @@ def main(work: Path) -> None:
     total = time.perf_counter() - start
     peak = common.peak_rss_mib()
     (work / "saedash-batch.json").write_text(batch_json)
+    timings = {"generate_s": generated, "total_s": total, "peak_rss_mib": peak, "base_rss_mib": base_rss}
+    (work / "saedash-timings.json").write_text(json.dumps(timings))
     features = {}
     for f, fd in data.feature_data_dict.items():
         groups = fd.sequence_data.seq_group_data
         top = [(float(s.feat_acts[s.qualifying_token_index]), int(s.original_index), int(s.qualifying_token_index))
-               for s in groups[0].seq_data]  # fmt: skip
+               for s in groups[0].seq_data if s.qualifying_token_index < len(s.feat_acts)]  # fmt: skip
         hist = fd.acts_histogram_data
         features[f] = {"top": top, "bar_values": list(hist.bar_values), "bar_heights": list(hist.bar_heights),
                        "title": hist.title}  # fmt: skip
