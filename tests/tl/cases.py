@@ -70,6 +70,15 @@ def processed(lib, ctx, name):
         "default_prepend_bos": model.cfg.default_prepend_bos,
         "W_E": model.W_E,
         "W_U": model.W_U,
+        "W_Q": model.W_Q,
+        "W_K": model.W_K,
+        "W_V": model.W_V,
+        "W_O": model.W_O,
+        "W_in": model.W_in,
+        "W_out": model.W_out,
+        "b_Q": model.b_Q,
+        "b_O": model.b_O,
+        "b_U": model.b_U,
     }
     for hook in (
         "blocks.1.hook_resid_pre",
@@ -135,6 +144,221 @@ def tokens(lib, ctx, name):
     out.update(input_to_embed=embed, input_to_embed_tokens=toks, input_to_embed_mask_is_none=mask is None)
     loss = model.loss_fn(model(toks), toks, per_token=True)
     out["loss_fn"] = loss
+    return out
+
+
+def cache_methods(lib, ctx, name):
+    """TransformerLens' ActivationCache: int pos_slice drops the axis, keys resolve through
+    get_act_name, decompositions, logit attributions, batch slicing, remove_batch_dim in place."""
+    model = ctx.model(name)
+    tokens = model.to_tokens([PROMPT, CORRUPT])
+    _, cache = model.run_with_cache(tokens)
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+    out = {
+        "attn_alias": cache["attn", 0],
+        "compact_k": cache["k1"],
+        "compact_scale": cache["scale1ln2"],
+        "embed_alias": cache["embed"],
+        "negative_layer": cache["resid_post", -1],
+        "negative_with_type": cache["z", -2, "attn"],
+    }
+    for apply_ln in (False, True):
+        tag = "_ln" if apply_ln else ""
+        resid, labels = cache.accumulated_resid(apply_ln=apply_ln, pos_slice=-1, return_labels=True)
+        out["accumulated" + tag], out["accumulated_labels"] = resid, labels
+        out["accumulated_mid" + tag] = cache.accumulated_resid(1, incl_mid=True, apply_ln=apply_ln, mlp_input=True)
+        stack, labels = cache.decompose_resid(apply_ln=apply_ln, pos_slice=-1, return_labels=True)
+        out["decompose" + tag], out["decompose_labels"] = stack, labels
+        out["decompose_attn_mlp_input" + tag] = cache.decompose_resid(1, True, "attn", apply_ln, pos_slice=(1, 4))
+        heads, labels = cache.stack_head_results(-1, True, True, -1, apply_ln)
+        out["heads" + tag], out["heads_labels"] = heads, labels
+    stack = cache.decompose_resid(pos_slice=-1)
+    out["logit_attrs"] = cache.logit_attrs(stack, torch.tensor([mary, john]), torch.tensor([john, mary]), pos_slice=-1)
+    out["logit_attrs_str"] = cache.logit_attrs(stack, " Mary", " John", pos_slice=-1)
+    out["logit_attrs_mismatch_raises"] = ctx.raises(
+        lambda: cache.logit_attrs(stack, torch.tensor([mary, john]), torch.tensor([john]), pos_slice=-1)
+    )
+    out["apply_ln_batch"] = cache.apply_ln_to_stack(stack, pos_slice=-1, batch_slice=[1])
+    out["apply_ln_layer1_mlp"] = cache.apply_ln_to_stack(cache.decompose_resid(1, True), 1, True)
+    out["neurons"] = cache.get_neuron_results(1, neuron_slice=(0, 6), pos_slice=-1)
+    direction = torch.randn(model.cfg.d_model, generator=_gen(21))
+    out["neurons_projected"] = cache.get_neuron_results(0, pos_slice=2, project_output_onto=direction)
+    # Labels of neurons are left out: TransformerLens 3.9 formats them from tensor elements ("L0Ntensor(0)").
+    out["stack_neurons"] = cache.stack_neuron_results(2, -1, (0, 4), True, True, True)[0]
+    out["stack_neurons_projected"] = cache.stack_neuron_results(
+        2, -1, apply_ln=True, project_output_onto=direction[:, None].repeat(1, 2)
+    )
+    for expand in (True, False):
+        full, labels = cache.get_full_resid_decomposition(expand_neurons=expand, pos_slice=-1, return_labels=True)
+        out[f"full_{expand}"], out[f"full_n_labels_{expand}"] = full, len(labels)
+        out[f"full_ln_{expand}"] = cache.get_full_resid_decomposition(1, True, expand, True, pos_slice=(0, 3))
+        out[f"full_projected_{expand}"] = cache.get_full_resid_decomposition(
+            expand_neurons=expand, apply_ln=True, pos_slice=-1, project_output_onto=direction
+        )
+    out["stack_pattern"] = cache.stack_activation("pattern")
+    out["stack_z_2"] = cache.stack_activation("z", 1)
+    second = cache.apply_slice_to_batch_dim(1)
+    out["batch_slice_has_batch"] = second.has_batch_dim
+    out["batch_slice_resid"] = second["resid_pre", 1]
+    out["batch_slice_accumulated"] = second.accumulated_resid(apply_ln=True, pos_slice=-1)
+    cache.compute_head_results()
+    out["computed_result"] = cache["result", 1]
+    _, single = model.run_with_cache(model.to_tokens(PROMPT))
+    out["remove_batch_dim_is_self"] = single.remove_batch_dim() is single
+    out["remove_batch_dim_flag"] = single.has_batch_dim
+    out["removed_resid"] = single["resid_pre", 1]
+    out["removed_decompose_ln"] = single.decompose_resid(apply_ln=True, pos_slice=-1)
+    out["removed_heads"] = single.stack_head_results(pos_slice=-1)
+    out["remove_batch_dim_raises"] = ctx.raises(lambda: model.run_with_cache(tokens)[1].remove_batch_dim())
+    return out
+
+
+def run_with_cache(lib, ctx, name):
+    model = ctx.model(name)
+    tokens = model.to_tokens([PROMPT, CORRUPT])
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_pattern", "ln_final.hook_scale"]
+    _, last = model.run_with_cache(tokens, names_filter=names, pos_slice=-1)
+    _, span = model.run_with_cache(tokens, names_filter=names, pos_slice=(2, 5))
+    _, single = model.run_with_cache(model.to_tokens(PROMPT), names_filter=names, remove_batch_dim=True)
+    logits, plain = model.run_with_cache(tokens, names_filter="hook_embed", return_cache_object=False)
+    out = {f"last/{n}": last[n] for n in names}
+    out.update({f"span/{n}": span[n] for n in names})
+    out.update({f"single/{n}": single[n] for n in names})
+    out["single_has_batch_dim"] = single.has_batch_dim
+    out["plain_type"] = type(plain).__name__
+    out["plain_keys"] = sorted(plain)
+    out["logits"] = logits
+    return out
+
+
+def hooks(lib, ctx, name):
+    model = ctx.model(name)
+    tokens = model.to_tokens(PROMPT)
+    point = model.hook_dict["blocks.1.hook_resid_pre"]
+    order = []
+    point.add_hook(lambda x, hook: order.append("first"))
+    point.add_hook(lambda x, hook: order.append("prepended"), prepend=True)
+    point.add_perma_hook(lambda x, hook: order.append("permanent"))
+    model(tokens)
+    out = {"order": list(order), "n_fwd": len(point.fwd_hooks), "layer": point.layer(), "name": point.name}
+    model.reset_hooks()
+    out["after_reset"] = len(point.fwd_hooks)
+    model.reset_hooks(including_permanent=True)
+    out["after_full_reset"] = len(point.fwd_hooks)
+    post = model.hook_dict["blocks.0.hook_resid_post"]
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: None)]):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: None)]):
+            out["levels"] = [h.context_level for h in post.fwd_hooks]
+        out["levels_after_inner"] = [h.context_level for h in post.fwd_hooks]
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: None)], reset_hooks_end=False)
+    out["kept_without_reset"] = len(post.fwd_hooks)
+    model.remove_all_hook_fns()
+    out["after_remove_all"] = len(post.fwd_hooks)
+    model.add_hook(lambda n: n.endswith("hook_z"), lambda z, hook: z * 0.5)
+    out["filter_hooked"] = model(tokens)
+    model.reset_hooks()
+    grads = {}
+
+    def keep(grad, hook):
+        grads[hook.name] = grad.detach().clone()
+
+    with model.hooks(bwd_hooks=[("blocks.0.hook_resid_pre", keep)]):
+        model(tokens, return_type="loss").backward()
+    plain = grads.pop("blocks.0.hook_resid_pre")
+    with model.hooks(
+        bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook: (2 * g,)), ("blocks.0.hook_resid_pre", keep)]
+    ):
+        model(tokens, return_type="loss").backward()
+    out["bwd_plain"], out["bwd_doubled"] = plain, grads["blocks.0.hook_resid_pre"]
+    model.zero_grad()
+    return out
+
+
+def custom_root(lib, ctx, name):
+    class Tiny(lib.HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+            self.hook_in = lib.hook_points.HookPoint()
+            self.hook_out = lib.hook_points.HookPoint()
+            self.setup()
+
+        def forward(self, x):
+            return self.hook_out(self.linear(self.hook_in(x)))
+
+    torch.manual_seed(0)
+    tiny = Tiny()
+    x = torch.randn(2, 3, generator=_gen(20))
+    out, cache = tiny.run_with_cache(x)
+    zeroed = tiny.run_with_hooks(x, fwd_hooks=[("hook_in", lambda t, hook: torch.zeros_like(t))])
+    return {
+        "out": out,
+        "cache_keys": sorted(cache),
+        "cache_type": type(cache).__name__,
+        "hook_out": cache["hook_out"],
+        "zeroed": zeroed,
+        "mod_dict": sorted(tiny.mod_dict),
+        "hook_dict": sorted(tiny.hook_dict),
+        "names": [tiny.hook_in.name, tiny.linear.name],
+        "hooks_left": len(tiny.hook_in.fwd_hooks),
+    }
+
+
+def padding(lib, ctx, name):
+    model = ctx.model(name)
+    prompts = [PROMPT, "When Mary"]
+    out = {"right": model.to_tokens(prompts), "default_side": model.tokenizer.padding_side}
+    out["tokenizer_decodes"] = model.tokenizer.decode(model.to_tokens(PROMPT, prepend_bos=False)[0])
+    model.tokenizer.padding_side = "left"
+    try:
+        left = model.to_tokens(prompts)
+        out["left"] = left
+        out["left_str_logits"] = model(prompts)[:, -1]
+        out["left_token_logits"] = model(left)[:, -1]
+        out["left_loss"] = model(left, return_type="loss")
+        out["explicit_right"] = model.to_tokens(prompts, padding_side="right")
+    finally:
+        model.tokenizer.padding_side = "right"
+    long = " ".join([PROMPT] * 6)
+    out["truncated_shape"] = list(model.to_tokens(long).shape)
+    out["untruncated_len"] = model.to_tokens(long, truncate=False).shape[1]
+    return out
+
+
+def generation(lib, ctx, name):
+    import inspect
+
+    model = ctx.model(name)
+    params = inspect.signature(model.generate).parameters
+    tl_names = [
+        "input", "max_new_tokens", "stop_at_eos", "eos_token_id", "do_sample", "top_k", "top_p",
+        "temperature", "freq_penalty", "use_past_kv_cache", "prepend_bos", "padding_side", "return_type", "verbose",
+    ]  # fmt: skip
+    out = {"generate_params": [[n, repr(params[n].default)] for n in tl_names]}
+    out["generate_order"] = [n for n in params if n in tl_names]
+    greedy = dict(do_sample=False, verbose=False, stop_at_eos=False)
+    tokens = model.to_tokens(SHORT)
+    out["greedy_tokens"] = model.generate(tokens, max_new_tokens=6, **greedy)
+    out["greedy_no_cache"] = model.generate(tokens, max_new_tokens=6, use_past_kv_cache=False, **greedy)
+    out["greedy_str"] = model.generate(SHORT, max_new_tokens=6, **greedy)
+    out["greedy_batch"] = model.generate([SHORT, "When Mary"], max_new_tokens=4, **greedy)
+    out["greedy_return_tokens"] = model.generate(SHORT, max_new_tokens=4, return_type="tokens", **greedy)
+    eos = int(out["greedy_tokens"][0, tokens.shape[1] + 2])
+    out["eos_stop"] = model.generate(tokens, max_new_tokens=6, do_sample=False, verbose=False, eos_token_id=eos)
+    out["temperature_zero"] = model.generate(tokens, 6, False, do_sample=True, temperature=0.0, verbose=False)
+    torch.manual_seed(0)
+    out["sampled_shape"] = list(model.generate(tokens, max_new_tokens=5, stop_at_eos=False, verbose=False).shape)
+    cache_cls = lib.TransformerLensKeyValueCache
+    cache = cache_cls.init_cache(model.cfg, "cpu", 1)
+    first = model(tokens[:, :4], past_kv_cache=cache)
+    cache.freeze()
+    out["kv_frozen_step"] = model(tokens[:, 4:], past_kv_cache=cache)[:, -1]
+    out["kv_frozen_mask"] = cache.previous_attention_mask.shape[1]
+    cache.unfreeze()
+    out["kv_step"] = model(tokens[:, 4:], past_kv_cache=cache)[:, -1]
+    out["kv_first"] = first
+    out["kv_mask"] = cache.previous_attention_mask.shape[1]
+    out["full"] = model(tokens)[:, -1]
     return out
 
 
@@ -340,6 +564,17 @@ def config(lib, ctx, name):
     out["init_W_E_std"] = float(big.W_E.detach().std())
     out["init_W_U_std"] = float(big.W_U.detach().std())
     out["init_b_U_abs"] = float(big.unembed.b_U.detach().abs().sum())
+    hooked = lib.HookedTransformer(
+        lib.HookedTransformerConfig(
+            d_model=16, d_head=4, n_layers=1, n_ctx=8, d_vocab=20, act_fn="relu", use_hook_tokens=True, seed=0
+        )
+    )
+    ids = torch.tensor([[1, 2, 3]])
+    _, hooked_cache = hooked.run_with_cache(ids)
+    out["hook_tokens"] = hooked_cache["hook_tokens"]
+    zeroed = hooked.run_with_hooks(ids, fwd_hooks=[("hook_tokens", lambda t, hook: torch.zeros_like(t))])
+    out["hook_tokens_replaces"] = bool(torch.equal(zeroed, hooked(torch.zeros_like(ids))))
+    out["no_hook_tokens_by_default"] = "hook_tokens" in model.hook_dict
     return out
 
 
@@ -352,6 +587,12 @@ CASES = {
     "patching": (patching, MODELS),
     "patching_every_by_pos": (patching_every_by_pos, ("gpt2",)),
     "head_detector": (head_detector, MODELS),
+    "cache_methods": (cache_methods, MODELS),
+    "run_with_cache": (run_with_cache, MODELS),
+    "hooks": (hooks, MODELS),
+    "custom_root": (custom_root, ("none",)),
+    "padding": (padding, MODELS),
+    "generation": (generation, MODELS),
     "utils": (utils, ("none",)),
     "factored": (factored, ("none",)),
     "config": (config, ("none",)),

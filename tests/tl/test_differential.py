@@ -19,8 +19,6 @@ TOLERANCES = {"bf16_logits": (1e-1, 5e-2)}
 """Keys compared at a looser ``(atol, rtol)``: bfloat16 runs round differently in each library."""
 
 KNOWN = {
-    "processed-gpt2/W_U": "TransformerLens' fold_ln also centres every weight that reads a LayerNorm over d_model "
-    "(W_U, and W_Q/W_K/W_V/W_in); mechscope's does not; activations and logits agree (phase 2, model/processing.py)",
     "tokens-gpt2/n_params_total": "TransformerLens stores a separate W_U for tied embeddings and a zero b_U; "
     "mechscope shares the tied tensor and has no b_U without a bias (phase 2: zero biases as TransformerLens)",
     "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U for models "

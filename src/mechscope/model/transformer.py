@@ -143,6 +143,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
         if start_at_layer is None:
             tokens, attention_mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
+            if hasattr(self, "hook_tokens"):  # added by TransformerLens' use_hook_tokens
+                tokens = self.hook_tokens(tokens)
             batch, seq = tokens.shape
             ctx = AttentionContext.build(attention_mask, batch, seq, tokens.device, past_kv_cache)
             if (seq if ctx.key_positions is None else ctx.key_positions.shape[1]) > self.cfg.n_ctx:

@@ -74,7 +74,6 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "post_embedding_ln": (False, "a norm after the embedding"),
     "use_attention_sinks": (False, "attention sinks"),
     "ungroup_grouped_query_attention": (False, "ungrouped keys/values in hook_k/hook_v (phase 2)"),
-    "use_hook_tokens": (False, "hook_tokens (phase 2)"),
     "load_in_4bit": (False, "4-bit weights"),
 }
 """Field -> (the only value mechscope honours, what a different value would need)."""

@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, InputError, LoadError
+from mechscope.hooks import HookPoint
 from mechscope.loading.families import adapter_for
 from mechscope.loading.pretrained import load, read_hf_weights
 from mechscope.model.config import ModelConfig
@@ -83,6 +84,9 @@ class HookedTransformer(_Base):
                 f"cfg must be a HookedTransformerConfig, its dict or a ModelConfig, got {type(cfg).__name__}"
             )
         super().__init__(model_cfg, tokenizer, default_padding_side)
+        if tl_cfg is not None and tl_cfg.use_hook_tokens:
+            self.hook_tokens = HookPoint()  # [batch, pos] token ids, before the embedding
+            self.setup()
         self.initializer_range = None if tl_cfg is None else tl_cfg.initializer_range
         self.seed = None if tl_cfg is None else tl_cfg.seed
         if tl_cfg is not None:
@@ -261,6 +265,8 @@ class HookedTransformer(_Base):
             (torch.Size([1, 3, 32]), True)
         """
         tokens, mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
+        if hasattr(self, "hook_tokens"):
+            tokens = self.hook_tokens(tokens)
         batch, seq = tokens.shape
         ctx = AttentionContext.build(mask, batch, seq, tokens.device, past_kv_cache)
         resid = self.hook_embed(self.embed(tokens))
