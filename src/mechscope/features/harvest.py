@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -98,7 +98,6 @@ class Harvest:
     n_rows: int
     model_name: str = ""
     bos_token: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
