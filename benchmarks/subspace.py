@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=22, help="residual stream entering this block")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the accuracy runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of both sides")
+    parser.add_argument("--pyvene-timeout", type=float, default=None,
+                        help="seconds before the pyvene run is cut (its steps/s so far is still reported)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=32, help="pairs per step")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     parser.add_argument("--n-train", type=int, default=256)
@@ -106,10 +108,18 @@ def main() -> None:
                      "--batch": args.batch, "--lr": args.lr}  # fmt: skip
             cmd = [str(python), str(WORKER)] + [str(x) for pair in flags.items() for x in pair]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**common.OFFLINE_ENV, **_env()})
-            if proc.returncode:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**common.OFFLINE_ENV, **_env()},
+                                      timeout=args.pyvene_timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                progress = Path(str(out) + ".progress")
+                done = json.loads(progress.read_text()) if progress.exists() else {"steps": 0, "seconds": 0.0}
+                proc = None
+                rate = done["steps"] / done["seconds"] if done["steps"] else 0.0
+                results["pyvene"] = {"error": f"cut after {args.pyvene_timeout}s", **done, "steps_per_s": rate}
+            if proc is not None and proc.returncode:
                 results["pyvene"] = {"error": (proc.stderr or proc.stdout)[-4000:]}
-            else:
+            elif proc is not None:
                 results["pyvene"] = json.loads(out.read_text())
                 basis = torch.load(Path(tmp) / "basis.pt")
                 results["pyvene"]["iia_in_mechscope"] = interchange_scores(model, basis, test, hook, -1).iia
@@ -117,7 +127,7 @@ def main() -> None:
         print(f"pyvene: {results['pyvene']}", flush=True)
     other, steal = monitor.other_cores()
     results["other_cores"], results["steal_cores"] = other, steal
-    if "mechscope" in results and "steps_per_s" in results.get("pyvene", {}):
+    if "mechscope" in results and "iia" in results.get("pyvene", {}):
         ratio = results["mechscope"]["steps_per_s"] / results["pyvene"]["steps_per_s"]
         results["ratio"] = ratio
         print(f"\nDAS training steps/s: mechscope {results['mechscope']['steps_per_s']:.2f}, "

@@ -64,6 +64,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
+        with open(args.out + ".progress", "w") as f:  # what a run cut short still reports
+            json.dump({"steps": len(losses), "seconds": time.perf_counter() - start}, f)
     seconds = time.perf_counter() - start
     hits = []
     with torch.no_grad():
