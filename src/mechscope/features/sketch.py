@@ -1,13 +1,15 @@
 """Streaming statistics of many features at once, merged batch by batch, exact and resumable.
 
-For every feature `FeatureSketch` keeps, over all tokens seen:
+A batch is reduced to its firing entries (token, feature, activation) first, so its cost grows
+with the number of firing entries rather than with ``tokens x features``. For every feature
+`FeatureSketch` keeps, over all tokens seen:
 
 * the count of tokens where it fires (activation above the threshold), the sum of its
   activations (over all tokens and over firing ones) and its maximum;
 * the exact top-k firing tokens with their context window: token ids, the feature's activation
   on every context token and, for ``hook_z`` SAEs, the direct feature attribution by source
-  position. Batch candidates come from ``topk``; merges are stable, so among equal activations
-  the earliest token wins (within a batch too);
+  position. A batch's candidates come from a stable sort of its firing entries and merges are
+  stable, so among equal activations the earliest token wins;
 * a uniform random sample (``pool``) of firing tokens with the same context data: every
   (token, feature) pair gets a key drawn from a generator seeded by the batch number, and the
   ``pool`` smallest keys are kept, unordered (a bottom-k sample: uniform, and the same after a
