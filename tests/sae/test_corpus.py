@@ -146,6 +146,7 @@ def test_token_stream_separates_documents_and_caches(tmp_path, monkeypatch):
     tokens = corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars")
     assert tokens.tolist() == [97, 98, 0, 99, 0]
     (cached,) = (tmp_path / "corpus" / "tokens").iterdir()
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not safetensors' own 0600
     monkeypatch.setattr(corpus, "tokenize_texts", lambda *a: pytest.fail("re-tokenised a cached corpus"))
     assert torch.equal(corpus.cached_token_stream(["ab", "c"], _CharTokenizer(), "chars"), tokens)
 

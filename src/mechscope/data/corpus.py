@@ -433,7 +433,7 @@ def cached_token_stream(texts: list[str], tokenizer, name: str) -> Tensor:
         >>> tokens = cached_token_stream(default_corpus_texts(), model.tokenizer, "smollm2")  # doctest: +SKIP
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     hf = getattr(tokenizer, "hf", tokenizer)
     digest = hashlib.sha256()
@@ -452,7 +452,7 @@ def cached_token_stream(texts: list[str], tokenizer, name: str) -> Tensor:
     tokens = tokenize_texts(texts, tokenizer, progress=len(texts) > 100)  # once per corpus and vocabulary
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"tokens": tokens}, str(tmp))
+    tmp.write_bytes(save({"tokens": tokens}))  # a plain write: the file's mode follows the umask
     os.replace(tmp, path)
     return tokens
 
