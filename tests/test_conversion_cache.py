@@ -57,14 +57,18 @@ def logits(model):
     return model(torch.tensor([[1, 2, 3, 4]]))
 
 
-def test_second_load_reads_the_cache(gguf, tmp_path):
+def test_second_load_reads_the_cache(gguf, tmp_path, monkeypatch):
     path, conversions, source = gguf
     older = tmp_path / "cache" / f"gguf-{cache_entries.file_sha256(path)[:32]}-v1"
     (older / "tokenizer").mkdir(parents=True)  # the same source in an older cache format: replaced
     first = ms.load(path, device="cpu")
     assert not older.exists()
+    hashed = []
+    real = cache_entries.file_sha256
+    monkeypatch.setattr(cache_entries, "file_sha256", lambda f: hashed.append(f) or real(f))
     second = ms.load(path, device="cpu")
     assert len(conversions) == 1
+    assert hashed == []  # untouched files are checked by their stat fingerprint, not rehashed
     torch.testing.assert_close(logits(second), logits(source), atol=0, rtol=0)
     torch.testing.assert_close(logits(first), logits(second), atol=0, rtol=0)
     manifest = json.loads((entry_of(tmp_path) / "COMPLETE").read_text())
