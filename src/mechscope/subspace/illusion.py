@@ -195,6 +195,16 @@ def head_readers(model, heads: Sequence[tuple[int, int]], kind: str = "q") -> Fl
     return torch.cat(parts, dim=1)
 
 
+def share(part: float, whole: float) -> str:
+    """``part / whole`` as a whole percentage (no ``-0%`` for rounding noise).
+
+    Example:
+        >>> share(-1e-7, 1.2), share(0.5, 1.0)
+        ('0%', '50%')
+    """
+    return f"{round(part / whole, 2) + 0.0:.0%}"
+
+
 def default_readers(model, hook_name: str) -> Tensor:
     """``W_out`` of the layer for an MLP hidden activation; other sites need explicit readers."""
     kind, layer = parse_act_name(hook_name).kind, layer_of(hook_name)
@@ -296,10 +306,12 @@ def illusion_check(
         if not large:
             verdict = "small effect"
         elif needs_both:
-            verdict = f"illusory: row-space part alone {e_row / e:.0%}, kernel part alone {e_ker / e:.0%} of the effect"
+            verdict = (
+                f"illusory: row-space part alone {share(e_row, e)}, kernel part alone {share(e_ker, e)} of the effect"
+            )
         else:
             alone = "row-space" if abs(e_row) >= abs(e_ker) else "kernel"
-            verdict = f"not illusory: the {alone} part alone gives {max(e_row, e_ker, key=abs) / e:.0%} of the effect"
+            verdict = f"not illusory: the {alone} part alone gives {share(max(e_row, e_ker, key=abs), e)} of the effect"
         rows.append(IllusionRow(name, e, e_row, e_ker, variance(whole), variance(row), variance(kernel), fraction,
                                 needs_both, verdict))  # fmt: skip
     return IllusionReport(rows, hook_name, position, unpatched, float(full.flatten()[0]) - unpatched,
