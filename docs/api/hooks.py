@@ -39,6 +39,7 @@ OPTIONAL_PAGES = {
     "othello.md",
     "features.md",
     "tl_compat.md",
+    "tutorials/tl_main_demo.py",
 }
 
 _state: dict = {}

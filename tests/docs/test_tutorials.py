@@ -27,6 +27,7 @@ PUBLIC_PACKAGES = {
     "mechscope.data",
     "mechscope.patching",
     "mechscope.sae",
+    "mechscope.tl",
     "mechscope.toys",
     "mechscope.viz",
 }
