@@ -111,13 +111,18 @@ def agreement(work: Path, n_tokens: int) -> dict:
         )
     mine_np = json.loads((work / "neuronpedia" / "batch-0.json").read_text())
     their_np = json.loads((work / "saedash-batch.json").read_text())
-    feature, their_feature = mine_np["features"][0], their_np["features"][0]
+    feature = next((f for f in mine_np["features"] if f["activations"]), mine_np["features"][0])
+    their_feature = next((f for f in their_np["features"] if f["activations"]), their_np["features"][0])
     return {
         "features": len(theirs["features"]), "identical_top_positions": same_top, "max_top_value_diff": value_gap,
         "max_density_diff": density_gap, "max_histogram_cdf_gap": hist_gap,
         "neuronpedia_batch_keys_equal": list(mine_np) == list(their_np),
         "neuronpedia_feature_keys_equal": list(feature) == list(their_feature),
-        "neuronpedia_activation_keys_equal": list(feature["activations"][0]) == list(their_feature["activations"][0]),
+        "neuronpedia_activation_keys_equal": (
+            list(feature["activations"][0]) == list(their_feature["activations"][0])
+            if their_feature["activations"] and feature["activations"]
+            else "SAEDashboard wrote no activations"
+        ),
     }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from tests.features.conftest import CORPUS, topk_sae
 
 # The keys of a feature and of an activation in SAEDashboard 0.8.0's Neuronpedia batches
 # (sae_dashboard/neuronpedia/neuronpedia_dashboard.py, NeuronpediaDashboardFeature.to_dict and
-# NeuronpediaDashboardActivation.to_dict, with the DFA keys of hook_z SAEs).
+# NeuronpediaDashboardActivation.to_dict, whose DFA keys it writes even without DFA data).
 NP_BATCH = ["model_id", "layer", "sae_set", "sae_id_suffix", "features"]
 NP_FEATURE = [
     "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
@@ -26,7 +26,8 @@ NP_FEATURE = [
     "logits_hist_data_bar_heights", "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset",
     "decoder_weights_dist", "activations", "vector",
 ]  # fmt: skip
-NP_ACTIVATION = ["bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"]
+NP_ACTIVATION = ["bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index", "dfa_values",
+                 "dfa_maxValue", "dfa_targetIndex"]  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:

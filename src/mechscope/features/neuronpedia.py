@@ -6,8 +6,9 @@ SAEDashboard 0.8.0 (``sae_dashboard.neuronpedia``) writes ``batch-{n}.json`` fil
 ``pos_values`` and ``neg_str`` / ``neg_values`` for the logit effects, ``frac_nonzero``,
 ``freq_hist_data_bar_values`` / ``_heights`` (bin centres and counts), ``logits_hist_data_*``,
 ``activations`` with ``bin_min``, ``bin_max``, ``bin_contains``, ``tokens``, ``values``,
-``qualifying_token_index`` and, for ``hook_z`` SAEs, ``dfa_values``, ``dfa_maxValue``,
-``dfa_targetIndex``; ``decoder_weights_dist`` (head shares), ``n_prompts_total``,
+``qualifying_token_index``, ``dfa_values``, ``dfa_maxValue`` and ``dfa_targetIndex`` (source
+attributions for ``hook_z`` SAEs; ``[]``, ``0``, ``-1`` otherwise, as SAEDashboard writes them);
+``decoder_weights_dist`` (head shares), ``n_prompts_total``,
 ``n_tokens_in_prompt``, ``dataset``, the ``neuron_alignment_*`` / ``correlated_*`` tables and
 ``vector``), values rounded to 3 decimals as there. Top examples carry ``bin_min = -1``,
 ``bin_contains = -1`` and ``bin_max`` the maximum, quantile examples their bin's range and
@@ -55,6 +56,8 @@ def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None) 
         if ex.dfa is not None:
             dfa = _r(ex.dfa[i] for i in keep)
             out.update(dfa_values=dfa, dfa_maxValue=max(dfa, default=0.0), dfa_targetIndex=keep.index(ex.center))
+        else:  # as SAEDashboard writes them without DFA data
+            out.update(dfa_values=[], dfa_maxValue=0, dfa_targetIndex=-1)
         return out
 
     acts = [activation(ex, -1, round(rec.max, 3), -1) for ex in rec.top]
