@@ -57,7 +57,8 @@ hook = "blocks.6.hook_resid_post"
 #
 # The Markdown pages of the project, tokenised as one stream and cut into sequences of 128
 # tokens; the last eight sequences are held out for the evaluation. Activations of the residual
-# stream after block 6 are harvested once (the forward stops after that block).
+# stream after block 6 are harvested once from the first 20,000 training tokens (the forward
+# stops after that block).
 
 # %%
 root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "README.md").exists() and (p / "docs").is_dir())
@@ -65,14 +66,14 @@ pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 stream = torch.cat([model.to_tokens(page.read_text(), truncate=False)[0] for page in pages])  # [token]
 context = 128
 sequences = stream[: len(stream) // context * context].view(-1, context)  # [n_seq, pos]
-train_tokens, eval_tokens = sequences[:-8], sequences[-8:]
+train_tokens, eval_tokens = sequences[:-8], sequences[-8:]  # [n_seq, pos] each
 print(f"{len(stream):,} tokens: {len(train_tokens)} training and {len(eval_tokens)} held-out sequences of {context}")
 
 with torch.no_grad():
     acts = torch.cat(
         [
             model.run_with_cache(batch, names_filter=hook, stop_at_layer=7)[1][hook].flatten(0, 1)
-            for batch in train_tokens.split(16)
+            for batch in train_tokens[:160].split(16)
         ]
     )  # [token, d_model]
 print("activations", tuple(acts.shape))
@@ -86,7 +87,7 @@ print("activations", tuple(acts.shape))
 
 # %%
 sae_config = SAEConfig(d_in=model.cfg.d_model, d_sae=4 * model.cfg.d_model, architecture="topk", k=16, hook_name=hook)
-train_config = TrainConfig(steps=300, lr=1e-3, lr_warmup_steps=30, dead_window=100, log_every=30, progress=False)
+train_config = TrainConfig(steps=200, lr=1e-3, lr_warmup_steps=20, dead_window=100, log_every=20, progress=False)
 sae = train_sae(sae_config, TensorSource({hook: acts}, batch_size=512, seed=0), train_config)
 print(sae.cfg.architecture, sae.cfg.d_in, "->", sae.cfg.d_sae)
 
@@ -104,11 +105,11 @@ print(sae.cfg.architecture, sae.cfg.d_in, "->", sae.cfg.d_sae)
 # `pathology_ratio` well above 1 means the SAE's error hurts more than a random one of its size.
 
 # %%
-evaluation = evaluate_sae(model, sae, eval_tokens, batch_size=4)
+evaluation = evaluate_sae(model, sae, eval_tokens[:4], batch_size=4)
 print(evaluation.summary())
 
 # %%
-density = (sae.encode(acts[:20_000]) > 0).float().mean(0)  # firing frequency of each latent
+density = (sae.encode(acts) > 0).float().mean(0)  # firing frequency of each latent
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.hist(torch.log10(density[density > 0]), bins=40)
 ax.set_xlabel("log10 firing frequency")
@@ -145,15 +146,15 @@ data = ioi_dataset(model, n=2)
 metric = data.metric()  # logit difference, indirect object minus subject
 with torch.no_grad():
     effects = feature_patch(model, sae, data.clean_tokens, data.corrupted_tokens, metric, error=True)
+    baseline = float(metric(model(data.corrupted_tokens)).mean())  # the corrupted run's logit difference
 for name, values in effects.items():
-    print(name, tuple(values.shape))
-    baseline = float(metric(model(data.corrupted_tokens)).mean())
     change = values - baseline
+    if change.dim() == 0:  # the error node: everything the SAE does not reconstruct
+        print(f"{name}: patching the error term moves the logit difference by {float(change):+.3f}")
+        continue
     order = change.abs().argsort(descending=True)[:5]
-    print(
-        "latents whose clean value moves the logit difference most:",
-        [(int(i), round(float(change[i]), 3)) for i in order],
-    )
+    print(f"{name} {tuple(values.shape)}: the latents that move the logit difference most")
+    print([(int(i), round(float(change[i]), 3)) for i in order])
 
 # %% [markdown]
 # ## Save and load: the SAELens layout
