@@ -198,6 +198,7 @@ class HookPoint(nn.Module):
             self.bwd_hooks = [h for h in self.bwd_hooks if kept(h)]
 
     def clear_context(self) -> None:
+        """Empty ``ctx``, the dict hooks may use to keep state between calls."""
         self.ctx = {}
 
     def layer(self) -> int:
@@ -283,6 +284,7 @@ class HookedRootModule(nn.Module):
                 self.hook_dict[name] = module
 
     def hook_points(self):
+        """Every `HookPoint` of the module (``hook_dict``'s values)."""
         return self.hook_dict.values()
 
     def hook_names(self, names_filter: NamesFilter = None) -> list[str]:
@@ -364,10 +366,12 @@ class HookedRootModule(nn.Module):
         including_permanent: bool = False,
         level: int | None = None,
     ) -> None:
+        """`HookPoint.remove_hooks` on every hook point."""
         for point in self.hook_points():
             point.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     def clear_contexts(self) -> None:
+        """`HookPoint.clear_context` on every hook point."""
         for point in self.hook_points():
             point.clear_context()
 
