@@ -172,9 +172,10 @@ print(len(labels), labels[:4], "...")
 # %% [markdown]
 # ## Generation
 #
-# Greedy by default, with a key/value cache; hooks run on every step.
+# `generate` samples by default, as in TransformerLens; `do_sample=False` is greedy. It uses a
+# key/value cache, and hooks run on every step.
 
 # %%
-print(model.generate("Once upon a time", max_new_tokens=12))
+print(model.generate("Once upon a time", max_new_tokens=12, do_sample=False, verbose=False))
 with model.hooks(fwd_hooks=[("blocks.23.attn.hook_z", ablate_head)]):
-    print(model.generate(prompt, max_new_tokens=3))
+    print(model.generate(prompt, max_new_tokens=3, do_sample=False, verbose=False))
