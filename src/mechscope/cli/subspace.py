@@ -200,12 +200,12 @@ def add_subspace_commands(kinds, formatter_class: type[argparse.HelpFormatter]) 
                           description="Generate from a prompt with and without a steering direction.",
                           formatter_class=formatter_class)  # fmt: skip
     st.add_argument("--prompt", default="I think that this movie was", help="the prompt to continue")
-    st.add_argument("--positive", nargs="+", default=["I love it", "This is wonderful", "What a great day"],
+    st.add_argument("--positive", nargs="+", default=["I hate it", "This is terrible", "What an awful day"],
                     help="prompts whose mean activation is the direction's head")  # fmt: skip
-    st.add_argument("--negative", nargs="+", default=["I hate it", "This is terrible", "What an awful day"],
+    st.add_argument("--negative", nargs="+", default=["I love it", "This is wonderful", "What a great day"],
                     help="prompts whose mean activation is subtracted")  # fmt: skip
     st.add_argument("--hook", default="blocks.10.hook_resid_post", help="where the direction is added")
-    st.add_argument("--coefficient", type=float, default=4.0, help="multiple of the direction added")
+    st.add_argument("--coefficient", type=float, default=1.5, help="multiple of the direction added")
     st.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate")
     st.set_defaults(func=cli_steer)
     for q in (ioi, st):
