@@ -206,3 +206,4 @@ SITES: dict[str, Site] = {
     "pattern": Site("pattern", ("head", "query_pos", "key_pos"), ("head",)),
     "post": Site("post", ("pos", "d_mlp"), ("d_mlp",)),
 }
+"""Every patching site by short name: its activation layout and default ``by`` (see `Site`)."""
