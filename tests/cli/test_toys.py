@@ -32,6 +32,25 @@ def test_toys_grokking_cli_writes_report_and_resumes(tmp_path, capsys):
     assert json.loads((tmp_path / "grokking.json").read_text())["epochs_trained"] == 30
 
 
+def test_toys_grokking_key_frequency_rule_flag(tmp_path, capsys):
+    from mechscope.cli.toys import KEY_FREQUENCY_RULES
+    from mechscope.toys import fourier
+
+    assert KEY_FREQUENCY_RULES == fourier.KEY_FREQUENCY_RULES
+    flags = "--p 13 --d-model 16 --d-mlp 32 --epochs 10 --log-every 5 --checkpoint-every 10"
+    argv = ["toys", "grokking", *flags.split(), "--out", str(tmp_path), "--quiet"]
+    for rule in ("threshold", "gap"):  # the second run reanalyses the saved state
+        assert main([*argv, "--key-frequency-rule", rule]) == 0
+        numbers = json.loads((tmp_path / "grokking.json").read_text())
+        norms = torch.tensor(numbers["embed_freq_norms"])
+        assert numbers["key_frequency_rule"] == rule
+        assert numbers["key_freqs_embed"] == fourier.key_frequencies_from_norms(norms, rule=rule)
+    assert f"key frequencies: {numbers['key_freqs']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--key-frequency-rule", "largest"])
+    assert "threshold" in capsys.readouterr().err
+
+
 def test_toys_superposition_cli(tmp_path, capsys):
     flags = "--steps 100 --phase-steps 100 --n-instances 2 --batch-size 128"
     assert main(["toys", "superposition", *flags.split(), "--out", str(tmp_path), "--quiet"]) == 0

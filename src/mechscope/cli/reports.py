@@ -13,15 +13,18 @@ from mechscope.cli.figures import heatmap_figure, line_figure, write_report
 from mechscope.toys import fourier, induction, modular, superposition
 
 
-def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool = True) -> dict:
+def grokking_report(run: modular.GrokkingRun, path: str | Path, progress: bool = True, rule: str = "gap") -> dict:
     """Analyse a grokking run (Fourier structure, progress measures) and write its report; return the numbers.
+
+    ``rule`` picks the key frequencies (`fourier.KEY_FREQUENCY_RULES`: ``"gap"``, the default, or
+    ``"threshold"``); the progress measures use the key frequencies it picks.
 
     Example:
         >>> run = modular.train_grokking(modular.GrokkingConfig.quick())  # doctest: +SKIP
         >>> numbers = grokking_report(run, "grokking.html")  # doctest: +SKIP
     """
     cfg = run.config
-    analysis = modular.analyse_model(run.model, run.data, cfg.p)
+    analysis = modular.analyse_model(run.model, run.data, cfg.p, rule=rule)
     key_freqs = analysis["key_freqs_neurons"] or analysis["key_freqs_embed"]
     measures = modular.progress_measures(run, key_freqs, progress=progress)
     grok = run.grokking_epoch()

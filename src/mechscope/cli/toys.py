@@ -11,6 +11,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+# The choices of `mechscope.toys.fourier.KEY_FREQUENCY_RULES`, spelt here so that `--help` imports no torch
+# (tests/cli/test_toys.py checks that the two agree).
+KEY_FREQUENCY_RULES = ("gap", "threshold")
+
 GROKKING_FLAGS: dict[str, tuple[str, type, object, str]] = {
     # flag: (GrokkingConfig field, type, default, help)
     "--p": ("p", int, 113, "the modulus; the vocabulary is 0 ... p-1 and the '=' token"),
@@ -70,7 +74,7 @@ def _grokking(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run = modular.train_grokking(cfg, out / "run", device=args.device or "cpu", progress=not args.quiet)
     print(f"trained {run.epoch} epochs in {time.perf_counter() - start:.0f}s (resumable state in {out / 'run'})")
-    numbers = grokking_report(run, out / "grokking.html", progress=not args.quiet)
+    numbers = grokking_report(run, out / "grokking.html", progress=not args.quiet, rule=args.key_frequency_rule)
     print(
         f"train accuracy >= 99% at epoch {numbers['train_acc_99_epoch']}, "
         f"test accuracy >= 99% at epoch {numbers['test_acc_99_epoch']}"
@@ -188,6 +192,13 @@ def add_toys_parser(
         _grokking,
     )
     g.add_argument("--device", default="cpu", help="device to train on (cpu or cuda)")
+    g.add_argument(
+        "--key-frequency-rule",
+        choices=KEY_FREQUENCY_RULES,
+        default="gap",
+        help="how the analysis picks key frequencies: 'gap' cuts at the largest drop between neighbouring sorted "
+        "Fourier norms; 'threshold' keeps every frequency above 0.1 x the strongest (the old rule)",
+    )
     add(
         "superposition",
         "ReLU-output toy models, feature geometry and the phase diagram",
