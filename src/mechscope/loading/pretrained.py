@@ -31,8 +31,9 @@ from mechscope.loading.cache_entries import (
     temporary_dir,
     write_cache_entry,
 )
-from mechscope.loading.families import adapter_for
+from mechscope.loading.families import REGISTRY, adapter_for
 from mechscope.model.config import ModelConfig
+from mechscope.model.generic import GenericModel, load_generic
 from mechscope.model.placement import DeviceMap, place
 from mechscope.model.processing import process_weights, resolve_steps
 from mechscope.model.tokenize import Tokenizer, tokenizer_adds_bos
@@ -79,7 +80,8 @@ def load(
     center_unembed: bool | None = None,
     fold_value_biases: bool | None = None,
     processed: bool = False,
-) -> HookedTransformer:
+    adapter: str | None = None,
+) -> HookedTransformer | GenericModel:
     """Load a pretrained model as a `HookedTransformer`, weights equal to the source's.
 
     ``name_or_path`` is a bundled name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
@@ -96,6 +98,10 @@ def load(
     (LayerNorm models: all four; RMSNorm models: folding only, as RMSNorm does not centre).
     Processing never changes the log-probabilities (see `mechscope.model.processing`).
 
+    ``adapter="generic"`` wraps the ``transformers`` model itself at the block level
+    (`mechscope.model.generic.GenericModel`); a Hugging Face directory or hub id whose
+    ``model_type`` has no family adapter is wrapped so automatically, with a warning.
+
     Example:
         >>> model = load("smollm2-135m")  # doctest: +SKIP
         >>> model.cfg.n_layers            # doctest: +SKIP
@@ -107,6 +113,15 @@ def load(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LoadError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     name = os.fspath(name_or_path)
+    if adapter not in (None, "generic"):
+        raise LoadError(f"adapter must be None (the family adapter) or 'generic', got {adapter!r}")
+    generic = _generic_source(name, adapter)
+    if generic is not None:
+        if device_map is not None or any(
+            (fold_ln, center_writing_weights, center_unembed, fold_value_biases, processed)
+        ):
+            raise LoadError("the generic wrapper runs the transformers model as is: drop device_map and processing")
+        return _load_generic(generic, adapter, device, dtype)
     if name in BUNDLED:
         cfg, weights, hf_tok = _load_gguf(bundled_path(name))
         cfg.model_name = name
@@ -131,6 +146,11 @@ def load(
         center_unembed=center_unembed,
         fold_value_biases=fold_value_biases,
     )
+    if cfg.image_size is not None and any(steps.values()):
+        raise LoadError(
+            f"weight processing ({', '.join(k for k, v in steps.items() if v)}) is not supported for vision "
+            "models yet: load them with processed=False"
+        )
     if device_map is not None:
         device = torch.device("cpu")
     if any(steps.values()):  # process in float32, then cast
@@ -138,6 +158,40 @@ def load(
     else:
         model = build_model(cfg, weights, hf_tok, device=device, dtype=dtype)
     return model if device_map is None else place(model, device_map)
+
+
+def _generic_source(name: str, adapter: str | None) -> Path | None:
+    """The HF directory to wrap generically: asked for, or a ``model_type`` without an adapter."""
+    if name in BUNDLED or name.endswith(".gguf"):
+        if adapter == "generic":
+            raise LoadError(f"adapter='generic' needs a Hugging Face directory or hub id, got {name!r}")
+        return None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if adapter != "generic" or path.exists() or _looks_like_path(name):
+            return None
+        path = _download(name)
+    if adapter == "generic":
+        return path
+    try:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the adapter path reports the broken config
+    return None if model_type in REGISTRY else path
+
+
+def _load_generic(path: Path, adapter: str | None, device: torch.device, dtype: torch.dtype) -> GenericModel:
+    model = load_generic(path, device, dtype)
+    if adapter is None:
+        notice = f"; {model.notice}" if model.notice else ""
+        warnings.warn(
+            f"model_type {model.cfg.model_type!r} has no family adapter: wrapped at the block level "
+            f"(GenericModel, no per-head hooks){notice}",
+            stacklevel=3,
+        )
+    return model
 
 
 def _default_device() -> torch.device:
@@ -233,6 +287,8 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Any | None
     adapter = adapter_for(hf_config.model_type)
     cfg = adapter.config_from_hf(hf_config)
     weights = adapter.convert_weights(read_hf_weights(path), cfg)
+    if cfg.image_size is not None:
+        cfg.extra["hf_dir"] = str(path)  # where `mechscope.vision` finds the image processor
     hf_tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
         hf_tokenizer = AutoTokenizer.from_pretrained(path)

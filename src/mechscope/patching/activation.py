@@ -95,7 +95,7 @@ def _sweep(
         patches,
         metric,
         attention_mask=attention_mask,
-        base=base if options.reuse_prefix else None,
+        base=base if options.reuse_prefix and getattr(model, "reuses_prefix", True) else None,
         batch_size=options.batch_size,
         memory_budget=options.memory_budget,
         logit_positions=options.logit_positions,
