@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from mechscope.errors import InputError
@@ -31,6 +31,7 @@ def _activation(name: str):
         "gelu": F.gelu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
         "relu": F.relu,
         "silu": F.silu,
     }[name]
@@ -254,7 +255,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head or kv_head, pos, d_head]
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.append(self.layer, k, v)  # [batch, kv_head, past + pos, d_head]
-        mask = ctx.mask(self.sliding_window)
+        mask = ctx.mask(self.sliding_window) if cfg.causal else _key_padding(ctx)
         explicit = cfg.attn_implementation == "eager" or cfg.attn_scores_soft_cap is not None
         if explicit or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             z = self._explicit_attention(q, k, v, mask, fused_if_unedited=not explicit)
@@ -273,7 +274,7 @@ class Attention(nn.Module):
         )
 
     def _fused_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        causal = mask is None and q.shape[-2] > 1
+        causal = self.cfg.causal and mask is None and q.shape[-2] > 1
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.cfg.n_kv_groups > 1
         )
@@ -287,7 +288,8 @@ class Attention(nn.Module):
         allowed = mask
         if allowed is None:
             n_q, n_k = scores.shape[-2:]
-            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device)
+            allowed = allowed.tril(n_k - n_q) if self.cfg.causal else allowed
         scores, scores_read_only = _run_hook(self.hook_attn_scores, scores.masked_fill(~allowed, float("-inf")))
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern, pattern_read_only = _run_hook(self.hook_pattern, pattern)
@@ -299,6 +301,11 @@ class Attention(nn.Module):
             lambda: torch.matmul(pattern, v_heads),
             pattern,
         )
+
+
+def _key_padding(ctx: AttentionContext) -> Bool[Tensor, "batch 1 1 key_pos"] | None:
+    """Bidirectional attention's mask: every query sees every real key (``None``: no padding)."""
+    return None if ctx.key_padding is None else ctx.key_padding[:, None, None, :]
 
 
 def _run_hook(hook: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
@@ -381,8 +388,8 @@ class Unembed(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w_u = _param(cfg.d_vocab, cfg.d_model)
-        _optional_param(self, "b_U", cfg.unembed_bias, cfg.d_vocab)
+        self.w_u = _param(cfg.d_vocab_out, cfg.d_model)
+        _optional_param(self, "b_U", cfg.unembed_bias, cfg.d_vocab_out)
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:

@@ -15,11 +15,11 @@ from mechscope.errors import ConfigError
 
 NormType = Literal["layernorm", "rmsnorm"]
 PositionalType = Literal["learned", "rotary", "none"]
-ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"]
+ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu"]
 LayerType = Literal["full_attention", "sliding_attention"]
 QKNorm = Literal["head", "full"]
 
-_ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+_ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -52,7 +52,7 @@ class ModelConfig:
     ``1`` is multi-query attention. Must divide ``n_heads``."""
     act_fn: ActFn = "gelu_new"
     """MLP non-linearity: ``gelu`` (exact erf), ``gelu_new``/``gelu_pytorch_tanh`` (tanh
-    approximation), ``relu`` or ``silu``."""
+    approximation), ``quick_gelu`` (``x * sigmoid(1.702 x)``, CLIP), ``relu`` or ``silu``."""
     gated_mlp: bool = False
     """If true the MLP is ``W_out(act(W_gate x) * W_in x)`` (SwiGLU/GeGLU); otherwise ``W_out(act(W_in x))``."""
     normalization_type: NormType | None = "layernorm"
@@ -112,6 +112,32 @@ class ModelConfig:
     parallel_attn_mlp: bool = False
     """If true attention and MLP both read ``resid_pre`` and their outputs are added together
     (GPT-J / GPT-NeoX); there is then no ``hook_resid_mid``."""
+    causal: bool = True
+    """Each query attends only to itself and earlier positions (decoders, CLIP's text tower);
+    ``False`` is bidirectional attention (vision towers, SigLIP's text tower), where padding keys
+    are still masked. Bidirectional models have no sliding window and no key/value cache."""
+    d_unembed: int | None = None
+    """Rows of the unembedding (width of the logits) when they differ from ``d_vocab``: an
+    encoder's projection into a shared embedding space (CLIP's ``projection_dim``); ``None``
+    means ``d_vocab``."""
+    image_size: int | None = None
+    """Side of the square input image in pixels; set (with ``patch_size``) for vision models,
+    whose input is ``[batch, n_channels, image_size, image_size]`` pixels instead of tokens."""
+    patch_size: int | None = None
+    """Side of one square image patch in pixels; position ``n_prefix_tokens + row * (image_size //
+    patch_size) + col`` is the patch at grid ``(row, col)``."""
+    n_channels: int = 3
+    """Colour channels of the input image."""
+    class_token: bool = False
+    """Prepend a learned class embedding at position 0 (ViT's ``[CLS]``, CLIP's class embedding)."""
+    patch_bias: bool = False
+    """Whether the patch embedding (a linear map of each patch's pixels) has a bias."""
+    embed_norm: bool = False
+    """Normalise the summed patch and position embeddings before the first block (CLIP's
+    pre-LayerNorm); ``hook_embed`` then sees the normalised sum."""
+    attention_pool: bool = False
+    """The model has a multi-head attention-pooling head (SigLIP's ``head``: a learned probe
+    attending over the final normalised residual stream), run by ``model.pool_head``."""
     default_prepend_bos: bool = True
     """Whether ``to_tokens`` prepends the BOS token unless told otherwise (see the README's
     table of tokenizer conventions)."""
@@ -189,6 +215,20 @@ class ModelConfig:
             raise ConfigError(f"qk_norm must be 'head', 'full' or None, got {self.qk_norm!r}")
         if (self.qk_norm or self.post_norm) and self.normalization_type is None:
             raise ConfigError("qk_norm and post_norm need a normalization_type ('rmsnorm' or 'layernorm')")
+        if not self.causal and self.sliding_window is not None:
+            raise ConfigError("a sliding window needs causal attention; set causal=True or sliding_window=None")
+        if (self.image_size is None) != (self.patch_size is None):
+            raise ConfigError("vision models set both image_size and patch_size; text models set neither")
+        if self.image_size is not None and (self.patch_size <= 0 or self.image_size % self.patch_size):
+            raise ConfigError(f"patch_size={self.patch_size} must be positive and divide image_size={self.image_size}")
+        if self.image_size is not None and self.positional_embedding_type != "none":
+            raise ConfigError(
+                "vision models keep their position table in the patch embedding: set positional_embedding_type='none'"
+            )
+        if self.image_size is not None and self.n_ctx != self.n_prefix_tokens + self.n_patches:
+            raise ConfigError(
+                f"n_ctx={self.n_ctx} must be the {self.n_patches} patches plus {self.n_prefix_tokens} class token(s)"
+            )
         for name in ("attn_scores_soft_cap", "output_logits_soft_cap", "embed_scale"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -209,8 +249,24 @@ class ModelConfig:
 
     @property
     def d_vocab_out(self) -> int:
-        """Width of the logits (TransformerLens' name): ``d_vocab``."""
-        return self.d_vocab
+        """Width of the logits (TransformerLens' name): ``d_unembed``, else ``d_vocab``."""
+        return self.d_vocab if self.d_unembed is None else self.d_unembed
+
+    @property
+    def n_patches(self) -> int:
+        """Image patches per input of a vision model (``0`` for text models).
+
+        Example:
+            >>> ModelConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, d_vocab=8, n_ctx=17,
+            ...             image_size=32, patch_size=8, class_token=True).n_patches
+            16
+        """
+        return 0 if self.image_size is None else (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Positions before the first image patch (the class token, when there is one)."""
+        return int(self.class_token)
 
     @property
     def n_params(self) -> int:

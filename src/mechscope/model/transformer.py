@@ -20,6 +20,7 @@ from mechscope.model.components import Embed, PosEmbed, TransformerBlock, Unembe
 from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
+from mechscope.model.image import AttentionPool, PatchEmbed
 from mechscope.model.init import init_gpt2, init_weights
 from mechscope.model.loss import next_token_loss
 from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, check_positions, input_tokens
@@ -60,7 +61,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg)
+        self.embed = Embed(cfg) if cfg.image_size is None else PatchEmbed(cfg)  # tokens, or image pixels
         self.hook_embed = HookPoint()
         if cfg.positional_embedding_type == "learned":
             self.pos_embed = PosEmbed(cfg)
@@ -68,6 +69,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
+        if cfg.attention_pool:
+            self.pool_head = AttentionPool(cfg)  # run on demand: `mechscope.vision.pooled_image`
         if cfg.tie_word_embeddings:
             self.unembed.w_u = self.embed.W_E
         self.setup()
@@ -111,7 +114,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         """Run the model.
 
         Args:
-            input: a string, a list of strings, token ids ``[batch, pos]`` (or ``[pos]``), or with
+            input: a string, a list of strings, token ids ``[batch, pos]`` (or ``[pos]``), pixels
+                ``[batch, n_channels, image_size, image_size]`` for vision models, or with
                 ``start_at_layer`` the residual stream ``[batch, pos, d_model]`` entering that layer.
             return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``
                 (``(logits, loss)``) or ``None``.
@@ -141,7 +145,10 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             raise InputError(f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer}")
         if past_kv_cache is not None and (start_at_layer is not None or stop_at_layer is not None):
             raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
-        if start_at_layer is None:
+        if start_at_layer is None and self.cfg.image_size is not None:
+            resid = self.hook_embed(self.embed(input))  # pixels -> [batch, pos, d_model]
+            ctx = AttentionContext.build(None, resid.shape[0], resid.shape[1], resid.device)
+        elif start_at_layer is None:
             tokens, attention_mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)
             if hasattr(self, "hook_tokens"):  # added by TransformerLens' use_hook_tokens
                 tokens = self.hook_tokens(tokens)

@@ -63,7 +63,7 @@ class StackedWeights:
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         b_u = self.unembed.b_U
-        return self.W_U.new_zeros(self.cfg.d_vocab) if b_u is None else b_u
+        return self.W_U.new_zeros(self.cfg.d_vocab_out) if b_u is None else b_u
 
     @property
     def device(self) -> torch.device:

@@ -11,9 +11,35 @@ from __future__ import annotations
 from types import ModuleType
 
 from mechscope.errors import ConfigError
-from mechscope.loading.families import gemma, gpt2, gpt_neox, gptj, llama, olmo2, phi3, qwen3
+from mechscope.loading.families import (
+    clip_text,
+    clip_vision,
+    gemma,
+    gpt2,
+    gpt_neox,
+    gptj,
+    llama,
+    olmo2,
+    phi3,
+    qwen3,
+    siglip_vision,
+    vit,
+)
 
-_ADAPTERS: tuple[ModuleType, ...] = (gpt2, gpt_neox, gptj, llama, qwen3, gemma, phi3, olmo2)
+_ADAPTERS: tuple[ModuleType, ...] = (
+    gpt2,
+    gpt_neox,
+    gptj,
+    llama,
+    qwen3,
+    gemma,
+    phi3,
+    olmo2,
+    vit,
+    clip_vision,
+    clip_text,
+    siglip_vision,
+)
 REGISTRY: dict[str, ModuleType] = {model_type: module for module in _ADAPTERS for model_type in module.MODEL_TYPES}
 
 

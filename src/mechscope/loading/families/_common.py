@@ -15,6 +15,7 @@ HF_ACTIVATIONS = {
     "gelu_new": "gelu_new",
     "gelu": "gelu",
     "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+    "quick_gelu": "quick_gelu",
     "relu": "relu",
     "silu": "silu",
     "swish": "silu",
