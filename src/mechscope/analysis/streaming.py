@@ -1,0 +1,211 @@
+"""Direct logit attribution and the logit lens computed as the forward runs, without a cache.
+
+Each hook reduces its activation at once (a dot product with the readout direction for DLA, the
+final norm and unembedding at the kept positions for the logit lens) and drops it, so memory
+holds one layer's activation at a time instead of every layer's. The forward stops before the
+unembedding (DLA needs no logits). The results equal `direct_logit_attribution` (``by="layer"``)
+and `logit_lens` on a full cache, and work on `HookedTransformer` and on the generic block-level
+wrapper (`mechscope.model.generic.GenericModel`) alike.
+
+Example:
+    >>> from mechscope.analysis.streaming import streaming_dla, streaming_logit_lens
+    >>> dla = streaming_dla(model, tokens, answer=5)
+    >>> torch.allclose(dla.total(), model(tokens)[:, -1, 5], atol=1e-4)
+    True
+    >>> streaming_logit_lens(model, tokens, pos=-1).logits.shape
+    torch.Size([4, 1, 1, 50])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.analysis.attribution import Attribution, LogitLens
+from mechscope.decompose import norm_centres
+from mechscope.errors import InputError
+from mechscope.model.generic_probe import NormForm
+from mechscope.model.tokenize import input_tokens
+
+TokenLike = int | str | Sequence | Int[Tensor, "..."]
+
+
+def final_norm_form(model: Any) -> NormForm | None:
+    """The model's final norm as a `NormForm` (``None`` for a model without one).
+
+    Example:
+        >>> form = final_norm_form(model)
+        >>> x = torch.randn(2, 32)
+        >>> torch.allclose(form(x), model.ln_final(x), atol=1e-5)
+        True
+    """
+    if hasattr(model, "final_norm_form"):  # the generic wrapper probed it at load time
+        if model.final_norm_form is None:
+            raise InputError(f"the final norm of this model could not be linearised: {model.notice}")
+        return model.final_norm_form
+    norm = model.ln_final
+    if norm is None:
+        return None
+    return NormForm(norm_centres(model.cfg), norm.w.detach(), getattr(norm, "b", None), norm.eps)
+
+
+def _head_bias(model: Any) -> Tensor | None:
+    unembed = getattr(model, "unembed", None)
+    return unembed.b_U if unembed is not None else model.layout.head.bias
+
+
+def _ids(model: Any, tokens: TokenLike, batch: int) -> Int[Tensor, " batch"]:
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, (list, tuple)):
+        tokens = [model.to_single_token(t) if isinstance(t, str) else int(t) for t in tokens]
+    ids = torch.as_tensor(tokens).reshape(-1).long()
+    if ids.is_floating_point() or ids.numel() not in (1, batch):
+        raise InputError(f"give one answer token id for every prompt or one per prompt ({batch}), got {tokens!r}")
+    if int(ids.min()) < 0 or int(ids.max()) >= model.cfg.d_vocab:
+        raise InputError(f"answer token ids must lie in [0, {model.cfg.d_vocab}), got {ids.tolist()}")
+    return ids.expand(batch).to(model.W_U.device)
+
+
+def _positions(pos: int | Sequence[int] | Tensor, batch: int, seq: int, device) -> Int[Tensor, " batch"]:
+    index = torch.as_tensor(pos, device=device).reshape(-1).long()
+    if index.numel() not in (1, batch) or int(index.min()) < -seq or int(index.max()) >= seq:
+        raise InputError(f"pos must be one position or one per prompt, in [-{seq}, {seq}), got {index.tolist()}")
+    return (index % seq).expand(batch)
+
+
+def _component_hooks(model: Any) -> list[tuple[str, str, int]]:
+    """``(hook name, label, sign)`` of the residual-stream components, in forward order."""
+    names, n = model.hook_dict, model.cfg.n_layers
+    parts = [("hook_embed", "embed", 1)] if "hook_embed" in names else [("blocks.0.hook_resid_pre", "embed", 1)]
+    if "hook_pos_embed" in names:
+        parts.append(("hook_pos_embed", "pos_embed", 1))
+    split = "blocks.0.hook_attn_out" in names and (model.cfg.attn_only or "blocks.0.hook_mlp_out" in names)
+    for layer in range(n):
+        if split:
+            parts.append((f"blocks.{layer}.hook_attn_out", f"{layer}_attn_out", 1))
+            if not model.cfg.attn_only:
+                parts.append((f"blocks.{layer}.hook_mlp_out", f"{layer}_mlp_out", 1))
+        else:  # blocks whose attention and MLP outputs cannot be read apart: one delta per block
+            parts.append((f"blocks.{layer}.hook_resid_pre", f"{layer}_block_out", -1))
+            parts.append((f"blocks.{layer}.hook_resid_post", f"{layer}_block_out", 1))
+    return parts
+
+
+@torch.no_grad()
+def streaming_dla(
+    model: Any,
+    tokens: Any,
+    answer: TokenLike,
+    against: TokenLike | None = None,
+    *,
+    pos: int | Sequence[int] | Tensor = -1,
+    attention_mask: Tensor | None = None,
+) -> Attribution:
+    """`direct_logit_attribution` by layer (``embed``, ``pos_embed``, ``{l}_attn_out``,
+    ``{l}_mlp_out``, ``ln_final.b``, ``unembed.b_U``), reduced inside the forward's hooks.
+
+    Only ``[batch, d_model]`` per component is ever kept (the activation at the read position);
+    each is projected on the readout at once, and the final norm's scale, known only at the end,
+    divides the projections (the norm is linear once its scale is fixed). On a generic model whose
+    blocks cannot be split, components are whole blocks (``{l}_block_out``).
+
+    Example:
+        >>> from mechscope.analysis import direct_logit_attribution
+        >>> cached = direct_logit_attribution(model.run_with_cache(tokens)[1], answer=5, against=7)
+        >>> streamed = streaming_dla(model, tokens, answer=5, against=7)
+        >>> streamed.labels == cached.labels, torch.allclose(streamed.values, cached.values, atol=1e-5)
+        (True, True)
+    """
+    tokens, attention_mask = input_tokens(model, tokens, attention_mask)
+    batch, seq = tokens.shape
+    index = _positions(pos, batch, seq, tokens.device)
+    rows = torch.arange(batch, device=tokens.device)
+    ids = _ids(model, answer, batch)
+    w_u, b_u = model.W_U.detach(), _head_bias(model)
+    direction = w_u[:, ids].T.float()  # [batch, d_model]
+    bias = None if b_u is None else b_u.detach()[ids].float()
+    if against is not None:
+        other = _ids(model, against, batch)
+        direction = direction - w_u[:, other].T.float()
+        bias = None if bias is None else bias - b_u.detach()[other].float()
+    form = final_norm_form(model)
+    readout = direction if form is None else direction * form.weight.float()
+    if form is not None and form.centre:
+        readout = readout - readout.mean(-1, keepdim=True)  # centre(c) @ u == c @ centre(u)
+    sums: dict[str, Tensor] = {}
+    final: dict[str, Tensor] = {}
+
+    def reduce(label: str, sign: int):
+        def hook(x: Tensor, *, hook) -> None:
+            value = sign * (x[rows, index.to(x.device)].float() * readout.to(x.device)).sum(-1)
+            sums[label] = sums[label] + value if label in sums else value
+
+        return hook
+
+    def keep_final(x: Tensor, *, hook) -> None:
+        final["resid"] = x[rows, index.to(x.device)].float()
+
+    hooks = [(name, reduce(label, sign)) for name, label, sign in _component_hooks(model)]
+    hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep_final))
+    model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, stop_at_layer=model.cfg.n_layers)
+    scale = 1.0 if form is None else form.scale(final["resid"]).squeeze(-1).to(readout.device)
+    labels = list(sums)
+    values = [sums[label].to(readout.device) / scale for label in labels]
+    if form is not None and form.bias is not None:
+        values.append(direction @ form.bias.float())
+        labels.append("ln_final.b")
+    if bias is not None:
+        values.append(bias)
+        labels.append("unembed.b_U")
+    return Attribution(torch.stack(values), labels)
+
+
+@torch.no_grad()
+def streaming_logit_lens(
+    model: Any,
+    tokens: Any,
+    pos: int | Sequence[int] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+) -> LogitLens:
+    """`logit_lens` (labels ``"{l}_pre"`` and ``"final_post"``) computed layer by layer: each
+    residual stream is normed and unembedded at the kept positions inside its hook.
+
+    Keep few positions (``pos``) on large vocabularies: the result itself is
+    ``[layer, batch, len(pos), d_vocab]``.
+
+    Example:
+        >>> from mechscope.analysis import logit_lens
+        >>> cached = logit_lens(model.run_with_cache(tokens)[1], pos=-1)
+        >>> torch.allclose(streaming_logit_lens(model, tokens, pos=-1).logits, cached.logits, atol=1e-5)
+        True
+    """
+    tokens, attention_mask = input_tokens(model, tokens, attention_mask)
+    seq, n = tokens.shape[1], model.cfg.n_layers
+    positions = list(range(seq)) if pos is None else [int(p) for p in torch.as_tensor(pos).reshape(-1)]
+    bad = [p for p in positions if not -seq <= p < seq]
+    if bad:
+        raise InputError(f"positions {bad} are out of range for sequences of length {seq}")
+    positions = [p % seq for p in positions]
+    form = final_norm_form(model)
+    w_u, b_u = model.W_U.detach(), _head_bias(model)
+    layers: dict[str, Float[Tensor, "batch pos d_vocab"]] = {}
+
+    def lens(label: str):
+        def hook(x: Tensor, *, hook) -> None:
+            resid = x[:, positions]
+            normed = resid if form is None else form(resid)
+            logits = normed.to(w_u.device, w_u.dtype) @ w_u
+            layers[label] = logits if b_u is None else logits + b_u.detach()
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", lens(f"{layer}_pre")) for layer in range(n)]
+    hooks.append((f"blocks.{n - 1}.hook_resid_post", lens("final_post")))
+    model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, stop_at_layer=n)
+    return LogitLens(torch.stack(list(layers.values())), list(layers), positions)
