@@ -93,6 +93,11 @@ class Slice:
         return Slice(slice_input)
 
 
+def position_axis(name: str) -> int:
+    """The position axis of hook point ``name`` (-3 for per-head activations, else -2), which ``pos_slice`` slices."""
+    return -3 if name.rsplit(".", 1)[-1] in _PER_HEAD else -2
+
+
 def as_slice(value: Slice | SliceInput) -> Slice:
     """``value`` as a `Slice` (an int drops its axis).
 
@@ -442,24 +447,24 @@ class HookedRootModule(nn.Module):
         remove_batch_dim: bool = False,
         cache: dict | None = None,
         pos_slice: Slice | SliceInput = None,
+        cache_dtype: torch.dtype | None = None,
     ) -> tuple[dict, list, list]:
         """``(cache, fwd_hooks, bwd_hooks)``: hooks that store the points ``names_filter``
         selects (see `hook_names`) into ``cache`` (gradients as ``"{name}_grad"``), detached,
-        moved to ``device``, without the batch axis and with ``pos_slice`` applied to positions
-        (an int keeps the axis)."""
+        without the batch axis, with ``pos_slice`` (an int, a slice or a list of positions; an int
+        keeps the axis) applied to positions, cast to ``cache_dtype`` and then moved to ``device``."""
         cache = {} if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         self.is_caching = True
 
         def save(tensor: Tensor, *, hook: HookPoint, suffix: str = "") -> None:
-            tensor = tensor.detach()
-            tensor = tensor if device is None else tensor.to(device)
-            if remove_batch_dim:
-                tensor = tensor[0]
-            pos_dim = -3 if hook.name.rsplit(".", 1)[-1] in _PER_HEAD else -2
-            if tensor.dim() >= -pos_dim:
-                tensor = pos_slice.apply(tensor, dim=pos_dim)
-            cache[hook.name + suffix] = tensor
+            tensor = tensor.detach()[0] if remove_batch_dim else tensor.detach()
+            pos_dim = position_axis(hook.name)
+            if tensor.dim() >= -pos_dim and pos_slice.mode != "identity":
+                kept = pos_slice.apply(tensor, dim=pos_dim)
+                tensor = kept.clone() if pos_slice.mode == "slice" else kept  # a view would keep every position
+            tensor = tensor if cache_dtype is None else tensor.to(cache_dtype)
+            cache[hook.name + suffix] = tensor if device is None else tensor.to(device)
 
         names = self.hook_names(names_filter)
         fwd = [(name, save) for name in names]
@@ -476,12 +481,14 @@ class HookedRootModule(nn.Module):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
         pos_slice: Slice | SliceInput = None,
+        cache_dtype: torch.dtype | None = None,
         **model_kwargs: Any,
     ) -> tuple[Any, dict[str, Tensor]]:
         """Run the forward and return ``(output, cache_dict)`` of the activations `get_caching_hooks`
-        stores. With ``incl_bwd`` the output must be a scalar: its gradients are cached too."""
+        stores. With ``incl_bwd`` the output must be a scalar: its gradients are cached too.
+        ``cache_dtype`` (e.g. ``torch.bfloat16``) stores them in a lower precision."""
         cache, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+            names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, cache_dtype=cache_dtype
         )
         with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
             out = self(*model_args, **model_kwargs)

@@ -1,0 +1,69 @@
+"""Memory-planned caching: lower precision, chosen positions, and the size estimate before running."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mechscope.cache_plan import cache_size, check_cache_fits
+from mechscope.errors import InputError
+from tests.conftest import tiny_model
+
+
+def nbytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.values())
+
+
+@pytest.fixture
+def setup():
+    model = tiny_model()
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+def test_cache_dtype_and_positions_store_what_was_asked(setup):
+    model, tokens = setup
+    _, full = model.run_with_cache(tokens)
+    _, low = model.run_with_cache(tokens, cache_dtype=torch.bfloat16)
+    assert set(low) == set(full)
+    for name in full:
+        assert low[name].dtype == torch.bfloat16
+        assert_close(low[name], full[name].to(torch.bfloat16), atol=0, rtol=0)
+    assert nbytes(low) * 2 == nbytes(full)
+    for positions in ([-1], [0, 4, 8], slice(2, 6)):
+        _, part = model.run_with_cache(tokens, pos_slice=positions)
+        for name, value in full.items():
+            axis = -3 if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z")) else -2
+            index = [slice(None)] * value.dim()
+            index[axis] = positions
+            expected = value[tuple(index)]
+            assert_close(part[name], expected, atol=0, rtol=0)
+            assert part[name].untyped_storage().nbytes() == expected.numel() * expected.element_size()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cache_dtype": torch.bfloat16},
+        {"pos_slice": [-1]},
+        {"pos_slice": slice(1, 4), "cache_dtype": torch.float16},
+    ],
+)
+def test_cache_size_equals_the_cache(setup, options):
+    model, tokens = setup
+    for names in (None, lambda n: n.endswith(("hook_pattern", "hook_z", "hook_resid_post"))):
+        _, cache = model.run_with_cache(tokens, names_filter=names, **options)
+        assert cache_size(model, tokens, names, **options) == nbytes(cache)
+
+
+def test_check_cache_fits_names_the_options(setup):
+    model, tokens = setup
+    full = cache_size(model, tokens)
+    assert check_cache_fits(model, tokens, free_bytes=full) == full
+    small = cache_size(model, tokens, cache_dtype=torch.bfloat16)
+    with pytest.raises(InputError, match=r"cache_dtype=torch.bfloat16 \(.*pos_slice=\[-1\]"):
+        check_cache_fits(model, tokens, free_bytes=small)
+    with pytest.raises(InputError, match="none: narrow names_filter"):
+        check_cache_fits(model, tokens, free_bytes=1)
