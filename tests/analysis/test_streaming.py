@@ -8,7 +8,14 @@ import transformers as hf
 from torch.testing import assert_close
 
 from mechscope.analysis import direct_logit_attribution, logit_lens
-from mechscope.analysis.streaming import final_norm_form, streaming_dla, streaming_logit_lens
+from mechscope.analysis.streaming import (
+    dla_stream,
+    final_norm_form,
+    logit_lens_stream,
+    run_streams,
+    streaming_dla,
+    streaming_logit_lens,
+)
 from mechscope.errors import InputError
 from mechscope.model.generic import GenericModel
 from tests.conftest import randomize_, tiny_model
@@ -36,6 +43,21 @@ def test_streaming_logit_lens_equals_cached(small_model):
         streamed = streaming_logit_lens(small_model, tokens, pos=pos)
         assert (streamed.labels, streamed.positions) == (cached.labels, cached.positions)
         assert_close(streamed.logits, cached.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streams_in_one_forward_equal_separate_runs(small_model):
+    tokens = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(5))
+    calls = []
+    handle = small_model.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    dla, lens = run_streams(
+        small_model, tokens, dla_stream(small_model, tokens, 3, pos=[1, 4]), logit_lens_stream(small_model, tokens, -1)
+    )
+    assert len(calls) == 1
+    handle.remove()
+    alone = streaming_dla(small_model, tokens, 3, pos=[1, 4])
+    assert dla.labels == alone.labels
+    assert_close(dla.values, alone.values, atol=0, rtol=0)
+    assert_close(lens.logits, streaming_logit_lens(small_model, tokens, -1).logits, atol=0, rtol=0)
 
 
 def test_attn_only_and_bad_input():

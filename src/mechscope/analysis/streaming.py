@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,15 @@ from mechscope.model.generic_probe import NormForm
 from mechscope.model.tokenize import input_tokens
 
 TokenLike = int | str | Sequence | Int[Tensor, "..."]
+
+
+@dataclass
+class Stream:
+    """Hooks that reduce activations as a forward runs, and ``finish()`` turning the reductions into
+    a result; `run_streams` runs several in one forward."""
+
+    hooks: list[tuple[str, Callable]]
+    finish: Callable[[], Any]
 
 
 def final_norm_form(model: Any) -> NormForm | None:
@@ -96,32 +106,16 @@ def _component_hooks(model: Any) -> list[tuple[str, str, int]]:
     return parts
 
 
-@torch.no_grad()
-def streaming_dla(
+def dla_stream(
     model: Any,
     tokens: Any,
     answer: TokenLike,
     against: TokenLike | None = None,
     *,
     pos: int | Sequence[int] | Tensor = -1,
-    attention_mask: Tensor | None = None,
-) -> Attribution:
-    """`direct_logit_attribution` by layer (``embed``, ``pos_embed``, ``{l}_attn_out``,
-    ``{l}_mlp_out``, ``ln_final.b``, ``unembed.b_U``), reduced inside the forward's hooks.
-
-    Only ``[batch, d_model]`` per component is ever kept (the activation at the read position);
-    each is projected on the readout at once, and the final norm's scale, known only at the end,
-    divides the projections (the norm is linear once its scale is fixed). On a generic model whose
-    blocks cannot be split, components are whole blocks (``{l}_block_out``).
-
-    Example:
-        >>> from mechscope.analysis import direct_logit_attribution
-        >>> cached = direct_logit_attribution(model.run_with_cache(tokens)[1], answer=5, against=7)
-        >>> streamed = streaming_dla(model, tokens, answer=5, against=7)
-        >>> streamed.labels == cached.labels, torch.allclose(streamed.values, cached.values, atol=1e-5)
-        (True, True)
-    """
-    tokens, attention_mask = input_tokens(model, tokens, attention_mask)
+) -> Stream:
+    """The `Stream` of `streaming_dla` (to run with others in one forward, see `run_streams`)."""
+    tokens = input_tokens(model, tokens)[0]
     batch, seq = tokens.shape
     index = _positions(pos, batch, seq, tokens.device)
     rows = torch.arange(batch, device=tokens.device)
@@ -152,17 +146,76 @@ def streaming_dla(
 
     hooks = [(name, reduce(label, sign)) for name, label, sign in _component_hooks(model)]
     hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep_final))
-    model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, stop_at_layer=model.cfg.n_layers)
-    scale = 1.0 if form is None else form.scale(final["resid"]).squeeze(-1).to(readout.device)
-    labels = list(sums)
-    values = [sums[label].to(readout.device) / scale for label in labels]
-    if form is not None and form.bias is not None:
-        values.append(direction @ form.bias.float())
-        labels.append("ln_final.b")
-    if bias is not None:
-        values.append(bias)
-        labels.append("unembed.b_U")
-    return Attribution(torch.stack(values), labels)
+
+    def finish() -> Attribution:
+        scale = 1.0 if form is None else form.scale(final["resid"]).squeeze(-1).to(readout.device)
+        labels = list(sums)
+        values = [sums[label].to(readout.device) / scale for label in labels]
+        if form is not None and form.bias is not None:
+            values.append(direction @ form.bias.float())
+            labels.append("ln_final.b")
+        if bias is not None:
+            values.append(bias)
+            labels.append("unembed.b_U")
+        return Attribution(torch.stack(values), labels)
+
+    return Stream(hooks, finish)
+
+
+@torch.no_grad()
+def streaming_dla(
+    model: Any,
+    tokens: Any,
+    answer: TokenLike,
+    against: TokenLike | None = None,
+    *,
+    pos: int | Sequence[int] | Tensor = -1,
+    attention_mask: Tensor | None = None,
+) -> Attribution:
+    """`direct_logit_attribution` by layer (``embed``, ``pos_embed``, ``{l}_attn_out``,
+    ``{l}_mlp_out``, ``ln_final.b``, ``unembed.b_U``), reduced inside the forward's hooks.
+
+    Only ``[batch, d_model]`` per component is ever kept (the activation at the read position);
+    each is projected on the readout at once, and the final norm's scale, known only at the end,
+    divides the projections (the norm is linear once its scale is fixed). On a generic model whose
+    blocks cannot be split, components are whole blocks (``{l}_block_out``).
+
+    Example:
+        >>> from mechscope.analysis import direct_logit_attribution
+        >>> cached = direct_logit_attribution(model.run_with_cache(tokens)[1], answer=5, against=7)
+        >>> streamed = streaming_dla(model, tokens, answer=5, against=7)
+        >>> streamed.labels == cached.labels, torch.allclose(streamed.values, cached.values, atol=1e-5)
+        (True, True)
+    """
+    stream = dla_stream(model, tokens, answer, against, pos=pos)
+    return run_streams(model, tokens, stream, attention_mask=attention_mask)[0]
+
+
+def logit_lens_stream(model: Any, tokens: Any, pos: int | Sequence[int] | None = None) -> Stream:
+    """The `Stream` of `streaming_logit_lens` (to run with others in one forward, see `run_streams`)."""
+    tokens = input_tokens(model, tokens)[0]
+    seq, n = tokens.shape[1], model.cfg.n_layers
+    positions = list(range(seq)) if pos is None else [int(p) for p in torch.as_tensor(pos).reshape(-1)]
+    bad = [p for p in positions if not -seq <= p < seq]
+    if bad:
+        raise InputError(f"positions {bad} are out of range for sequences of length {seq}")
+    positions = [p % seq for p in positions]
+    form = final_norm_form(model)
+    w_u, b_u = model.W_U.detach(), _head_bias(model)
+    layers: dict[str, Float[Tensor, "batch pos d_vocab"]] = {}
+
+    def lens(label: str):
+        def hook(x: Tensor, *, hook) -> None:
+            resid = x[:, positions]
+            normed = resid if form is None else form(resid)
+            logits = normed.to(w_u.device, w_u.dtype) @ w_u
+            layers[label] = logits if b_u is None else logits + b_u.detach()
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", lens(f"{layer}_pre")) for layer in range(n)]
+    hooks.append((f"blocks.{n - 1}.hook_resid_post", lens("final_post")))
+    return Stream(hooks, lambda: LogitLens(torch.stack(list(layers.values())), list(layers), positions))
 
 
 @torch.no_grad()
@@ -185,27 +238,19 @@ def streaming_logit_lens(
         >>> torch.allclose(streaming_logit_lens(model, tokens, pos=-1).logits, cached.logits, atol=1e-5)
         True
     """
+    return run_streams(model, tokens, logit_lens_stream(model, tokens, pos), attention_mask=attention_mask)[0]
+
+
+@torch.no_grad()
+def run_streams(model: Any, tokens: Any, *streams: Stream, attention_mask: Tensor | None = None) -> list[Any]:
+    """Run one forward (stopping before the unembedding) under every stream's hooks; each stream's result.
+
+    Example:
+        >>> dla, lens = run_streams(model, tokens, dla_stream(model, tokens, 5), logit_lens_stream(model, tokens, -1))
+        >>> dla.labels[0], lens.labels[-1]
+        ('embed', 'final_post')
+    """
     tokens, attention_mask = input_tokens(model, tokens, attention_mask)
-    seq, n = tokens.shape[1], model.cfg.n_layers
-    positions = list(range(seq)) if pos is None else [int(p) for p in torch.as_tensor(pos).reshape(-1)]
-    bad = [p for p in positions if not -seq <= p < seq]
-    if bad:
-        raise InputError(f"positions {bad} are out of range for sequences of length {seq}")
-    positions = [p % seq for p in positions]
-    form = final_norm_form(model)
-    w_u, b_u = model.W_U.detach(), _head_bias(model)
-    layers: dict[str, Float[Tensor, "batch pos d_vocab"]] = {}
-
-    def lens(label: str):
-        def hook(x: Tensor, *, hook) -> None:
-            resid = x[:, positions]
-            normed = resid if form is None else form(resid)
-            logits = normed.to(w_u.device, w_u.dtype) @ w_u
-            layers[label] = logits if b_u is None else logits + b_u.detach()
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.hook_resid_pre", lens(f"{layer}_pre")) for layer in range(n)]
-    hooks.append((f"blocks.{n - 1}.hook_resid_post", lens("final_post")))
-    model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, stop_at_layer=n)
-    return LogitLens(torch.stack(list(layers.values())), list(layers), positions)
+    hooks = [hook for stream in streams for hook in stream.hooks]
+    model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, stop_at_layer=model.cfg.n_layers)
+    return [stream.finish() for stream in streams]
