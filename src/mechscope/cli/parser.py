@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the IOI section with 8 prompts and every layer (65 s)",
     )
+    p.add_argument(
+        "--vision",
+        nargs="?",
+        const="random",
+        default=None,
+        metavar="DIR",
+        help="instead, the vision tour on synthetic shape images: patch attention, zero-shot lens over layers, "
+        "a patching heatmap; on a random tiny CLIP, or on the CLIP, SigLIP or ViT checkpoint directory DIR",
+    )
     p.set_defaults(func=tour)
     add_toys_parser(sub, Formatter)
     add_sae_parser(sub, Formatter)

@@ -62,6 +62,10 @@ def tour(args: argparse.Namespace) -> int:
         >>> from mechscope.cli import build_parser
         >>> tour(build_parser().parse_args(["tour", "--no-heads"]))  # doctest: +SKIP
     """
+    if getattr(args, "vision", None):  # `mechscope tour --vision [DIR]`: its own tour
+        from mechscope.cli.vision import vision_tour
+
+        return vision_tour(args)
     import torch
 
     import mechscope as ms
