@@ -53,24 +53,14 @@ class ActivationCache(NeuronDecompositions):
 
     # ------------------------------------------------------------------ mapping
     def _name(self, key: str | tuple) -> str:
-        """The full name of ``key`` through TransformerLens' ``get_act_name`` (negative layers count
-        from the end); mechscope's `act_name` defaults (``("scale", 2)`` is ``ln1``) extend it."""
+        """The full name of ``key``: a cached name as it is, else through `act_name` (TransformerLens'
+        ``get_act_name`` grammar: aliases, compact names) with negative layers counted from the end."""
         if isinstance(key, str) and key in self.cache_dict:
             return key
         args = (key,) if isinstance(key, str) else tuple(key)
         if len(args) > 1 and isinstance(args[1], int) and args[1] < 0:
             args = (args[0], self.model.cfg.n_layers + args[1], *args[2:])
-        from mechscope.tl.utils import get_act_name  # TransformerLens' aliases and compact names
-
-        name = get_act_name(*args)
-        if name not in self.cache_dict:
-            try:
-                fallback = act_name(*args)
-            except HookNameError:
-                return name
-            if fallback in self.cache_dict:
-                return fallback
-        return name
+        return act_name(*args)
 
     def __getitem__(self, key: str | tuple) -> Tensor:
         name = self._name(key)
@@ -81,7 +71,12 @@ class ActivationCache(NeuronDecompositions):
         return self.cache_dict[name]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, (str, tuple)) and self._name(key) in self.cache_dict
+        if not isinstance(key, (str, tuple)):
+            return False
+        try:
+            return self._name(key) in self.cache_dict
+        except HookNameError:
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.cache_dict)

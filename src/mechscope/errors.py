@@ -24,6 +24,12 @@ class InputError(MechscopeError, ValueError):
     """Model input of the wrong type, shape or content."""
 
 
+class ShapeError(InputError, AssertionError, RuntimeError):
+    """Tensors whose shapes do not fit together. It is also an `AssertionError` and a
+    `RuntimeError`, the classes TransformerLens and torch raise for the same mistakes, so code
+    written against either catches it."""
+
+
 class LoadError(MechscopeError, RuntimeError):
     """A model, tokenizer or weight file could not be loaded."""
 

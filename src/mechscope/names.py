@@ -20,6 +20,7 @@ Axis vocabulary (the names used in shape annotations, `Site.axes` and einops pat
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -81,17 +82,46 @@ def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook point"
     return HookNameError(f"unknown {what} {name!r}{hint}")
 
 
-def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -> str:
-    """The full hook name for a short name, as in TransformerLens' ``get_act_name``.
+NAME_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+"""TransformerLens' other spellings of short names."""
+MODULE_ALIASES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}
+"""TransformerLens' spellings of the ``sublayer`` (its ``layer_type``)."""
+COMPACT_NAME = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
+"""A compact short name: kind, layer, sublayer (``"k6"``, ``"scale4ln1"``, ``"pre5"``)."""
 
-    A full name (containing a dot or starting with ``hook_``) is returned unchanged.
+
+def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -> str:
+    """The full hook name for a short name: TransformerLens' ``get_act_name`` grammar.
+
+    A full name (containing a dot or starting with ``hook_``) is returned unchanged. Short names
+    take TransformerLens' aliases (`NAME_ALIASES`: ``"attn"`` is the pattern), its compact form
+    (``"k6"``, ``"scale4ln1"``) and its sublayer spellings (`MODULE_ALIASES`). mechscope extends
+    it: a norm hook with a layer and no sublayer is ``ln1``'s, and an unknown short name, or a
+    block hook without a layer, raises `HookNameError` naming the valid ones (TransformerLens
+    returns a name no model has).
 
     Example:
         >>> act_name("z", 3), act_name("resid_pre", 0), act_name("scale", 2, "ln1"), act_name("scale")
         ('blocks.3.attn.hook_z', 'blocks.0.hook_resid_pre', 'blocks.2.ln1.hook_scale', 'ln_final.hook_scale')
+        >>> act_name("k6"), act_name("scale4ln1"), act_name("attn", 1), act_name("value", 0, "a")
+        ('blocks.6.attn.hook_k', 'blocks.4.ln1.hook_scale', 'blocks.1.attn.hook_pattern', 'blocks.0.attn.hook_v')
     """
-    if "." in name or name.startswith("hook_"):
+    if ("." in name or name.startswith("hook_")) and layer is None and sublayer is None:
         return name
+    compact = COMPACT_NAME.match(name)
+    if compact is not None:
+        name, layer, sublayer = compact.group(1), int(compact.group(2)), compact.group(3) or None
+    name = NAME_ALIASES.get(name, name)
+    sublayer = MODULE_ALIASES.get(sublayer, sublayer) if sublayer else None
     if name in GLOBAL_HOOKS:
         return f"hook_{name}"
     if name in NORM_HOOKS:
@@ -104,7 +134,8 @@ def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -
         return f"blocks.{layer}.attn.hook_{name}"
     if name in MLP_HOOKS:
         return f"blocks.{layer}.mlp.hook_{name}"
-    raise unknown_name_error(name, [*BLOCK_HOOKS, *ATTN_HOOKS, *MLP_HOOKS, *GLOBAL_HOOKS, *NORM_HOOKS], "short name")
+    valid = [*BLOCK_HOOKS, *ATTN_HOOKS, *MLP_HOOKS, *GLOBAL_HOOKS, *NORM_HOOKS, *NAME_ALIASES]
+    raise unknown_name_error(name, valid, "short name")
 
 
 @dataclass(frozen=True)

@@ -443,9 +443,14 @@ def utils(lib, ctx, name):
         ("value", 2, None),
         ("blocks.0.hook_resid_pre", None, None),
         ("result", 1, "b"),
-        ("resid_mid10", None, None),
+        ("mlp_mid", 3, "m"),
+        ("q", 2, "attention"),
     ]
     out = {"get_act_name": [u.get_act_name(*args) for args in names]}
+    try:
+        out["get_act_name_unknown"] = u.get_act_name("resid_mid10")
+    except KeyError as exc:
+        out["get_act_name_unknown"] = type(exc).__name__
     logits = torch.randn(2, 5, 7, generator=_gen(0))
     toks = torch.randint(0, 7, (2, 5), generator=_gen(1))
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
@@ -578,6 +583,79 @@ def config(lib, ctx, name):
     return out
 
 
+def _counts(listed: dict) -> list:
+    """``list_hooks()`` as ``[[name, number of hooks], ...]`` (dicts do not travel)."""
+    return [[k, len(v)] for k, v in sorted(listed.items())]
+
+
+def caching_hooks(lib, ctx, name):
+    import warnings
+
+    model = ctx.model(name)
+    tokens = model.to_tokens(SHORT)
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]
+    store = model.add_caching_hooks(names_filter=names)
+    out = {"attached": _counts(model.list_hooks()), "empty_before_run": len(store)}
+    model(tokens)
+    out["cached_keys"] = sorted(store)
+    out["z"], out["resid"] = store["blocks.0.attn.hook_z"], store["blocks.1.hook_resid_post"]
+    model.reset_hooks()
+    out["after_reset"] = _counts(model.list_hooks())
+    store = model.add_caching_hooks(lambda n: n.endswith("hook_scale"), remove_batch_dim=True)
+    model(tokens)
+    out["filtered_keys"] = sorted(store)
+    out["scale_no_batch"] = store["ln_final.hook_scale"]
+    model.reset_hooks()
+    grads = model.add_caching_hooks("blocks.0.hook_resid_pre", incl_bwd=True)
+    with torch.enable_grad():
+        model(tokens, return_type="loss").backward()
+    model.reset_hooks()
+    model.zero_grad()
+    out["bwd_keys"] = sorted(grads)
+    out["resid_grad"] = grads["blocks.0.hook_resid_pre_grad"]
+    every, some = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.cache_all(every)
+        model(tokens)
+        model.reset_hooks()
+        model.cache_some(some, lambda n: n.endswith("hook_v"))
+        model(tokens)
+        model.reset_hooks()
+    out["cache_all_count"] = len(every)
+    out["cache_all_embed"] = every["hook_embed"]
+    out["cache_some_keys"] = sorted(some)
+    model.add_hook("blocks.0.hook_mlp_out", lambda x, hook: None)
+    model.add_perma_hook("blocks.1.hook_mlp_out", lambda x, hook: None)
+    model.add_hook("blocks.1.hook_mlp_out", lambda x, hook: None, dir="bwd")
+    out["list_all"] = _counts(model.list_hooks())
+    out["list_fwd"] = _counts(model.list_hooks(dir="fwd"))
+    out["list_bwd"] = sorted(model.list_hooks(dir="bwd"))
+    out["list_no_permanent"] = sorted(model.list_hooks(including_permanent=False))
+    out["list_by_name"] = sorted(model.list_hooks("blocks.0.hook_mlp_out"))
+    out["list_by_list"] = sorted(model.list_hooks(["blocks.1.hook_mlp_out", "not.a.hook"]))
+    out["permanent_flags"] = [h.is_permanent for h in model.list_hooks()["blocks.1.hook_mlp_out"]]
+    model.reset_hooks(including_permanent=True)
+    return out
+
+
+def generate_logits(lib, ctx, name):
+    model = ctx.model(name)
+    tokens = model.to_tokens(SHORT)
+    greedy = dict(do_sample=False, verbose=False, stop_at_eos=False)
+    out = {}
+    for key, kwargs in {"cached": {}, "uncached": {"use_past_kv_cache": False}}.items():
+        result = model.generate(tokens, max_new_tokens=4, output_logits=True, **greedy, **kwargs)
+        out[f"{key}_type"] = type(result).__name__
+        out[f"{key}_sequences"] = result.sequences
+        out[f"{key}_logits"] = torch.stack(result.logits)
+    text = model.generate(SHORT, max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **greedy)
+    out["str_sequences"] = text.sequences
+    out["str_logits"] = torch.stack(text.logits)
+    out["plain"] = model.generate(tokens, max_new_tokens=4, **greedy)
+    return out
+
+
 CASES = {
     "forward": (forward, MODELS),
     "cache": (cache, MODELS),
@@ -593,6 +671,8 @@ CASES = {
     "custom_root": (custom_root, ("none",)),
     "padding": (padding, MODELS),
     "generation": (generation, MODELS),
+    "caching_hooks": (caching_hooks, MODELS),
+    "generate_logits": (generate_logits, MODELS),
     "utils": (utils, ("none",)),
     "factored": (factored, ("none",)),
     "config": (config, ("none",)),

@@ -23,6 +23,13 @@ KNOWN = {
     "mechscope shares the tied tensor and has no b_U without a bias (phase 2: zero biases as TransformerLens)",
     "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U for models "
     "without biases; mechscope creates none (phase 2)",
+    **{
+        f"caching_hooks-{m}/cache_all_count": "TransformerLens 3.9 also caches unembed.hook_in and "
+        "unembed.hook_out (the final normalised residual and the logits again); mechscope has no unembed hooks"
+        for m in ("gpt2", "gqa")
+    },
+    "utils-none/get_act_name_unknown": "an unknown short name raises HookNameError (a KeyError) naming the valid "
+    "ones; TransformerLens returns a hook name no model has ('hook_resid_mid10')",
 }
 """``case_id/key`` -> why mechscope differs from TransformerLens there (the test then expects the
 difference, and fails when it disappears, so this table stays true)."""

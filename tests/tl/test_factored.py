@@ -102,3 +102,28 @@ def test_errors_name_the_problem():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _ = FactoredMatrix(torch.randn(3, 2), torch.randn(2, 4)).V  # no warning for the canonical name
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        lambda: FactoredMatrix(torch.ones(9, 5, 3), torch.ones(2, 4, 3, 7)),  # leading dims mismatch
+        lambda: FactoredMatrix(torch.ones(3, 2), torch.ones(2, 4)).BA,  # BA of a non-square matrix
+        lambda: FactoredMatrix(torch.ones(3, 2), torch.ones(2, 4)).eigenvalues,
+        lambda: FactoredMatrix(torch.ones(3, 2), torch.ones(2, 4)) * torch.ones(2),  # not a scalar
+        lambda: torch.ones(2, 2) * FactoredMatrix(torch.ones(6, 2, 3), torch.ones(6, 3, 4)),
+    ],
+)
+def test_shape_mistakes_raise_what_transformer_lens_and_torch_raise(mistake):
+    """TransformerLens asserts (``AssertionError``) and torch raises ``RuntimeError`` for these: the
+    `ShapeError` mechscope raises is both, and still an ``InputError``."""
+    with pytest.raises(ms.errors.ShapeError) as caught:
+        mistake()
+    assert isinstance(caught.value, AssertionError) and isinstance(caught.value, RuntimeError)
+    assert isinstance(caught.value, ms.InputError)
+    assert not isinstance(caught.value, KeyError)
+
+
+def test_a_valid_product_raises_nothing():
+    fm = FactoredMatrix(torch.ones(6, 2, 3), torch.ones(6, 3, 4))
+    assert_close((torch.full((6,), 2.0) * fm).AB, 2 * fm.AB)

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Complex, Float
 from torch import Tensor
 
-from mechscope.errors import InputError
+from mechscope.errors import InputError, ShapeError
 
 
 def _t(x: Tensor) -> Tensor:
@@ -47,15 +47,15 @@ class FactoredMatrix:
         if A.dim() < 2 or B.dim() < 2:
             raise InputError(f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
-            raise InputError(
+            raise ShapeError(
                 f"inner dimensions differ: A is {tuple(A.shape)}, B is {tuple(B.shape)} "
                 "(A.shape[-1] must equal B.shape[-2])"
             )
         try:
             batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as exc:
-            raise InputError(
-                f"leading dimensions do not broadcast: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
+            raise ShapeError(
+                f"leading dimensions mismatch (they do not broadcast): A is {tuple(A.shape)}, B is {tuple(B.shape)}"
             ) from exc
         self.A = A.expand(*batch, *A.shape[-2:])
         self.B = B.expand(*batch, *B.shape[-2:])
@@ -117,7 +117,7 @@ class FactoredMatrix:
     def BA(self) -> Float[Tensor, "... mdim mdim"]:
         """``B @ A`` (square when ``ldim == rdim``); it shares the non-zero eigenvalues of ``AB``."""
         if self.ldim != self.rdim:
-            raise InputError(f"BA needs a square matrix, this one is {self.ldim} x {self.rdim}")
+            raise ShapeError(f"BA needs a square matrix, this one is {self.ldim} x {self.rdim}")
         return self.B @ self.A
 
     @property
@@ -142,7 +142,7 @@ class FactoredMatrix:
         if other.dim() < 2:
             return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         if other.shape[-2] != self.rdim:
-            raise InputError(f"right factor {tuple(other.shape)} does not match the {self.rdim} columns of {self!r}")
+            raise ShapeError(f"right factor {tuple(other.shape)} does not match the {self.rdim} columns of {self!r}")
         if self.rdim > self.mdim:
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
@@ -152,7 +152,7 @@ class FactoredMatrix:
         if not isinstance(other, Tensor):
             return NotImplemented
         if other.shape[-1] != self.ldim:
-            raise InputError(f"left factor {tuple(other.shape)} does not match the {self.ldim} rows of {self!r}")
+            raise ShapeError(f"left factor {tuple(other.shape)} does not match the {self.ldim} rows of {self!r}")
         if other.dim() < 2:
             return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
         if self.ldim > self.mdim:
@@ -173,7 +173,7 @@ class FactoredMatrix:
             elif scalar.shape == self.shape[:-2]:
                 scalar = scalar[..., None, None]
             else:
-                raise InputError(
+                raise ShapeError(
                     f"multiply by a number, a one-element tensor or a tensor of the leading shape "
                     f"{tuple(self.shape[:-2])}, got {tuple(scalar.shape)}; for matrix products use @"
                 )

@@ -15,10 +15,11 @@ Example:
 
 from mechscope.analysis.factored import FactoredMatrix
 from mechscope.cache import ActivationCache
-from mechscope.hooks import HookedRootModule, HookPoint
+from mechscope.hooks import HookPoint
 from mechscope.model.context import KVCache
 from mechscope.tl import head_detector, hook_points, patching, utils
 from mechscope.tl.config import HookedTransformerConfig
+from mechscope.tl.hook_points import HookedRootModule
 from mechscope.tl.model import HookedTransformer
 
 utilities = utils

@@ -27,6 +27,7 @@ from mechscope.model.processing import process_weights, unsupported_steps
 from mechscope.model.tokenize import Tokenizer, input_tokens
 from mechscope.model.transformer import HookedTransformer as _Base
 from mechscope.tl.config import DTYPES, HookedTransformerConfig
+from mechscope.tl.hook_points import CachingHooks
 from mechscope.tl.utils import get_device, lm_cross_entropy_loss
 
 
@@ -43,7 +44,7 @@ def _hf_tokenizer(tokenizer: Any) -> Any:
     return tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
 
 
-class HookedTransformer(_Base):
+class HookedTransformer(_Base, CachingHooks):
     """TransformerLens' ``HookedTransformer`` on mechscope's model.
 
     ``HookedTransformer(cfg)`` takes a `HookedTransformerConfig` (or its dict, or a mechscope
@@ -233,6 +234,66 @@ class HookedTransformer(_Base):
             model.unembed.w_u = model.embed.W_E
         model.cfg.device = "cpu"
         return model.eval()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input: str | list[str] | Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: str | None = "input",
+        verbose: bool = True,
+        *,
+        attention_mask: Tensor | None = None,
+        seed: int | None = None,
+        **generation_kwargs: Any,
+    ) -> Any:
+        """`mechscope.HookedTransformer.generate` with TransformerLens' Hugging Face keywords:
+        ``output_logits=True`` returns a ``GenerateDecoderOnlyOutput`` with ``sequences`` (the
+        prompt and new tokens) and ``logits`` (one ``[batch, d_vocab]`` tensor per step: the raw
+        logits each token was chosen from); ``return_dict_in_generate`` is accepted and ignored,
+        as in TransformerLens. Other keywords raise (TransformerLens warns and drops them).
+
+        Example:
+            >>> tl_model = HookedTransformer(model.cfg).init_weights(seed=0)
+            >>> out = tl_model.generate(torch.tensor([[1, 2]]), 3, do_sample=False, verbose=False, output_logits=True)
+            >>> out.sequences.shape, len(out.logits), out.logits[0].shape
+            (torch.Size([1, 5]), 3, torch.Size([1, 50]))
+        """
+        output_logits = bool(generation_kwargs.pop("output_logits", False))
+        generation_kwargs.pop("return_dict_in_generate", None)
+        if generation_kwargs:
+            raise InputError(
+                f"unsupported generate arguments {sorted(generation_kwargs)}; "
+                "of Hugging Face's generation keywords only output_logits is supported"
+            )
+        steps: list[Tensor] = []
+        handle = None
+        if output_logits:
+            handle = self.register_forward_hook(lambda module, args, out: steps.append(out[:, -1].detach().clone()))
+        try:
+            out = super().generate(
+                input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p, temperature,
+                freq_penalty, use_past_kv_cache, prepend_bos, padding_side,
+                "tokens" if output_logits else return_type, verbose, attention_mask=attention_mask, seed=seed,
+            )  # fmt: skip
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not output_logits:
+            return out
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=out, logits=tuple(steps))
 
     # ------------------------------------------------------------------ helpers
     def loss_fn(

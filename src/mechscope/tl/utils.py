@@ -20,40 +20,15 @@ from mechscope.errors import InputError
 from mechscope.hooks import Slice, SliceInput
 from mechscope.model.generate import sample_logits
 from mechscope.model.tokenize import get_attention_mask
+from mechscope.names import act_name
 from mechscope.tl.config import SUPPORTED_ACTIVATIONS
 
 USE_DEFAULT_VALUE = None
 
-_LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
-_ACT_NAME_ALIAS = {
-    "attn": "pattern",
-    "attn_logits": "attn_scores",
-    "key": "k",
-    "query": "q",
-    "value": "v",
-    "mlp_pre": "pre",
-    "mlp_mid": "mid",
-    "mlp_post": "post",
-}
-_ATTN = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
-_MLP = ("pre", "post", "mid", "pre_linear")
-
-
-def _split_compact(name: str) -> tuple[str, str, str] | None:
-    """``"scale4ln1"`` -> ``("scale", "4", "ln1")``: lowercase letters, digits, the rest; else ``None``."""
-    i = 0
-    while i < len(name) and "a" <= name[i] <= "z":
-        i += 1
-    j = i
-    while j < len(name) and name[j].isdigit():
-        j += 1
-    if i == 0 or j == i:
-        return None
-    return name[:i], name[i:j], name[j:]
-
 
 def get_act_name(name: str, layer: int | str | None = None, layer_type: str | None = None) -> str:
-    """The full hook name for a short name, with TransformerLens' aliases and compact forms.
+    """The full hook name for a short name, with TransformerLens' aliases and compact forms: the
+    one grammar of `mechscope.names.act_name` under TransformerLens' argument names.
 
     Example:
         >>> get_act_name("k", 6, "a"), get_act_name("pre", 2), get_act_name("embed")
@@ -63,25 +38,7 @@ def get_act_name(name: str, layer: int | str | None = None, layer_type: str | No
         >>> get_act_name("attn", 1)
         'blocks.1.attn.hook_pattern'
     """
-    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
-        return name
-    compact = _split_compact(name)
-    if compact is not None:
-        name, layer, layer_type = compact
-    name = _ACT_NAME_ALIAS.get(name, name)
-    full = "" if layer is None else f"blocks.{layer}."
-    if name in _ATTN:
-        layer_type = "attn"
-    elif name in _MLP:
-        layer_type = "mlp"
-    elif layer_type in _LAYER_TYPE_ALIAS:
-        layer_type = _LAYER_TYPE_ALIAS[layer_type]
-    if layer_type:
-        full += f"{layer_type}."
-    full += f"hook_{name}"
-    if name in ("scale", "normalized") and layer is None:
-        full = f"ln_final.{full}"
-    return full
+    return act_name(name, None if layer is None else int(layer), layer_type)
 
 
 # ---------------------------------------------------------------------- tensors
