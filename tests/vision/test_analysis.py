@@ -129,6 +129,10 @@ def test_patching_between_images_equals_one_forward_per_patch(clip, images):
                 torch.testing.assert_close(got[layer, pos], naive, atol=1e-5, rtol=1e-5)
     assert got.abs().max() > 1e-4, "patching changed nothing: the test could not fail"
     assert to_patches(model, got).shape == (2, 4, 4)
+    region = PatchGrid.of(model).positions_in(4, 4, 12, 8)  # a pixel box: four patches
+    torch.testing.assert_close(patch_images(model, base, source, metric, layers=[1], positions=region), got[1:, region])
+    with pytest.raises(ms.InputError, match="positions must be"):
+        patch_images(model, base, source, metric, positions=[17])
     with pytest.raises(ms.InputError, match="differ in shape"):
         patch_images(model, base, x[:3], metric)
 

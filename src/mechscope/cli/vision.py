@@ -60,9 +60,9 @@ def vision_tour(args: argparse.Namespace) -> int:
     from mechscope.vision import (
         PatchGrid,
         attention_grid,
-        display_image,
         lens,
         lens_names,
+        model_view,
         patch_images,
         pixels,
         scores,
@@ -89,7 +89,7 @@ def vision_tour(args: argparse.Namespace) -> int:
         print(f"\n{NOTICE}")
     data = shapes(8, size=2 * cfg.image_size, seed=0, colours=COLOURS, kinds=KINDS)
     x = pixels(model, data.images)
-    shown = [display_image(image, cfg.image_size) for image in data.images]
+    shown = [model_view(model, image) for image in data.images]
     written = []
 
     with torch.no_grad():

@@ -18,7 +18,7 @@ from mechscope.vision.analysis import (
     scores,
 )
 from mechscope.vision.embeddings import pooled_image, pooled_text, text_positions
-from mechscope.vision.images import display_image, image_files, image_processor, pixels
+from mechscope.vision.images import display_image, image_files, image_processor, model_view, pixels
 from mechscope.vision.patches import PatchGrid, to_patches, upsample
 from mechscope.vision.sae import PatchActivation, harvest, top_patches, train_vision_sae
 from mechscope.vision.synthetic import ShapeImages, shapes
@@ -42,6 +42,7 @@ __all__ = [
     "lens",
     "lens_names",
     "load_clip",
+    "model_view",
     "patch_images",
     "pixels",
     "pooled_image",

@@ -137,8 +137,9 @@ def patch_images(
     metric,
     site: str = "resid_pre",
     layers: list[int] | None = None,
+    positions: list[int] | None = None,
     batch_size: int | None = None,
-) -> Float[Tensor, "layer pos"]:
+) -> Float[Tensor, "layer n_positions"]:
     """Activation patching between images: for each layer and position (each image patch, and the
     class token), the metric after copying ``site`` at that position from the ``source_pixels``
     run into the ``base_pixels`` run (averaged over the batch of image pairs).
@@ -147,7 +148,8 @@ def patch_images(
     each forward starting at its patched layer from the cached base residual stream. Attention is
     bidirectional, so every position is recomputed. ``metric(logits) -> [batch]`` reads per-position
     logits, e.g. ``lambda logits: scores(model, logits, directions, True)[:, label]``. `to_patches`
-    turns the ``pos`` axis into the image grid.
+    turns the ``pos`` axis into the image grid. ``positions`` patches only those positions (an
+    image region: `PatchGrid.positions_in` of a pixel box), one column each.
 
     Example:
         >>> effect = patch_images(clip.vision, corrupt, clean, metric, layers=[0, 2])  # doctest: +SKIP
@@ -168,6 +170,11 @@ def patch_images(
     _, source_cache = model.run_with_cache(source_pixels, names_filter=[site.hook(layer) for layer in layers])
     base_resid = {layer: base_cache[names[layer]] for layer in range(n)}
     sources = {layer: source_cache[site.hook(layer)] for layer in layers}
-    patches = patch_grid((model.cfg.n_ctx,), layers)
+    if positions is None:
+        positions = list(range(model.cfg.n_ctx))
+    elif not positions or any(not 0 <= int(p) < model.cfg.n_ctx for p in positions):
+        raise InputError(f"positions must be a non-empty list in range({model.cfg.n_ctx}), got {positions}")
+    patches = patch_grid((len(positions),), layers)
+    patches[:, 1] = torch.as_tensor(positions, dtype=torch.long)[patches[:, 1]]  # grid index -> position
     out = run_patches(model, base_resid, sources, site, by, patches, metric, batch_size=batch_size)
-    return out.mean(-1).view(len(layers), model.cfg.n_ctx)
+    return out.mean(-1).view(len(layers), len(positions))

@@ -132,15 +132,29 @@ def pixels(model, images: ImageInput | Sequence[ImageInput]) -> Float[Tensor, "b
     return batch.to(device=model.device, dtype=next(model.parameters()).dtype)
 
 
-def display_image(image: ImageInput, size: int) -> Float[Tensor, "height width channel"]:
-    """``image`` as the model sees its extent: shorter side resized to ``size``, centre-cropped
-    square; ``[size, size, 3]`` values in ``[0, 1]`` for drawing overlays on."""
+def display_image(image: ImageInput, size: int, crop: bool = True) -> Float[Tensor, "height width channel"]:
+    """``image`` framed as a model sees it, ``[size, size, 3]`` in ``[0, 1]``, to draw overlays on:
+    shorter side resized to ``size`` and centre-cropped (``crop``, as CLIP's processor does), or
+    the whole image resized to the square (as ViT's and SigLIP's do).
+
+    Example:
+        >>> display_image(torch.rand(3, 20, 40), 16).shape
+        torch.Size([16, 16, 3])
+    """
     from PIL import Image
 
     image = open_image(image)
+    if not crop:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - size) // 2, (height - size) // 2
     array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
     return torch.from_numpy(array)
+
+
+def model_view(model, image: ImageInput) -> Float[Tensor, "height width channel"]:
+    """`display_image` framed as the model's own image processor frames it (cropped or not)."""
+    crop = bool(getattr(image_processor(model), "do_center_crop", False))
+    return display_image(image, model.cfg.image_size, crop=crop)

@@ -73,6 +73,7 @@ def tiny_clip(
         True
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,15 @@ def tiny_clip(
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    model.save_pretrained(path)
-    size = {"shortest_edge": image_size}
-    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the PIL image processor without torchvision is expected
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+        size = {"shortest_edge": image_size}
+        CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
     (path / "mechscope_tiny.json").write_text(json.dumps({"random": True, "seed": seed, "words": words}))
     return path
