@@ -22,7 +22,7 @@ from mechscope.vision.images import display_image, image_files, image_processor,
 from mechscope.vision.patches import PatchGrid, to_patches, upsample
 from mechscope.vision.sae import PatchActivation, harvest, top_patches, train_vision_sae
 from mechscope.vision.synthetic import ShapeImages, shapes
-from mechscope.vision.tiny import tiny_clip
+from mechscope.vision.tiny import random_vit, tiny_clip
 from mechscope.vision.zero_shot import DEFAULT_TEMPLATE, ClipModels, class_directions, load_clip, text_directions
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "pixels",
     "pooled_image",
     "pooled_text",
+    "random_vit",
     "scores",
     "shapes",
     "text_directions",

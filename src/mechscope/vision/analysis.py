@@ -30,8 +30,11 @@ def scores(
     """``f(pooled_image(model, logits)) @ directions`` (``f``: L2 normalisation or identity).
 
     Example:
-        >>> scores(vit, vit(pixels), *class_directions(vit)[:1], normalize=False).shape  # doctest: +SKIP
-        torch.Size([2, 5])
+        >>> from mechscope.vision import class_directions, random_vit
+        >>> vit = random_vit()
+        >>> directions, names = class_directions(vit)
+        >>> scores(vit, vit(torch.zeros(2, 3, 16, 16)), directions, normalize=False).shape
+        torch.Size([2, 3])
     """
     pooled = pooled_image(model, logits)
     return (F.normalize(pooled, dim=-1) if normalize else pooled) @ directions.to(pooled)
@@ -54,9 +57,11 @@ def lens(
     (zero-shot cosines); for a ViT classifier, class directions and ``normalize=False``.
 
     Example:
-        >>> _, cache = vit.run_with_cache(pixels, names_filter=lens_names(vit))  # doctest: +SKIP
-        >>> lens(vit, cache, class_directions(vit)[0]).shape  # [n_layers + 1, batch, n_classes]  # doctest: +SKIP
-        torch.Size([3, 2, 5])
+        >>> from mechscope.vision import class_directions, random_vit
+        >>> vit = random_vit()
+        >>> _, cache = vit.run_with_cache(torch.zeros(2, 3, 16, 16), names_filter=lens_names(vit))
+        >>> lens(vit, cache, class_directions(vit)[0]).shape  # [n_layers + 1, batch, n_classes]
+        torch.Size([3, 2, 3])
     """
     rows = []
     for name in lens_names(model):
@@ -80,10 +85,12 @@ def direct_attribution(
     its input, so its towers have no direct attribution.
 
     Example:
-        >>> _, cache = vit.run_with_cache(pixels, names_filter=attribution_names(vit))  # doctest: +SKIP
-        >>> parts, labels = direct_attribution(vit, cache, class_directions(vit)[0])  # doctest: +SKIP
-        >>> labels[:3]  # doctest: +SKIP
-        ['embed', '0_attn_out', '0_mlp_out']
+        >>> from mechscope.vision import class_directions, random_vit
+        >>> vit = random_vit()
+        >>> _, cache = vit.run_with_cache(torch.zeros(2, 3, 16, 16), names_filter=attribution_names(vit))
+        >>> parts, labels = direct_attribution(vit, cache, class_directions(vit)[0])
+        >>> parts.shape, labels[:3]  # [component, batch, n_classes]
+        (torch.Size([6, 2, 3]), ['embed', '0_attn_out', '0_mlp_out'])
     """
     cfg = model.cfg
     if cfg.attention_pool or not cfg.class_token:
@@ -120,7 +127,10 @@ def attention_grid(
     """How much position ``query`` (the class token by default) attends to each patch.
 
     Example:
-        >>> attention_grid(cache, 1, 0, PatchGrid.of(vit)).shape  # doctest: +SKIP
+        >>> from mechscope.vision import class_directions, random_vit
+        >>> vit = random_vit()
+        >>> _, cache = vit.run_with_cache(torch.zeros(2, 3, 16, 16), names_filter=lambda n: n.endswith("pattern"))
+        >>> attention_grid(cache, 1, 0, PatchGrid.of(vit)).shape
         torch.Size([2, 4, 4])
     """
     pattern = cache[act_name("pattern", layer)]  # [batch, head, query_pos, key_pos]
@@ -152,9 +162,12 @@ def patch_images(
     image region: `PatchGrid.positions_in` of a pixel box), one column each.
 
     Example:
-        >>> effect = patch_images(clip.vision, corrupt, clean, metric, layers=[0, 2])  # doctest: +SKIP
-        >>> to_patches(clip.vision, effect).shape  # [layer, n_rows, n_cols]  # doctest: +SKIP
-        torch.Size([2, 8, 8])
+        >>> from mechscope.vision import random_vit, to_patches
+        >>> vit = random_vit()
+        >>> base, source = torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16)
+        >>> effect = patch_images(vit, base, source, lambda logits: logits[:, 0, 1], layers=[0, 1])
+        >>> effect.shape, to_patches(vit, effect).shape  # [layer, pos], then [layer, n_rows, n_cols]
+        (torch.Size([2, 17]), torch.Size([2, 4, 4]))
     """
     if base_pixels.shape != source_pixels.shape:
         raise InputError(

@@ -20,8 +20,10 @@ def pooled_image(model, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Ten
     image embedding before L2 normalisation (CLIP, SigLIP).
 
     Example:
-        >>> pooled_image(vit, vit(pixels)).shape  # doctest: +SKIP
-        torch.Size([2, 5])
+        >>> from mechscope.vision import random_vit
+        >>> vit = random_vit()
+        >>> pooled_image(vit, vit(torch.zeros(2, 3, 16, 16))).shape  # the class token's logits
+        torch.Size([2, 3])
     """
     cfg = model.cfg
     if cfg.image_size is None:

@@ -108,9 +108,11 @@ def to_patches(model, values: Tensor, dim: int = -1) -> Tensor:
     """`PatchGrid.to_patches` with the grid of ``model``.
 
     Example:
-        >>> norms = cache["resid_post", 3].norm(dim=-1)  # doctest: +SKIP
-        >>> to_patches(model, norms).shape  # [batch, n_rows, n_cols]  # doctest: +SKIP
-        torch.Size([2, 8, 8])
+        >>> from mechscope.vision.tiny import random_vit
+        >>> vit = random_vit()
+        >>> _, cache = vit.run_with_cache(torch.rand(2, 3, 16, 16), names_filter=["blocks.1.hook_resid_post"])
+        >>> to_patches(vit, cache["resid_post", 1].norm(dim=-1)).shape  # [batch, n_rows, n_cols]
+        torch.Size([2, 4, 4])
     """
     return PatchGrid.of(model).to_patches(values, dim)
 

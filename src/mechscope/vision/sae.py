@@ -36,9 +36,9 @@ def harvest(
     (class tokens dropped).
 
     Example:
-        >>> acts = harvest(clip.vision, "blocks.1.hook_resid_post", pixels)  # doctest: +SKIP
-        >>> acts.shape  # [n_images, n_patches, d_model]  # doctest: +SKIP
-        torch.Size([64, 64, 64])
+        >>> from mechscope.vision.tiny import random_vit
+        >>> harvest(random_vit(), "blocks.1.hook_resid_post", torch.zeros(5, 3, 16, 16)).shape
+        torch.Size([5, 16, 32])
     """
     if hook_name not in model.hook_dict:
         from mechscope.names import unknown_name_error
@@ -69,8 +69,12 @@ def train_vision_sae(
     are filled in; ``d_sae`` defaults to four times ``d_in``).
 
     Example:
-        >>> sae = train_vision_sae(clip.vision, "blocks.2.hook_resid_post", pixels,
-        ...                        {"architecture": "topk", "k": 8}, {"steps": 200})  # doctest: +SKIP
+        >>> from mechscope.vision.tiny import random_vit
+        >>> vit, pixels = random_vit(), torch.rand(8, 3, 16, 16)
+        >>> sae = train_vision_sae(vit, "blocks.1.hook_resid_post", pixels, {"architecture": "topk", "k": 4},
+        ...                        {"steps": 5}, batch_size=32)
+        >>> sae.cfg.d_in, sae.cfg.d_sae
+        (32, 128)
     """
     from mechscope.sae import TensorSource, train_sae
 
@@ -89,9 +93,12 @@ def top_patches(
     """The ``k`` patches (over all images) where ``latent`` of ``sae`` fires most, strongest first.
 
     Example:
-        >>> best = top_patches(clip.vision, sae, pixels, latent=3, k=4)  # doctest: +SKIP
-        >>> best[0].image, best[0].box  # doctest: +SKIP
-        (12, (8, 16, 12, 20))
+        >>> from mechscope.vision.tiny import random_vit
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=8, hook_name="blocks.1.hook_resid_post"))
+        >>> best = top_patches(random_vit(), sae, torch.rand(4, 3, 16, 16), latent=3, k=2)
+        >>> len(best), best[0].value >= best[1].value
+        (2, True)
     """
     d_sae = sae.cfg.d_sae
     if not 0 <= latent < d_sae:

@@ -107,3 +107,50 @@ def tiny_clip(
         hf_logging.set_verbosity(verbosity)
     (path / "mechscope_tiny.json").write_text(json.dumps({"random": True, "seed": seed, "words": words}))
     return path
+
+
+def random_vit(
+    labels: tuple[str, ...] = ("circle", "square", "triangle"),
+    *,
+    seed: int = 0,
+    d_model: int = 32,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    image_size: int = 16,
+    patch_size: int = 4,
+):
+    """A randomly initialised ViT-style classifier built from a `ModelConfig` alone (no checkpoint,
+    no image processor: feed it pixels ``[batch, 3, image_size, image_size]``).
+
+    Example:
+        >>> vit = random_vit()
+        >>> vit(torch.zeros(2, 3, 16, 16)).shape  # [batch, class token + 16 patches, classes]
+        torch.Size([2, 17, 3])
+    """
+    from mechscope.model.config import ModelConfig
+    from mechscope.model.transformer import HookedTransformer
+
+    n_patches = (image_size // patch_size) ** 2
+    cfg = ModelConfig(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_mlp=4 * d_model,
+        d_vocab=len(labels),
+        n_ctx=n_patches + 1,
+        act_fn="gelu",
+        positional_embedding_type="none",
+        attn_qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        unembed_bias=True,
+        causal=False,
+        image_size=image_size,
+        patch_size=patch_size,
+        class_token=True,
+        patch_bias=True,
+        model_name="random-vit",
+        family="vit",
+        extra={"labels": list(labels)},
+    )
+    return HookedTransformer(cfg).init_weights(seed=seed, std=0.2).eval()

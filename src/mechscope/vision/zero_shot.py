@@ -105,7 +105,10 @@ def class_directions(model, labels: list[str] | None = None) -> tuple[Float[Tens
     every class of ``cfg.extra["labels"]``, or those named in ``labels``.
 
     Example:
-        >>> directions, names = class_directions(vit, ["tabby cat"])  # doctest: +SKIP
+        >>> from mechscope.vision import random_vit
+        >>> directions, names = class_directions(random_vit(), ["square"])
+        >>> directions.T.tolist(), names
+        ([[0.0, 1.0, 0.0]], ['square'])
     """
     names = list(model.cfg.extra.get("labels") or [])
     if not names:
