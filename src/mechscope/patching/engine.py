@@ -264,7 +264,8 @@ def run_patches(
     context = hook_context or model.hooks
     rows = batch_size or rows_per_forward(model, seq, memory_budget, None if keep is None else len(keep))
     per_chunk = max(1, rows // n_prompts)
-    suffix = base is not None and "pos" in by and site.axes[0] == "pos"
+    # positions before a patch are unchanged only under causal attention; bidirectional models rerun them
+    suffix = base is not None and "pos" in by and site.axes[0] == "pos" and getattr(model.cfg, "causal", True)
     starts = patches[:, 1 + by.index("pos")] if suffix else torch.zeros(len(patches), dtype=torch.long)
     order, chunks = schedule(patches[:, 0], starts, per_chunk, n_prompts, seq, model.cfg.n_layers)
     device = model.device

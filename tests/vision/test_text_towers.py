@@ -1,0 +1,45 @@
+"""Text towers in the language-model tools: bidirectional attention reaches the patching engine."""
+
+from __future__ import annotations
+
+import torch
+from transformers import SiglipTextConfig, SiglipTextModel
+
+import mechscope as ms
+from mechscope.patching.activation import activation_patch
+from tests.conftest import randomize_
+
+
+def test_position_patching_on_a_bidirectional_tower_reruns_earlier_positions(tmp_path):
+    """Prefix reuse assumes causal attention; a bidirectional tower must match one forward per patch."""
+    config = SiglipTextConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        vocab_size=40,
+        max_position_embeddings=8,
+        projection_size=16,
+    )
+    randomize_(SiglipTextModel(config), seed=3).save_pretrained(tmp_path)
+    model = ms.load(tmp_path, device="cpu")
+    assert not model.cfg.causal
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(0, 40, (2, 1, 6), generator=gen)
+
+    def metric(logits):
+        return logits[:, -1, 0]
+
+    got = activation_patch(model, clean, corrupted, metric, "resid_pre", "pos", layers=[0], batch_size=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=["blocks.0.hook_resid_pre"])
+        for pos in range(6):
+
+            def hook(act, *, hook, pos=pos):
+                act = act.clone()
+                act[:, pos] = cache["blocks.0.hook_resid_pre"][:, pos]
+                return act
+
+            naive = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", hook)]))
+            torch.testing.assert_close(got[0, pos], naive[0], atol=1e-5, rtol=1e-5)
+    assert (got[0] - metric(model(corrupted))).abs().max() > 1e-4, "no patch had an effect: the test could not fail"
