@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mechscope.cache_disk import DiskCacheDict, run_with_disk_cache
 from mechscope.cache_plan import cache_size, check_cache_fits
 from mechscope.errors import InputError
 from tests.conftest import tiny_model
@@ -63,7 +64,29 @@ def test_check_cache_fits_names_the_options(setup):
     full = cache_size(model, tokens)
     assert check_cache_fits(model, tokens, free_bytes=full) == full
     small = cache_size(model, tokens, cache_dtype=torch.bfloat16)
+    assert model.cache_size(tokens, cache_dtype=torch.bfloat16) == small
     with pytest.raises(InputError, match=r"cache_dtype=torch.bfloat16 \(.*pos_slice=\[-1\]"):
         check_cache_fits(model, tokens, free_bytes=small)
     with pytest.raises(InputError, match="none: narrow names_filter"):
         check_cache_fits(model, tokens, free_bytes=1)
+
+
+def test_disk_cache_equals_the_memory_cache(setup, tmp_path):
+    model, tokens = setup
+    logits, cache = model.run_with_cache(tokens, pos_slice=[0, -1], cache_dtype=torch.bfloat16)
+    out, disk = run_with_disk_cache(
+        model, tokens, path=tmp_path / "c", pos_slice=[0, -1], cache_dtype=torch.bfloat16, shard_bytes=2000
+    )
+    assert_close(out, logits, atol=0, rtol=0)
+    assert list(disk) == list(cache)
+    assert len({p.name for p in (tmp_path / "c").glob("shard-*.safetensors")}) > 1
+    for name in cache:
+        assert_close(disk[name], cache[name], atol=0, rtol=0)
+    reopened = DiskCacheDict(tmp_path / "c")
+    assert_close(reopened["blocks.2.hook_resid_post"], cache["blocks.2.hook_resid_post"], atol=0, rtol=0)
+    resid = disk.accumulated_resid()
+    assert_close(resid, cache.accumulated_resid(), atol=0, rtol=0)
+    with pytest.raises(InputError, match="new or empty directory"):
+        run_with_disk_cache(model, tokens, path=tmp_path / "c")
+    with pytest.raises(InputError, match="index.json"):
+        DiskCacheDict(tmp_path)

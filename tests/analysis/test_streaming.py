@@ -13,6 +13,7 @@ from mechscope.analysis.streaming import (
     final_norm_form,
     logit_lens_stream,
     run_streams,
+    streaming_detect_head,
     streaming_dla,
     streaming_logit_lens,
 )
@@ -124,3 +125,19 @@ def test_generic_models_against_a_naive_loop(arch):
             else (hf_model.lm_head(hf_model.model.norm(cache["resid_pre", layer][:, [1, 5]])))
         )
         assert_close(lens.logits[layer], naive, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_head_detectors_equal_cached(small_model):
+    from mechscope.analysis import detect_head, duplicate_token_target, induction_target, previous_token_target
+
+    half = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(6))
+    tokens = torch.cat([half, half], dim=1)
+    for target in (induction_target, previous_token_target, duplicate_token_target, torch.eye(10)):
+        assert_close(
+            streaming_detect_head(small_model, tokens, target),
+            detect_head(small_model, tokens, target),
+            atol=1e-6,
+            rtol=1e-6,
+        )
+    with pytest.raises(InputError, match="target must be"):
+        streaming_detect_head(small_model, tokens, torch.eye(4))

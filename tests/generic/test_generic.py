@@ -220,3 +220,23 @@ def test_adapter_generic_on_an_adapted_family(tmp_path):
         assert_close(generic_cache[name], cache[name], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert_close(model(ids), hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sae_training_on_a_generic_hook():
+    from mechscope.sae import ActivationStore, train_sae
+
+    torch.manual_seed(0)
+    config = CONFIGS["starcoder2"]()
+    model = GenericModel.wrap(randomize_(hf.AutoModelForCausalLM.from_config(config), seed=2).eval())
+    stream = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(3))
+    name = "blocks.1.hook_mlp_out"
+    store = ActivationStore(model, [name], stream, context_size=8, batch_size=16, buffer_batches=2, prepend_bos=False)
+    batch = store.next_batch()[name]
+    _, cache = model.run_with_cache(stream[: 50 * 8].reshape(50, 8), names_filter=[name])
+    every = cache[name].reshape(-1, 32)
+    nearest = (
+        torch.cdist(batch, every, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+    )  # each harvested vector is one of the model's
+    assert_close(nearest, torch.zeros_like(nearest), atol=1e-4, rtol=0)
+    sae = train_sae({"d_in": 32, "d_sae": 64, "hook_name": name}, store, {"steps": 3, "progress": False})
+    assert sae.cfg.hook_name == name

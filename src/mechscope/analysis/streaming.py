@@ -1,8 +1,9 @@
-"""Direct logit attribution and the logit lens computed as the forward runs, without a cache.
+"""Direct logit attribution, the logit lens and head detectors computed as the forward runs, without a cache.
 
 Each hook reduces its activation at once (a dot product with the readout direction for DLA, the
 final norm and unembedding at the kept positions for the logit lens) and drops it, so memory
-holds one layer's activation at a time instead of every layer's. The forward stops before the
+holds one layer's activation at a time instead of every layer's (head detectors score each layer's
+pattern in its hook). The forward stops before the
 unembedding (DLA needs no logits). The results equal `direct_logit_attribution` (``by="layer"``)
 and `logit_lens` on a full cache, and work on `HookedTransformer` and on the generic block-level
 wrapper (`mechscope.model.generic.GenericModel`) alike.
@@ -27,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.analysis.attribution import Attribution, LogitLens
+from mechscope.analysis.heads import score_patterns
 from mechscope.decompose import norm_centres
 from mechscope.errors import InputError
 from mechscope.model.generic_probe import NormForm
@@ -239,6 +241,42 @@ def streaming_logit_lens(
         True
     """
     return run_streams(model, tokens, logit_lens_stream(model, tokens, pos), attention_mask=attention_mask)[0]
+
+
+def head_detector_stream(model: Any, tokens: Any, target: Any) -> Stream:
+    """The `Stream` of `streaming_detect_head` (to run with others in one forward, see `run_streams`)."""
+    tokens = input_tokens(model, tokens)[0]
+    batch, seq = tokens.shape
+    target = target(tokens) if callable(target) else torch.as_tensor(target, device=tokens.device)
+    target = target.expand(batch, -1, -1) if target.dim() == 2 else target
+    if tuple(target.shape) != (batch, seq, seq):
+        raise InputError(
+            f"target must be [query_pos, key_pos] or [batch, query_pos, key_pos] with pos={seq}, "
+            f"got {list(target.shape)}"
+        )
+    scores: dict[int, Tensor] = {}
+
+    def score(pattern: Tensor, *, hook) -> None:
+        scores[hook.layer()] = score_patterns(pattern[None], target.to(pattern.device))[0]
+
+    n = model.cfg.n_layers
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", score) for layer in range(n)]
+    return Stream(hooks, lambda: torch.stack([scores[layer] for layer in range(n)]))
+
+
+@torch.no_grad()
+def streaming_detect_head(model: Any, tokens: Any, target: Any) -> Float[Tensor, "layer head"]:
+    """`detect_head` scored layer by layer: each layer's pattern is reduced to one score per head in
+    its hook and dropped, so no ``[layer, batch, head, query_pos, key_pos]`` stack is ever held.
+
+    Example:
+        >>> from mechscope.analysis import detect_head, induction_target
+        >>> repeated = torch.tensor([[1, 2, 3, 1, 2, 3]])
+        >>> torch.allclose(streaming_detect_head(model, repeated, induction_target),
+        ...                detect_head(model, repeated, induction_target), atol=1e-6)
+        True
+    """
+    return run_streams(model, tokens, head_detector_stream(model, tokens, target))[0]
 
 
 @torch.no_grad()

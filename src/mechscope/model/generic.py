@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mechscope.cache_plan import cache_size
 from mechscope.errors import HookNameError, InputError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
@@ -154,6 +155,7 @@ class GenericModel(HookedRootModule):
     to_string = tokenize.to_string
     to_single_token = tokenize.to_single_token
     generate = generate
+    cache_size = cache_size  # `mechscope.cache_plan.cache_size`: the bytes a run_with_cache call will store
 
     @property
     def tokenizer(self) -> Any:

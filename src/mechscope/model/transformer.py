@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.cache import ActivationCache
+from mechscope.cache_plan import cache_size
 from mechscope.errors import InputError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
@@ -247,6 +248,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         if not return_cache_object:
             return out, cache
         return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    cache_size = cache_size  # `mechscope.cache_plan.cache_size`: the bytes a run_with_cache call will store
 
     # ------------------------------------------------------------------ generation
     generate = generate  # `mechscope.model.generate.generate`, as a method

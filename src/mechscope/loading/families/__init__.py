@@ -46,5 +46,8 @@ REGISTRY: dict[str, ModuleType] = {model_type: module for module in _ADAPTERS fo
 def adapter_for(model_type: str) -> ModuleType:
     """The adapter module for a Hugging Face ``model_type``."""
     if model_type not in REGISTRY:
-        raise ConfigError(f"model_type {model_type!r} is not supported yet; supported: {sorted(REGISTRY)}")
+        raise ConfigError(
+            f"model_type {model_type!r} has no family adapter; supported: {sorted(REGISTRY)}. "
+            "mechscope.load(..., adapter='generic') wraps it at the block level (no per-head hooks)"
+        )
     return REGISTRY[model_type]
