@@ -19,8 +19,9 @@ Each file is copied with two kinds of change only:
   (``transformer_lens.HookedTransformer``, ``.HookedTransformerConfig``, ``.HookedRootModule``,
   ``.ActivationCache``, ``.FactoredMatrix``) are imported from ``mechscope.tl`` itself;
 - model loading: the hub names of `MODELS` become tiny random local checkpoints of the same
-  family (`tests.tl.checkpoints`); TransformerLens-only families without a Hugging Face
-  checkpoint (SoLU, attention-only) get the tiny GPT-2.
+  family (`tests.tl.checkpoints`, with 256 positions for the upstream prompts);
+  TransformerLens-only families without a Hugging Face checkpoint (SoLU, attention-only) and
+  GPT-Neo's TinyStories get the tiny GPT-2; Llama names get the tiny grouped-query Llama.
 
 The same files also run, with only the model names changed, through TransformerLens 3.9 itself
 (``.venv-tl``, built by ``tests/tl/make_env.sh``; ``--no-reference`` skips it). A test is *not
@@ -60,6 +61,10 @@ MANIFEST = {
     "tests/unit/factored_matrix/test_multiply_by_vector.py": "0ca7de36e27119c27c40fc021d809f74eda730e5",
     "tests/unit/factored_matrix/test_multiply_by_matrix.py": "1536307b5e9b0d6fc1dfc4a9b8e1b668f2448a1d",
     "tests/unit/factored_matrix/test_constructor.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
+    "tests/unit/test_hooked_transformer_config.py": "30009290a4270bba57a2c02b5f0b959008023b17",
+    "tests/integration/test_hooks.py": "04a4d4bee670cd0901b751a77c6bdab15e658ece",
+    "tests/integration/test_cache_pos_slice.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
+    "tests/integration/test_cross_entropy_loss.py": "96677c9b63117f9ffd99c7f5bfcc12026142888b",
 }
 """Upstream path -> the commit it was read at."""
 
@@ -75,11 +80,7 @@ MODELS = {
     "attn-only-4l": "gpt2",
     "tiny-stories-1M": "gpt2",
     "roneneldan/TinyStories-1M": "gpt2",
-    "EleutherAI/pythia-14m": "gqa",
-    "pythia-14m": "gqa",
-    "pythia-70m": "gqa",
     "meta-llama/Llama-2-7b-hf": "gqa",
-    "Qwen/Qwen2-0.5B": "gqa",
 }
 """Hub model name -> tiny local checkpoint (`tests.tl.checkpoints`)."""
 
@@ -224,7 +225,7 @@ def main() -> None:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="tl-upstream-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoints = {k: str(v) for k, v in build_checkpoints(work / "checkpoints").items()}
+    checkpoints = {k: str(v) for k, v in build_checkpoints(work / "checkpoints", n_ctx=256).items()}
     results = run_side(work, "mechscope", files, checkpoints, sys.executable)
     reference: dict[str, str] = {}
     tl_python = REPO / ".venv-tl" / "bin" / "python"

@@ -92,6 +92,25 @@ def processed(lib, ctx, name):
     return out
 
 
+def refactored(lib, ctx, name):
+    from transformers import AutoModelForCausalLM
+
+    path = ctx.checkpoints[name]
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = lib.HookedTransformer.from_pretrained(
+        path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu", refactor_factored_attn_matrices=True
+    )
+    logits, act = model.run_with_cache(model.to_tokens(PROMPT))
+    out = {"logits": logits, "pattern": act["blocks.1.attn.hook_pattern"], "z": act["blocks.1.attn.hook_z"]}
+    # A singular direction's sign is arbitrary where singular values nearly coincide: compare the
+    # query/key weights up to sign, and their bilinear form exactly.
+    q_eff = torch.cat([model.W_Q, model.b_Q[:, :, None, :]], dim=2)
+    k_eff = torch.cat([model.W_K, model.b_K[:, :, None, :]], dim=2)
+    out.update(QK_eff=q_eff @ k_eff.transpose(-1, -2), abs_q_eff=q_eff.abs(), abs_k_eff=k_eff.abs())
+    out.update(W_V=model.W_V, W_O=model.W_O, b_V=model.b_V, b_O=model.b_O)
+    return out
+
+
 def loading(lib, ctx, name):
     from transformers import AutoModelForCausalLM
 
@@ -661,6 +680,7 @@ CASES = {
     "cache": (cache, MODELS),
     "processed": (processed, MODELS),
     "loading": (loading, MODELS),
+    "refactored": (refactored, MODELS),
     "tokens": (tokens, MODELS),
     "patching": (patching, MODELS),
     "patching_every_by_pos": (patching_every_by_pos, ("gpt2",)),

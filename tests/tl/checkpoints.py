@@ -41,12 +41,20 @@ def make_tokenizer(path: Path):
     return hf
 
 
-def hf_configs(vocab: int) -> dict:
+def hf_configs(vocab: int, n_ctx: int = 48) -> dict:
+    """The Hugging Face configs of the tiny checkpoints (``n_ctx`` positions)."""
     from transformers import GPT2Config, LlamaConfig
 
     return {
         "gpt2": GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=48, n_ctx=48, bos_token_id=0, eos_token_id=0
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=n_ctx,
+            n_ctx=n_ctx,
+            bos_token_id=0,
+            eos_token_id=0,
         ),
         "gqa": LlamaConfig(
             vocab_size=vocab,
@@ -55,7 +63,7 @@ def hf_configs(vocab: int) -> dict:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=64,
+            max_position_embeddings=max(64, n_ctx),
             tie_word_embeddings=False,
             bos_token_id=0,
             eos_token_id=0,
@@ -64,7 +72,7 @@ def hf_configs(vocab: int) -> dict:
     }
 
 
-def build_checkpoints(root: Path) -> dict[str, Path]:
+def build_checkpoints(root: Path, n_ctx: int = 48) -> dict[str, Path]:
     """Save every tiny checkpoint under ``root`` (one folder each) and return their paths."""
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +80,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     tokenizer = make_tokenizer(root / "tokenizer")
     vocab = len(tokenizer)
     paths = {}
-    for seed, (name, cfg) in enumerate(sorted(hf_configs(vocab).items())):
+    for seed, (name, cfg) in enumerate(sorted(hf_configs(vocab, n_ctx).items())):
         path = root / f"tiny-{name}"
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         randomize_(model, seed)

@@ -28,6 +28,7 @@ from mechscope.model.tokenize import Tokenizer, input_tokens
 from mechscope.model.transformer import HookedTransformer as _Base
 from mechscope.tl.config import DTYPES, HookedTransformerConfig
 from mechscope.tl.hook_points import CachingHooks
+from mechscope.tl.refactor import refactor_factored_attn_matrices as refactor
 from mechscope.tl.utils import get_device, lm_cross_entropy_loss
 
 
@@ -151,8 +152,6 @@ class HookedTransformer(_Base, CachingHooks):
                 "training checkpoints (checkpoint_index/value/label) are not supported; load the "
                 "checkpoint's own directory instead"
             )
-        if refactor_factored_attn_matrices:
-            raise ConfigError("refactor_factored_attn_matrices=True is not supported yet")
         unknown = sorted(set(from_pretrained_kwargs) - {"torch_dtype", "trust_remote_code"})
         if unknown:
             raise ConfigError(f"unsupported from_pretrained arguments {unknown}")
@@ -178,6 +177,8 @@ class HookedTransformer(_Base, CachingHooks):
         steps = {step: bool(value) and step not in skip for step, value in flags.items()}
         if any(steps.values()):
             process_weights(model, **steps)
+        if refactor_factored_attn_matrices:
+            refactor(model)
         model.to(dtype)
         if n_devices > 1:
             per = -(-cfg.n_layers // n_devices)
