@@ -152,8 +152,10 @@ def test_vision_configs_are_data():
         ms.ModelConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, d_vocab=8, n_ctx=10, causal=False, sliding_window=3)
 
 
-def test_weight_processing_is_refused_for_vision(tmp_path):
-    _save("vit-classifier", tmp_path)
+@pytest.mark.parametrize("name", ["vit-classifier", "clip-text"])
+def test_weight_processing_is_refused_for_vision_and_embedding_towers(tmp_path, name):
+    """Processing keeps log-probabilities, not the direction of an image or text embedding."""
+    _save(name, tmp_path)
     with pytest.raises(ms.LoadError, match="processed=False"):
         ms.load(tmp_path, device="cpu", processed=True)
 

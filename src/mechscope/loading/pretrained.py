@@ -146,10 +146,11 @@ def load(
         center_unembed=center_unembed,
         fold_value_biases=fold_value_biases,
     )
-    if cfg.image_size is not None and any(steps.values()):
+    if (cfg.image_size is not None or cfg.d_unembed is not None) and any(steps.values()):
+        # processing keeps log-probabilities, not an embedding's direction (CLIP/SigLIP towers)
         raise LoadError(
             f"weight processing ({', '.join(k for k, v in steps.items() if v)}) is not supported for vision "
-            "models yet: load them with processed=False"
+            "models and image-text towers yet: load them with processed=False"
         )
     if device_map is not None:
         device = torch.device("cpu")
