@@ -19,6 +19,10 @@ On IOI prompts (``ioi_dataset(model, n=--prompts, seed=0)``, template 0, third-n
     the same model weights and prompts: time, and Spearman correlation of the edge scores;
   * the CPU other processes took while timing (the machine has 2 cores).
 
+The attribution timings are interleaved run by run (``common.interleave``: ``--repeats`` samples
+of each, a sample during which other processes took more than 0.25 cores retaken; median and
+spread reported); ACDC runs once per contender (minutes each), with the load printed.
+
 Run from the repository root with the project's venv:
 
     .venv/bin/python benchmarks/circuits.py [--prompts 8] [--repeats 3] [--threshold 0.02]
@@ -87,20 +91,18 @@ def time_attribution(model, data, repeats: int, activations: bool) -> dict:
     for name, fn in runs.items():  # warm-up (EAP-IG shares EAP's code paths)
         if not name.startswith("EAP-IG"):
             fn()
-    times = {name: [] for name in runs}
-    monitor = common.CpuMonitor()
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
     if activations:
-        start = time.perf_counter()
-        edge_scores(model, clean, corrupted, metric, method="eap-ig-activations")
-        times["EAP-IG activations, 5 steps (one run)"] = [time.perf_counter() - start]
-    other, steal = monitor.other_cores()
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"seconds": medians, "all_seconds": times, "other_cores": other, "steal_cores": steal}
+        runs["EAP-IG activations, 5 steps"] = lambda: edge_scores(
+            model, clean, corrupted, metric, method="eap-ig-activations"
+        )
+    timed = common.interleave(runs, reps=repeats)
+    return {
+        "seconds": {name: t["median_s"] for name, t in timed.items()},
+        "spread": {name: t["spread"] for name, t in timed.items()},
+        "all_seconds": {name: t["samples_s"] for name, t in timed.items()},
+        "other_cores": max(max(t["other_cores"]) for t in timed.values()),
+        "gate": common.gate_note(timed),
+    }
 
 
 def time_acdc(model, data, threshold: float, receivers: list[str], full_graph: bool) -> dict:
@@ -251,10 +253,9 @@ def main() -> None:
         results["attribution"] = att = time_attribution(model, data, args.repeats, args.ig_activations)
         base = att["seconds"]["plain forward+backward (parameter gradients)"]
         for name, seconds in att["seconds"].items():
-            print(f"{name:48s} {seconds:7.2f} s  ({seconds / base:.2f}x plain)")
+            print(f"{name:48s} {seconds:7.2f} s ±{50 * att['spread'][name]:.0f}%  ({seconds / base:.2f}x plain)")
         eap = att["seconds"]["EAP"]
-        print(f"EAP-IG inputs / EAP: {att['seconds']['EAP-IG inputs, 5 steps'] / eap:.2f}x; "
-              f"other processes used {att['other_cores']:.2f} cores")  # fmt: skip
+        print(f"EAP-IG inputs / EAP: {att['seconds']['EAP-IG inputs, 5 steps'] / eap:.2f}x; {att['gate']}")
     if not args.skip_acdc:
         receivers = [r for r in args.reference_receivers.split(",") if r]
         results["acdc"] = a = time_acdc(model, data, args.threshold, receivers, args.acdc_full_graph)

@@ -181,3 +181,199 @@ class CpuMonitor:
         wall = max(t1 - t0, 1e-9)
         other = max((busy1 - busy0) - (own1 - own0), 0.0) / wall
         return other, (steal1 - steal0) / wall
+
+
+# ---------------------------------------------------------------------------
+# Interleaved timing with a load gate
+#
+# Every timed comparison follows the same rules: the contenders (in this process or in peer
+# workers that stay loaded between requests) run one after another, round after round, so that
+# drift on the machine hits all of them alike; each sample records how many cores other
+# processes took while it ran, and a sample taken while others took more than ``max_other``
+# cores is discarded and taken again. A contender whose samples could not be taken clean is
+# reported as not recordable.
+
+MAX_OTHER_CORES = 0.25
+
+
+def _proc_cpu_s(pid: int) -> tuple[int, float]:
+    """(parent pid, CPU seconds of the live process ``pid``) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        raw = f.read()
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
+    tick = os.sysconf("SC_CLK_TCK")
+    # state ppid ... utime(11) stime(12) cutime(13) cstime(14), counted from the state field
+    return int(fields[1]), (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
+
+
+def tree_cpu_s(root: int | None = None) -> float:
+    """CPU seconds used so far by process ``root`` (default: this one) and all its live descendants
+    (including what their own children, once waited for, used)."""
+    root = os.getpid() if root is None else root
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parents[int(entry)], cpu[int(entry)] = _proc_cpu_s(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot (steal included: it is time not ours)."""
+    busy, steal = _proc_stat_s()
+    return busy + steal
+
+
+def timed_sample(fn) -> tuple[float, float, object]:
+    """Run ``fn()`` once: (seconds, cores other processes took meanwhile, what fn returned).
+
+    ``fn`` may return a float, or a dict with a ``"seconds"`` entry: the seconds it measured itself
+    (a worker timing only the work, not the request round trip); otherwise the wall time of the
+    call is the sample.
+    """
+    busy0, own0, t0 = machine_busy_s(), tree_cpu_s(), time.perf_counter()
+    value = fn()
+    wall = time.perf_counter() - t0
+    other = max((machine_busy_s() - busy0) - (tree_cpu_s() - own0), 0.0) / max(wall, 1e-9)
+    if isinstance(value, dict) and "seconds" in value:
+        return float(value["seconds"]), other, value
+    seconds = value if isinstance(value, float) else wall
+    return seconds, other, value
+
+
+def spread_stats(samples: list[float]) -> dict:
+    """Median, min, max and spread ((max - min) / median) of timing samples."""
+    import statistics
+
+    med = statistics.median(samples)
+    return {
+        "median_s": med,
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "spread": (max(samples) - min(samples)) / med if med > 0 else 0.0,
+        "samples_s": samples,
+    }
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def interleave(jobs: dict, reps: int = 3, max_other: float = MAX_OTHER_CORES, retries: int = 3, log=_log) -> dict:
+    """Time every job of ``jobs`` (name -> zero-argument callable) ``reps`` times, interleaved.
+
+    Round r runs every job once, in an order rotated by r (so no job always follows the same
+    one). A sample during which other processes took more than ``max_other`` cores is discarded
+    and retaken, at most ``retries`` times per sample; if it never comes clean, the last one is
+    kept and the job is marked ``recordable: False``. Returns name -> `spread_stats` plus
+    ``other_cores`` (per kept sample), ``discarded`` and ``recordable``, and ``last`` (the value the
+    job returned last).
+    """
+    names = list(jobs)
+    out = {name: {"samples": [], "other_cores": [], "discarded": 0, "recordable": True} for name in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            for attempt in range(retries + 1):
+                seconds, other, value = timed_sample(jobs[name])
+                if other <= max_other:
+                    break
+                out[name]["discarded"] += 1
+                log(f"  [load] {name}: other processes took {other:.2f} cores; sample discarded")
+                if attempt == retries:
+                    out[name]["recordable"] = False
+            out[name]["samples"].append(seconds)
+            out[name]["other_cores"].append(other)
+            out[name]["last"] = value
+    results = {}
+    for name, rec in out.items():
+        results[name] = {
+            **spread_stats(rec["samples"]),
+            "other_cores": rec["other_cores"],
+            "discarded": rec["discarded"],
+            "recordable": rec["recordable"],
+            "last": rec["last"],
+        }
+    return results
+
+
+def gate_note(results: dict, max_other: float = MAX_OTHER_CORES) -> str:
+    """One line on the load seen: the largest other-process load of the kept samples, and which
+    contenders are not recordable."""
+    worst = max((max(r["other_cores"]) for r in results.values()), default=0.0)
+    bad = [name for name, r in results.items() if not r["recordable"]]
+    line = f"other processes took at most {worst:.2f} cores during the kept samples (gate {max_other:.2f})"
+    if bad:
+        line += f"; NOT RECORDABLE (load above the gate in every retry): {', '.join(bad)}"
+    return line
+
+
+class Worker:
+    """A benchmark worker under another python (a peer's venv), kept loaded between requests.
+
+    ``argv`` starts the worker script in its serving mode, where it runs ``serve(handlers)``: it
+    reads one JSON request per line on stdin and answers one JSON line on its protocol stream;
+    anything it prints goes to its log file.
+    """
+
+    def __init__(self, python, argv: list[str], log_path):
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [str(python), *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+        )
+        self.request({"op": "ping"})
+
+    def request(self, message: dict) -> dict:
+        import json
+
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self._log.flush()
+            tail = "\n".join(self.log_path.read_text().strip().splitlines()[-15:])
+            raise RuntimeError(f"worker {self.proc.args} exited ({self.proc.poll()}):\n{tail}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"worker request {message} failed:\n{answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self._log.close()
+
+
+def serve(handlers: dict) -> None:
+    """The worker side of `Worker`: answer ``{"op": name, ...}`` requests with ``handlers[name](request)``."""
+    import json
+    import traceback
+
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to the log, not the protocol
+    handlers = {"ping": lambda request: {}, **handlers}
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = handlers[request["op"]](request)
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises
+            answer = {"error": traceback.format_exc()}
+        protocol.write(json.dumps(answer) + "\n")

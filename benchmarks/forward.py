@@ -10,10 +10,11 @@ for every contender), all under torch.inference_mode():
     without weight processing, and TransformerBridge from transformer-lens 4.x);
   * time of ``run_with_cache(tokens)`` caching every hook (no names_filter) for
     mechscope and both TransformerLens models;
-  * median and min of --runs runs after one warm-up; the in-project
-    contenders (transformers, mechscope) are timed in this process, each
-    TransformerLens line in one subprocess under its own venv, with the
-    workloads interleaved round by round;
+  * median, min and spread of --runs runs after one warm-up; transformers and
+    mechscope run in this process, each TransformerLens line in a worker under
+    its own venv that stays loaded, and every (contender, workload) runs once
+    per round, round after round (``common.interleave``); a run during which
+    other processes took more than --gate cores (default 0.25) is retaken;
   * peak memory of each workload, each in its own fresh subprocess: load the
     model, run the workload once as a warm-up (memory-mapped weights become
     resident only when first used), collect garbage and trim the freed heap,
@@ -31,7 +32,7 @@ which pins transformer-lens 3.9) and benchmarks/.venv-tl4 (transformer-lens
 
 Run from the repository root with the project's venv:
 
-    .venv/bin/python benchmarks/forward.py [--runs 5] [--batch 8] [--seq 128]
+    .venv/bin/python benchmarks/forward.py [--runs 5] [--batch 8] [--seq 128] [--gate 0.25]
                                            [--skip-tl] [--json results.json]
 """
 
@@ -108,10 +109,13 @@ def verdict(value, target) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default 5)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up, interleaved (default 5)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    parser.add_argument(
+        "--gate", type=float, default=common.MAX_OTHER_CORES, help="retake samples while others take more cores"
+    )
     parser.add_argument("--skip-tl", action="store_true", help="skip the TransformerLens peers")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
@@ -155,47 +159,53 @@ def main(argv=None) -> int:
         tokens_path = tmp / "tokens.pt"
         torch.save(tokens, tokens_path)
 
-        # In-project contenders: timed together in this process.
-        cpu = common.CpuMonitor()
-        contenders = []
+        # Every contender loaded once (transformers and mechscope here, each TransformerLens line
+        # in a worker under its venv), then every (contender, workload) timed, interleaved.
+        jobs, workers, logits = {}, {}, {}
         for name in ("hf", "ms"):
             contender, load_s = fw.load_contender(name)
-            contenders.append(contender)
             results["load_s"][name] = load_s
             results["versions"][name] = contender.versions()
-        logits = {c.name: fw.forward_logits(c, tokens) for c in contenders}
-        results["timings"].update(fw.time_contenders(contenders, tokens, args.runs))
-        del contenders, contender
-        fw.release_memory()
-
-        # TransformerLens: one subprocess per line, timed the same way.
+            cache = fw.warm_up(contender, tokens)
+            if cache:
+                results["timings"].setdefault(name, {})["cache_stats"] = cache
+            logits[name] = fw.forward_logits(contender, tokens)
+            for workload in fw.WORKLOADS_OF[name]:
+                jobs[(name, workload)] = lambda c=contender, w=workload: fw.timed_workload(c, w, tokens)
         for name, python in peers.items():
             try:
-                out = run_worker(
+                worker = common.Worker(
                     python,
-                    [
-                        "time",
-                        "--contenders",
-                        name,
-                        "--runs",
-                        str(args.runs),
-                        "--tokens",
-                        str(tokens_path),
-                        "--save-logits",
-                        str(tmp),
-                    ],
-                    tmp / f"time-{name}.json",
+                    [str(WORKER), "serve", "--contenders", name, "--tokens", str(tokens_path)],
+                    tmp / f"{name}.log",
                 )
-            except WorkerError as exc:
-                problems.append(f"{LABELS[name]} timing failed:\n{exc}")
+                info = worker.request({"op": "info"})
+                worker.request({"op": "logits", "contender": name, "path": str(tmp / f"{name}.pt")})
+            except RuntimeError as exc:
+                problems.append(f"{LABELS[name]} worker failed:\n{exc}")
                 continue
-            results["timings"].update(out["timings"])
-            results["load_s"].update(out["load_s"])
-            results["versions"].update(out["versions"])
+            workers[name] = worker
+            results["load_s"].update(info["load_s"])
+            results["versions"].update(info["versions"])
+            results["timings"].setdefault(name, {})["cache_stats"] = info["cache"][name]
             logits[name] = torch.load(tmp / f"{name}.pt", weights_only=True)
-
-        other, steal = cpu.other_cores()
-        results["cpu_taken_by_others_cores"] = {"processes": other, "steal": steal}
+            for workload in fw.WORKLOADS_OF[name]:
+                jobs[(name, workload)] = lambda wk=worker, n=name, w=workload: wk.request(
+                    {"op": "run", "contender": n, "workload": w}
+                )
+        timed = common.interleave({f"{n} {w}": fn for (n, w), fn in jobs.items()}, reps=args.runs, max_other=args.gate)
+        for worker in workers.values():
+            worker.close()
+        for name, workload in jobs:
+            stats = timed[f"{name} {workload}"]
+            stats.pop("last")
+            results["timings"].setdefault(name, {})[workload] = stats
+        for name in results["timings"]:
+            cache = results["timings"][name].pop("cache_stats", None)
+            if cache and "cache" in results["timings"][name]:
+                results["timings"][name]["cache"]["cache"] = cache
+        results["gate"] = common.gate_note(timed, args.gate)
+        fw.release_memory()
 
         # Peak memory: every (contender, workload) in a fresh subprocess.
         pythons = {"hf": Path(sys.executable), "ms": Path(sys.executable), **peers}
@@ -268,7 +278,7 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
 
     print()
     header = (
-        f"{'contender':<26} {'workload':<27} {'median s':>9} {'min s':>7} "
+        f"{'contender':<26} {'workload':<27} {'median s':>9} {'spread':>7} "
         f"{'peak RSS MiB':>13} {'+ over model':>12} {'cached':>16}"
     )
     print(header)
@@ -282,7 +292,7 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
             print(
                 f"{LABELS[name]:<26} {WORKLOAD_LABELS[workload]:<27} "
                 f"{fmt(_get(timings, name, workload, 'median_s'), '9.3f'):>9} "
-                f"{fmt(_get(timings, name, workload, 'min_s'), '7.3f'):>7} "
+                f"{fmt(100 * _get(timings, name, workload, 'spread'), '6.0f')}% "
                 f"{fmt(_get(memory, name, workload, 'peak_mib'), '13.0f'):>13} "
                 f"{fmt(_get(memory, name, workload, 'increase_mib'), '+12.0f'):>12} "
                 f"{cached:>16}"
@@ -324,11 +334,7 @@ def print_report(results: dict, names: list[str], problems: list[str]) -> None:
             + fmt(ratios[f"ms_forward_over_{peer}_forward_median"], ".2f")
         )
 
-    others = results["cpu_taken_by_others_cores"]
-    print(
-        f"\nCPU taken by other processes while timing: {others['processes']:.2f} cores "
-        f"(hypervisor steal {others['steal']:.2f}); timings are reliable only near 0"
-    )
+    print("\n" + results["gate"])
     print(
         "\nversions: "
         + "; ".join(f"{LABELS[n]}: " + ", ".join(f"{k} {v}" for k, v in results["versions"][n].items()) for n in names)

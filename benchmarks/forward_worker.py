@@ -12,11 +12,12 @@ Workloads:
   forward  ``model(tokens)`` -> logits
   cache    ``model.run_with_cache(tokens)`` caching every hook (no names_filter)
 
-Subcommands (results are written as JSON to --out):
-  time  load the contenders, time each workload (warm-up + --runs runs),
-        optionally save the forward logits to --save-logits
-  mem   load one contender, run one workload as a warm-up, then once more,
-        reporting that run's peak RSS and its increase over the RSS before it
+Subcommands:
+  serve  load the contenders, warm each workload up once, then answer requests from the
+         benchmark (``common.Worker``): one timed run per request, so that the benchmark can
+         interleave these contenders with the others
+  mem    load one contender, run one workload as a warm-up, then once more, and write that
+         run's peak RSS and its increase over the RSS before it as JSON to --out
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import ctypes
 import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -210,36 +210,48 @@ def load_contender(name: str) -> tuple[Contender, float]:
     return contender, time.perf_counter() - start
 
 
-def time_contenders(contenders: list[Contender], tokens, runs: int) -> dict:
-    """Warm each workload up once, then time ``runs`` rounds, interleaving the
-    contenders' workloads within each round so that drift hits all alike."""
-    jobs = [(c, w) for c in contenders for w in WORKLOADS_OF[c.name]]
-    times = {(c.name, w): [] for c, w in jobs}
-    extra = {}
+def timed_workload(contender: Contender, workload: str, tokens) -> float:
+    """Seconds of one run of ``workload`` (under inference mode); the output is freed afterwards, untimed."""
     with torch.inference_mode():
-        for contender, workload in jobs:
+        start = time.perf_counter()
+        out = run_workload(contender, workload, tokens)
+        seconds = time.perf_counter() - start
+    del out
+    release_memory()
+    return seconds
+
+
+def warm_up(contender: Contender, tokens) -> dict:
+    """Run each workload of ``contender`` once; returns the cache statistics of its run_with_cache."""
+    stats = {}
+    with torch.inference_mode():
+        for workload in WORKLOADS_OF[contender.name]:
             out = run_workload(contender, workload, tokens)
             if workload == "cache":
-                extra[contender.name] = cache_stats(out[1])
+                stats = cache_stats(out[1])
             del out
             release_memory()
-        for _ in range(runs):
-            for contender, workload in jobs:
-                start = time.perf_counter()
-                out = run_workload(contender, workload, tokens)
-                times[(contender.name, workload)].append(time.perf_counter() - start)
-                del out
-                release_memory()
-    results = {}
-    for (name, workload), samples in times.items():
-        results.setdefault(name, {})[workload] = {
-            "median_s": statistics.median(samples),
-            "min_s": min(samples),
-            "samples_s": samples,
-        }
-    for name, stats in extra.items():
-        results[name]["cache"]["cache"] = stats
-    return results
+    return stats
+
+
+def serve(names: list[str], tokens) -> None:
+    """Keep the contenders ``names`` loaded and answer `common.Worker` requests: ``info`` (load
+    times, versions, cache statistics after a warm-up), ``logits`` (save the forward logits to
+    ``path``) and ``run`` (seconds of one run of ``workload`` by ``contender``)."""
+    contenders, info = {}, {"load_s": {}, "versions": {}, "cache": {}}
+    for name in names:
+        contenders[name], info["load_s"][name] = load_contender(name)
+        info["versions"][name] = contenders[name].versions()
+        info["cache"][name] = warm_up(contenders[name], tokens)
+
+    def logits(request: dict) -> dict:
+        torch.save(forward_logits(contenders[request["contender"]], tokens), request["path"])
+        return {}
+
+    def run(request: dict) -> dict:
+        return {"seconds": timed_workload(contenders[request["contender"]], request["workload"], tokens)}
+
+    common.serve({"info": lambda request: info, "logits": logits, "run": run})
 
 
 def forward_logits(contender: Contender, tokens):
@@ -291,35 +303,21 @@ def measure_memory(name: str, workload: str, tokens) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("time")
+    t = sub.add_parser("serve")
     t.add_argument("--contenders", required=True, help="comma-separated: " + ",".join(CONTENDERS))
-    t.add_argument("--runs", type=int, default=5)
-    t.add_argument("--save-logits", help="directory to save each contender's forward logits in")
     m = sub.add_parser("mem")
     m.add_argument("--contender", required=True, choices=list(CONTENDERS))
     m.add_argument("--workload", required=True, choices=list(WORKLOADS))
+    m.add_argument("--out", required=True, help="JSON result file")
     for p in (t, m):
         p.add_argument("--tokens", required=True, help="torch.save'd LongTensor [batch, pos]")
-        p.add_argument("--out", required=True, help="JSON result file")
     args = parser.parse_args(argv)
 
     tokens = load_tokens(args.tokens)
     if args.command == "mem":
-        result = measure_memory(args.contender, args.workload, tokens)
+        Path(args.out).write_text(json.dumps(measure_memory(args.contender, args.workload, tokens), indent=1))
     else:
-        result = {"load_s": {}, "versions": {}}
-        contenders = []
-        for name in args.contenders.split(","):
-            contender, load_s = load_contender(name)
-            contenders.append(contender)
-            result["load_s"][name] = load_s
-            result["versions"][name] = contender.versions()
-        if args.save_logits:
-            for contender in contenders:
-                path = Path(args.save_logits) / f"{contender.name}.pt"
-                torch.save(forward_logits(contender, tokens), path)
-        result["timings"] = time_contenders(contenders, tokens, args.runs)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+        serve(args.contenders.split(","), tokens)
 
 
 if __name__ == "__main__":

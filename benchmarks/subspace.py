@@ -121,7 +121,7 @@ def main() -> None:
                 results["pyvene"] = {"error": (proc.stderr or proc.stdout)[-4000:]}
             elif proc is not None:
                 results["pyvene"] = json.loads(out.read_text())
-                basis = torch.load(Path(tmp) / "basis.pt")
+                basis = torch.load(Path(tmp) / "basis.pt", weights_only=True)
                 results["pyvene"]["iia_in_mechscope"] = interchange_scores(model, basis, test, hook, -1).iia
             results["pyvene"]["wall_s"] = time.perf_counter() - start
         print(f"pyvene: {results['pyvene']}", flush=True)

@@ -38,7 +38,7 @@ def main() -> None:
     intervenable.disable_model_gradients()
     params = intervenable.get_trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=args.lr)
-    pairs = torch.load(args.pairs)
+    pairs = torch.load(args.pairs, weights_only=True)
     train, test = pairs["train"], pairs["test"]
     position = train["base_tokens"].shape[1] - 1
 
