@@ -77,13 +77,25 @@ def test_lens_final_row_is_the_model_and_earlier_rows_the_naive_lens(clip, image
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_direct_attribution_sums_to_the_scores(clip, images, normalize):
+@pytest.mark.parametrize("by", ["layer", "head"])
+def test_direct_attribution_sums_to_the_scores(clip, images, normalize, by):
     model, directions = clip.vision, text_directions(clip.text, LABELS)
     x = pixels(model, images.images)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(x, names_filter=attribution_names(model))
-        parts, labels = direct_attribution(model, cache, directions, normalize=normalize)
-    assert labels[0] == "embed" and labels[-1] == "bias" and len(labels) == 2 * model.cfg.n_layers + 2
+        logits, cache = model.run_with_cache(x, names_filter=attribution_names(model, by))
+        parts, labels = direct_attribution(model, cache, directions, normalize=normalize, by=by)
+    cfg = model.cfg
+    if by == "layer":
+        assert labels[0] == "embed" and labels[-1] == "bias" and len(labels) == 2 * cfg.n_layers + 2
+    else:
+        assert labels[:2] == ["L0H0", "L0H1"] and len(labels) == cfg.n_layers * cfg.n_heads + 2
+        z = cache["blocks.1.attn.hook_z"][:, 0, 3]  # head 3 of the last layer at the class token
+        head = z @ model.blocks[1].attn.W_O[3]  # its write to the residual stream
+        scale = cache["ln_final.hook_scale"][:, 0]
+        naive = ((head - head.mean(-1, keepdim=True)) / scale * model.ln_final.w) @ model.W_U @ directions
+        if normalize:
+            naive = naive / model.unembed(model.ln_final(cache["blocks.1.hook_resid_post"][:, 0])).norm(dim=-1)[:, None]
+        torch.testing.assert_close(parts[labels.index("L1H3")], naive, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts.sum(0), scores(model, logits, directions, normalize), atol=1e-5, rtol=1e-5)
     assert parts[1:-1].abs().amax() > 1e-3, "the layers contribute nothing: the test could not fail"
 

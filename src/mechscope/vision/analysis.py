@@ -11,6 +11,8 @@ residual stream at the pooled position into the outputs that wrote it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -73,15 +75,20 @@ def lens(
 
 @torch.no_grad()
 def direct_attribution(
-    model, cache, directions: Float[Tensor, "d_vocab n_labels"], normalize: bool = False
+    model,
+    cache,
+    directions: Float[Tensor, "d_vocab n_labels"],
+    normalize: bool = False,
+    by: Literal["layer", "head"] = "layer",
 ) -> tuple[Float[Tensor, "component batch n_labels"], list[str]]:
     """Each component's direct contribution to the scores of a class-token model (ViT, CLIP):
-    ``embed``, then ``{l}_attn_out`` and ``{l}_mlp_out``, then ``bias`` (the final norm's bias and
-    the unembedding bias). With the cached final-norm scale frozen, the rows sum to the scores
+    ``embed``, then ``{l}_attn_out`` and ``{l}_mlp_out`` (``by="head"``: each head ``L{l}H{h}``,
+    then the rest of the stream as one component), then ``bias`` (the final norm's bias and the
+    unembedding bias). With the cached final-norm scale frozen, the rows sum to the scores
     (with ``normalize``, each is divided by the pooled embedding's norm, so they sum to the cosine).
 
     ``cache`` holds the component outputs and ``ln_final.hook_scale`` (run the model with
-    ``names_filter=attribution_names(model)``). SigLIP's attention-pooling head is not linear in
+    ``names_filter=attribution_names(model, by)``). SigLIP's attention-pooling head is not linear in
     its input, so its towers have no direct attribution.
 
     Example:
@@ -98,7 +105,12 @@ def direct_attribution(
             f"{cfg.model_name} pools its output with an attention head, which is not linear in the residual "
             "stream: direct attribution needs a class-token model (ViT, CLIP); use lens instead"
         )
-    stack, labels = cache.decompose_resid(apply_ln=True, pos_slice=0, return_labels=True)  # [component, batch, d]
+    if by not in ("layer", "head"):
+        raise InputError(f"by must be 'layer' or 'head', got {by!r}")
+    if by == "layer":
+        stack, labels = cache.decompose_resid(apply_ln=True, pos_slice=0, return_labels=True)  # [component, batch, d]
+    else:
+        stack, labels = cache.stack_head_results(pos_slice=0, apply_ln=True, incl_remainder=True, return_labels=True)
     weight = model.ln_final.w if model.ln_final is not None else 1.0
     parts = (stack * weight) @ model.W_U  # [component, batch, d_vocab]
     bias = model.b_U
@@ -112,12 +124,13 @@ def direct_attribution(
     return parts, [*labels, "bias"]
 
 
-def attribution_names(model) -> list[str]:
-    """The hooks `direct_attribution` reads."""
+def attribution_names(model, by: Literal["layer", "head"] = "layer") -> list[str]:
+    """The hooks `direct_attribution` reads (``by="head"`` adds every layer's ``hook_z``)."""
     n = model.cfg.n_layers
     names = ["hook_embed", "ln_final.hook_scale", act_name("resid_post", n - 1)]
     for layer in range(n):
         names += [act_name("attn_out", layer), act_name("mlp_out", layer)]
+        names += [act_name("z", layer)] if by == "head" else []
     return names
 
 
