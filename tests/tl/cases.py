@@ -8,6 +8,8 @@ imports only torch, so it runs in both environments.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -108,6 +110,16 @@ def refactored(lib, ctx, name):
     k_eff = torch.cat([model.W_K, model.b_K[:, :, None, :]], dim=2)
     out.update(QK_eff=q_eff @ k_eff.transpose(-1, -2), abs_q_eff=q_eff.abs(), abs_k_eff=k_eff.abs())
     out.update(W_V=model.W_V, W_O=model.W_O, b_V=model.b_V, b_O=model.b_O)
+    return out
+
+
+def model_helpers(lib, ctx, name):
+    model = ctx.model(name)
+    out = {"head_labels": model.all_head_labels(), "W_E_pos": model.W_E_pos}
+    for mode in ("Q", "K", "V"):
+        out[f"composition_{mode}"] = model.all_composition_scores(mode)
+    utils = importlib.import_module(f"{lib.__name__}.utils")
+    out["composition_pair"] = utils.composition_scores(model.OV[0], model.QK[1])
     return out
 
 
@@ -681,6 +693,7 @@ CASES = {
     "processed": (processed, MODELS),
     "loading": (loading, MODELS),
     "refactored": (refactored, MODELS),
+    "model_helpers": (model_helpers, ("gpt2",)),
     "tokens": (tokens, MODELS),
     "patching": (patching, MODELS),
     "patching_every_by_pos": (patching_every_by_pos, ("gpt2",)),

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope.analysis.weights import composition_scores
 from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.hooks import HookPoint
 from mechscope.loading.families import adapter_for
@@ -380,6 +381,25 @@ class HookedTransformer(_Base, CachingHooks):
         if mode not in ("first", "last"):
             raise InputError(f"mode must be 'first' or 'last', not {mode!r}")
         return int(indices[0 if mode == "first" else -1])
+
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """``W_E`` and ``W_pos`` stacked: a basis of everything the first residual stream holds."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]``, layer-major, as TransformerLens labels heads."""
+        return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers) for head in range(self.cfg.n_heads)]
+
+    def all_composition_scores(self, mode: Literal["Q", "K", "V"]) -> Float[Tensor, "layer head layer head"]:
+        """Q-, K- or V-composition scores of every pair of heads (zero unless the reader is later):
+        `mechscope.analysis.composition_scores`, TransformerLens' definition.
+
+        Example:
+            >>> HookedTransformer(model.cfg).all_composition_scores("K").shape
+            torch.Size([3, 4, 3, 4])
+        """
+        return composition_scores(self, mode)
 
     @property
     def n_params_total(self) -> int:

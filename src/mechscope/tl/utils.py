@@ -90,6 +90,43 @@ def get_corner(tensor: Any, n: int = 3) -> Any:
     return tensor[tuple(slice(n) for _ in range(tensor.ndim))]
 
 
+def get_matrix_corner(matrix: FactoredMatrix, n: int = 3) -> Tensor:
+    """The dense ``n``-corner of a `FactoredMatrix` (`get_corner` of it)."""
+    return get_corner(matrix, n)
+
+
+def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> Tensor:
+    """``||left @ right||_F / (||left||_F ||right||_F)`` over the leading dimensions; with
+    ``broadcast_dims`` the leading dimensions of ``left`` come first, then those of ``right``.
+
+    Example:
+        >>> a = FactoredMatrix(torch.randn(2, 5, 3), torch.randn(2, 3, 5))
+        >>> composition_scores(a, a).shape
+        torch.Size([2, 2])
+    """
+    if broadcast_dims:
+        l_lead, r_lead = left.ndim - 2, right.ndim - 2
+        for i in range(l_lead):
+            right = right.unsqueeze(i)
+        for i in range(r_lead):
+            left = left.unsqueeze(i + l_lead)
+    if left.rdim != right.ldim:
+        raise InputError(f"composition scores need left.rdim == right.ldim, got {left.shape} and {right.shape}")
+    new_left, new_right = left.collapse_l(), right.collapse_r()
+    products = (new_left @ new_right).norm(dim=[-2, -1])
+    return products / new_right.norm(dim=[-2, -1]) / new_left.norm(dim=[-2, -1])
+
+
+def override_or_use_default_value(default_flag: Any, override: Any = None) -> Any:
+    """``override`` unless it is ``None``, else ``default_flag``.
+
+    Example:
+        >>> override_or_use_default_value(True, False), override_or_use_default_value(True)
+        (False, True)
+    """
+    return override if override is not None else default_flag
+
+
 def remove_batch_dim(tensor: Float[Tensor, "1 ..."]) -> Float[Tensor, "..."]:
     """``tensor`` without its first axis when that axis has size 1, else unchanged.
 
