@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "runs": args.runs,
         "torch": torch.__version__,
+        "hf_attention": hf_model.config._attn_implementation,
         "hooks_cached": n_cached,
         "max_abs_logit_diff": diff,
         "max_abs_logit": outputs["hf"].abs().max().item(),

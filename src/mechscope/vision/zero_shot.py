@@ -21,6 +21,7 @@ from mechscope.errors import InputError, LoadError
 from mechscope.vision.embeddings import pooled_text
 
 DEFAULT_TEMPLATE = "a photo of a {label}"
+"""The prompt each label is written into for zero-shot directions (CLIP's usual template)."""
 
 
 @dataclass
