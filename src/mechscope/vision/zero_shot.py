@@ -65,7 +65,8 @@ def load_clip(path: str | os.PathLike, device: str | torch.device | None = "cpu"
     vision = load(path, device=device)
     weights = read_hf_weights(path)
     cfg = clip_text.text_config(hf, projection="text_projection.weight" in weights)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None  # text_directions needs one
     cfg.model_name = f"{path.name} (text tower)"
     cfg.default_prepend_bos = False  # the tokenizer adds its own start token
     text = build_model(cfg, clip_text.convert_weights(weights, cfg), tokenizer, device=vision.device)

@@ -55,8 +55,9 @@ def _colour(value: float, limit: float, diverging: bool) -> str:
     if not np.isfinite(value):
         return "rgba(128,128,128,0.6)"
     strength = min(1.0, abs(value) / limit) if limit > 0 else 0.0
-    rgb = "214,39,40" if value >= 0 or not diverging else "33,102,172"
-    if not diverging:
+    if diverging:
+        rgb = "214,39,40" if value >= 0 else "33,102,172"
+    else:
         rgb = "255,140,0"
     return f"rgba({rgb},{0.75 * strength:.3f})"
 
