@@ -65,6 +65,7 @@ MANIFEST = {
     "tests/integration/test_hooks.py": "04a4d4bee670cd0901b751a77c6bdab15e658ece",
     "tests/integration/test_cache_pos_slice.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
     "tests/integration/test_cross_entropy_loss.py": "96677c9b63117f9ffd99c7f5bfcc12026142888b",
+    "tests/integration/test_prepend_bos.py": "f3da28b4de201065a2bfb099e27fc37ddf212e89",
 }
 """Upstream path -> the commit it was read at."""
 
@@ -101,6 +102,12 @@ NOT_APPLICABLE = {
     "test_hook_points.py::TestHookPointHasHooks::test_invalid_direction_raises_error": "asserts beartype's "
     "exception class (mechscope raises HookError, a ValueError)",
     "test_utils.py::test_test_prompt": "compares printed logits of the pretrained solu-1l model",
+    "test_prepend_bos.py::TestPrependBos::test_default_prepend_bos[facebook/opt-125m]": "OPT: no local checkpoint "
+    "(mechscope has no OPT adapter)",
+    "test_prepend_bos.py::TestPrependBos::test_default_prepend_bos_to_false[facebook/opt-125m]": "OPT, as above",
+    "test_prepend_bos.py::TestPrependBos::test_override_prepend_bos[facebook/opt-125m": "OPT, as above",
+    "test_prepend_bos.py::TestPrependBos::test_prepend_bos_with_get_token_position[facebook/opt-125m]": "OPT",
+    "test_prepend_bos.py::TestPrependBos::test_same_tokenization[facebook/opt-125m]": "OPT, as above",
     "test_start_at_layer.py::test_start_at_layer_kwargs": "shortformer positional embeddings with GPT-2's 50257-token "
     "vocabulary (needs the hub tokenizer)",
 }

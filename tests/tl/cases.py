@@ -23,6 +23,15 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _raises_assertion(fn) -> bool:
+    """Whether ``fn()`` raises an ``AssertionError`` (TransformerLens' checks are asserts)."""
+    try:
+        fn()
+    except AssertionError:
+        return True
+    return False
+
+
 def _metric(answer: int, wrong: int):
     def metric(logits):
         return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
@@ -161,6 +170,9 @@ def tokens(lib, ctx, name):
         "residual_direction": model.tokens_to_residual_directions(" Mary"),
         "multi_token_raises": ctx.raises(lambda: model.to_single_token(" Mary and John")),
         "missing_token_raises": ctx.raises(lambda: model.get_token_position(" Paris", PROMPT)),
+        "missing_bos_is_assertion": _raises_assertion(
+            lambda: model.get_token_position(model.tokenizer.bos_token_id, PROMPT, prepend_bos=False)
+        ),
         "to_string_2d": model.to_string(model.to_tokens([PROMPT, CORRUPT])),
         "to_string_int_list": model.to_string([307, 276, 306]),
         "to_string_0d": model.to_string(torch.tensor(307)),

@@ -46,6 +46,11 @@ def _hf_tokenizer(tokenizer: Any) -> Any:
     return tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
 
 
+class TokenNotFoundError(InputError, AssertionError):
+    """`HookedTransformer.get_token_position` of a token the prompt lacks: an `InputError`, and the
+    `AssertionError` TransformerLens raises there."""
+
+
 class HookedTransformer(_Base, CachingHooks):
     """TransformerLens' ``HookedTransformer`` on mechscope's model.
 
@@ -377,7 +382,7 @@ class HookedTransformer(_Base, CachingHooks):
             single_token = int(single_token.item())
         indices = torch.arange(len(tokens), device=tokens.device)[tokens == single_token]
         if len(indices) == 0:
-            raise InputError(f"token {single_token} does not occur in the prompt")
+            raise TokenNotFoundError(f"token {single_token} does not occur in the prompt")
         if mode not in ("first", "last"):
             raise InputError(f"mode must be 'first' or 'last', not {mode!r}")
         return int(indices[0 if mode == "first" else -1])
