@@ -316,6 +316,8 @@ class GenericModel(HookedRootModule):
         stop = None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer")
         if start is not None and stop is not None and start > stop:
             raise InputError(f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer}")
+        if stop == n and self.layout.final_norm is None:
+            raise InputError(f"stop_at_layer={n} needs a final norm to stop at; use stop_at_layer={n - 1}")
         if past_kv_cache is not None and (start is not None or stop is not None):
             raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
         if start is None:
