@@ -132,6 +132,14 @@ def test_hidden_states_per_layer(pair):
         torch.testing.assert_close(cache["resid_pre", layer], states[layer], atol=1e-4, rtol=1e-4)
 
 
+def test_every_hook_name_follows_the_grammar(pair):
+    """Every hook point parses as a hook name, so caches, summaries and name filters handle them."""
+    from mechscope.names import parse_act_name
+
+    _, _, model = pair
+    assert {parse_act_name(name).kind for name in model.hook_dict} >= {"embed", "resid_pre", "pattern"}
+
+
 def test_vision_configs_are_data():
     """The architecture of each family is in its config: bidirectional, patches, class token."""
     vit = ms.load.__globals__["adapter_for"]("vit").config_from_hf(ViTConfig(**TOWER, **IMAGE))

@@ -26,7 +26,8 @@ from mechscope.model.config import ModelConfig
 from mechscope.model.context import AttentionContext, apply_rotary
 
 
-def _activation(name: str):
+def activation_fn(name: str):
+    """The element-wise non-linearity ``cfg.act_fn`` names."""
     return {
         "gelu": F.gelu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -350,7 +351,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.act = _activation(cfg.act_fn)
+        self.act = activation_fn(cfg.act_fn)
         self.w_in = _param(cfg.d_mlp, cfg.d_model)
         _optional_param(self, "b_in", cfg.mlp_bias, cfg.d_mlp)
         if cfg.gated_mlp:

@@ -134,7 +134,7 @@ class ModelConfig:
     """Whether the patch embedding (a linear map of each patch's pixels) has a bias."""
     embed_norm: bool = False
     """Normalise the summed patch and position embeddings before the first block (CLIP's
-    pre-LayerNorm); ``hook_embed`` then sees the normalised sum."""
+    pre-LayerNorm, ``ln_pre``); ``hook_embed`` then sees the normalised sum."""
     attention_pool: bool = False
     """The model has a multi-head attention-pooling head (SigLIP's ``head``: a learned probe
     attending over the final normalised residual stream), run by ``model.pool_head``."""

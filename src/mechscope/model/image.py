@@ -2,9 +2,9 @@
 
 A vision model's input is pixels ``[batch, n_channels, image_size, image_size]``. `PatchEmbed`
 cuts them into square patches, maps each patch's pixels linearly into the residual stream,
-prepends the class embedding (when ``cfg.class_token``), adds the learned position table and
-normalises the sum (when ``cfg.embed_norm``): the whole of what enters the residual stream, which
-``hook_embed`` sees. `AttentionPool` is SigLIP's pooling head.
+prepends the class embedding (when ``cfg.class_token``) and adds the learned position table; the
+model normalises the sum with ``ln_pre`` when ``cfg.embed_norm`` is set, and ``hook_embed`` sees
+the result: the whole of what enters the residual stream. `AttentionPool` is SigLIP's pooling head.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import InputError
 from mechscope.hooks import HookPoint
-from mechscope.model.components import MLP, LayerNorm, make_norm
+from mechscope.model.components import activation_fn
 from mechscope.model.config import ModelConfig
 
 
@@ -25,7 +25,7 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class PatchEmbed(nn.Module):
-    """Patches, class token, positions (and pre-norm) of a vision model.
+    """Patches, class token and positions of a vision model.
 
     ``w_patch [d_model, n_channels, patch_size, patch_size]`` is stored as the convolution that
     applies it; ``W_E`` is the ``[n_channels * patch_size * patch_size, d_model]`` view (one row
@@ -40,7 +40,6 @@ class PatchEmbed(nn.Module):
         self.register_parameter("b_patch", _param(cfg.d_model) if cfg.patch_bias else None)
         self.register_parameter("class_embedding", _param(cfg.d_model) if cfg.class_token else None)
         self.W_pos = _param(cfg.n_ctx, cfg.d_model)
-        self.ln_pre = make_norm(cfg, enabled=cfg.embed_norm)
 
     @property
     def W_E(self) -> Float[Tensor, "patch_pixels d_model"]:
@@ -59,8 +58,7 @@ class PatchEmbed(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [batch, n_patches, d_model], row-major over the patch grid
         if self.class_embedding is not None:
             x = torch.cat((self.class_embedding.expand(x.shape[0], 1, -1), x), dim=1)  # [batch, pos, d_model]
-        x = x + self.W_pos
-        return x if self.ln_pre is None else self.ln_pre(x)
+        return x + self.W_pos
 
 
 class AttentionPool(nn.Module):
@@ -68,7 +66,8 @@ class AttentionPool(nn.Module):
 
     ``out = a + MLP(LayerNorm(a))`` where ``a`` is the multi-head attention output of the probe
     query over the residual stream (keys and values from every position). ``hook_pattern`` is the
-    probe's attention ``[batch, head, 1, key_pos]``, ``hook_out`` the pooled ``[batch, d_model]``.
+    probe's attention ``[batch, head, 1, key_pos]``, ``hook_out`` the pooled ``[batch, d_model]``
+    (its norm and MLP carry no hooks of their own).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -78,8 +77,10 @@ class AttentionPool(nn.Module):
         self.probe = _param(d)
         self.w_q, self.w_k, self.w_v, self.w_o = _param(d, d), _param(d, d), _param(d, d), _param(d, d)
         self.b_q, self.b_k, self.b_v, self.b_o = _param(d), _param(d), _param(d), _param(d)
-        self.ln = LayerNorm(cfg)
-        self.mlp = MLP(cfg)
+        self.ln_w, self.ln_b = _param(d), _param(d)
+        self.w_in, self.b_in = _param(cfg.d_mlp, d), _param(cfg.d_mlp)
+        self.w_out, self.b_out = _param(d, cfg.d_mlp), _param(d)
+        self.act = activation_fn(cfg.act_fn)
         self.hook_pattern, self.hook_out = HookPoint(), HookPoint()
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
@@ -93,4 +94,6 @@ class AttentionPool(nn.Module):
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
         z = torch.matmul(pattern, v).transpose(1, 2).reshape(batch, -1)  # [batch, head * d_head]
         pooled = F.linear(z, self.w_o, self.b_o)  # [batch, d_model]
-        return self.hook_out(pooled + self.mlp(self.ln(pooled)))
+        normed = F.layer_norm(pooled, (pooled.shape[-1],), self.ln_w, self.ln_b, self.cfg.norm_eps)
+        hidden = self.act(F.linear(normed, self.w_in, self.b_in))  # [batch, d_mlp]
+        return self.hook_out(pooled + F.linear(hidden, self.w_out, self.b_out))

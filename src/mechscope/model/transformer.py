@@ -63,6 +63,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg) if cfg.image_size is None else PatchEmbed(cfg)  # tokens, or image pixels
+        self.ln_pre = make_norm(cfg, enabled=cfg.embed_norm)  # CLIP's norm on the image embedding
         self.hook_embed = HookPoint()
         if cfg.positional_embedding_type == "learned":
             self.pos_embed = PosEmbed(cfg)
@@ -147,7 +148,8 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         if past_kv_cache is not None and (start_at_layer is not None or stop_at_layer is not None):
             raise InputError("past_kv_cache needs a full forward: drop start_at_layer/stop_at_layer")
         if start_at_layer is None and self.cfg.image_size is not None:
-            resid = self.hook_embed(self.embed(input))  # pixels -> [batch, pos, d_model]
+            resid = self.embed(input)  # pixels -> [batch, pos, d_model]
+            resid = self.hook_embed(resid if self.ln_pre is None else self.ln_pre(resid))
             ctx = AttentionContext.build(None, resid.shape[0], resid.shape[1], resid.device)
         elif start_at_layer is None:
             tokens, attention_mask = input_tokens(self, input, attention_mask, prepend_bos, padding_side)

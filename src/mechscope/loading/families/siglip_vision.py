@@ -53,12 +53,12 @@ def convert_weights(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str
         **{f"pool_head.b_{x}": b for x, b in zip("qkv", in_proj_b, strict=True)},
         "pool_head.w_o": r.take("head.attention.out_proj.weight", (d, d)),
         "pool_head.b_o": r.take("head.attention.out_proj.bias", (d,)),
-        "pool_head.ln.w": r.take("head.layernorm.weight", (d,)),
-        "pool_head.ln.b": r.take("head.layernorm.bias", (d,)),
-        "pool_head.mlp.w_in": r.take("head.mlp.fc1.weight", (m, d)),
-        "pool_head.mlp.b_in": r.take("head.mlp.fc1.bias", (m,)),
-        "pool_head.mlp.w_out": r.take("head.mlp.fc2.weight", (d, m)),
-        "pool_head.mlp.b_out": r.take("head.mlp.fc2.bias", (d,)),
+        "pool_head.ln_w": r.take("head.layernorm.weight", (d,)),
+        "pool_head.ln_b": r.take("head.layernorm.bias", (d,)),
+        "pool_head.w_in": r.take("head.mlp.fc1.weight", (m, d)),
+        "pool_head.b_in": r.take("head.mlp.fc1.bias", (m,)),
+        "pool_head.w_out": r.take("head.mlp.fc2.weight", (d, m)),
+        "pool_head.b_out": r.take("head.mlp.fc2.bias", (d,)),
         **take_encoder_layers(r, "", cfg),
     }
     r.finish()
