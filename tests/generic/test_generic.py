@@ -240,3 +240,15 @@ def test_sae_training_on_a_generic_hook():
     assert_close(nearest, torch.zeros_like(nearest), atol=1e-4, rtol=0)
     sae = train_sae({"d_in": 32, "d_sae": 64, "hook_name": name}, store, {"steps": 3, "progress": False})
     assert sae.cfg.hook_name == name
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "mpt"])
+def test_bfloat16_models_keep_the_same_hooks(arch):
+    config = CONFIGS[arch]()
+    hf_model = randomize_(hf.AutoModelForCausalLM.from_config(config), seed=1).eval().to(torch.bfloat16)
+    model = GenericModel.wrap(hf_model)
+    offered = {name.split(".")[-1] for name in model.hook_dict if name.split(".")[-1] in OPTIONAL}
+    assert offered == EXPECTED[arch]
+    ids = tokens()
+    with torch.no_grad():
+        assert_close(model(ids), hf_model(ids).logits, atol=0, rtol=0)

@@ -128,6 +128,7 @@ class GenericModel(HookedRootModule):
             dtype=next(hf_model.parameters()).dtype,
         )
         self.state = _RunState()
+        self.forward_parameters = set(inspect.signature(hf_model.forward).parameters)
         found = probe(self.layout, hf_model, self.cfg.d_vocab)
         offered, self.rejected, self.final_norm_form = found.offered, found.rejected, found.final_norm_form
         self.cfg.parallel_attn_mlp = found.parallel
@@ -359,7 +360,7 @@ class GenericModel(HookedRootModule):
 
     def _hf_forward(self, tokens: Tensor, mask: Tensor | None, kv: KVCache | None) -> Tensor:
         kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": kv is not None}
-        parameters = inspect.signature(self.hf.forward).parameters
+        parameters = self.forward_parameters
         takes_positions = "position_ids" in parameters
         if kv is not None:
             if kv.frozen:
