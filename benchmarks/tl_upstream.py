@@ -61,6 +61,7 @@ MANIFEST = {
     "tests/unit/factored_matrix/test_multiply_by_vector.py": "0ca7de36e27119c27c40fc021d809f74eda730e5",
     "tests/unit/factored_matrix/test_multiply_by_matrix.py": "1536307b5e9b0d6fc1dfc4a9b8e1b668f2448a1d",
     "tests/unit/factored_matrix/test_constructor.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
+    "tests/unit/test_head_detector.py": "10d2f8a026d73eada861c7d51064f7e24d8f482c",
     "tests/unit/test_hooked_transformer_config.py": "30009290a4270bba57a2c02b5f0b959008023b17",
     "tests/integration/test_hooks.py": "04a4d4bee670cd0901b751a77c6bdab15e658ece",
     "tests/integration/test_cache_pos_slice.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
@@ -101,6 +102,8 @@ NOT_APPLICABLE = {
     "test_hook_points.py::test_reshape_functionality": "TransformerBridge's hook conversions (model_bridge)",
     "test_hook_points.py::TestHookPointHasHooks::test_invalid_direction_raises_error": "asserts beartype's "
     "exception class (mechscope raises HookError, a ValueError)",
+    "test_head_detector.py::test_detect_head_with_invalid_head_name": "asserts beartype's exception class "
+    "(mechscope raises InputError, a ValueError)",
     "test_utils.py::test_test_prompt": "compares printed logits of the pretrained solu-1l model",
     "test_prepend_bos.py::TestPrependBos::test_default_prepend_bos[facebook/opt-125m]": "OPT: no local checkpoint "
     "(mechscope has no OPT adapter)",

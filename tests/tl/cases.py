@@ -464,6 +464,16 @@ def head_detector(lib, ctx, name):
     out["list_of_prompts"] = detect(model, [repeated, PROMPT], "previous_token_head")
     out["bad_pattern_raises"] = ctx.raises(lambda: detect(model, repeated, torch.ones(n, n)))
     out["bad_name_raises"] = ctx.raises(lambda: detect(model, repeated, "copy_head"))
+    for key, call in {
+        "empty": lambda: detect(model, "", "previous_token_head"),
+        "too_long": lambda: detect(model, "a " * model.cfg.n_ctx, "previous_token_head"),
+        "not_lower_triangular": lambda: detect(model, repeated, torch.ones(n, n)),
+    }.items():
+        try:
+            call()
+            out[f"{key}_error"] = "no error"
+        except AssertionError as exc:  # TransformerLens asserts
+            out[f"{key}_error"] = str(exc)
     return out
 
 

@@ -16,6 +16,17 @@ from mechscope.tl.utils import is_lower_triangular, is_square
 HeadName = Literal["previous_token_head", "duplicate_token_head", "induction_head"]
 HEAD_NAMES = ["previous_token_head", "duplicate_token_head", "induction_head"]
 ErrorMeasure = Literal["abs", "mul"]
+SEQ_LEN_ERR = "The sequence must be non-empty and must fit within the model's context window."
+DET_PAT_NOT_SQUARE_ERR = (
+    "The detection pattern must be a lower triangular matrix of shape (sequence_length, sequence_length); "
+    "sequence_length=%d; got detection pattern of shape %s"
+)
+"""TransformerLens' messages for a sequence of the wrong length and an unusable pattern."""
+
+
+class DetectionError(InputError, AssertionError):
+    """`detect_head` input TransformerLens rejects with an assertion: an `InputError` that is also
+    the `AssertionError` (with the same message) TransformerLens raises."""
 
 
 def get_previous_token_head_detection_pattern(tokens: Tensor) -> Tensor:
@@ -142,12 +153,9 @@ def detect_head(
     if error_measure == "mul" and not set(detection_pattern.unique().tolist()).issubset({0, 1}):
         warnings.warn("Using detection pattern with values other than 0 or 1 with error_measure 'mul'", stacklevel=2)
     if not 1 < seq_len < cfg.n_ctx:
-        raise InputError(f"the sequence must have between 2 and n_ctx - 1 = {cfg.n_ctx - 1} tokens, got {seq_len}")
+        raise DetectionError(SEQ_LEN_ERR)
     if not (is_lower_triangular(detection_pattern) and seq_len == detection_pattern.shape[0]):
-        raise InputError(
-            f"the detection pattern must be a lower triangular matrix of shape ({seq_len}, {seq_len}); "
-            f"got {tuple(detection_pattern.shape)}"
-        )
+        raise DetectionError(DET_PAT_NOT_SQUARE_ERR % (seq_len, detection_pattern.shape))
     if cache is None:
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     if heads is None:
