@@ -17,7 +17,7 @@ from mechscope.analysis.streaming import (
     streaming_dla,
     streaming_logit_lens,
 )
-from mechscope.errors import InputError
+from mechscope.errors import HookNameError, InputError
 from mechscope.model.generic import GenericModel
 from tests.conftest import randomize_, tiny_model
 
@@ -34,6 +34,19 @@ def test_streaming_dla_equals_cached(small_model):
         rows = torch.arange(3)
         expected = logits[rows, index, torch.tensor([4, 9, 11])] - logits[rows, index, 17]
         assert_close(streamed.total(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_streaming_dla_by_head_equals_cached(small_model):
+    tokens = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(7))
+    logits, cache = small_model.run_with_cache(tokens)
+    cached = direct_logit_attribution(cache, answer=[3, 8], against=[5, 1], by="head", pos=[6, 7])
+    streamed = streaming_dla(small_model, tokens, answer=[3, 8], against=[5, 1], by="head", pos=[6, 7])
+    assert streamed.labels == cached.labels
+    assert_close(streamed.values, cached.values, atol=1e-5, rtol=1e-5)
+    expected = logits[torch.arange(2), [6, 7], [3, 8]] - logits[torch.arange(2), [6, 7], [5, 1]]
+    assert_close(streamed.total(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="by must be"):
+        streaming_dla(small_model, tokens, answer=3, by="neuron")
 
 
 def test_streaming_logit_lens_equals_cached(small_model):
@@ -116,6 +129,8 @@ def test_generic_models_against_a_naive_loop(arch):
         expected = torch.stack([normed[b] @ model.W_U[:, t] for b, t in enumerate((5, 6))])
         assert_close(values, expected, atol=1e-5, rtol=1e-5)
     assert ("0_block_out" in dla.labels) == (arch == "bloom")
+    with pytest.raises(HookNameError, match="family adapter"):
+        streaming_dla(model, tokens, answer=5, by="head")
     lens = streaming_logit_lens(model, tokens, pos=[1, -1])
     assert_close(lens.logits[-1], logits[:, [1, 5]], atol=1e-5, rtol=1e-5)
     for layer in range(2):

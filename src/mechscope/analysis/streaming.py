@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -90,15 +90,20 @@ def _positions(pos: int | Sequence[int] | Tensor, batch: int, seq: int, device) 
     return (index % seq).expand(batch)
 
 
-def _component_hooks(model: Any) -> list[tuple[str, str, int]]:
-    """``(hook name, label, sign)`` of the residual-stream components, in forward order."""
+def _component_hooks(model: Any, by: str = "layer") -> list[tuple[str, str, int]]:
+    """``(hook name, label, sign)`` of the residual-stream components, in forward order; with
+    ``by="head"`` each layer's attention is ``("blocks.{l}.attn.hook_z", "L{l}", 0)``, split per head."""
     names, n = model.hook_dict, model.cfg.n_layers
     parts = [("hook_embed", "embed", 1)] if "hook_embed" in names else [("blocks.0.hook_resid_pre", "embed", 1)]
     if "hook_pos_embed" in names:
         parts.append(("hook_pos_embed", "pos_embed", 1))
     split = "blocks.0.hook_attn_out" in names and (model.cfg.attn_only or "blocks.0.hook_mlp_out" in names)
     for layer in range(n):
-        if split:
+        if by == "head":
+            parts.append((f"blocks.{layer}.attn.hook_z", f"L{layer}", 0))
+            if not model.cfg.attn_only:
+                parts.append((f"blocks.{layer}.hook_mlp_out", f"{layer}_mlp_out", 1))
+        elif split:
             parts.append((f"blocks.{layer}.hook_attn_out", f"{layer}_attn_out", 1))
             if not model.cfg.attn_only:
                 parts.append((f"blocks.{layer}.hook_mlp_out", f"{layer}_mlp_out", 1))
@@ -114,9 +119,12 @@ def dla_stream(
     answer: TokenLike,
     against: TokenLike | None = None,
     *,
+    by: Literal["layer", "head"] = "layer",
     pos: int | Sequence[int] | Tensor = -1,
 ) -> Stream:
     """The `Stream` of `streaming_dla` (to run with others in one forward, see `run_streams`)."""
+    if by not in ("layer", "head"):
+        raise InputError(f"by must be 'layer' or 'head' when streaming, got {by!r}")
     tokens = input_tokens(model, tokens)[0]
     batch, seq = tokens.shape
     index = _positions(pos, batch, seq, tokens.device)
@@ -135,10 +143,26 @@ def dla_stream(
         readout = readout - readout.mean(-1, keepdim=True)  # centre(c) @ u == c @ centre(u)
     sums: dict[str, Tensor] = {}
     final: dict[str, Tensor] = {}
+    parts = _component_hooks(model, by)
+    order = list(dict.fromkeys(label for _, label, sign in parts if sign))  # a block delta has two hooks
+    if by == "head":  # each layer's heads through W_O, then its output bias (a component of its own)
+        model.hook_names([name for name, _, sign in parts if sign == 0])  # names the fix where z is missing
+        W_O, b_O, n_heads = model.W_O.detach(), model.b_O.detach(), model.cfg.n_heads
+        for layer in range(model.cfg.n_layers):
+            at = order.index(f"{layer}_mlp_out") if f"{layer}_mlp_out" in order else len(order)
+            bias_label = [f"L{layer}_attn_bias"] if model.cfg.attn_out_bias else []
+            order[at:at] = [f"L{layer}H{h}" for h in range(n_heads)] + bias_label
+            if bias_label:
+                sums[bias_label[0]] = b_O[layer].float() @ readout.T
 
     def reduce(label: str, sign: int):
         def hook(x: Tensor, *, hook) -> None:
-            value = sign * (x[rows, index.to(x.device)].float() * readout.to(x.device)).sum(-1)
+            x, u = x[rows, index.to(x.device)].float(), readout.to(x.device)
+            if sign == 0:  # hook_z [batch, head, d_head]: each head's output written through W_O
+                per_head = torch.einsum("bhk,hkd,bd->bh", x, W_O[hook.layer()].float().to(x.device), u)
+                sums.update({f"{label}H{h}": per_head[:, h] for h in range(per_head.shape[1])})
+                return
+            value = sign * (x * u).sum(-1)
             sums[label] = sums[label] + value if label in sums else value
 
         return hook
@@ -146,12 +170,12 @@ def dla_stream(
     def keep_final(x: Tensor, *, hook) -> None:
         final["resid"] = x[rows, index.to(x.device)].float()
 
-    hooks = [(name, reduce(label, sign)) for name, label, sign in _component_hooks(model)]
+    hooks = [(name, reduce(label, sign)) for name, label, sign in parts]
     hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep_final))
 
     def finish() -> Attribution:
         scale = 1.0 if form is None else form.scale(final["resid"]).squeeze(-1).to(readout.device)
-        labels = list(sums)
+        labels = list(order)
         values = [sums[label].to(readout.device) / scale for label in labels]
         if form is not None and form.bias is not None:
             values.append(direction @ form.bias.float())
@@ -171,6 +195,7 @@ def streaming_dla(
     answer: TokenLike,
     against: TokenLike | None = None,
     *,
+    by: Literal["layer", "head"] = "layer",
     pos: int | Sequence[int] | Tensor = -1,
     attention_mask: Tensor | None = None,
 ) -> Attribution:
@@ -180,7 +205,9 @@ def streaming_dla(
     Only ``[batch, d_model]`` per component is ever kept (the activation at the read position);
     each is projected on the readout at once, and the final norm's scale, known only at the end,
     divides the projections (the norm is linear once its scale is fixed). On a generic model whose
-    blocks cannot be split, components are whole blocks (``{l}_block_out``).
+    blocks cannot be split, components are whole blocks (``{l}_block_out``). ``by="head"`` splits
+    each attention output into heads ``L{l}H{h}`` (from ``hook_z`` and ``W_O``) and its bias
+    ``L{l}_attn_bias``, as `direct_logit_attribution` does (models with per-head hooks only).
 
     Example:
         >>> from mechscope.analysis import direct_logit_attribution
@@ -189,7 +216,7 @@ def streaming_dla(
         >>> streamed.labels == cached.labels, torch.allclose(streamed.values, cached.values, atol=1e-5)
         (True, True)
     """
-    stream = dla_stream(model, tokens, answer, against, pos=pos)
+    stream = dla_stream(model, tokens, answer, against, by=by, pos=pos)
     return run_streams(model, tokens, stream, attention_mask=attention_mask)[0]
 
 
