@@ -252,3 +252,15 @@ def test_bfloat16_models_keep_the_same_hooks(arch):
     ids = tokens()
     with torch.no_grad():
         assert_close(model(ids), hf_model(ids).logits, atol=0, rtol=0)
+
+
+def test_padding_leaves_real_tokens_unchanged(pair):
+    _, _, model = pair
+    ids = tokens(batch=1, seq=5, seed=4).clamp(min=1)
+    alone = model(ids)[0]
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1).long()
+    left = model(torch.cat([pad, ids], 1), attention_mask=mask)[0, 3:]
+    right = model(torch.cat([ids, pad], 1), attention_mask=mask.flip(1))[0, :5]
+    assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    assert_close(right, alone, atol=1e-5, rtol=1e-5)
