@@ -61,6 +61,8 @@ MANIFEST = {
     "tests/unit/factored_matrix/test_multiply_by_vector.py": "0ca7de36e27119c27c40fc021d809f74eda730e5",
     "tests/unit/factored_matrix/test_multiply_by_matrix.py": "1536307b5e9b0d6fc1dfc4a9b8e1b668f2448a1d",
     "tests/unit/factored_matrix/test_constructor.py": "84e5ecd601d7e702b847272dad56dc4817ba263d",
+    "tests/unit/factored_matrix/test_multiply_by_factored_matrix.py": "0ca7de36e27119c27c40fc021d809f74eda730e5",
+    "tests/unit/factored_matrix/test_multiply_by_tensor_like.py": "68adba9cf204bfb23f9210a729acdc6af93912d6",
     "tests/unit/test_head_detector.py": "10d2f8a026d73eada861c7d51064f7e24d8f482c",
     "tests/unit/test_hooked_transformer_config.py": "30009290a4270bba57a2c02b5f0b959008023b17",
     "tests/integration/test_hooks.py": "04a4d4bee670cd0901b751a77c6bdab15e658ece",

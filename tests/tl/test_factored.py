@@ -127,3 +127,40 @@ def test_shape_mistakes_raise_what_transformer_lens_and_torch_raise(mistake):
 def test_a_valid_product_raises_nothing():
     fm = FactoredMatrix(torch.ones(6, 2, 3), torch.ones(6, 3, 4))
     assert_close((torch.full((6,), 2.0) * fm).AB, 2 * fm.AB)
+
+
+class Wrapped:
+    """Multiplies like a tensor without being one (``ndim``, ``shape``, ``@``, ``broadcast_to``)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    ndim = property(lambda self: self.t.ndim)
+    shape = property(lambda self: self.t.shape)
+
+    def broadcast_to(self, shape):
+        return Wrapped(self.t.broadcast_to(shape))
+
+    def unsqueeze(self, dim):
+        return Wrapped(self.t.unsqueeze(dim))
+
+    def squeeze(self, dim):
+        return Wrapped(self.t.squeeze(dim))
+
+    def __matmul__(self, other):
+        if isinstance(other, FactoredMatrix):
+            return NotImplemented
+        return Wrapped(self.t @ (other.t if isinstance(other, Wrapped) else other))
+
+    def __rmatmul__(self, other):
+        return Wrapped(other @ self.t)
+
+
+def test_products_with_tensor_like_objects():
+    fm = FactoredMatrix(_rand(4, 3), _rand(3, 6))
+    right, left = _rand(6, 2), _rand(5, 4)
+    product, rproduct = fm @ Wrapped(right), Wrapped(left) @ fm  # (.AB is annotated as a Tensor)
+    assert_close((product.A @ product.B).t, fm.AB @ right)
+    assert_close((rproduct.A @ rproduct.B).t, left @ fm.AB)
+    assert_close((fm @ Wrapped(_rand(6))).t.shape, torch.Size([4]))
+    assert fm.__matmul__(object()) is NotImplemented

@@ -44,7 +44,7 @@ class FactoredMatrix:
 
     def __init__(self, A: Tensor, B: Tensor) -> None:
         """``A [..., ldim, mdim]`` and ``B [..., mdim, rdim]`` (checked here, with errors naming the fix)."""
-        if A.dim() < 2 or B.dim() < 2:
+        if A.ndim < 2 or B.ndim < 2:
             raise InputError(f"factors must be at least 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
             raise ShapeError(
@@ -57,11 +57,12 @@ class FactoredMatrix:
             raise ShapeError(
                 f"leading dimensions mismatch (they do not broadcast): A is {tuple(A.shape)}, B is {tuple(B.shape)}"
             ) from exc
-        self.A = A.expand(*batch, *A.shape[-2:])
-        self.B = B.expand(*batch, *B.shape[-2:])
+        # broadcast_to, not expand: factors may be tensor-like objects (see `__matmul__`)
+        self.A = A.broadcast_to((*batch, *A.shape[-2:]))
+        self.B = B.broadcast_to((*batch, *B.shape[-2:]))
         self.ldim, self.mdim, self.rdim = A.shape[-2], A.shape[-1], B.shape[-1]
         self.shape = torch.Size((*batch, self.ldim, self.rdim))
-        self.has_leading_dims = A.dim() > 2 or B.dim() > 2
+        self.has_leading_dims = A.ndim > 2 or B.ndim > 2
 
     @property
     def ndim(self) -> int:
@@ -137,9 +138,9 @@ class FactoredMatrix:
         """
         if isinstance(other, FactoredMatrix):
             return (self @ other.A) @ other.B
-        if not isinstance(other, Tensor):
+        if not _tensor_like(other):
             return NotImplemented
-        if other.dim() < 2:
+        if other.ndim < 2:
             return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         if other.shape[-2] != self.rdim:
             raise ShapeError(f"right factor {tuple(other.shape)} does not match the {self.rdim} columns of {self!r}")
@@ -149,11 +150,11 @@ class FactoredMatrix:
 
     def __rmatmul__(self, other: Tensor) -> FactoredMatrix | Tensor:
         """``other @ self``: a `FactoredMatrix` for a matrix, a tensor ``[..., rdim]`` for a vector."""
-        if not isinstance(other, Tensor):
+        if not _tensor_like(other):
             return NotImplemented
         if other.shape[-1] != self.ldim:
             raise ShapeError(f"left factor {tuple(other.shape)} does not match the {self.ldim} rows of {self!r}")
-        if other.dim() < 2:
+        if other.ndim < 2:
             return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
         if self.ldim > self.mdim:
             return FactoredMatrix(other @ self.A, self.B)
@@ -300,6 +301,12 @@ class FactoredMatrix:
         """
         corner = self.A[..., :k, :] @ self.B[..., :, :k]
         return corner[tuple(slice(k) for _ in range(corner.dim()))]
+
+
+def _tensor_like(x) -> bool:
+    """A tensor, or an object that multiplies like one (``ndim``, ``shape``, ``@``, ``broadcast_to``,
+    ``unsqueeze``, ``squeeze``), as TransformerLens' factored products accept."""
+    return isinstance(x, Tensor) or all(hasattr(x, a) for a in ("ndim", "shape", "__matmul__", "broadcast_to"))
 
 
 def _keep_axis(index):
