@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,24 @@ def test_the_example_config_is_valid_and_shown_in_the_help(monkeypatch, capsys):
         parser.parse_args(["sae", "train", "--help"])
     text = capsys.readouterr().out
     assert "e.g. examples/sae_topk.json" in text and '"checkpoint_every": 100' in text
+
+
+@pytest.mark.slow
+def test_tour_sae_section_links_the_feature_pages_it_made(tmp_path, capsys):
+    import mechscope as ms
+    from mechscope.cli.tour import sae_section
+    from mechscope.features import FeatureDB
+
+    model = ms.load("smollm2-135m", device="cpu")
+    sae_section(model, tmp_path, steps=4, layer=1, harvest_tokens=512)
+    out = capsys.readouterr().out
+    db = FeatureDB(tmp_path / "sae_features.db")
+    assert db.count() == 4 * model.cfg.d_model
+    pages = [line.split(": ")[-1] for line in out.splitlines() if line.startswith("  feature ")]
+    assert len(pages) == 3
+    for page in pages:  # the printed paths exist and are the pages of the strongest features
+        assert Path(page).is_file() and Path(page).parent == tmp_path / "sae_features"
+    strongest = {row["feature"] for row in db.search(order="-max", limit=3)}
+    assert {int(Path(p).stem.rsplit("-", 1)[1]) for p in pages} == strongest
+    assert (tmp_path / "sae_features" / "index.html").is_file()
+    assert f"mechscope browse {tmp_path / 'sae_features.db'}" in out

@@ -105,7 +105,7 @@ def tour(args: argparse.Namespace) -> int:
     if args.toys:
         toys_section()
     if args.sae:
-        sae_section(model)
+        sae_section(model, out_dir=args.out_dir)
     if args.ioi or args.ioi_full:
         ioi_section(model, out_dir=args.out_dir, full=args.ioi_full)
     print("\n== what to try next ==")
@@ -270,18 +270,36 @@ def toys_section() -> dict[str, Any]:
     return {"grokking_epoch": run.grokking_epoch(), "superposition_phases": phases, "induction": n}
 
 
-def sae_section(model: HookedTransformer, steps: int = 150, layer: int = 3) -> dict[str, Any]:
-    """Train a small TopK SAE on the model's residual stream, print its evaluation and return it.
+def sae_section(
+    model: HookedTransformer,
+    out_dir: str | Path = "mechscope-tour",
+    steps: int = 150,
+    layer: int = 3,
+    harvest_tokens: int = 16_384,
+) -> dict[str, Any]:
+    """Train a small TopK SAE on the model's residual stream, print its evaluation, harvest its
+    features over ``harvest_tokens`` tokens of the default corpus into a feature database and a
+    static site of feature pages (all in ``out_dir``), print where they are, and return the evaluation.
 
     Example:
-        >>> result = sae_section(ms.load("smollm2-135m"))  # doctest: +SKIP
+        >>> result = sae_section(ms.load("smollm2-135m"), "mechscope-tour")  # doctest: +SKIP
     """
-    import tempfile
-
+    from mechscope.cli.features import harvest_tokens as token_rows_for
     from mechscope.cli.sae import eval_lines
+    from mechscope.features import (
+        FeatureDB,
+        HarvestConfig,
+        export_site,
+        harvest,
+        harvest_sources,
+        page_name,
+        write_harvest,
+    )
+    from mechscope.sae import load_sae
     from mechscope.sae.run import RunConfig, evaluate_from_config, train_from_config
     from mechscope.sae.trainer import TrainConfig
 
+    out = Path(out_dir)
     hook = f"blocks.{layer}.hook_resid_post"
     print(f"\n== SAE: TopK (k=32, d_sae=4 x d_model) on {hook}, {steps} steps of 1024 tokens ==")
     print(
@@ -289,23 +307,40 @@ def sae_section(model: HookedTransformer, steps: int = 150, layer: int = 3) -> d
         "then activations are harvested and the SAE trained, each with a progress bar",
         flush=True,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        run = RunConfig(
-            saes=[{"architecture": "topk", "hook_name": hook, "k": 32, "expansion": 4}], batch_size=1024,
-            buffer_batches=8, eval_sequences=8, out_dir=tmp,
-            train=TrainConfig(steps=steps, lr=1e-3, lr_warmup_steps=steps // 10, lr_decay_steps=steps // 5,
-                              dead_window=50, log_every=10),
-        )  # fmt: skip
-        saes, summary = train_from_config(run, model=model)
-        print(
-            f"trained on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-            f"({summary['tokens_per_second']:,.0f} tokens/s)"
-        )
-        [result] = evaluate_from_config(run, summary["paths"], model=model)
+    run = RunConfig(
+        saes=[{"architecture": "topk", "hook_name": hook, "k": 32, "expansion": 4}], batch_size=1024,
+        buffer_batches=8, eval_sequences=8, out_dir=str(out / "sae"),
+        train=TrainConfig(steps=steps, lr=1e-3, lr_warmup_steps=steps // 10, lr_decay_steps=steps // 5,
+                          dead_window=50, log_every=10),
+    )  # fmt: skip
+    saes, summary = train_from_config(run, model=model)
+    print(
+        f"trained on {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
+        f"({summary['tokens_per_second']:,.0f} tokens/s); saved in {summary['paths'][0]}"
+    )
+    [result] = evaluate_from_config(run, summary["paths"], model=model)
     keys = ("l0", "fvu", "cosine", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl_spliced",
             "dead_fraction", "pathology_ratio")  # fmt: skip
     for line in eval_lines(result, keys, width=20):
         print(line)
+
+    print(f"\nits features over {harvest_tokens:,} tokens of the default corpus (dashboards: mechscope features)")
+    sae_path = Path(summary["paths"][0])
+    sources = harvest_sources(model, [load_sae(sae_path).to(model.device)])
+    config = HarvestConfig(context_size=128, batch_size=8, top_k=10)
+    harvested = harvest(model, sources, token_rows_for(model, None, harvest_tokens, config), config)
+    db_path = write_harvest(
+        harvested, model, out / "sae_features.db", meta={"model": model.cfg.model_name},
+        source_info={sources[0].name: {"path": str(sae_path.resolve())}},
+    )  # fmt: skip
+    index = export_site(db_path, out / "sae_features")
+    db = FeatureDB(db_path)
+    rows = db.search(order="-max", limit=3)
+    print(f"feature database: {db_path}; pages: {index}")
+    for row in rows:
+        print(f"  feature {row['feature']:>5} (max {row['max']:.2f}, density {row['density']:.3%}): "
+              f"{index.parent / page_name(row['source'], row['feature'])}")  # fmt: skip
+    print(f"  browse them, test prompts and steer: mechscope browse {db_path}")
     return result
 
 
