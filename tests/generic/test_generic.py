@@ -130,7 +130,23 @@ def test_hooks_change_the_output_and_stop_start(pair):
     resid = model(ids, stop_at_layer=2)
     _, cache = model.run_with_cache(ids)
     assert_close(resid, cache["resid_pre", 2], atol=0, rtol=0)
+    calls = []
+    handle = model.layout.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    assert model.skips_prefix
     assert_close(model(resid, start_at_layer=2), plain, atol=1e-5, rtol=1e-5)
+    assert calls == []  # the blocks before start_at_layer were skipped
+    _, late = model.run_with_cache(resid, start_at_layer=2)
+    assert sorted(late) == sorted(n for n in model.hook_dict if n.startswith(("blocks.2.", "ln_final")))
+    assert_close(late["resid_pre", 2], resid, atol=0, rtol=0)
+    model.skips_prefix = False
+    try:
+        assert_close(model(resid, start_at_layer=2), plain, atol=1e-5, rtol=1e-5)
+        _, slow = model.run_with_cache(resid, start_at_layer=2)  # earlier blocks run, their hooks do not
+        assert sorted(slow) == sorted(late)
+    finally:
+        model.skips_prefix = True
+        handle.remove()
+    assert calls == [1, 1]
     assert_close(model(cache["resid_post", 2], start_at_layer=3), plain, atol=1e-5, rtol=1e-5)
     assert_close(model.run_with_hooks(ids, fwd_hooks=[]), plain, atol=0, rtol=0)
 

@@ -30,7 +30,7 @@ from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
-from mechscope.model.generic_probe import find_layout, first_tensor, probe, with_first_tensor
+from mechscope.model.generic_probe import find_layout, first_tensor, probe, sums_match, with_first_tensor
 from mechscope.model.loss import next_token_loss
 from mechscope.model.tokenize import Tokenizer, check_mask, input_tokens
 from mechscope.names import unknown_name_error
@@ -77,6 +77,19 @@ class _RunState:
     start_resid: Tensor | None = None
     stop: int | None = None
     resid_pre: dict[int, Tensor] = field(default_factory=dict)
+
+
+class PassThrough(nn.Module):
+    """Stands in for a block that ``start_at_layer`` skips: returns its input, in the block's output
+    format (a tensor, or a tuple of ``length`` with the hidden states first)."""
+
+    def __init__(self, length: int | None) -> None:
+        super().__init__()
+        self.length = length
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if self.length is None else (hidden, *([None] * (self.length - 1)))
 
 
 class BlockHooks(nn.Module):
@@ -141,7 +154,8 @@ class GenericModel(HookedRootModule):
             self.ln_final = BlockHooks(["hook_normalized"])
         self._install()
         self.setup()
-        self.codec = None
+        self.skips_prefix, self.block_output, self.codec = False, None, None
+        self.skips_prefix = self._prefix_skip_works()
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
@@ -201,27 +215,32 @@ class GenericModel(HookedRootModule):
         return out.clone() if out is x else out  # transformers may add in place into its modules' outputs
 
     def _install(self) -> None:
-        lay, state = self.layout, self.state
+        lay = self.layout
         if hasattr(self, "hook_embed"):
-            lay.embed.register_forward_hook(lambda m, a, o: self._point("hook_embed", o) if state.active else None)
+            lay.embed.register_forward_hook(lambda m, a, o: self._point("hook_embed", o) if self._live(-1) else None)
         for layer, block in enumerate(lay.blocks):
             names = dict(self.blocks[layer].named_children())
             block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
-            block.register_forward_hook(self._out_hook(f"blocks.{layer}.hook_resid_post"))
+            block.register_forward_hook(self._out_hook(f"blocks.{layer}.hook_resid_post", layer))
             if "hook_attn_out" in names:
                 lay.attn[layer].register_forward_hook(self._attn_hook(layer, "hook_resid_mid" in names))
             if "hook_mlp_out" in names:
-                lay.mlp[layer].register_forward_hook(self._out_hook(f"blocks.{layer}.hook_mlp_out"))
+                lay.mlp[layer].register_forward_hook(self._out_hook(f"blocks.{layer}.hook_mlp_out", layer))
         if lay.final_norm is not None:
             lay.final_norm.register_forward_pre_hook(self._final_pre_hook)
             if hasattr(self, "ln_final"):
-                lay.final_norm.register_forward_hook(self._out_hook("ln_final.hook_normalized"))
+                lay.final_norm.register_forward_hook(self._out_hook("ln_final.hook_normalized", self.cfg.n_layers))
+
+    def _live(self, layer: int) -> bool:
+        """Whether hooks at ``layer`` (-1: the embedding) run: in a forward, from ``start_at_layer`` on."""
+        state = self.state
+        return state.active and (state.start is None or layer >= state.start)
 
     def _pre_hook(self, layer: int):
         state = self.state
 
         def hook(module, args, kwargs):
-            if not state.active:
+            if not self._live(layer):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if state.stop == layer:
@@ -236,9 +255,9 @@ class GenericModel(HookedRootModule):
 
         return hook
 
-    def _out_hook(self, name: str):
+    def _out_hook(self, name: str, layer: int):
         def hook(module, args, out):
-            return with_first_tensor(out, self._point(name, first_tensor(out))) if self.state.active else None
+            return with_first_tensor(out, self._point(name, first_tensor(out))) if self._live(layer) else None
 
         return hook
 
@@ -246,7 +265,7 @@ class GenericModel(HookedRootModule):
         name, mid_name = f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_resid_mid"
 
         def hook(module, args, out):
-            if not self.state.active:
+            if not self._live(layer):
                 return None
             attn = self._point(name, first_tensor(out))
             point = self.hook_dict[mid_name] if has_mid else None
@@ -306,9 +325,11 @@ class GenericModel(HookedRootModule):
         """Run the wrapped model under the attached hooks (arguments as `HookedTransformer.forward`).
 
         ``start_at_layer`` replaces the residual stream entering that block with ``input``
-        (``[batch, pos, d_model]``); the blocks before it still run (on ``tokens`` when given,
-        else on placeholder ids), as ``transformers`` builds positions and masks in its own
-        forward. ``start_at_layer=n_layers`` applies the final norm and head only.
+        (``[batch, pos, d_model]``) inside a forward on ``tokens`` (placeholder ids when not
+        given), as ``transformers`` builds positions and masks in its own forward. The blocks
+        before it are skipped (`PassThrough`) where the load-time probe showed that this gives the
+        same result (``skips_prefix``), and run otherwise. ``start_at_layer=n_layers`` applies
+        the final norm and head only.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -339,14 +360,44 @@ class GenericModel(HookedRootModule):
         run_ids = tokens if resid_in is None or tokens is not None else self._placeholder(resid_in)
         self.state.start, self.state.start_resid, self.state.stop = start, resid_in, stop
         self.state.active = True
+        blocks = self.layout.blocks
+        skipped = list(blocks[:start]) if start and self.skips_prefix else []
+        for layer in range(len(skipped)):
+            blocks[layer] = PassThrough(self.block_output)
         try:
             logits = self._hf_forward(run_ids, attention_mask, past_kv_cache)
         except _Stopped as stopped:
             return stopped.resid
         finally:
+            for layer, block in enumerate(skipped):
+                blocks[layer] = block
             self.state.active, self.state.start_resid = False, None
             self.state.resid_pre.clear()
         return self._outputs(logits, tokens, attention_mask, return_type, loss_per_token)
+
+    def _prefix_skip_works(self) -> bool:
+        """Whether the blocks before ``start_at_layer`` can be replaced by `PassThrough` (checked on a
+        probe: starting at the last block must reproduce the full forward's logits)."""
+        n = self.cfg.n_layers
+        ids = torch.randint(0, self.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(1)).to(self.device)
+        seen: list[Any] = []
+        handle = self.layout.blocks[0].register_forward_hook(lambda m, a, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                full = self(ids)
+                resid = self(ids, stop_at_layer=n - 1)
+            handle.remove()
+            out = seen[0]
+            self.block_output = None if isinstance(out, Tensor) else len(out)
+            self.skips_prefix = True
+            with torch.no_grad():
+                started = self(resid, start_at_layer=n - 1)
+        except Exception:  # a model whose loop needs its real blocks (layer attributes, caches): run them
+            return False
+        finally:
+            handle.remove()
+            self.skips_prefix = False
+        return sums_match(started, full)
 
     def _placeholder(self, resid: Tensor) -> Tensor:
         return torch.zeros(resid.shape[:2], dtype=torch.long, device=self.device)
