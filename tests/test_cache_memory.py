@@ -90,3 +90,25 @@ def test_disk_cache_equals_the_memory_cache(setup, tmp_path):
         run_with_disk_cache(model, tokens, path=tmp_path / "c")
     with pytest.raises(InputError, match="index.json"):
         DiskCacheDict(tmp_path)
+
+
+def test_run_with_cache_refuses_before_running(setup, monkeypatch):
+    import mechscope.cache_plan as plan
+
+    model, tokens = setup
+    full = cache_size(model, tokens)
+    monkeypatch.setattr(plan, "free_memory", lambda device: full - 1)
+    ran = []
+    handle = model.blocks[0].register_forward_hook(lambda module, args, out: ran.append(out.shape[0]))
+    with pytest.raises(InputError, match=r"would need .* options that fit: cache_dtype=torch.bfloat16"):
+        model.run_with_cache(tokens, check_fits=True)
+    assert set(ran) == {1}  # only the one-row forwards measuring shapes ran, not the batch of 2
+    _, cache = model.run_with_cache(tokens, check_fits=True, cache_dtype=torch.bfloat16)
+    assert nbytes(cache) == full // 2
+    with pytest.raises(InputError, match="would need"):  # gradients double the cache
+        plan.check_before_caching(model, (tokens,), {"incl_bwd": True, "cache_dtype": torch.bfloat16}, True)
+    ran.clear()
+    model.run_with_cache(tokens, check_fits=False)  # off: no measuring forwards
+    model.run_with_cache(tokens)  # the default checks only caches bound for a CUDA device
+    handle.remove()
+    assert ran == [2, 2]

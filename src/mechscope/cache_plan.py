@@ -115,3 +115,30 @@ def check_cache_fits(
         f"the cache would need {need / 2**20:.1f} MiB but {target} has {free / 2**20:.1f} MiB free; "
         f"options that fit: {', '.join(fitting) or 'none: narrow names_filter'}"
     )
+
+
+def check_before_caching(model: Any, model_args: tuple, kwargs: dict, check_fits: bool | None) -> None:
+    """`check_cache_fits` for a ``run_with_cache(*model_args, **kwargs)`` call, before it runs.
+
+    ``check_fits=None`` checks when the cache goes to a CUDA device (its free memory is known and
+    an out-of-memory error there would come mid-forward); ``True`` always; ``False`` never.
+
+    Example:
+        >>> check_before_caching(model, (tokens,), {"cache_dtype": torch.bfloat16}, check_fits=True)
+    """
+    device = kwargs.get("device")
+    target = model.device if device is None else torch.device(device)
+    if check_fits is None:
+        check_fits = target.type == "cuda"
+    if not check_fits or not model_args or kwargs.get("start_at_layer") is not None:
+        return
+    free = free_memory(target)
+    check_cache_fits(
+        model,
+        model_args[0],
+        kwargs.get("names_filter"),
+        cache_dtype=kwargs.get("cache_dtype"),
+        pos_slice=kwargs.get("pos_slice"),
+        device=target,
+        free_bytes=free // 2 if kwargs.get("incl_bwd") else free,  # gradients are cached too
+    )

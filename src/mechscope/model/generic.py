@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mechscope.cache_plan import cache_size
+from mechscope.cache_plan import cache_size, check_before_caching
 from mechscope.errors import HookNameError, InputError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
@@ -456,14 +456,19 @@ class GenericModel(HookedRootModule):
         mask = None if context.key_padding is None else context.key_padding
         return self(resid, start_at_layer=start, stop_at_layer=stop, attention_mask=mask)
 
-    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
-        """`HookedRootModule.run_with_cache`, returning an `ActivationCache`.
-
-        Example:
-            >>> logits, cache = model.run_with_cache(tokens)  # doctest: +SKIP
-        """
+    def run_with_cache(
+        self,
+        *model_args,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        check_fits: bool | None = None,
+        **kwargs,
+    ):
+        """`HookedRootModule.run_with_cache`, returning an `ActivationCache` (``check_fits`` as in
+        `HookedTransformer.run_with_cache`)."""
         from mechscope.cache import ActivationCache
 
+        check_before_caching(self, model_args, kwargs, check_fits)
         out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if not return_cache_object:
             return out, cache

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.cache import ActivationCache
-from mechscope.cache_plan import cache_size
+from mechscope.cache_plan import cache_size, check_before_caching
 from mechscope.errors import InputError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
@@ -224,7 +224,12 @@ class HookedTransformer(StackedWeights, HookedRootModule):
 
     # ------------------------------------------------------------------ hooks
     def run_with_cache(
-        self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
+        self,
+        *model_args,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        check_fits: bool | None = None,
+        **kwargs,
     ) -> tuple[object, ActivationCache | dict[str, Tensor]]:
         """Run `forward` and cache the activations selected by ``names_filter`` (see
         `HookedRootModule.run_with_cache` for ``names_filter``, ``device``, ``incl_bwd``,
@@ -234,7 +239,9 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         ``names_filter=None`` caches every hook point that runs by default; naming an opt-in
         point turns it on for the run. Caching only reads activations, so the output equals a
         plain forward's exactly (under ``torch.inference_mode`` to within rounding: torch keeps
-        no count of in-place edits there).
+        no count of in-place edits there). ``cache_dtype`` stores a lower precision; with
+        ``check_fits`` (default: when caching to a CUDA device) a cache larger than the target's
+        free memory raises before the run, naming the options that fit (`check_before_caching`).
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
@@ -246,6 +253,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             >>> last["blocks.0.attn.hook_z"].shape, last.has_batch_dim
             (torch.Size([1, 4, 8]), False)
         """
+        check_before_caching(self, model_args, kwargs, check_fits)
         out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if not return_cache_object:
             return out, cache
