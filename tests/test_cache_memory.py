@@ -108,6 +108,7 @@ def test_run_with_cache_refuses_before_running(setup, monkeypatch):
     with pytest.raises(InputError, match="would need"):  # gradients double the cache
         plan.check_before_caching(model, (tokens,), {"incl_bwd": True, "cache_dtype": torch.bfloat16}, True)
     ran.clear()
+    plan.check_before_caching(model, (torch.zeros(2, 9, 32),), {}, True)  # float input: not measured
     model.run_with_cache(tokens, check_fits=False)  # off: no measuring forwards
     model.run_with_cache(tokens)  # the default checks only caches bound for a CUDA device
     handle.remove()

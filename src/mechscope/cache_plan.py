@@ -132,6 +132,8 @@ def check_before_caching(model: Any, model_args: tuple, kwargs: dict, check_fits
         check_fits = target.type == "cuda"
     if not check_fits or not model_args or kwargs.get("start_at_layer") is not None:
         return
+    if isinstance(model_args[0], torch.Tensor) and model_args[0].is_floating_point():
+        return  # pixels or a residual stream: the estimate measures token inputs only
     free = free_memory(target)
     check_cache_fits(
         model,
