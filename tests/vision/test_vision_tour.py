@@ -33,3 +33,25 @@ def test_vision_tour_names_a_wrong_directory(tmp_path, capsys):
 def test_default_vision_tour_says_the_model_is_random(tmp_path, capsys):
     assert main(["tour", "--vision", "--out-dir", str(tmp_path)]) == 0
     assert "random weights" in capsys.readouterr().out
+
+
+def test_vision_tour_on_a_vit_classifier_reads_its_classes(tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path / "vit"
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "fish"},
+    )
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    assert main(["tour", "--vision", str(folder), "--out-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "(vit)" in out and "final: " in out
+    assert any(f"final: {label}" in out for label in ("cat", "dog", "fish"))

@@ -125,19 +125,23 @@ def vision_tour(args: argparse.Namespace) -> int:
     written += [save_png(fig, out_dir / "vision-lens.png")]
 
     base, source = 1, next(i for i in range(len(data)) if data.labels[i] != data.labels[1])
+    final = lensed[-1]  # the model's own scores [image, label]
     label_of = {name: i for i, name in enumerate(names)}
-    target = label_of.get(data.labels[source], 0)
-    other = label_of.get(data.labels[base], 1)
+    target = label_of.get(data.labels[source], int(final[source].argmax()))  # the label, else its top class
+    other = label_of.get(data.labels[base], int(final[base].argmax()))
+    if other == target:
+        other = int(final[base].topk(2).indices[1])
+    layers = list(range(0, cfg.n_layers, max(1, cfg.n_layers // 4)))  # at most about 4 layers: one pass each
 
     def metric(batch_logits):
         s = scores(model, batch_logits, directions, normalize)
         return s[:, target] - s[:, other]
 
-    effect = patch_images(model, x[base : base + 1], x[source : source + 1], metric)  # [layer, pos]
+    effect = patch_images(model, x[base : base + 1], x[source : source + 1], metric, layers=layers)  # [layer, pos]
     clean = metric(logits[source : source + 1]).item()
     corrupted = metric(logits[base : base + 1]).item()
     maps = to_patches(model, effect - corrupted)  # [layer, n_rows, n_cols]
-    panels = [Overlay(shown[base], maps[layer], f"resid_pre {layer}", box=None) for layer in range(cfg.n_layers)]
+    panels = [Overlay(shown[base], maps[i], f"resid_pre {layer}") for i, layer in enumerate(layers)]
     title = (
         f"Patching resid_pre from '{data.labels[source]}' into '{data.labels[base]}': change of "
         f"score('{names[target]}') - score('{names[other]}')"
@@ -148,8 +152,8 @@ def vision_tour(args: argparse.Namespace) -> int:
     print(f"\n-- activation patching: {pair} --")
     measure = f"score('{names[target]}') - score('{names[other]}')"
     print(f"  metric {measure}: source run {clean:+.4f}, base run {corrupted:+.4f}")
-    for layer in range(cfg.n_layers):
-        row = effect[layer] - corrupted
+    for i, layer in enumerate(layers):
+        row = effect[i] - corrupted
         top = int(row.abs().argmax())
         where = "class token" if top < grid.n_prefix else f"patch {grid.cell(top)}"
         print(f"  layer {layer}: largest change {row[top].item():+.4f} at {where}")
