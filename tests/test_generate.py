@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mechscope as ms
+import mechscope.tl  # noqa: F401 - ms.tl below
 from mechscope.model.context import KVCache
 from mechscope.model.generate import sample_logits
 from tests.conftest import tiny_model

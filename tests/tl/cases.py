@@ -187,6 +187,14 @@ def tokens(lib, ctx, name):
     out.update(input_to_embed=embed, input_to_embed_tokens=toks, input_to_embed_mask_is_none=mask is None)
     loss = model.loss_fn(model(toks), toks, per_token=True)
     out["loss_fn"] = loss
+    default = model.cfg.default_prepend_bos
+    model.cfg.default_prepend_bos = not default  # TransformerLens code flips it after loading
+    try:
+        out["flipped_default_tokens"] = model.to_tokens(PROMPT)
+        out["flipped_default_str_tokens"] = model.to_str_tokens(SHORT)
+        out["flipped_default_logits"] = model(SHORT)[:, -1]
+    finally:
+        model.cfg.default_prepend_bos = default
     return out
 
 

@@ -199,6 +199,8 @@ def require_tokenizer(model: Any) -> Tokenizer:
     """
     if model.codec is None:
         raise InputError("this model has no tokenizer: pass token ids, or set one: model.set_tokenizer(...)")
+    # cfg.default_prepend_bos is the setting (TransformerLens code assigns it after loading)
+    model.codec.default_prepend_bos = getattr(model.cfg, "default_prepend_bos", model.codec.default_prepend_bos)
     return model.codec
 
 
@@ -284,7 +286,7 @@ def input_tokens(
     tokens = tokens.to(model.device, torch.long)
     codec = model.codec
     if attention_mask is None and codec is not None and (padding_side or codec.padding_side) == "left":
-        prepend_bos = codec.default_prepend_bos if prepend_bos is None else prepend_bos
+        prepend_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         attention_mask = get_attention_mask(codec.hf, tokens, prepend_bos, "left")
         attention_mask = None if bool(attention_mask.all()) else attention_mask
     return tokens, check_mask(attention_mask, tuple(tokens.shape), model.device)
