@@ -67,7 +67,7 @@ def test_linearisation_matches_autograd(name, freeze_norm):
 @pytest.mark.parametrize("act_fn", ["relu", "silu", "gelu", "gelu_new", "gelu_pytorch_tanh"])
 def test_activation_derivatives(act_fn):
     x = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)
-    act = ms.model.components._activation(act_fn)
+    act = ms.model.components.activation_fn(act_fn)
     (grad,) = torch.autograd.grad(act(x).sum(), x)
     assert_close(activation_derivative(act_fn, x.detach()), grad)
 
