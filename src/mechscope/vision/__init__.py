@@ -22,7 +22,7 @@ from mechscope.vision.images import display_image, image_files, image_processor,
 from mechscope.vision.patches import PatchGrid, to_patches, upsample
 from mechscope.vision.sae import PatchActivation, harvest, top_patches, train_vision_sae
 from mechscope.vision.synthetic import ShapeImages, shapes
-from mechscope.vision.tiny import random_vit, tiny_clip
+from mechscope.vision.tiny import random_vit, tiny_clip, words_of
 from mechscope.vision.zero_shot import DEFAULT_TEMPLATE, ClipModels, class_directions, load_clip, text_directions
 
 __all__ = [
@@ -57,4 +57,5 @@ __all__ = [
     "top_patches",
     "train_vision_sae",
     "upsample",
+    "words_of",
 ]
