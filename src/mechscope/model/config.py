@@ -257,8 +257,8 @@ class ModelConfig:
         """Image patches per input of a vision model (``0`` for text models).
 
         Example:
-            >>> ModelConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, d_vocab=8, n_ctx=17,
-            ...             image_size=32, patch_size=8, class_token=True).n_patches
+            >>> ModelConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, d_vocab=8, n_ctx=17, image_size=32,
+            ...             patch_size=8, class_token=True, positional_embedding_type="none").n_patches
             16
         """
         return 0 if self.image_size is None else (self.image_size // self.patch_size) ** 2
