@@ -69,6 +69,15 @@ def test_load_clip_reads_a_full_siglip_checkpoint(tmp_path):
         torch.testing.assert_close(pooled_image(clip.vision, clip.vision(pixels)), image, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pooled_text(clip.text, tokens, clip.text(tokens)), text, atol=1e-4, rtol=1e-4)
     assert clip.logit_scale == hf_model.logit_scale.item() and clip.logit_bias == hf_model.logit_bias.item()
+    from mechscope.vision import lens, lens_names
+
+    directions = torch.nn.functional.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(3)), dim=0)
+    with torch.no_grad():  # the lens through the pooling head: its last row is the model's cosine
+        _, cache = clip.vision.run_with_cache(pixels, names_filter=lens_names(clip.vision))
+        by_layer = lens(clip.vision, cache, directions, normalize=True)
+    torch.testing.assert_close(
+        by_layer[-1], torch.nn.functional.normalize(image, dim=-1) @ directions, atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ms.InputError, match="no tokenizer"):
         from mechscope.vision import text_directions
 
