@@ -18,8 +18,10 @@ from mechscope.vision import (
     lens_names,
     patch_images,
     pixels,
+    pooled_text,
     scores,
     text_directions,
+    text_tokens,
     to_patches,
 )
 from tests.conftest import randomize_
@@ -59,6 +61,15 @@ def test_zero_shot_directions_and_scores_match_transformers(clip, clip_dir, hf_c
         image = F.normalize(hf_clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
         ours = scores(clip.vision, clip.vision(x), directions, normalize=True)
     torch.testing.assert_close(directions, text.T, atol=1e-5, rtol=1e-5)
+    tokens, mask = text_tokens(clip.text, texts)
+    torch.testing.assert_close(tokens, batch["input_ids"])
+    torch.testing.assert_close(mask, batch["attention_mask"])
+    with torch.no_grad():
+        logits, cache = clip.text.run_with_cache(tokens, attention_mask=mask, names_filter=["ln_final.hook_normalized"])
+        torch.testing.assert_close(
+            cache["ln_final.hook_normalized"], hf_clip.text_model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(F.normalize(pooled_text(clip.text, tokens, logits), dim=-1), text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours, image @ text.T, atol=1e-5, rtol=1e-5)
 
 

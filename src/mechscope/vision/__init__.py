@@ -23,7 +23,14 @@ from mechscope.vision.patches import PatchGrid, to_patches, upsample
 from mechscope.vision.sae import PatchActivation, harvest, top_patches, train_vision_sae
 from mechscope.vision.synthetic import ShapeImages, shapes
 from mechscope.vision.tiny import random_vit, tiny_clip, words_of
-from mechscope.vision.zero_shot import DEFAULT_TEMPLATE, ClipModels, class_directions, load_clip, text_directions
+from mechscope.vision.zero_shot import (
+    DEFAULT_TEMPLATE,
+    ClipModels,
+    class_directions,
+    load_clip,
+    text_directions,
+    text_tokens,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -52,6 +59,7 @@ __all__ = [
     "shapes",
     "text_directions",
     "text_positions",
+    "text_tokens",
     "tiny_clip",
     "to_patches",
     "top_patches",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import InputError, LoadError
@@ -74,6 +74,28 @@ def load_clip(path: str | os.PathLike, device: str | torch.device | None = "cpu"
     return ClipModels(vision, text, float(weights["logit_scale"].reshape(())), bias)
 
 
+def text_tokens(text_model, texts: list[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None]:
+    """``(tokens, attention_mask)`` for a text tower, as its own tokenizer makes them: CLIP's with
+    start and end-of-text tokens, padded to the longest text (the mask marks the padding);
+    SigLIP's padded to ``n_ctx`` as it was trained (no mask). Feed them to the tower, its cache or
+    the patching tools; `pooled_text` reads the embedding from the logits.
+
+    Example:
+        >>> tokens, mask = text_tokens(clip.text, ["a photo of a cat"])  # doctest: +SKIP
+        >>> logits, cache = clip.text.run_with_cache(tokens, attention_mask=mask)  # doctest: +SKIP
+    """
+    tokenizer = text_model.tokenizer
+    if tokenizer is None:
+        raise InputError("the text tower has no tokenizer; load it with load_clip from a checkpoint directory")
+    if isinstance(texts, str) or not texts:
+        raise InputError("texts must be a non-empty list of strings")
+    padding = "max_length" if text_model.cfg.extra.get("pool") == "last" else True  # SigLIP: as trained
+    batch = tokenizer(texts, padding=padding, max_length=text_model.cfg.n_ctx, truncation=True, return_tensors="pt")
+    tokens = batch["input_ids"].to(text_model.device)
+    mask = None if padding == "max_length" else batch["attention_mask"].to(text_model.device)
+    return tokens, mask
+
+
 @torch.no_grad()
 def text_directions(
     text_model, labels: list[str], template: str = DEFAULT_TEMPLATE
@@ -89,14 +111,7 @@ def text_directions(
         raise InputError(f"the template must contain '{{label}}', got {template!r}")
     if not labels:
         raise InputError("no labels given")
-    tokenizer = text_model.tokenizer
-    if tokenizer is None:
-        raise InputError("the text tower has no tokenizer; load it with load_clip from a checkpoint directory")
-    texts = [template.format(label=label) for label in labels]
-    padding = "max_length" if text_model.cfg.extra.get("pool") == "last" else True  # SigLIP: as trained
-    batch = tokenizer(texts, padding=padding, max_length=text_model.cfg.n_ctx, truncation=True, return_tensors="pt")
-    tokens = batch["input_ids"].to(text_model.device)
-    mask = None if padding == "max_length" else batch["attention_mask"].to(text_model.device)
+    tokens, mask = text_tokens(text_model, [template.format(label=label) for label in labels])
     logits = text_model(tokens, attention_mask=mask)
     embeds = pooled_text(text_model, tokens, logits)  # [n_labels, d_vocab]
     return torch.nn.functional.normalize(embeds, dim=-1).T
