@@ -30,7 +30,14 @@ from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
 from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
-from mechscope.model.generic_probe import find_layout, first_tensor, probe, sums_match, with_first_tensor
+from mechscope.model.generic_probe import (
+    GenericConfig,
+    find_layout,
+    first_tensor,
+    probe,
+    sums_match,
+    with_first_tensor,
+)
 from mechscope.model.loss import next_token_loss
 from mechscope.model.tokenize import Tokenizer, check_mask, input_tokens
 from mechscope.names import unknown_name_error
@@ -42,26 +49,6 @@ ADAPTER_CONTRACT = (
 )
 _ADAPTER_ONLY = ("attn.", "ln1.", "ln2.", "mlp.", "hook_q_input", "hook_k_input", "hook_v_input")
 _ADAPTER_ONLY += ("hook_attn_in", "hook_mlp_in", "hook_pos_embed", "ln_final.hook_scale")
-
-
-@dataclass
-class GenericConfig:
-    """The block-level facts mechscope reads from a wrapped model's Hugging Face config."""
-
-    model_name: str
-    model_type: str
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    n_ctx: int
-    n_heads: int
-    d_mlp: int
-    default_prepend_bos: bool = False
-    parallel_attn_mlp: bool = False
-    attn_only: bool = False
-    normalization_type: str | None = None
-    positional_embedding_type: str = "hf"
-    dtype: torch.dtype = torch.float32
 
 
 class _Stopped(Exception):
@@ -206,7 +193,7 @@ class GenericModel(HookedRootModule):
         finally:
             self.hf = hf
 
-    # ------------------------------------------------------------------ probing the module tree
+    # ------------------------------------------------------------------ hooks on the wrapped modules
     def _point(self, name: str, x: Tensor) -> Tensor:
         point = self.hook_dict[name]
         if not (point.fwd_hooks or point.bwd_hooks):

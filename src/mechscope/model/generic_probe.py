@@ -121,6 +121,40 @@ def sums_match(a: Tensor, b: Tensor) -> bool:
 
 
 @dataclass
+class GenericConfig:
+    """The block-level facts mechscope reads from a wrapped model (its Hugging Face config and the probe)."""
+
+    model_name: str
+    """The checkpoint's name or path."""
+    model_type: str
+    """The Hugging Face ``model_type``."""
+    n_layers: int
+    """Blocks in the block list."""
+    d_model: int
+    """Width of the residual stream."""
+    d_vocab: int
+    """Rows of the output head."""
+    n_ctx: int
+    """``max_position_embeddings`` (or ``n_positions``): informational, no limit is enforced."""
+    n_heads: int
+    """Attention heads (used by memory estimates only)."""
+    d_mlp: int
+    """MLP width (``intermediate_size``, else ``4 * d_model``; memory estimates only)."""
+    default_prepend_bos: bool = False
+    """Whether tokenising strings prepends BOS (the tokenizer's own behaviour)."""
+    parallel_attn_mlp: bool = False
+    """Set by the probe: attention and MLP read the same residual stream."""
+    attn_only: bool = False
+    """Always ``False``: a block's MLP is part of its output even when it cannot be hooked apart."""
+    normalization_type: str | None = None
+    """Set by the probe: ``"layernorm"`` or ``"rmsnorm"`` when the final norm has one of those forms."""
+    positional_embedding_type: str = "hf"
+    """``"hf"``: positions are the wrapped model's business (no ``n_ctx`` check)."""
+    dtype: torch.dtype = torch.float32
+    """The wrapped model's parameter dtype."""
+
+
+@dataclass
 class Probe:
     """What the load-time probe found: the hook points offered (``"hook_embed"``, ``"ln_final"``
     and per block ``"blocks.{l}"`` its names), those rejected with the reason, and the final norm."""
