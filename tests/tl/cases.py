@@ -132,6 +132,18 @@ def model_helpers(lib, ctx, name):
     return out
 
 
+def process_in_place(lib, ctx, name):
+    from transformers import AutoModelForCausalLM
+
+    path = ctx.checkpoints[name]
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    load = lib.HookedTransformer.from_pretrained_no_processing
+    model = load(path, hf_model=hf_model, tokenizer=ctx.tokenizer(name), device="cpu")
+    model.process_weights_()
+    tokens = model.to_tokens(PROMPT)
+    return {"log_probs": model(tokens).log_softmax(-1), "W_Q": model.W_Q, "W_U": model.W_U, "b_O": model.b_O}
+
+
 def loading(lib, ctx, name):
     from transformers import AutoModelForCausalLM
 
@@ -723,6 +735,7 @@ CASES = {
     "processed": (processed, MODELS),
     "loading": (loading, MODELS),
     "refactored": (refactored, MODELS),
+    "process_in_place": (process_in_place, MODELS),
     "model_helpers": (model_helpers, ("gpt2",)),
     "tokens": (tokens, MODELS),
     "patching": (patching, MODELS),

@@ -173,18 +173,13 @@ class HookedTransformer(_Base, CachingHooks):
             if "pos_embed.W_pos" in weights:
                 weights["pos_embed.W_pos"] = weights["pos_embed.W_pos"][:n_ctx]
         model = cls._assemble(cfg, weights, hf_tok, default_padding_side)
-        skip = unsupported_steps(cfg)
-        flags = dict(
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
+        model.process_weights_(
+            fold_ln,
+            center_writing_weights,
+            center_unembed,
+            refactor_factored_attn_matrices,
             fold_value_biases=fold_value_biases,
         )
-        steps = {step: bool(value) and step not in skip for step, value in flags.items()}
-        if any(steps.values()):
-            process_weights(model, **steps)
-        if refactor_factored_attn_matrices:
-            refactor(model)
         model.to(dtype)
         if n_devices > 1:
             per = -(-cfg.n_layers // n_devices)
@@ -196,6 +191,40 @@ class HookedTransformer(_Base, CachingHooks):
             model.to(device if device is not None else get_device())
         print(f"Loaded pretrained model {model_name} into HookedTransformer")
         return model
+
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+        *,
+        fold_value_biases: bool = True,
+    ) -> None:
+        """Process the loaded weights in place, as `from_pretrained` does (TransformerLens folds the
+        value biases here too; ``fold_value_biases=False`` is mechscope's opt-out). Steps that do
+        not apply to the architecture are skipped, as TransformerLens skips them.
+
+        Example:
+            >>> tl_model = HookedTransformer(model.cfg).init_weights(seed=0)
+            >>> tokens = torch.tensor([[1, 2, 3]])
+            >>> before = tl_model(tokens).log_softmax(-1)
+            >>> tl_model.process_weights_()
+            >>> torch.allclose(tl_model(tokens).log_softmax(-1), before, atol=1e-5)
+            True
+        """
+        skip = unsupported_steps(self.cfg)
+        flags = dict(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+        steps = {step: bool(value) and step not in skip for step, value in flags.items()}
+        if any(steps.values()):
+            process_weights(self, **steps)
+        if refactor_factored_attn_matrices:
+            refactor(self)
 
     @classmethod
     def from_pretrained_no_processing(
