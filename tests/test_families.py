@@ -253,8 +253,10 @@ def test_conversion_rejects_missing_and_unexpected_keys(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
+    from mechscope.errors import LoadError
+
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(Exception, match="bert"):
+    with pytest.raises(LoadError, match="model_type 'bert'.*no family adapter"):
         ms.load(tmp_path, device="cpu")
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.cache_plan import cache_size, check_before_caching
-from mechscope.errors import HookNameError, InputError
+from mechscope.errors import HookNameError, InputError, LoadError
 from mechscope.hooks import HookedRootModule, HookPoint
 from mechscope.model import tokenize
 from mechscope.model.context import AttentionContext, KVCache
@@ -466,7 +466,19 @@ def load_generic(path: Any, device: torch.device, dtype: torch.dtype) -> Generic
     """Load a Hugging Face causal LM directory (or hub id) with `transformers` and wrap it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        try:
+            from transformers import AutoConfig
+
+            model_type = repr(AutoConfig.from_pretrained(path).model_type)
+        except (OSError, ValueError, KeyError, TypeError):
+            model_type = "unknown"
+        raise LoadError(
+            f"{path} (model_type {model_type}) has no family adapter and could not be loaded as a transformers "
+            f"causal LM for the generic block-level wrapper: {exc}"
+        ) from exc
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
