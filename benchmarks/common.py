@@ -319,6 +319,9 @@ def gate_note(results: dict, max_other: float = MAX_OTHER_CORES) -> str:
     return line
 
 
+PROTOCOL_MARK = "@@benchmark-worker@@ "
+
+
 class Worker:
     """A benchmark worker under another python (a peer's venv), kept loaded between requests.
 
@@ -345,12 +348,16 @@ class Worker:
 
         self.proc.stdin.write(json.dumps(message) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self._log.flush()
-            tail = "\n".join(self.log_path.read_text().strip().splitlines()[-15:])
-            raise RuntimeError(f"worker {self.proc.args} exited ({self.proc.poll()}):\n{tail}")
-        answer = json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self._log.flush()
+                tail = "\n".join(self.log_path.read_text().strip().splitlines()[-15:])
+                raise RuntimeError(f"worker {self.proc.args} exited ({self.proc.poll()}):\n{tail}")
+            if line.startswith(PROTOCOL_MARK):
+                break
+            self._log.write(line)  # printed by the worker before it started serving
+        answer = json.loads(line[len(PROTOCOL_MARK) :])
         if "error" in answer:
             raise RuntimeError(f"worker request {message} failed:\n{answer['error']}")
         return answer
@@ -376,4 +383,4 @@ def serve(handlers: dict) -> None:
             answer = handlers[request["op"]](request)
         except Exception:  # noqa: BLE001 - reported to the parent, which raises
             answer = {"error": traceback.format_exc()}
-        protocol.write(json.dumps(answer) + "\n")
+        protocol.write(PROTOCOL_MARK + json.dumps(answer) + "\n")

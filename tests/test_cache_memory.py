@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from mechscope.cache_disk import DiskCacheDict, run_with_disk_cache
 from mechscope.cache_plan import cache_size, check_cache_fits
 from mechscope.errors import InputError
+from mechscope.hooks import position_axis
 from tests.conftest import tiny_model
 
 
@@ -113,3 +114,25 @@ def test_run_with_cache_refuses_before_running(setup, monkeypatch):
     model.run_with_cache(tokens)  # the default checks only caches bound for a CUDA device
     handle.remove()
     assert ran == [2, 2]
+
+
+def test_offloading_to_the_cpu_keeps_every_value(setup):
+    model, tokens = setup
+    _, full = model.run_with_cache(tokens)
+    _, moved = model.run_with_cache(tokens, device="cpu", cache_dtype=torch.bfloat16, pos_slice=[0, -1])
+    assert set(moved) == set(full)
+    for name, value in moved.items():
+        assert value.device.type == "cpu"
+        axis = position_axis(name)
+        assert_close(value, full[name].index_select(axis, torch.tensor([0, 8])).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned asynchronous offload needs a CUDA device")
+def test_offloading_from_cuda_is_pinned_and_complete():
+    model = tiny_model().to("cuda")
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    _, on_gpu = model.run_with_cache(tokens)
+    _, moved = model.run_with_cache(tokens, device="cpu")
+    for name, value in moved.items():
+        assert value.device.type == "cpu" and value.is_pinned()
+        assert_close(value, on_gpu[name].cpu(), rtol=0, atol=0)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import HookError, HookNameError, InputError
 from mechscope.names import unknown_name_error
+from mechscope.offload import finish_offload, offload
 
 HookFn = Callable[..., torch.Tensor | None]
 NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
@@ -189,8 +190,7 @@ class HookPoint(nn.Module):
     def remove_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: int | None = None
     ) -> None:
-        """Remove the temporary hooks of ``dir`` (at ``level`` when given), and every hook with
-        ``including_permanent``."""
+        """Remove the temporary hooks of ``dir`` (at ``level`` when given); ``including_permanent``: all."""
         if dir not in ("fwd", "bwd", "both"):
             raise HookError(f"hook direction must be 'fwd', 'bwd' or 'both', got {dir!r}")
 
@@ -452,7 +452,7 @@ class HookedRootModule(nn.Module):
         """``(cache, fwd_hooks, bwd_hooks)``: hooks that store the points ``names_filter``
         selects (see `hook_names`) into ``cache`` (gradients as ``"{name}_grad"``), detached,
         without the batch axis, with ``pos_slice`` (an int, a slice or a list of positions; an int
-        keeps the axis) applied to positions, cast to ``cache_dtype`` and then moved to ``device``."""
+        keeps the axis) applied to positions, cast to ``cache_dtype`` and then moved to ``device`` (`offload`)."""
         cache = {} if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         self.is_caching = True
@@ -464,7 +464,7 @@ class HookedRootModule(nn.Module):
                 kept = pos_slice.apply(tensor, dim=pos_dim)
                 tensor = kept.clone() if pos_slice.mode == "slice" else kept  # a view would keep every position
             tensor = tensor if cache_dtype is None else tensor.to(cache_dtype)
-            cache[hook.name + suffix] = tensor if device is None else tensor.to(device)
+            cache[hook.name + suffix] = tensor if device is None else offload(tensor, device)
 
         names = self.hook_names(names_filter)
         fwd = [(name, save) for name in names]
@@ -485,8 +485,8 @@ class HookedRootModule(nn.Module):
         **model_kwargs: Any,
     ) -> tuple[Any, dict[str, Tensor]]:
         """Run the forward and return ``(output, cache_dict)`` of the activations `get_caching_hooks`
-        stores. With ``incl_bwd`` the output must be a scalar: its gradients are cached too.
-        ``cache_dtype`` (e.g. ``torch.bfloat16``) stores them in a lower precision."""
+        stores. With ``incl_bwd`` the output must be a scalar: its gradients are cached too. ``cache_dtype``
+        (e.g. ``torch.bfloat16``) stores a lower precision; ``device="cpu"`` offloads as it runs (`offload`)."""
         cache, fwd, bwd = self.get_caching_hooks(
             names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, cache_dtype=cache_dtype
         )
@@ -496,4 +496,5 @@ class HookedRootModule(nn.Module):
                 if not isinstance(out, Tensor) or out.numel() != 1:
                     raise InputError("incl_bwd=True needs a scalar output: use return_type='loss' or a metric")
                 out.backward()
+        finish_offload(device)
         return out, cache
