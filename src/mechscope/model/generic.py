@@ -38,7 +38,7 @@ from mechscope.model.generic_probe import (
     sums_match,
     with_first_tensor,
 )
-from mechscope.model.loss import next_token_loss
+from mechscope.model.loss import check_return_type, forward_output
 from mechscope.model.tokenize import Tokenizer, check_mask, input_tokens
 from mechscope.names import unknown_name_error
 
@@ -318,8 +318,7 @@ class GenericModel(HookedRootModule):
         same result (``skips_prefix``), and run otherwise. ``start_at_layer=n_layers`` applies
         the final norm and head only.
         """
-        if return_type not in ("logits", "loss", "both", None):
-            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        check_return_type(return_type)
         n = self.cfg.n_layers
         start = None if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer")
         stop = None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer")
@@ -360,7 +359,7 @@ class GenericModel(HookedRootModule):
                 blocks[layer] = block
             self.state.active, self.state.start_resid = False, None
             self.state.resid_pre.clear()
-        return self._outputs(logits, tokens, attention_mask, return_type, loss_per_token)
+        return forward_output(logits, tokens, attention_mask, return_type, loss_per_token)
 
     def _prefix_skip_works(self) -> bool:
         """Whether the blocks before ``start_at_layer`` can be replaced by `PassThrough` (checked on a
@@ -423,17 +422,7 @@ class GenericModel(HookedRootModule):
         x = resid if lay.final_norm is None else lay.final_norm(resid)
         if hasattr(self, "ln_final"):
             x = self._point("ln_final.hook_normalized", x)
-        return self._outputs(lay.head(x), tokens, mask, return_type, loss_per_token)
-
-    def _outputs(self, logits, tokens, mask, return_type, loss_per_token):
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if tokens is None:
-            raise InputError("the loss needs the token ids: pass tokens=... when starting at a layer")
-        loss = next_token_loss(logits, tokens, mask, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        return forward_output(lay.head(x), tokens, mask, return_type, loss_per_token)
 
     def run_blocks(self, resid: Tensor, start: int, stop: int, context: AttentionContext) -> Tensor:
         """Blocks ``start:stop`` on ``resid`` (the patching engine's seam); ``context`` may carry

@@ -37,3 +37,40 @@ def next_token_loss(
         return per_pos.mean()
     valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).to(per_pos.dtype)
     return (per_pos * valid).sum() / valid.sum().clamp(min=1)
+
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def check_return_type(return_type: str | None) -> None:
+    """Raise `InputError` unless ``return_type`` is one of `RETURN_TYPES`.
+
+    Example:
+        >>> check_return_type("logits")
+    """
+    if return_type not in RETURN_TYPES:
+        raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+
+def forward_output(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"] | None,
+    attention_mask: Tensor | None,
+    return_type: str | None,
+    per_token: bool = False,
+):
+    """What a forward returns for ``return_type``: the logits, `next_token_loss`, both, or ``None``.
+
+    Example:
+        >>> logits, loss = forward_output(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]), None, "both")
+        >>> logits.shape, round(loss.item(), 4)
+        (torch.Size([1, 3, 4]), 1.3863)
+    """
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    if tokens is None:
+        raise InputError("the loss needs the token ids: pass tokens=... when starting at a layer")
+    loss = next_token_loss(logits, tokens, attention_mask, per_token=per_token)
+    return loss if return_type == "loss" else (logits, loss)

@@ -23,7 +23,7 @@ from mechscope.model.context import AttentionContext, KVCache
 from mechscope.model.generate import generate
 from mechscope.model.image import AttentionPool, PatchEmbed
 from mechscope.model.init import init_gpt2, init_weights
-from mechscope.model.loss import next_token_loss
+from mechscope.model.loss import check_return_type, forward_output
 from mechscope.model.tokenize import PaddingSide, Tokenizer, check_mask, check_positions, input_tokens
 from mechscope.model.weights import StackedWeights
 
@@ -138,8 +138,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             >>> torch.equal(model(resid, start_at_layer=2), model(tokens))
             True
         """
-        if return_type not in ("logits", "loss", "both", None):
-            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        check_return_type(return_type)
         n_layers = self.cfg.n_layers
         start = self._layer_index(start_at_layer, "start_at_layer", 0)
         stop = self._layer_index(stop_at_layer, "stop_at_layer", n_layers)
@@ -182,14 +181,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         cap = self.cfg.output_logits_soft_cap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if tokens is None:
-            raise InputError("the loss needs the token ids: pass tokens=... when starting at a layer")
-        loss = next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        return forward_output(logits, tokens, attention_mask, return_type, loss_per_token)
 
     def run_blocks(
         self, resid: Float[Tensor, "batch pos d_model"], start: int, stop: int, context: AttentionContext
