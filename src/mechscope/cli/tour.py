@@ -284,7 +284,7 @@ def sae_section(
     Example:
         >>> result = sae_section(ms.load("smollm2-135m"), "mechscope-tour")  # doctest: +SKIP
     """
-    from mechscope.cli.features import harvest_tokens as token_rows_for
+    from mechscope.cli.features import harvest_tokens as corpus_rows
     from mechscope.cli.sae import eval_lines
     from mechscope.features import (
         FeatureDB,
@@ -328,7 +328,7 @@ def sae_section(
     sae_path = Path(summary["paths"][0])
     sources = harvest_sources(model, [load_sae(sae_path).to(model.device)])
     config = HarvestConfig(context_size=128, batch_size=8, top_k=10)
-    harvested = harvest(model, sources, token_rows_for(model, None, harvest_tokens, config), config)
+    harvested = harvest(model, sources, corpus_rows(model, None, harvest_tokens, config), config)
     db_path = write_harvest(
         harvested, model, out / "sae_features.db", meta={"model": model.cfg.model_name},
         source_info={sources[0].name: {"path": str(sae_path.resolve())}},
@@ -336,6 +336,7 @@ def sae_section(
     index = export_site(db_path, out / "sae_features")
     db = FeatureDB(db_path)
     rows = db.search(order="-max", limit=3)
+    db.close()
     print(f"feature database: {db_path}; pages: {index}")
     for row in rows:
         print(f"  feature {row['feature']:>5} (max {row['max']:.2f}, density {row['density']:.3%}): "
