@@ -136,3 +136,13 @@ def test_offloading_from_cuda_is_pinned_and_complete():
     for name, value in moved.items():
         assert value.device.type == "cpu" and value.is_pinned()
         assert_close(value, on_gpu[name].cpu(), rtol=0, atol=0)
+
+
+def test_disk_cache_of_every_hook_at_full_precision(setup, tmp_path):
+    # the default options keep activations that are one tensor under two names (resid_post, next resid_pre)
+    model, tokens = setup
+    _, cache = model.run_with_cache(tokens)
+    _, disk = run_with_disk_cache(model, tokens, path=tmp_path / "c")
+    assert list(disk) == list(cache)
+    for name in cache:
+        assert_close(disk[name], cache[name], atol=0, rtol=0)

@@ -37,11 +37,17 @@ class ShardWriter(dict):
         self.path, self.shard_bytes = path, shard_bytes
         self.index: dict[str, str] = {}
         self.held = 0
+        self._storages: set[int] = set()
 
     def __setitem__(self, name: str, tensor: Tensor) -> None:
         if name in self.index:
             raise InputError(f"{name!r} was cached twice in one run; cache it once per disk cache")
-        super().__setitem__(name, tensor.detach().to("cpu").contiguous())
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._storages:  # the same activation under two names (resid_post is the next resid_pre)
+            tensor = tensor.clone()
+        self._storages.add(tensor.untyped_storage().data_ptr())
+        super().__setitem__(name, tensor)
         self.held += tensor.numel() * tensor.element_size()
         if self.held >= self.shard_bytes:
             self.flush()
@@ -54,6 +60,7 @@ class ShardWriter(dict):
         save_file(dict(self), self.path / file)
         self.index.update(dict.fromkeys(self, file))
         self.clear()
+        self._storages.clear()
         self.held = 0
 
 
