@@ -14,9 +14,12 @@ after a warm-up, for
     all 30 layers that broadcast needs about 11 GB per operand, so the full model is not
     compared; mechscope's time on the full model (270 x 270 pairs) is printed alone.
 
-It checks that both give the same scores (largest absolute difference printed) and reports
-the CPU other processes took while it ran. The local HF directory and the TransformerLens
-venv are made once (see benchmarks/common.py). Everything runs offline.
+The two sides are interleaved (``common.interleave``: each round runs every mode of each side
+once, in a rotated order; samples taken while other processes used more than the gate are
+retaken); TransformerLens stays loaded in a worker process under its own venv between requests.
+It checks that both give the same scores (largest absolute difference printed). The local HF
+directory and the TransformerLens venv are made once (see benchmarks/common.py). Everything runs
+offline.
 
 Usage: .venv/bin/python benchmarks/analysis.py [--runs 3] [--layers 8]
 """
@@ -24,9 +27,6 @@ Usage: .venv/bin/python benchmarks/analysis.py [--runs 3] [--layers 8]
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,67 +48,69 @@ torch.set_num_threads(2)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (at least 3 under the rules)")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--gate", type=float, default=common.MAX_OTHER_CORES)
     args = parser.parse_args()
     common.ensure_hf_dir()
     tl_python = common.ensure_peer_venv("tl3")
-    cpu = common.CpuMonitor() if hasattr(common, "CpuMonitor") else None
-
     model = ms.load("smollm2-135m", device="cpu")
     full_layers = model.cfg.n_layers
+    modes = ("Q", "K", "V")
+    ours: dict[str, torch.Tensor] = {}
 
-    def timed(mode: str) -> tuple[torch.Tensor, float]:
-        samples = []
-        for _ in range(args.runs + 1):
-            start = time.perf_counter()
-            scores = composition_scores(model, mode)
-            samples.append(time.perf_counter() - start)
-        return scores, statistics.median(samples[1:])
+    def ours_job(mode: str):
+        def job() -> float:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                ours[mode] = composition_scores(model, mode)
+                return time.perf_counter() - start
+
+        return job
 
     with torch.inference_mode():
-        full_times = {mode: timed(mode)[1] for mode in ("Q", "K", "V")}
-        model.blocks = model.blocks[: args.layers]  # composition_scores reads the blocks' weights only
-        ours, times = {}, {}
-        for mode in ("Q", "K", "V"):
-            ours[mode], times[mode] = timed(mode)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = Path(tmp) / "tl_scores.pt"
-        proc = subprocess.run(
-            [
-                str(tl_python),
-                str(Path(__file__).with_name("analysis_worker.py")),
-                str(args.runs),
-                str(args.layers),
-                str(out_file),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        tl_times = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
-        theirs = torch.load(out_file, weights_only=True)
+        for mode in modes:
+            composition_scores(model, mode)  # warm-up
+    full = common.interleave({mode: ours_job(mode) for mode in modes}, reps=args.runs, max_other=args.gate)
+    model.blocks = model.blocks[: args.layers]  # composition_scores reads the blocks' weights only
+    worker = common.Worker(
+        tl_python, [str(Path(__file__).with_name("analysis_worker.py")), str(args.layers)],
+        common.BENCH_DIR / "results" / "analysis_worker.log",
+    )  # fmt: skip
+    try:
+        jobs = {}
+        for mode in modes:
+            ours_job(mode)()  # warm-up
+            worker.request({"op": "run", "mode": mode})
+            jobs[f"mechscope {mode}"] = ours_job(mode)
+            jobs[f"TL {mode}"] = lambda mode=mode: worker.request({"op": "run", "mode": mode})
+        timed = common.interleave(jobs, reps=args.runs, max_other=args.gate)
+        with tempfile.TemporaryDirectory() as tmp:
+            out_file = Path(tmp) / "tl_scores.pt"
+            worker.request({"op": "save", "path": str(out_file)})
+            theirs = torch.load(out_file, weights_only=True)
+    finally:
+        worker.close()
 
     heads = args.layers * model.cfg.n_heads
     print(
-        f"composition scores, SmolLM2-135M, first {args.layers} layers ({heads} x {heads} head pairs), "
-        f"median of {args.runs}"
+        f"\ncomposition scores, SmolLM2-135M, first {args.layers} layers ({heads} x {heads} head pairs), "
+        f"median of {args.runs} interleaved rounds (spread = (max - min) / median)"
     )
-    print(f"{'mode':<5} {'mechscope s':>12} {'TL 3.x s':>10} {'TL / mechscope':>15} {'max |diff|':>11}")
-    for mode in ("Q", "K", "V"):
+    print("| mode | mechscope | TL 3.x | TL / mechscope (median) | spread mechscope / TL | max abs difference |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        a, b = timed[f"mechscope {mode}"], timed[f"TL {mode}"]
         diff = float((ours[mode] - theirs[mode].to(ours[mode].dtype)).abs().max())
         print(
-            f"{mode:<5} {times[mode]:>12.3f} {tl_times[mode]:>10.3f} "
-            f"{tl_times[mode] / times[mode]:>15.1f} {diff:>11.2e}"
+            f"| {mode} | {a['median_s']:.3f} s | {b['median_s']:.3f} s | {b['median_s'] / a['median_s']:.1f} | "
+            f"{a['spread']:.2f} / {b['spread']:.2f} | {diff:.1e} |"
         )
     print(
-        f"mechscope on all {full_layers} layers ({full_layers * model.cfg.n_heads}^2 pairs): "
-        + ", ".join(f"{mode} {t:.3f} s" for mode, t in full_times.items())
+        f"mechscope on all {full_layers} layers ({full_layers * model.cfg.n_heads}^2 pairs), median: "
+        + ", ".join(f"{mode} {full[mode]['median_s']:.3f} s (spread {full[mode]['spread']:.2f})" for mode in modes)
     )
-    if cpu is not None:
-        other, steal = cpu.other_cores()
-        print(f"CPU taken by other processes while running: {other:.2f} cores (steal {steal:.2f})")
+    print(common.gate_note({**timed, **{f"full {m}": r for m, r in full.items()}}, args.gate))
 
 
 if __name__ == "__main__":

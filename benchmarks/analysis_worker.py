@@ -1,18 +1,17 @@
 """Worker for benchmarks/analysis.py, run under the TransformerLens 3.x venv.
 
 Loads the local Hugging Face copy of the bundled SmolLM2 into TransformerLens'
-``HookedTransformer`` (no weight processing), times the body of
-``HookedTransformer.all_composition_scores`` on the heads of the first LAYERS
-layers (the full model does not fit in memory: TL broadcasts every pair to
-``[layer, head, layer, head, d_head, d_model]``), and saves the scores.
+``HookedTransformer`` (no weight processing) once, then serves requests (``common.serve``):
+``{"op": "run", "mode": "Q"}`` times the body of ``HookedTransformer.all_composition_scores``
+on the heads of the first LAYERS layers (the full model does not fit in memory: TL broadcasts
+every pair to ``[layer, head, layer, head, d_head, d_model]``); ``{"op": "save", "path": ...}``
+saves the last scores of each mode.
 
-Usage: python analysis_worker.py RUNS LAYERS OUT_FILE
+Usage: python analysis_worker.py LAYERS
 """
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def load():
 def main() -> None:
     from transformer_lens.utilities import composition_scores
 
-    runs, layers, out_file = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    layers = int(sys.argv[1])
     model = load()
 
     def all_composition_scores(mode: str) -> torch.Tensor:
@@ -62,17 +61,19 @@ def main() -> None:
         mask = torch.arange(layers)[:, None, None, None] < torch.arange(layers)[None, None, :, None]
         return torch.where(mask, scores, torch.zeros_like(scores))
 
-    times, scores = {}, {}
-    with torch.inference_mode():
-        for mode in ("Q", "K", "V"):
-            samples = []
-            for _ in range(runs + 1):
-                start = time.perf_counter()
-                scores[mode] = all_composition_scores(mode)
-                samples.append(time.perf_counter() - start)
-            times[mode] = statistics.median(samples[1:])
-    torch.save(scores, out_file)
-    print(json.dumps({"times": times}))
+    scores = {}
+
+    def run(request: dict) -> dict:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            scores[request["mode"]] = all_composition_scores(request["mode"])
+            return {"seconds": time.perf_counter() - start}
+
+    def save(request: dict) -> dict:
+        torch.save(scores, request["path"])
+        return {}
+
+    common.serve({"run": run, "save": save})
 
 
 if __name__ == "__main__":
