@@ -24,7 +24,10 @@ TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.py"))
 PUBLIC_PACKAGES = {
     "mechscope",
     "mechscope.analysis",
+    "mechscope.circuits",
     "mechscope.data",
+    "mechscope.data.corpus",
+    "mechscope.features",
     "mechscope.patching",
     "mechscope.sae",
     "mechscope.tl",
