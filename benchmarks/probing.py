@@ -4,7 +4,9 @@ Probe fitting: ``--rows`` x ``--d`` activations (default 100,000 x 576, the widt
 residual stream) with ``--targets`` three-class targets (default 64, as the squares of an 8x8
 board). The activations are synthetic (Gaussian, shifted and unevenly scaled like residual
 streams) and each target's class is the argmax of a noisy linear readout, so every probe has
-something to find. Timed, on one process with ``torch.set_num_threads(--threads)``:
+something to find. Timed on one process with ``torch.set_num_threads(--threads)``, the three
+contenders interleaved round by round (``common.interleave``: ``--rounds`` rounds, rotated order,
+samples taken while other processes used more than the gate retaken; median and spread):
 
   * mechscope ``fit_logistic`` over all targets as one batched fit: full batch (L-BFGS) and
     minibatch (Adam, ``--epochs`` passes of 4096 rows);
@@ -19,16 +21,21 @@ Othello: random legal games per second (generation alone, and with every label) 
 8x8, ``--games`` games in one batch.
 
 Usage: .venv/bin/python benchmarks/probing.py [--rows 100000] [--d 576] [--targets 64]
-       [--sklearn-targets 4] [--games 20000] [--threads 2]
+       [--sklearn-targets 4] [--games 20000] [--threads 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def synthetic(rows: int, d: int, targets: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,26 +64,48 @@ def bench_probes(args) -> dict:
         "mechscope_full_batch": ProbeConfig(l2=l2, max_iter=args.max_iter),
         "mechscope_minibatch": ProbeConfig(l2=l2, batch_size=4096, epochs=args.epochs, lr=1e-2),
     }
-    for name, cfg in configs.items():
-        start = time.perf_counter()
-        probe = fit_logistic(xt, yt, cfg, n_classes=3)
-        seconds = time.perf_counter() - start
-        acc = probe.evaluate(xv, yv)["accuracy"]
-        out[name] = {"seconds": seconds, "test_accuracy_first": acc[: args.sklearn_targets].tolist(),
-                     "test_accuracy_mean": float(acc.mean())}  # fmt: skip
-    sk_seconds, sk_acc = 0.0, []
     mean, std = xt.mean(0), xt.std(0)
-    for t in range(args.sklearn_targets):
-        clf = LogisticRegression(C=1 / (l2 * n_train), max_iter=1000)
-        start = time.perf_counter()
-        clf.fit(((xt - mean) / std).numpy(), yt[:, t].numpy())  # standardised, as mechscope's default
-        sk_seconds += time.perf_counter() - start
-        sk_acc.append(float((torch.tensor(clf.predict(((xv - mean) / std).numpy())) == yv[:, t]).float().mean()))
-    out["sklearn"] = {"seconds_for_fitted": sk_seconds, "fitted_targets": args.sklearn_targets,
-                      "seconds_all_targets_extrapolated": sk_seconds * args.targets / args.sklearn_targets,
-                      "test_accuracy_first": sk_acc}  # fmt: skip
-    for name in ("mechscope_full_batch", "mechscope_minibatch"):
+    xs_train, xs_test = ((xt - mean) / std).numpy(), ((xv - mean) / std).numpy()  # standardised, as mechscope's default
+
+    def ours(cfg):
+        def job():
+            probe = fit_logistic(xt, yt, cfg, n_classes=3)
+            return probe.evaluate(xv, yv)["accuracy"]
+
+        return job
+
+    def sklearn_job():
+        acc = []
+        for t in range(args.sklearn_targets):
+            clf = LogisticRegression(C=1 / (l2 * n_train), max_iter=1000)
+            clf.fit(xs_train, yt[:, t].numpy())
+            acc.append(float((torch.tensor(clf.predict(xs_test)) == yv[:, t]).float().mean()))
+        return acc
+
+    def timed_fit(job):
+        def run() -> dict:  # the fit's own time: the accuracy evaluation is not counted
+            start = time.perf_counter()
+            value = job()
+            return {"seconds": time.perf_counter() - start, "value": value}
+
+        return run
+
+    jobs = {name: timed_fit(ours(cfg)) for name, cfg in configs.items()}
+    jobs["sklearn"] = timed_fit(sklearn_job)
+    timed = common.interleave(jobs, reps=args.rounds, max_other=args.gate)
+    for name in configs:
+        acc = timed[name]["last"]["value"]
+        out[name] = {"seconds": timed[name]["median_s"], "spread": timed[name]["spread"],
+                     "test_accuracy_first": acc[: args.sklearn_targets].tolist(),
+                     "test_accuracy_mean": float(acc.mean())}  # fmt: skip
+    sk = timed["sklearn"]
+    out["sklearn"] = {"seconds_for_fitted": sk["median_s"], "spread": sk["spread"],
+                      "fitted_targets": args.sklearn_targets,
+                      "seconds_all_targets_extrapolated": sk["median_s"] * args.targets / args.sklearn_targets,
+                      "test_accuracy_first": sk["last"]["value"]}  # fmt: skip
+    for name in configs:
         out[name]["speedup_vs_sklearn"] = out["sklearn"]["seconds_all_targets_extrapolated"] / out[name]["seconds"]
+    out["gate"] = common.gate_note(timed, args.gate)
     return out
 
 
@@ -109,6 +138,8 @@ def main() -> None:
     parser.add_argument("--games", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-probes", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3 under the rules)")
+    parser.add_argument("--gate", type=float, default=common.MAX_OTHER_CORES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = {"othello": bench_games(args)}
