@@ -1,6 +1,6 @@
-"""DAS training benchmark: mechscope vs pyvene 0.1.8 on the bundled SmolLM2-135M, one run.
+"""DAS training benchmark: mechscope vs pyvene 0.1.8 on the bundled SmolLM2-135M, interleaved runs.
 
-    .venv/bin/python benchmarks/subspace.py [--layer 22] [--steps 150] [--batch 32] [--threads 1]
+    .venv/bin/python benchmarks/subspace.py [--layer 22] [--steps 100] [--batch 16] [--threads 1] [--rounds 3]
 
 Both libraries learn a one-dimensional subspace of the residual stream entering block
 ``--layer`` (mechscope ``blocks.{layer}.hook_resid_pre``, pyvene ``block_input`` of the same
@@ -11,11 +11,13 @@ name-position swap pairs (one template, so no padding), with the same batch size
 ``benchmarks/.venv-pyvene`` (torch 2.13.0 CPU, then pyvene 0.1.8, on the Hugging Face copy of
 the model).
 
-Reported: training steps/s of each over the ``--steps`` of one training run (mechscope also with
-its one-off setup, the cached base run and source activations, counted in), the held-out
+Each round trains both from scratch (same seed each round), in a rotated order
+(``common.interleave``: a run during which other processes used more than the gate is retaken);
+pyvene stays loaded in a worker process under its own venv between runs. Reported: training
+steps/s of each over the ``--steps`` of a run, median and spread over the rounds (mechscope also
+with its one-off setup, the cached base run and source activations, counted in), the held-out
 interchange-intervention accuracy (IIA) each reaches, as each library measures it, and as
 mechscope measures pyvene's learned direction (a check that the two sites and metrics agree).
-Absolute times depend on the machine's load (``other cores``): compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -67,26 +69,32 @@ def mechscope_run(model, train, test, hook, config: DASConfig) -> dict:
     sub = train_das(model, train, hook, -1, config)
     wall = time.perf_counter() - start
     scores = interchange_scores(model, sub, test)
-    return {"steps_per_s": config.steps / sub.seconds, "steps_per_s_with_setup": config.steps / wall,
-            "train_seconds": sub.seconds, "setup_seconds": wall - sub.seconds, "iia": scores.iia,
-            "logit_diff": scores.logit_diff, "loss_first": sub.losses[0], "loss_last": sub.losses[-1]}  # fmt: skip
+    return {
+        "seconds": sub.seconds,
+        "steps_per_s": config.steps / sub.seconds,
+        "steps_per_s_with_setup": config.steps / wall,
+        "train_seconds": sub.seconds,
+        "setup_seconds": wall - sub.seconds,
+        "iia": scores.iia,
+        "logit_diff": scores.logit_diff,
+        "loss_first": sub.losses[0],
+        "loss_last": sub.losses[-1],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=22, help="residual stream entering this block")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of the accuracy runs")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of each run")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of both sides")
-    parser.add_argument("--pyvene-timeout", type=float, default=None,
-                        help="seconds before the pyvene run is cut (its steps/s so far is still reported)")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=32, help="pairs per step")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per step")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=64)
-    parser.add_argument("--only", choices=["mechscope", "pyvene"], default=None, help="run one side only")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3 under the rules)")
+    parser.add_argument("--gate", type=float, default=common.MAX_OTHER_CORES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    monitor = common.CpuMonitor()
     model = ms.load("smollm2-135m", device="cpu")
     data = ioi_position_pairs(model, n=args.n_train + args.n_test, templates=[0], seed=0)
     assert data.attention_mask is None, "one template gives prompts of one length"
@@ -94,56 +102,61 @@ def main() -> None:
     hook = f"blocks.{args.layer}.hook_resid_pre"
     config = DASConfig(d_sub=1, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=0)
     results = {"settings": vars(args), "prompt_tokens": data.base_tokens.shape[1]}
-    if args.only != "pyvene":
-        results["mechscope"] = mechscope_run(model, train, test, hook, config)
-        print(f"mechscope: {results['mechscope']}", flush=True)
-    if args.only != "mechscope":
-        python = ensure_pyvene_venv()
-        hf_dir = common.ensure_hf_dir()
-        with tempfile.TemporaryDirectory() as tmp:
-            pairs, out = Path(tmp) / "pairs.pt", Path(tmp) / "pyvene.json"
-            torch.save({"train": vars(train), "test": vars(test)}, pairs)
-            flags = {"--hf-dir": hf_dir, "--pairs": pairs, "--out": out, "--basis": Path(tmp) / "basis.pt",
-                     "--layer": args.layer, "--steps": args.steps, "--threads": args.threads,
-                     "--batch": args.batch, "--lr": args.lr}  # fmt: skip
-            cmd = [str(python), str(WORKER)] + [str(x) for pair in flags.items() for x in pair]
-            start = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**common.OFFLINE_ENV, **_env()},
-                                      timeout=args.pyvene_timeout)  # fmt: skip
-            except subprocess.TimeoutExpired:
-                progress = Path(str(out) + ".progress")
-                done = json.loads(progress.read_text()) if progress.exists() else {"steps": 0, "seconds": 0.0}
-                proc = None
-                rate = done["steps"] / done["seconds"] if done["steps"] else 0.0
-                results["pyvene"] = {"error": f"cut after {args.pyvene_timeout}s", **done, "steps_per_s": rate}
-            if proc is not None and proc.returncode:
-                results["pyvene"] = {"error": (proc.stderr or proc.stdout)[-4000:]}
-            elif proc is not None:
-                results["pyvene"] = json.loads(out.read_text())
-                basis = torch.load(Path(tmp) / "basis.pt", weights_only=True)
-                results["pyvene"]["iia_in_mechscope"] = interchange_scores(model, basis, test, hook, -1).iia
-            results["pyvene"]["wall_s"] = time.perf_counter() - start
-        print(f"pyvene: {results['pyvene']}", flush=True)
-    other, steal = monitor.other_cores()
-    results["other_cores"], results["steal_cores"] = other, steal
-    if "mechscope" in results and "iia" in results.get("pyvene", {}):
-        ratio = results["mechscope"]["steps_per_s"] / results["pyvene"]["steps_per_s"]
-        results["ratio"] = ratio
-        print(f"\nDAS training steps/s: mechscope {results['mechscope']['steps_per_s']:.2f}, "
-              f"pyvene {results['pyvene']['steps_per_s']:.2f} (x{ratio:.1f}); held-out IIA after {args.steps} steps: "
-              f"mechscope {results['mechscope']['iia']:.3f}, pyvene {results['pyvene']['iia']:.3f} "
-              f"(pyvene's direction scored by mechscope: {results['pyvene']['iia_in_mechscope']:.3f})")  # fmt: skip
-    print(f"other cores busy during the run: {other:.2f} (steal {steal:.2f})")
+    python = ensure_pyvene_venv()
+    hf_dir = common.ensure_hf_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, basis = Path(tmp) / "pairs.pt", Path(tmp) / "basis.pt"
+        torch.save({"train": vars(train), "test": vars(test)}, pairs)
+        flags = {"--hf-dir": hf_dir, "--pairs": pairs, "--layer": args.layer, "--steps": args.steps,
+                 "--threads": args.threads, "--batch": args.batch, "--lr": args.lr}  # fmt: skip
+        argv = [str(WORKER), "--serve"] + [str(x) for pair in flags.items() for x in pair]
+        worker = common.Worker(python, argv, common.BENCH_DIR / "results" / "subspace_worker.log")
+        try:
+            timed = common.interleave(
+                {
+                    "mechscope": lambda: mechscope_run(model, train, test, hook, config),
+                    "pyvene": lambda: worker.request({"op": "train", "basis": str(basis)}),
+                },
+                reps=args.rounds,
+                max_other=args.gate,
+            )
+            pyvene_basis = torch.load(basis, weights_only=True)
+        finally:
+            worker.close()
+    ours, theirs = timed["mechscope"], timed["pyvene"]
+    for name, r in timed.items():
+        results[name] = {**r["last"], "seconds_median": r["median_s"], "spread": r["spread"],
+                         "samples_s": r["samples_s"], "other_cores": r["other_cores"]}  # fmt: skip
+        results[name]["steps_per_s"] = args.steps / r["median_s"]
+    results["pyvene"]["iia_in_mechscope"] = interchange_scores(model, pyvene_basis, test, hook, -1).iia
+    results["ratio"] = theirs["median_s"] / ours["median_s"]
+    results["gate"] = common.gate_note(timed, args.gate)
+    m, p = results["mechscope"], results["pyvene"]
+    print(
+        f"\nDAS, {args.steps} steps of batch {args.batch}, {args.rounds} interleaved rounds "
+        f"(spread = (max - min) / median):"
+    )
+    print("| | mechscope | pyvene 0.1.8 | ratio |")
+    print("|---|---|---|---|")
+    print(
+        f"| training steps/s (median) | {m['steps_per_s']:.2f} (spread {m['spread']:.2f}) | "
+        f"{p['steps_per_s']:.3f} (spread {p['spread']:.2f}) | {results['ratio']:.1f}x |"
+    )
+    print(
+        f"| counting mechscope's one-off setup (last round: {m['setup_seconds']:.1f} s) | "
+        f"{m['steps_per_s_with_setup']:.2f} | {p['steps_per_s']:.3f} | "
+        f"{m['steps_per_s_with_setup'] / p['steps_per_s']:.1f}x |"
+    )
+    print(f"| held-out IIA ({args.n_test} pairs) | {m['iia']:.3f} | {p['iia']:.3f} | |")
+    print(f"| IIA of pyvene's direction, scored by mechscope | | {p['iia_in_mechscope']:.3f} | |")
+    print(
+        f"loss first/last: mechscope {m['loss_first']:.3f}/{m['loss_last']:.3f}, "
+        f"pyvene {p['loss_first']:.3f}/{p['loss_last']:.3f}"
+    )
+    print(results["gate"])
     out_dir = common.BENCH_DIR / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "subspace.json").write_text(json.dumps(results, indent=1))
-
-
-def _env() -> dict:
-    import os
-
-    return {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
 
 
 if __name__ == "__main__":
