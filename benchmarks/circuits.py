@@ -21,7 +21,8 @@ On IOI prompts (``ioi_dataset(model, n=--prompts, seed=0)``, template 0, third-n
 
 The attribution timings are interleaved run by run (``common.interleave``: ``--repeats`` samples
 of each, a sample during which other processes took more than 0.25 cores retaken; median and
-spread reported); ACDC runs once per contender (minutes each), with the load printed.
+spread reported); so are the three ACDC contenders (``--acdc-rounds`` rounds); the whole-graph
+ACDC run is a single run, with the load printed.
 
 Run from the repository root with the project's venv:
 
@@ -105,42 +106,61 @@ def time_attribution(model, data, repeats: int, activations: bool) -> dict:
     }
 
 
-def time_acdc(model, data, threshold: float, receivers: list[str], full_graph: bool) -> dict:
+def time_acdc(model, data, threshold: float, receivers: list[str], full_graph: bool, rounds: int) -> dict:
     import circuits_reference
 
     from mechscope.circuits import acdc
 
     clean, corrupted = data.clean_tokens, data.corrupted_tokens
-    monitor = common.CpuMonitor()
-    start = time.perf_counter()
-    ours = acdc(model, clean, corrupted, threshold=threshold, receivers=receivers)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    one_per_forward = acdc(model, clean, corrupted, threshold=threshold, receivers=receivers, window=1)
-    one_s = time.perf_counter() - start
-    reference = circuits_reference.reference_acdc(model, clean, corrupted, threshold, receivers)
+    runs = {}
+
+    def job(name, fn):
+        def run() -> None:
+            runs[name] = fn()
+
+        return run
+
+    timed = common.interleave(
+        {
+            "mechscope": job(
+                "mechscope", lambda: acdc(model, clean, corrupted, threshold=threshold, receivers=receivers)
+            ),
+            "mechscope window=1": job(
+                "window1", lambda: acdc(model, clean, corrupted, threshold=threshold, receivers=receivers, window=1)
+            ),
+            "reference": job(
+                "reference", lambda: circuits_reference.reference_acdc(model, clean, corrupted, threshold, receivers)
+            ),
+        },
+        reps=rounds,
+    )
+    ours, one_per_forward, reference = runs["mechscope"], runs["window1"], runs["reference"]
     full, full_s = None, None
     if full_graph:
+        monitor = common.CpuMonitor()
         start = time.perf_counter()
         full = acdc(model, clean, corrupted, threshold=threshold)
         full_s = time.perf_counter() - start
-    other, steal = monitor.other_cores()
+        full_other, _ = monitor.other_cores()
     out = {
         "receivers": receivers,
         "threshold": threshold,
-        "ours_seconds": ours_s,
+        "rounds": rounds,
+        "ours_seconds": timed["mechscope"]["median_s"],
+        "ours_spread": timed["mechscope"]["spread"],
         "ours_batches": ours.settings["batches"],
         "ours_evaluations": ours.settings["evaluations"],
-        "window1_seconds": one_s,
+        "window1_seconds": timed["mechscope window=1"]["median_s"],
+        "window1_spread": timed["mechscope window=1"]["spread"],
         "window1_batches": one_per_forward.settings["batches"],
-        "reference_seconds": reference["seconds"],
+        "reference_seconds": timed["reference"]["median_s"],
+        "reference_spread": timed["reference"]["spread"],
         "reference_forwards": reference["forwards"],
         "same_edges_as_reference": sorted(ours.edge_names) == reference["edges"],
         "same_edges_window1": ours.edge_names == one_per_forward.edge_names,
         "edges_kept_subset": ours.n_edges,
         "edges_subset": int(sum(r in receivers for r in (n.split("->")[1] for n in ours.graph.edge_names))),
-        "other_cores": other,
-        "steal_cores": steal,
+        "gate": common.gate_note(timed),
     }
     if full is not None:
         out.update(
@@ -149,6 +169,7 @@ def time_acdc(model, data, threshold: float, receivers: list[str], full_graph: b
             full_batches=full.settings["batches"],
             full_evaluations=full.settings["evaluations"],
             full_metric=full.settings["metric_circuit"],
+            full_other_cores=full_other,
         )
     return out
 
@@ -237,7 +258,8 @@ def main() -> None:
     parser.add_argument("--skip-attribution", action="store_true")
     parser.add_argument("--ig-activations", action="store_true", help="also time EAP-IG over activations")
     parser.add_argument("--skip-acdc", action="store_true")
-    parser.add_argument("--acdc-full-graph", action="store_true", help="also time ACDC on every receiver")
+    parser.add_argument("--acdc-full-graph", action="store_true", help="also time ACDC on every receiver (one run)")
+    parser.add_argument("--acdc-rounds", type=int, default=3, help="interleaved rounds of the ACDC contenders")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-autocircuit", action="store_true")
     parser.add_argument("--json", default=None)
@@ -258,15 +280,17 @@ def main() -> None:
         print(f"EAP-IG inputs / EAP: {att['seconds']['EAP-IG inputs, 5 steps'] / eap:.2f}x; {att['gate']}")
     if not args.skip_acdc:
         receivers = [r for r in args.reference_receivers.split(",") if r]
-        results["acdc"] = a = time_acdc(model, data, args.threshold, receivers, args.acdc_full_graph)
-        print(f"ACDC on {receivers}: {a['ours_seconds']:.1f} s ({a['ours_batches']} batches), window=1 "
-              f"{a['window1_seconds']:.1f} s, reference {a['reference_seconds']:.1f} s ({a['reference_forwards']} "
-              f"forwards): {a['reference_seconds'] / a['ours_seconds']:.1f}x; same edges: "
-              f"{a['same_edges_as_reference']}")  # fmt: skip
+        results["acdc"] = a = time_acdc(model, data, args.threshold, receivers, args.acdc_full_graph, args.acdc_rounds)
+        print(f"ACDC on {receivers} ({a['edges_subset']} edges, {a['rounds']} interleaved rounds, median, spread): "
+              f"{a['ours_seconds']:.1f} s ({a['ours_spread']:.2f}; {a['ours_batches']} batches), window=1 "
+              f"{a['window1_seconds']:.1f} s ({a['window1_spread']:.2f}), reference {a['reference_seconds']:.1f} s "
+              f"({a['reference_spread']:.2f}; {a['reference_forwards']} forwards): "
+              f"{a['reference_seconds'] / a['ours_seconds']:.1f}x; "
+              f"same edges: {a['same_edges_as_reference']}")  # fmt: skip
         if "full_seconds" in a:
-            print(f"ACDC on the whole graph: {a['full_seconds']:.1f} s, {a['full_edges_kept']} edges kept, "
-                  f"{a['full_batches']} batches")  # fmt: skip
-        print(f"other processes used {a['other_cores']:.2f} cores")
+            print(f"ACDC on the whole graph (one run): {a['full_seconds']:.1f} s, {a['full_edges_kept']} edges kept, "
+                  f"{a['full_batches']} batches; other processes used {a['full_other_cores']:.2f} cores")  # fmt: skip
+        print(a["gate"])
     if not args.skip_memory:
         results["memory"] = mem = memory()
         for kind, row in mem.items():
