@@ -35,7 +35,7 @@ def gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.gguf"
     path.write_bytes(b"GGUF stand-in")
-    source = tiny_model(seed=3, positional_embedding_type="rotary", normalization_type="rmsnorm")
+    source = tiny_model(seed=3, positional_embedding_type="rotary", normalization_type="RMS")
     tokenizer = tiny_tokenizer()
     conversions = []
 
@@ -179,3 +179,30 @@ def test_an_invalid_hf_config_is_a_load_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))  # no model_type
     with pytest.raises(ms.LoadError, match=r"config\.json is not a valid Hugging Face model config"):
         ms.load(tmp_path, device="cpu")
+
+
+def test_an_entry_with_a_version_1_config_loads_to_the_same_logits(gguf, tmp_path):
+    """Entries written before ``config_version`` hold ``"rmsnorm"`` and ``attn_scale`` as the factor
+    on the scores; they are read as the model they describe, without converting again."""
+    path, conversions, source = gguf
+    ms.load(path, device="cpu")
+    entry = entry_of(tmp_path)
+    legacy = {k: v for k, v in source.cfg.to_dict().items() if k != "config_version"}
+    legacy.update(normalization_type="rmsnorm", attn_scale=0.3)  # a non-default scale: 1 / 0.3 as a divisor
+
+    class VersionOne:
+        tie_word_embeddings = source.cfg.tie_word_embeddings
+
+        def to_json(self):
+            return json.dumps(legacy)
+
+    weights = load_file(entry / "model.safetensors")
+    manifest = json.loads((entry / "COMPLETE").read_text())
+    cache_entries.discard_entry(entry)
+    cache_entries.write_cache_entry(entry, VersionOne(), weights, tiny_tokenizer(), manifest["source"])
+    loaded = ms.load(path, device="cpu")
+    assert len(conversions) == 1 and loaded.cfg.normalization_type == "RMS"
+    assert loaded.cfg.attn_scale == pytest.approx(1 / 0.3) and loaded.cfg.attn_score_factor == pytest.approx(0.3)
+    expected = ms.HookedTransformer(ms.ModelConfig.from_dict({**source.cfg.to_dict(), "attn_scale": 1 / 0.3}))
+    expected.load_state_dict(source.state_dict())
+    torch.testing.assert_close(logits(loaded), logits(expected.eval()), atol=1e-6, rtol=1e-6)

@@ -114,7 +114,7 @@ def test_rotary_positions_beyond_n_ctx_warn():
 
 
 def test_sliding_window_limits_attention():
-    model = tiny_model(sliding_window=3, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    model = tiny_model(sliding_window=3, normalization_type="RMS", positional_embedding_type="rotary")
     _, cache = model.run_with_cache(TOKENS, names_filter="blocks.0.attn.hook_pattern")
     pattern = cache["blocks.0.attn.hook_pattern"]
     q, k = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
@@ -160,7 +160,7 @@ def test_attention_scores_are_the_hooked_pre_softmax_values(small_model, soft_ca
 
 
 def test_attention_scores_take_unexpanded_keys_and_extra_axes():
-    model = tiny_model(n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    model = tiny_model(n_key_value_heads=2, normalization_type="RMS", positional_embedding_type="rotary")
     _, cache = model.run_with_cache(TOKENS)
     q, k = cache["rot_q", 1], cache["rot_k", 1]
     attn = model.blocks[1].attn

@@ -14,7 +14,7 @@ from tests.conftest import tiny_model
 GEMMA_LIKE = dict(
     seed=2,
     n_key_value_heads=2,
-    normalization_type="rmsnorm",
+    normalization_type="RMS",
     positional_embedding_type="rotary",
     gated_mlp=True,
     act_fn="gelu_pytorch_tanh",
@@ -35,7 +35,7 @@ MODELS = {
     "llama_like_window": lambda: tiny_model(
         seed=1,
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",

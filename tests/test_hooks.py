@@ -59,7 +59,7 @@ def test_cache_shapes_follow_the_design(small_model):
         "ln_final.hook_scale": (b, p, 1),
         "ln_final.hook_normalized": (b, p, d),
     }
-    if cfg.positional_embedding_type == "learned":
+    if cfg.positional_embedding_type == "standard":
         expected["hook_pos_embed"] = (b, p, d)
     else:
         expected["blocks.1.attn.hook_rot_q"] = (b, p, h, dh)
@@ -95,7 +95,7 @@ def test_default_cache_skips_opt_in_points(small_model):
 
 
 def test_split_qkv_input_edits_reach_only_their_head():
-    model = tiny_model(n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    model = tiny_model(n_key_value_heads=2, normalization_type="RMS", positional_embedding_type="rotary")
 
     def bump_head_1(x, *, hook):
         x = x.clone()

@@ -100,7 +100,7 @@ def test_blocks_split_between_cpu_and_cuda_match_one_device():
     model = tiny_model(
         seed=1,
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",

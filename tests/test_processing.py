@@ -26,7 +26,7 @@ ARCHS = {
     "llama_like_gqa": dict(
         seed=2,
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",
@@ -35,7 +35,7 @@ ARCHS = {
     "gemma_like": dict(
         seed=3,
         n_key_value_heads=1,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="gelu_pytorch_tanh",
@@ -48,7 +48,7 @@ ARCHS = {
     ),
     "olmo2_like": dict(
         seed=5,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",
@@ -85,8 +85,10 @@ def test_steps_change_the_weights_as_documented():
     process_weights(model, processed=True)
     assert model.cfg.extra["weight_processing"] == list(STEPS)
     assert not model.cfg.tie_word_embeddings and model.unembed.w_u is not model.embed.W_E
+    assert model.cfg.normalization_type == "LNPre"  # TransformerLens' folded LayerNorm: no weight or bias
+    assert not [name for name in model.state_dict() if "ln" in name]
     for block in model.blocks:
-        assert torch.all(block.ln1.w == 1) and torch.all(block.ln1.b == 0)
+        assert block.ln1.w is None and block.ln1.b is None
         assert torch.all(block.attn.b_v == 0)
         torch.testing.assert_close(block.attn.w_o.mean(0), torch.zeros(block.attn.w_o.shape[1]))
         torch.testing.assert_close(block.mlp.w_out.mean(0), torch.zeros(block.mlp.w_out.shape[1]))
@@ -132,3 +134,22 @@ def test_impossible_steps_raise_with_the_reason():
         process_weights(tiny_model(normalization_type=None), fold_ln=True)
     with pytest.raises(ms.ConfigError, match="unknown weight-processing steps"):
         resolve_steps(tiny_model().cfg, fold_layernorm=True)
+
+
+@pytest.mark.parametrize(
+    "arch, folded", [("gpt2_like_tied", "LNPre"), ("gemma_like", "RMSPre"), ("olmo2_like", "RMSPre")]
+)
+def test_fold_ln_leaves_weightless_pre_norms_that_rebuild_from_cfg_and_state_dict(arch, folded):
+    model = tiny_model(**ARCHS[arch])
+    process_weights(model, processed=True)
+    assert model.cfg.normalization_type == folded  # TransformerLens' LNPre/RMSPre
+    pre_norms = [model.ln_final] + [getattr(b, n) for b in model.blocks for n in ("ln1", "ln2")]
+    assert all(norm.w is None for norm in pre_norms if norm is not None)
+    if model.cfg.post_norm:  # post-norms are not folded and keep their weights
+        assert all(b.ln1_post.w is not None and b.ln2_post.w is not None for b in model.blocks)
+    rebuilt = ms.HookedTransformer(ms.ModelConfig.from_dict(model.cfg.to_dict()))
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(TOKENS), model(TOKENS), atol=0, rtol=0)
+    with pytest.raises(ms.ConfigError, match="already folded"):
+        process_weights(model, fold_ln=True)

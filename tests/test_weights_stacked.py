@@ -20,7 +20,7 @@ def gqa_model() -> ms.HookedTransformer:
     return tiny_model(
         seed=1,
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",

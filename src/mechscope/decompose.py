@@ -18,7 +18,7 @@ def norm_centres(cfg) -> bool:
         >>> norm_centres(model.cfg)
         True
     """
-    return cfg.normalization_type in ("layernorm", "LN", "LNPre")
+    return cfg.normalization_type in ("LN", "LNPre")
 
 
 class NeuronDecompositions:

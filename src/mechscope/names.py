@@ -2,9 +2,10 @@
 
 Every activation of a `HookedTransformer` has a dotted hook name, as in TransformerLens:
 ``hook_embed``, ``blocks.{layer}.hook_resid_pre``, ``blocks.{layer}.attn.hook_z``,
-``blocks.{layer}.mlp.hook_post``, ``blocks.{layer}.ln1.hook_scale``, ``ln_final.hook_normalized``.
-`act_name` builds a full name from a short one, `parse_act_name` takes one apart, and `Site`
-describes an activation's layout for the methods that index into it (patching, attribution).
+``blocks.{layer}.mlp.hook_post``, ``blocks.{layer}.ln1.hook_scale``, ``ln_final.hook_normalized``,
+``unembed.hook_in``, ``unembed.hook_out``. `act_name` builds a full name from a short one,
+`parse_act_name` takes one apart, and `Site` describes an activation's layout for the methods
+that index into it (patching, attribution).
 
 Axis vocabulary (the names used in shape annotations, `Site.axes` and einops patterns):
 
@@ -159,6 +160,8 @@ def parse_act_name(name: str) -> ParsedName:
         ParsedName(kind='z', layer=3, module='attn')
         >>> parse_act_name("blocks.0.hook_resid_pre"), parse_act_name("ln_final.hook_scale")
         (ParsedName(kind='resid_pre', layer=0, module=''), ParsedName(kind='scale', layer=None, module='ln_final'))
+        >>> parse_act_name("unembed.hook_out")
+        ParsedName(kind='out', layer=None, module='unembed')
         >>> parse_act_name("blocks.x.hook_z")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         mechscope.errors.HookNameError: 'blocks.x.hook_z' is not a hook name: expected 'hook_<kind>', ...

@@ -24,7 +24,7 @@ def test_decomposition_sums_to_logits(run, by):
     model, logits, cache = run
     dla = direct_logit_attribution(cache, answer=[4, 11], by=by)
     assert_close(dla.total(), logits[:, -1].gather(-1, torch.tensor([[4], [11]]))[:, 0], rtol=1e-5, atol=1e-5)
-    if model.cfg.normalization_type == "layernorm":
+    if model.cfg.normalization_type in ("LN", "LNPre"):
         assert dla.labels[-1] == "ln_final.b" and "pos_embed" in dla.labels
     else:
         assert "ln_final.b" not in dla.labels and "pos_embed" not in dla.labels

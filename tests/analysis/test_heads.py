@@ -119,7 +119,7 @@ def _naive_copy_suppression(model, tokens):
                     per_query = 0.0
                     for k in range(q):
                         out = cache["v", layer][b, k, kv] @ model.blocks[layer].attn.W_O[head].detach()
-                        if cfg.normalization_type == "layernorm":
+                        if cfg.normalization_type in ("LN", "LNPre"):
                             out = out - out.mean()
                         if model.ln_final is not None:
                             out = out * model.ln_final.w.detach()

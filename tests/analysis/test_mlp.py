@@ -40,10 +40,10 @@ def _autograd(model, layer, pos, batch, neuron=None, direction=None, freeze_norm
 MODELS = {
     "layernorm_gelu_bias": dict(mlp_bias=True),
     "rmsnorm_gated_silu": dict(
-        normalization_type="rmsnorm", gated_mlp=True, act_fn="silu", positional_embedding_type="rotary"
+        normalization_type="RMS", gated_mlp=True, act_fn="silu", positional_embedding_type="rotary"
     ),
     "layernorm_relu_parallel": dict(act_fn="relu", parallel_attn_mlp=True),
-    "gated_gelu_exact": dict(gated_mlp=True, act_fn="gelu", normalization_type="rmsnorm"),
+    "gated_gelu_exact": dict(gated_mlp=True, act_fn="gelu", normalization_type="RMS"),
     "no_norm": dict(normalization_type=None),
 }
 

@@ -29,7 +29,7 @@ def parse_receiver(name: str):
 
 def sender_names(model) -> list[str]:
     cfg = model.cfg
-    names = ["input"] + (["pos"] if cfg.positional_embedding_type == "learned" else [])
+    names = ["input"] + (["pos"] if cfg.positional_embedding_type == "standard" else [])
     for layer in range(cfg.n_layers):
         names += [f"a{layer}.h{h}" for h in range(cfg.n_heads)] + ([] if cfg.attn_only else [f"m{layer}"])
     return names
@@ -37,7 +37,7 @@ def sender_names(model) -> list[str]:
 
 def sender_hook_names(model) -> list[str]:
     cfg = model.cfg
-    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional_embedding_type == "learned" else [])
+    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional_embedding_type == "standard" else [])
     for layer in range(cfg.n_layers):
         names.append(f"blocks.{layer}.attn.hook_result")
         if not cfg.attn_only:

@@ -68,7 +68,7 @@ def naive_acdc(model, clean, corrupted, threshold):
 
 def test_acdc_matches_naive_greedy(one_thread):
     model = tiny_model(seed=5, n_layers=2, n_heads=2, d_model=16, d_mlp=16, n_key_value_heads=1,
-                       normalization_type="rmsnorm", positional_embedding_type="rotary")  # fmt: skip
+                       normalization_type="RMS", positional_embedding_type="rotary")  # fmt: skip
     with torch.no_grad():
         model.unembed.w_u.mul_(8)  # sharper next-token distributions: KL divergences of a few 0.01
     clean, corrupted = _prompts(model, n=3, seq=6, seed=6)

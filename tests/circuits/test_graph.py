@@ -15,7 +15,7 @@ from tests.circuits.test_patch import ARCHITECTURES, _model, _prompts
 def _expected_edges(cfg) -> int:
     """Counted from the definition: receivers of layer l read the embeddings and every earlier
     layer's senders; an MLP also reads its own layer's heads unless the block is parallel."""
-    embed = 1 + (cfg.positional_embedding_type == "learned")
+    embed = 1 + (cfg.positional_embedding_type == "standard")
     per_layer = cfg.n_heads + (not cfg.attn_only)
     total = 0
     for layer in range(cfg.n_layers):

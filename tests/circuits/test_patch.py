@@ -16,7 +16,7 @@ ARCHITECTURES = {
     "gpt2_like": dict(attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True),
     "llama_like_gqa": dict(
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",
@@ -30,7 +30,7 @@ ARCHITECTURES = {
     ),
     "gemma_post_norm_gqa": dict(
         n_key_value_heads=1,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         post_norm=True,
         attn_out_bias=True,
@@ -39,7 +39,7 @@ ARCHITECTURES = {
         act_fn="gelu_pytorch_tanh",
     ),
     "olmo2_post_norm_only": dict(
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         pre_norm=False,
         post_norm=True,

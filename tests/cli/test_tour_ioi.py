@@ -15,7 +15,7 @@ def test_ioi_section_writes_report(tmp_path, capsys):
         d_mlp=64,
         d_vocab=49152,
         n_ctx=32,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         n_key_value_heads=2,
         default_prepend_bos=False,

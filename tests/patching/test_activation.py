@@ -47,7 +47,7 @@ def gqa_model():
         n_layers=2,
         d_mlp=8,
         n_key_value_heads=2,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         positional_embedding_type="rotary",
         gated_mlp=True,
         act_fn="silu",

@@ -101,7 +101,7 @@ def tiny_model_std(seed, std, **overrides):
     return model
 
 
-@pytest.mark.parametrize("positional", ["learned", "rotary"])
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
 def test_qk_fix_components_are_exact_for_linear_attention(positional):
     model = tiny_model_std(
         4,
@@ -203,7 +203,7 @@ THREE_LAYERS = {
         "seed": 1,
         "d_mlp": 8,
         "n_key_value_heads": 2,
-        "normalization_type": "rmsnorm",
+        "normalization_type": "RMS",
         "positional_embedding_type": "rotary",
         "gated_mlp": True,
         "act_fn": "silu",

@@ -63,7 +63,7 @@ def test_a_genuinely_used_direction_is_not_flagged():
     assert row.effect_kernel == 0.0 and row.row_fraction == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
 def test_head_readers_read_what_the_query_reads(norm):
     model = tiny_model(normalization_type=norm, attn_qkv_bias=True)
     tokens = torch.tensor([[1, 5, 9, 2, 7]])
@@ -73,7 +73,7 @@ def test_head_readers_read_what_the_query_reads(norm):
     scale = cache[f"blocks.{layer}.ln1.hook_scale"]
     q = cache[SITES["q"].hook(layer)][:, :, head]
     bias = model.b_Q[layer, head]
-    if norm == "layernorm":
+    if norm == "LN":
         bias = bias + model.blocks[layer].ln1.b @ model.W_Q[layer, head]
     assert_close(x @ head_readers(model, [(layer, head)]), scale * (q - bias).detach(), atol=1e-4, rtol=1e-4)
 

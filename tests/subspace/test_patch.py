@@ -17,7 +17,7 @@ from tests.conftest import tiny_model
 
 def gqa_model():
     return tiny_model(
-        seed=1, n_layers=2, d_mlp=8, n_key_value_heads=2, normalization_type="rmsnorm",
+        seed=1, n_layers=2, d_mlp=8, n_key_value_heads=2, normalization_type="RMS",
         positional_embedding_type="rotary", gated_mlp=True, act_fn="silu",
     )  # fmt: skip
 

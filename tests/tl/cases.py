@@ -627,6 +627,24 @@ def config(lib, ctx, name):
             c.positional_embedding_type,
             c.act_fn,
         ]
+    pre = lib.HookedTransformerConfig(
+        d_model=24,
+        d_head=6,
+        n_layers=2,
+        n_ctx=16,
+        d_vocab=30,
+        act_fn="gelu",
+        normalization_type="LNPre",
+        attn_scale=2.0,
+    )
+    for label, c in (("ln", cfg), ("rot", rot), ("pre", pre)):
+        built = lib.HookedTransformer(c)
+        out[f"{label}_model_cfg"] = [
+            built.cfg.normalization_type,
+            built.cfg.positional_embedding_type,
+            float(built.cfg.attn_scale),
+        ]
+        out[f"{label}_norm_keys"] = sorted(k for k in built.state_dict() if k.startswith("ln_final.") or ".ln" in k)
     out["bad_act_raises"] = ctx.raises(
         lambda: lib.HookedTransformerConfig(d_model=8, d_head=4, n_layers=1, n_ctx=4, act_fn="tanh")
     )
@@ -729,6 +747,32 @@ def generate_logits(lib, ctx, name):
     return out
 
 
+def same_names(lib, ctx, name):
+    """TransformerLens' names with TransformerLens' values: the config fields, ``b_U``, the
+    unembedding's hook points, and the norms' ``state_dict`` keys and config after ``fold_ln``."""
+    out = {}
+    for label, processed in (("raw", False), ("folded", True)):
+        model = ctx.model(name, processed=processed)
+        cfg = model.cfg
+        out[f"{label}_cfg"] = [cfg.normalization_type, cfg.positional_embedding_type, float(cfg.attn_scale)]
+        out[f"{label}_norm_keys"] = sorted(k for k in model.state_dict() if k.startswith("ln_final.") or ".ln" in k)
+        out[f"{label}_b_U"], out[f"{label}_unembed_b_U"] = model.b_U, model.unembed.b_U
+        tokens = model.to_tokens(PROMPT)
+        logits, act = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("unembed."))
+        out[f"{label}_unembed_hooks"] = sorted(act.keys())
+        out[f"{label}_unembed_hook_in"], out[f"{label}_unembed_hook_out"] = (
+            act["unembed.hook_in"],
+            act["unembed.hook_out"],
+        )
+        out[f"{label}_ln_final_hook_normalized"] = model.run_with_cache(tokens)[1]["ln_final.hook_normalized"]
+        out[f"{label}_hook_out_is_logits"] = bool(torch.equal(act["unembed.hook_out"], logits))
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", lambda x, hook: torch.zeros_like(x))])
+        out[f"{label}_zeroed_input_logits"] = zeroed  # b_U at every position
+        doubled = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_out", lambda x, hook: 2 * x)])
+        out[f"{label}_doubled_logits"] = doubled
+    return out
+
+
 CASES = {
     "forward": (forward, MODELS),
     "cache": (cache, MODELS),
@@ -752,6 +796,7 @@ CASES = {
     "utils": (utils, ("none",)),
     "factored": (factored, ("none",)),
     "config": (config, ("none",)),
+    "same_names": (same_names, MODELS),
 }
 """Case name -> (function, the checkpoints it runs on)."""
 

@@ -32,10 +32,10 @@ def test_tl_defaults_and_mapping():
     assert cfg.positional_embedding_type == "standard" and cfg.rotary_dim is None
     mc = cfg.to_model_config()
     assert (mc.normalization_type, mc.positional_embedding_type, mc.act_fn, mc.attn_scale) == (
-        "layernorm",
-        "learned",
+        "LN",
+        "standard",
         "relu",
-        None,
+        cfg.attn_scale,
     )
     rms = HookedTransformerConfig(
         d_model=24,
@@ -50,11 +50,13 @@ def test_tl_defaults_and_mapping():
     )
     mc = rms.to_model_config()
     assert (mc.normalization_type, mc.positional_embedding_type, mc.rotary_dim, mc.attn_scale) == (
-        "rmsnorm",
+        "RMSPre",
         "rotary",
         6,
-        0.5,
+        2.0,
     )
+    model = HookedTransformer(rms)
+    assert model.blocks[0].ln1.w is None and model.ln_final.w is None  # TransformerLens' RMSNormPre: no weights
     assert mc.n_key_value_heads == 2 and mc.n_params == cfg.n_params
 
 

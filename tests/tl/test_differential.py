@@ -19,13 +19,13 @@ TOLERANCES = {"bf16_logits": (1e-1, 5e-2)}
 """Keys compared at a looser ``(atol, rtol)``: bfloat16 runs round differently in each library."""
 
 KNOWN = {
-    "tokens-gpt2/n_params_total": "TransformerLens stores a separate W_U for tied embeddings and a zero b_U; "
-    "mechscope shares the tied tensor and has no b_U without a bias (phase 2: zero biases as TransformerLens)",
-    "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U for models "
-    "without biases; mechscope creates none (phase 2)",
+    "tokens-gpt2/n_params_total": "TransformerLens stores a separate W_U for tied embeddings and a zero b_U "
+    "parameter; mechscope shares the tied tensor, and its b_U without a bias is zeros but not a parameter",
+    "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U parameters for "
+    "models without biases; mechscope reads them as zeros without storing them",
     **{
-        f"caching_hooks-{m}/cache_all_count": "TransformerLens 3.9 also caches unembed.hook_in and "
-        "unembed.hook_out (the final normalised residual and the logits again); mechscope has no unembed hooks"
+        f"same_names-{m}/raw_ln_final_hook_normalized": "a norm's hook_normalized is its output in mechscope "
+        "(after the weight and bias); TransformerLens hooks x / scale before them. Equal after fold_ln"
         for m in ("gpt2", "gqa")
     },
     "utils-none/get_act_name_unknown": "an unknown short name raises HookNameError (a KeyError) naming the valid "

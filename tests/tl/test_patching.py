@@ -49,7 +49,7 @@ def test_batched_equals_loop(small_model, name, setter, activation, axes):
 
 
 def test_layouts_and_grouped_query_padding():
-    model = tiny_model(seed=1, n_key_value_heads=2, normalization_type="rmsnorm", positional_embedding_type="rotary")
+    model = tiny_model(seed=1, n_key_value_heads=2, normalization_type="RMS", positional_embedding_type="rotary")
     _, cache = model.run_with_cache(CLEAN)
     n_layers, n_heads, pos = model.cfg.n_layers, model.cfg.n_heads, CLEAN.shape[1]
     assert patching.get_act_patch_attn_head_k_all_pos(model, CORRUPTED, cache, _metric).shape == (n_layers, 2)

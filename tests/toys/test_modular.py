@@ -43,7 +43,7 @@ def test_config_validation_names_the_field():
     assert mcfg.normalization_type is None and mcfg.act_fn == "relu" and mcfg.n_layers == 1 and mcfg.d_vocab == 114
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_layers": 2}, {"normalization_type": "layernorm", "n_layers": 2}])
+@pytest.mark.parametrize("overrides", [{}, {"n_layers": 2}, {"normalization_type": "LN", "n_layers": 2}])
 def test_final_logits_equal_the_full_forward(overrides):
     cfg = dataclasses.replace(modular.GrokkingConfig(p=13, d_model=32, d_mlp=64).model_config(), **overrides)
     model = HookedTransformer(cfg).init_weights(seed=0, std=0.2)

@@ -96,7 +96,7 @@ def logit_target(
             direction = direction.expand(batch, -1)
         return LogitTarget(direction, torch.zeros(direction.shape[0], device=model.device, dtype=model.dtype))
     ids = _token_ids(model, answer, batch)
-    w_u, b_u = model.unembed.w_u, model.unembed.b_U
+    w_u, b_u = model.unembed.w_u, model.unembed.bias
     direction = w_u[ids]
     bias = b_u[ids] if b_u is not None else torch.zeros(ids.shape[0], device=model.device, dtype=model.dtype)
     if against is not None:
@@ -119,10 +119,11 @@ def apply_final_norm(model: HookedTransformer, resid: Float[Tensor, "... d_model
     norm = model.ln_final
     if norm is None:
         return resid
-    if model.cfg.normalization_type == "layernorm":
-        return torch.nn.functional.layer_norm(resid, norm.w.shape, norm.w, norm.b, norm.eps)
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        return torch.nn.functional.layer_norm(resid, (norm.size,), norm.w, norm.b, norm.eps)
     x = resid.float()
-    return norm.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)).to(resid.dtype)
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)).to(resid.dtype)
+    return normed if norm.w is None else norm.w * normed
 
 
 def _positions(pos: Position, batch: int, seq: int, device: torch.device) -> Int[Tensor, " batch"]:
@@ -147,9 +148,10 @@ def _readout(
     u = target.direction
     if model.ln_final is None:
         return u
-    u = u * model.ln_final.w.detach()
+    if model.ln_final.w is not None:
+        u = u * model.ln_final.w.detach()
     u = u / _at(cache["ln_final.hook_scale"], index).to(u.dtype)
-    if model.cfg.normalization_type == "layernorm":
+    if model.cfg.normalization_type in ("LN", "LNPre"):
         u = u - u.mean(-1, keepdim=True)  # centring is self-adjoint: centre(c) @ u == c @ centre(u)
     return u
 
@@ -306,10 +308,10 @@ def direct_logit_attribution(
     values = torch.stack([(p.to(u.dtype) * u).sum(-1) for p in parts])  # [component, batch]
     extra, extra_labels = [], []
     norm = model.ln_final
-    if norm is not None and model.cfg.normalization_type == "layernorm":
+    if norm is not None and getattr(norm, "b", None) is not None:
         extra.append(target.direction @ norm.b.detach())
         extra_labels.append("ln_final.b")
-    if model.unembed.b_U is not None:
+    if model.unembed.bias is not None:
         extra.append(target.bias)
         extra_labels.append("unembed.b_U")
     if extra:

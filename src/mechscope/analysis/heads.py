@@ -243,7 +243,8 @@ def copy_suppression_scores(model: HookedTransformer, tokens: Tokens | None = No
         centred = w_u - w_mean
         cov = centred.T @ centred / w_u.shape[0]  # [d_model, d_model]
         context = (w_u[tokens] - w_mean).float()  # [batch, key_pos, d_model]
-        ln_w = model.ln_final.w.detach().float() if model.ln_final is not None else None
+        ln_w = getattr(model.ln_final, "w", None)
+        ln_w = None if ln_w is None else ln_w.detach().float()
         earlier = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril(-1)
         scores = torch.zeros(cfg.n_layers, cfg.n_heads, device=tokens.device)
         for layer in range(cfg.n_layers):
@@ -254,7 +255,7 @@ def copy_suppression_scores(model: HookedTransformer, tokens: Tokens | None = No
             )
             w_o = model.blocks[layer].attn.W_O.detach().float()
             out = einops.einsum(v, w_o, "batch key_pos head d_head, head d_head d_model -> batch key_pos head d_model")
-            if cfg.normalization_type == "layernorm":
+            if cfg.normalization_type in ("LN", "LNPre"):
                 out = out - out.mean(-1, keepdim=True)
             if ln_w is not None:
                 out = out * ln_w

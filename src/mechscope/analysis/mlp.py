@@ -86,13 +86,14 @@ def _norm_vjp(
     """Vector-Jacobian product of a norm at ``x`` (``[d_model]``) with ``grad_out``."""
     if norm is None:
         return grad_out
-    g = grad_out * norm.w.detach()
-    centred = x - x.mean() if norm_type == "layernorm" else x
+    g = grad_out if norm.w is None else grad_out * norm.w.detach()
+    centres = norm_type in ("LN", "LNPre")
+    centred = x - x.mean() if centres else x
     scale = (centred.pow(2).mean() + norm.eps).sqrt()
     if not freeze_norm:
         normalized = centred / scale
         g = g - normalized * (g * normalized).mean()
-    if norm_type == "layernorm":
+    if centres:
         g = g - g.mean()
     return g / scale
 

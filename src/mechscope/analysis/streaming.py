@@ -62,12 +62,13 @@ def final_norm_form(model: Any) -> NormForm | None:
     norm = model.ln_final
     if norm is None:
         return None
-    return NormForm(norm_centres(model.cfg), norm.w.detach(), getattr(norm, "b", None), norm.eps)
+    weight = torch.ones(norm.size, device=model.device) if norm.w is None else norm.w.detach()  # folded: no weight
+    return NormForm(norm_centres(model.cfg), weight, getattr(norm, "b", None), norm.eps)
 
 
 def _head_bias(model: Any) -> Tensor | None:
     unembed = getattr(model, "unembed", None)
-    return unembed.b_U if unembed is not None else model.layout.head.bias
+    return unembed.bias if unembed is not None else model.layout.head.bias
 
 
 def _ids(model: Any, tokens: TokenLike, batch: int) -> Int[Tensor, " batch"]:

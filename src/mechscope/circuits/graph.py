@@ -79,7 +79,7 @@ class Graph:
             n_layers=cfg.n_layers,
             n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_key_value_heads,
-            learned_pos=cfg.positional_embedding_type == "learned",
+            learned_pos=cfg.positional_embedding_type == "standard",
             attn_only=cfg.attn_only,
             parallel=cfg.parallel_attn_mlp,
             post_norm=cfg.post_norm,

@@ -66,12 +66,13 @@ def ioi_head_scores(
     to_s2 = pattern[rows, end, s2_pos].mean(0)
     s2_to_s1 = pattern[rows, s2_pos, s1_pos].mean(0)
     result = torch.stack([cache[act_name("result", layer)][:, end] for layer in range(cfg.n_layers)])  # [l, n, h, d]
-    if cfg.normalization_type == "layernorm":  # the final norm centres what it reads
+    if cfg.normalization_type in ("LN", "LNPre"):  # the final norm centres what it reads
         result = result - result.mean(-1, keepdim=True)
     if act_name("scale") in cache:
         result = result / cache[act_name("scale")][:, end][None, :, None]
     w_u = model.unembed.W_U  # [d_model, d_vocab]
-    weight = model.ln_final.w if model.ln_final is not None else torch.ones(cfg.d_model, device=w_u.device)
+    weight = getattr(model.ln_final, "w", None)
+    weight = torch.ones(cfg.d_model, device=w_u.device) if weight is None else weight
     direction = (w_u[:, io] - w_u[:, s]).T * weight  # [n, d_model]
     copy = torch.einsum("lnhd,nd->lnh", result, direction).mean(1)
     repeated = detectors.repeated_random_tokens(model, seq_len=repeat_len, batch=8)

@@ -34,11 +34,11 @@ def logit_effects(
     w_u = model.W_U.detach().float()
     k = min(k, w_u.shape[1])
     norm = model.ln_final
-    weight = norm.w.detach().float() if norm is not None else None
+    weight = norm.w.detach().float() if norm is not None and norm.w is not None else None
     outs: list[list[Tensor]] = [[], [], [], []]
     for start in range(0, len(directions), chunk):
         d = directions[start : start + chunk].to(w_u.device).float()
-        if model.cfg.normalization_type == "layernorm":
+        if model.cfg.normalization_type in ("LN", "LNPre"):
             d = d - d.mean(-1, keepdim=True)
         if weight is not None:
             d = d * weight

@@ -81,35 +81,40 @@ class LayerNorm(nn.Module):
     """LayerNorm with ``hook_scale`` (the divisor, ``[..., 1]``) and ``hook_normalized`` (the output).
 
     Runs the fused kernel; a hook on ``hook_scale`` sees the scale, and replaces it if it edits it.
+    With ``weighted=False`` (TransformerLens' ``LNPre``: weights folded into the readers) it only
+    centres and scales, and ``w`` and ``b`` are ``None`` (no parameters).
     """
 
-    def __init__(self, cfg: ModelConfig, size: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
         super().__init__()
-        self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(size or cfg.d_model))
-        self.b = nn.Parameter(torch.zeros(size or cfg.d_model))
+        self.eps, self.size = cfg.norm_eps, size or cfg.d_model
+        self.w = nn.Parameter(torch.ones(self.size)) if weighted else None
+        self.b = nn.Parameter(torch.zeros(self.size)) if weighted else None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         def fused() -> Tensor:
-            return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+            return F.layer_norm(x, (self.size,), self.w, self.b, self.eps)
 
         if not self.hook_scale.has_hooks():
             return self.hook_normalized(fused())
         centred = x - x.mean(-1, keepdim=True)
         scale, read_only = _run_hook(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        out = _fast_unless_edited(read_only, fused, lambda: centred / scale * self.w + self.b, scale)
-        return self.hook_normalized(out)
+        explicit = (lambda: centred / scale) if self.w is None else (lambda: centred / scale * self.w + self.b)
+        return self.hook_normalized(_fast_unless_edited(read_only, fused, explicit, scale))
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as in ``transformers``), with ``hook_scale`` and ``hook_normalized``."""
+    """RMSNorm computed in float32 (as in ``transformers``), with ``hook_scale`` and ``hook_normalized``.
 
-    def __init__(self, cfg: ModelConfig, size: int | None = None) -> None:
+    With ``weighted=False`` (TransformerLens' ``RMSPre``) it only scales, and ``w`` is ``None``.
+    """
+
+    def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
         super().__init__()
-        self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(size or cfg.d_model))
+        self.eps, self.size = cfg.norm_eps, size or cfg.d_model
+        self.w = nn.Parameter(torch.ones(self.size)) if weighted else None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
@@ -125,14 +130,21 @@ class RMSNorm(nn.Module):
             normed = _fast_unless_edited(read_only, fused, lambda: x32 / scale, scale)
         else:
             normed = fused()
-        return self.hook_normalized(self.w * normed.to(x.dtype))
+        normed = normed.to(x.dtype)
+        return self.hook_normalized(normed if self.w is None else self.w * normed)
 
 
-def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True) -> nn.Module | None:
-    """The configured norm over ``size`` features (default ``d_model``), or ``None``."""
-    if not enabled or cfg.normalization_type is None:
+def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True, pre: bool = False) -> nn.Module | None:
+    """The configured norm over ``size`` features (default ``d_model``), or ``None``.
+
+    ``pre`` marks the pre-norms (``ln1``, ``ln2``, ``ln_final``), which are weightless when
+    ``cfg.normalization_type`` is ``"LNPre"``/``"RMSPre"``; every other norm carries weights.
+    """
+    kind = cfg.normalization_type
+    if not enabled or kind is None:
         return None
-    return {"layernorm": LayerNorm, "rmsnorm": RMSNorm}[cfg.normalization_type](cfg, size)
+    norm = LayerNorm if kind in ("LN", "LNPre") else RMSNorm
+    return norm(cfg, size, weighted=not (pre and kind.endswith("Pre")))
 
 
 class Attention(nn.Module):
@@ -187,8 +199,8 @@ class Attention(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The factor on ``q . k``: ``cfg.attn_scale``, else ``d_head ** -0.5``."""
-        return self.cfg.attn_scale if self.cfg.attn_scale is not None else self.cfg.d_head**-0.5
+        """The factor on ``q . k``: ``cfg.attn_score_factor``, the reciprocal of ``cfg.attn_scale``."""
+        return self.cfg.attn_score_factor
 
     def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int) -> Tensor:
         """``x`` is ``[batch, pos, d_model]`` or per-head ``[batch, pos, heads, d_model]``."""
@@ -385,19 +397,35 @@ class MLP(nn.Module):
 
 
 class Unembed(nn.Module):
-    """Unembedding, stored as ``w_u [d_vocab, d_model]``; ``W_U`` is the ``[d_model, d_vocab]`` view."""
+    """Unembedding, stored as ``w_u [d_vocab, d_model]``; ``W_U`` is the ``[d_model, d_vocab]`` view.
+
+    ``b_U`` is the bias or, without one (`bias` is ``None``), new zeros ``[d_vocab_out]`` that the
+    forward does not add, as TransformerLens' always-present ``b_U``. ``hook_in`` sees the final
+    normalised residual stream, ``hook_out`` the logits before any soft-capping (as there)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.w_u = _param(cfg.d_vocab_out, cfg.d_model)
         _optional_param(self, "b_U", cfg.unembed_bias, cfg.d_vocab_out)
+        self.hook_in, self.hook_out = HookPoint(), HookPoint()
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if value is None and name == "b_U":
+            return self.w_u.new_zeros(self.w_u.shape[0])
+        return value
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The stored bias, ``None`` when the model has none."""
+        return self._parameters["b_U"]
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.w_u.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.w_u, self.b_U)
+        return self.hook_out(F.linear(self.hook_in(x), self.w_u, self.bias))
 
 
 class TransformerBlock(nn.Module):
@@ -411,7 +439,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.ln1 = make_norm(cfg, enabled=cfg.pre_norm)
+        self.ln1 = make_norm(cfg, enabled=cfg.pre_norm, pre=True)
         self.attn = Attention(cfg, layer)
         self.ln1_post = make_norm(cfg, enabled=cfg.post_norm)
         self.hook_resid_pre = HookPoint()
@@ -421,7 +449,7 @@ class TransformerBlock(nn.Module):
         self.hook_v_input = HookPoint(opt_in=True)
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = make_norm(cfg, enabled=cfg.pre_norm)
+            self.ln2 = make_norm(cfg, enabled=cfg.pre_norm, pre=True)
             self.mlp = MLP(cfg)
             self.ln2_post = make_norm(cfg, enabled=cfg.post_norm)
             if not cfg.parallel_attn_mlp:

@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mechscope.errors import ConfigError
 
-NormType = Literal["layernorm", "rmsnorm"]
-PositionalType = Literal["learned", "rotary", "none"]
+NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
+PositionalType = Literal["standard", "rotary", "none"]
 ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu"]
 LayerType = Literal["full_attention", "sliding_attention"]
 QKNorm = Literal["head", "full"]
 
 _ACT_FNS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
 _ROPE_TYPES = ("default", "linear", "llama3")
+NORM_TYPES = ("LN", "LNPre", "RMS", "RMSPre", None)
+POSITIONAL_TYPES = ("standard", "rotary", "none")
+CONFIG_VERSION = 2
+"""Written by `ModelConfig.to_dict` as ``config_version``. Version 1 (dicts without the key) spelt
+``normalization_type`` ``"layernorm"``/``"rmsnorm"`` and ``positional_embedding_type``
+``"learned"``, and stored ``attn_scale`` as the factor on the scores; `ModelConfig.from_dict`
+reads both."""
+_LEGACY_VALUES = {
+    "normalization_type": {"layernorm": "LN", "rmsnorm": "RMS"},
+    "positional_embedding_type": {"learned": "standard"},
+}
+"""Version-1 spellings -> TransformerLens' values."""
 
 
 @dataclass
@@ -55,13 +68,17 @@ class ModelConfig:
     approximation), ``quick_gelu`` (``x * sigmoid(1.702 x)``, CLIP), ``relu`` or ``silu``."""
     gated_mlp: bool = False
     """If true the MLP is ``W_out(act(W_gate x) * W_in x)`` (SwiGLU/GeGLU); otherwise ``W_out(act(W_in x))``."""
-    normalization_type: NormType | None = "layernorm"
-    """``layernorm`` (centre, scale, weight and bias), ``rmsnorm`` (scale and weight) or ``None`` (no norms)."""
+    normalization_type: NormType | None = "LN"
+    """The pre-norms (``ln1``, ``ln2``, ``ln_final``), with TransformerLens' values: ``"LN"``
+    (LayerNorm: centre, scale, weight and bias), ``"RMS"`` (RMSNorm: scale and weight), their
+    weightless forms ``"LNPre"``/``"RMSPre"`` (what ``fold_ln`` leaves after folding the weights
+    into the readers) or ``None`` (no norms). Post-norms, QK-norms and ``ln_pre`` always carry weights."""
     norm_eps: float = 1e-5
     """Epsilon added to the variance inside every norm."""
-    positional_embedding_type: PositionalType = "learned"
-    """``learned`` (a position table added to the embedding), ``rotary`` (RoPE on queries and keys)
-    or ``none``."""
+    positional_embedding_type: PositionalType = "standard"
+    """TransformerLens' values: ``"standard"`` (a learned position table ``W_pos`` added to the
+    embedding) or ``"rotary"`` (RoPE on queries and keys); mechscope adds ``"none"`` (no position
+    information in the transformer: vision towers, whose patch embedding holds the table, and toys)."""
     rotary_dim: int | None = None
     """Number of dimensions of each head that rotate; ``None`` means all of ``d_head``. Checked
     (even, at most ``d_head``) only for rotary models; others may have any head width."""
@@ -72,7 +89,8 @@ class ModelConfig:
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``;
     ``None`` for none."""
     attn_scale: float | None = None
-    """Attention scores are multiplied by this; ``None`` means ``d_head ** -0.5``."""
+    """Attention scores are ``q . k / attn_scale`` (TransformerLens' divisor); ``None`` means
+    ``sqrt(d_head)``, filled in on construction. `attn_score_factor` is its reciprocal."""
     attn_qkv_bias: bool = False
     """Whether the query, key and value projections have biases."""
     attn_out_bias: bool = False
@@ -179,15 +197,16 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.act_fn not in _ACT_FNS:
             raise ConfigError(f"unknown act_fn {self.act_fn!r}; choose one of {_ACT_FNS}")
-        if self.normalization_type not in ("layernorm", "rmsnorm", None):
-            raise ConfigError(
-                f"unknown normalization_type {self.normalization_type!r}; choose 'layernorm', 'rmsnorm' or None"
-            )
-        if self.positional_embedding_type not in ("learned", "rotary", "none"):
-            raise ConfigError(
-                f"unknown positional_embedding_type {self.positional_embedding_type!r}; "
-                "choose 'learned', 'rotary' or 'none'"
-            )
+        for name, valid in (("normalization_type", NORM_TYPES), ("positional_embedding_type", POSITIONAL_TYPES)):
+            value = getattr(self, name)
+            if value not in valid:
+                legacy = _LEGACY_VALUES[name].get(value)
+                hint = f" ({value!r} is the old spelling of {legacy!r})" if legacy else ""
+                raise ConfigError(f"unknown {name} {value!r}{hint}; choose one of {list(valid)}")
+        if self.attn_scale is None:
+            self.attn_scale = math.sqrt(self.d_head)
+        if not self.attn_scale > 0:
+            raise ConfigError(f"attn_scale must be positive (the divisor of q . k), got {self.attn_scale}")
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
         if self.positional_embedding_type == "rotary" and (
@@ -214,7 +233,7 @@ class ModelConfig:
         if self.qk_norm not in (None, "head", "full"):
             raise ConfigError(f"qk_norm must be 'head', 'full' or None, got {self.qk_norm!r}")
         if (self.qk_norm or self.post_norm) and self.normalization_type is None:
-            raise ConfigError("qk_norm and post_norm need a normalization_type ('rmsnorm' or 'layernorm')")
+            raise ConfigError("qk_norm and post_norm need a normalization_type ('RMS' or 'LN')")
         if not self.causal and self.sliding_window is not None:
             raise ConfigError("a sliding window needs causal attention; set causal=True or sliding_window=None")
         if (self.image_size is None) != (self.patch_size is None):
@@ -246,6 +265,19 @@ class ModelConfig:
         if local and self.rotary_base_local is not None:
             return self.rotary_base_local, None
         return self.rotary_base, self.rope_scaling
+
+    @property
+    def attn_score_factor(self) -> float:
+        """The factor on ``q . k``: ``1 / attn_scale``. When ``attn_scale`` is the square root of an
+        integer ``n`` (``d_head``, Gemma's ``query_pre_attn_scalar``) it is ``n ** -0.5``, the float
+        ``transformers`` multiplies by.
+
+        Example:
+            >>> cfg = ModelConfig(d_model=64, n_layers=1, n_heads=4, d_mlp=8, d_vocab=8, n_ctx=4)
+            >>> cfg.attn_scale, cfg.attn_score_factor
+            (4.0, 0.25)
+        """
+        return _reciprocal_of_root(self.attn_scale)
 
     @property
     def d_vocab_out(self) -> int:
@@ -287,17 +319,55 @@ class ModelConfig:
         return self.n_heads // self.n_key_value_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `ModelConfig.from_dict` inverts it."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict with ``config_version`` (`CONFIG_VERSION`); `ModelConfig.from_dict` inverts it."""
+        return {**dataclasses.asdict(self), "config_version": CONFIG_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build a config from `to_dict` output, rejecting unknown fields by name."""
+        """Build a config from `to_dict` output, rejecting unknown fields by name.
+
+        A dict without ``config_version`` was written by version 1: its ``"layernorm"``,
+        ``"rmsnorm"`` and ``"learned"`` become ``"LN"``, ``"RMS"`` and ``"standard"``, and its
+        ``attn_scale`` (then the factor on the scores) becomes the divisor, so the model computes
+        what it computed when it was saved.
+
+        Example:
+            >>> old = {"d_model": 64, "n_layers": 1, "n_heads": 4, "d_mlp": 8, "d_vocab": 8, "n_ctx": 4,
+            ...        "normalization_type": "rmsnorm", "positional_embedding_type": "learned", "attn_scale": 0.5}
+            >>> cfg = ModelConfig.from_dict(old)
+            >>> cfg.normalization_type, cfg.positional_embedding_type, cfg.attn_scale
+            ('RMS', 'standard', 2.0)
+        """
+        data = dict(data)
+        version = data.pop("config_version", 1)
+        if version not in (1, CONFIG_VERSION):
+            raise ConfigError(
+                f"config_version {version!r} is not one this mechscope reads (1 or {CONFIG_VERSION}); "
+                "upgrade mechscope or rebuild the file"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        if version == 1:
+            for name, spellings in _LEGACY_VALUES.items():
+                if name in data:
+                    data[name] = spellings.get(data[name], data[name])
+            if data.get("attn_scale") is not None:
+                data["attn_scale"] = _reciprocal_of_root(data["attn_scale"])
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _reciprocal_of_root(x: float) -> float:
+    """``1 / x``; ``n ** -0.5`` (or ``sqrt(n)``) exactly when ``x`` is ``sqrt(n)`` (or ``n ** -0.5``)
+    for an integer ``n``, so that a scale and its reciprocal round as ``transformers`` writes them."""
+    n = round(x * x)
+    if n > 0 and math.sqrt(n) == x:
+        return n**-0.5
+    n = round(1 / (x * x))
+    if n > 0 and n**-0.5 == x:
+        return math.sqrt(n)
+    return 1.0 / x

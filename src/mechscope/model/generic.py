@@ -133,7 +133,7 @@ class GenericModel(HookedRootModule):
         offered, self.rejected, self.final_norm_form = found.offered, found.rejected, found.final_norm_form
         self.cfg.parallel_attn_mlp = found.parallel
         if found.final_norm_form is not None:
-            self.cfg.normalization_type = "layernorm" if found.final_norm_form.centre else "rmsnorm"
+            self.cfg.normalization_type = "LN" if found.final_norm_form.centre else "RMS"
         if "hook_embed" in offered:
             self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(BlockHooks(offered[f"blocks.{layer}"]) for layer in range(n_layers))

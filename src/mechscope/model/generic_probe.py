@@ -147,7 +147,7 @@ class GenericConfig:
     attn_only: bool = False
     """Always ``False``: a block's MLP is part of its output even when it cannot be hooked apart."""
     normalization_type: str | None = None
-    """Set by the probe: ``"layernorm"`` or ``"rmsnorm"`` when the final norm has one of those forms."""
+    """Set by the probe: ``"LN"`` or ``"RMS"`` (TransformerLens' values) when the final norm has one of those forms."""
     positional_embedding_type: str = "hf"
     """``"hf"``: positions are the wrapped model's business (no ``n_ctx`` check)."""
     dtype: torch.dtype = torch.float32

@@ -79,7 +79,7 @@ def place(model: HookedTransformer, device_map: DeviceMap) -> HookedTransformer:
     devices = layer_devices(device_map, model.cfg.n_layers)
     first, last = devices[0], devices[-1]
     model.embed.to(first)
-    if model.cfg.positional_embedding_type == "learned":
+    if model.cfg.positional_embedding_type == "standard":
         model.pos_embed.to(first)
     for block, device in zip(model.blocks, devices, strict=False):
         block.to(device)

@@ -4,8 +4,9 @@ All four steps are off by default, so activations equal those of ``transformers`
 exact (up to float rounding) for the models it accepts and raises `ConfigError` otherwise:
 
 - ``fold_ln``: multiply each pre-norm's weight (and add its bias) into the weights that read
-  the norm's output (``w_q``/``w_k``/``w_v``, ``w_in``/``w_gate``, ``w_u``); the norm then only
-  centres (LayerNorm) and scales, as TransformerLens' ``LNPre``/``RMSPre``. After a LayerNorm
+  the norm's output (``w_q``/``w_k``/``w_v``, ``w_in``/``w_gate``, ``w_u``); the pre-norms
+  (``ln1``, ``ln2``, ``ln_final``) then only centre (LayerNorm) and scale, have no weight
+  parameters, and ``cfg.normalization_type`` becomes ``"LNPre"``/``"RMSPre"``, as in TransformerLens. After a LayerNorm
   the readers ``w_q``/``w_k``/``w_v``, ``w_in`` and ``w_u`` are also centred over ``d_model``
   (its output has mean zero there), as in TransformerLens. Post-norms and QK-norms stay as
   they are, since nothing linear reads them before the residual stream or RoPE.
@@ -43,13 +44,15 @@ def unsupported_steps(cfg: ModelConfig) -> dict[str, str]:
         >>> unsupported_steps(model.cfg)
         {}
         >>> list(unsupported_steps(ModelConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, d_vocab=5, n_ctx=4,
-        ...                                    normalization_type="rmsnorm")))
+        ...                                    normalization_type="RMS")))
         ['center_writing_weights']
     """
     reasons = {}
     if cfg.normalization_type is None:
         reasons["fold_ln"] = "the model has no norms to fold"
-    if cfg.normalization_type != "layernorm" or not cfg.pre_norm or cfg.post_norm:
+    elif cfg.normalization_type.endswith("Pre"):
+        reasons["fold_ln"] = f"the norms are already folded (normalization_type={cfg.normalization_type!r})"
+    if cfg.normalization_type not in ("LN", "LNPre") or not cfg.pre_norm or cfg.post_norm:
         reasons["center_writing_weights"] = (
             "it is exact only when every reader of the residual stream is a LayerNorm that centres its "
             f"input; this model uses {cfg.normalization_type} with pre_norm={cfg.pre_norm}, post_norm={cfg.post_norm}"
@@ -126,14 +129,15 @@ def _untie(model: HookedTransformer) -> None:
 
 
 def _bias(module: nn.Module, name: str, size: int, like: Tensor) -> Tensor:
-    """The bias ``name`` of ``module``, created as zeros when the module has none."""
-    if getattr(module, name) is None:
+    """The bias parameter ``name`` of ``module``, created as zeros when the module has none."""
+    if dict(module.named_parameters(recurse=False)).get(name) is None:
         setattr(module, name, nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device)))
     return getattr(module, name)
 
 
 def _fold_norm_into(norm: nn.Module | None, readers: list[tuple[nn.Module, str, str]]) -> bool:
-    """Fold ``norm``'s weight and bias into ``(module, weight_name, bias_name)`` readers ``[out, d]``."""
+    """Fold ``norm``'s weight and bias into ``(module, weight_name, bias_name)`` readers ``[out, d]``,
+    then remove them from ``norm`` (TransformerLens' ``LNPre``/``RMSPre``)."""
     if norm is None:
         return False
     w, b = norm.w, getattr(norm, "b", None)
@@ -143,9 +147,9 @@ def _fold_norm_into(norm: nn.Module | None, readers: list[tuple[nn.Module, str, 
             bias = _bias(module, bias_name, weight.shape[0], weight)
             bias.add_(weight @ b)
         weight.mul_(w)
-    w.fill_(1.0)
+    norm.w = None
     if b is not None:
-        b.zero_()
+        norm.b = None
     return True
 
 
@@ -161,7 +165,7 @@ def _fold_ln(model: HookedTransformer) -> None:
     """Fold each pre-norm into its readers; after a LayerNorm, also centre the readers
     (``w_q``/``w_k``/``w_v``, ``w_in``, ``w_u``) over ``d_model``, as TransformerLens does."""
     cfg = model.cfg
-    layernorm = cfg.normalization_type == "layernorm"
+    layernorm = cfg.normalization_type == "LN"
     for block in model.blocks:
         attn = block.attn
         qkv = [(attn, f"w_{n}", f"b_{n}") for n in "qkv"]
@@ -179,12 +183,13 @@ def _fold_ln(model: HookedTransformer) -> None:
         if _fold_norm_into(model.ln_final, [(model.unembed, "w_u", "b_U")]) and layernorm:
             cfg.unembed_bias = True
             _centre_readers([(model.unembed, "w_u")])
+    cfg.normalization_type = "LNPre" if layernorm else "RMSPre"
 
 
 def _center_writing_weights(model: HookedTransformer) -> None:
     _untie(model)
     model.embed.W_E.sub_(model.embed.W_E.mean(-1, keepdim=True))
-    if model.cfg.positional_embedding_type == "learned":
+    if model.cfg.positional_embedding_type == "standard":
         model.pos_embed.W_pos.sub_(model.pos_embed.W_pos.mean(-1, keepdim=True))
     for block in model.blocks:
         writers = [(block.attn, "w_o", "b_o")] + ([] if model.cfg.attn_only else [(block.mlp, "w_out", "b_out")])
@@ -200,8 +205,8 @@ def _center_unembed(model: HookedTransformer) -> None:
     _untie(model)
     w_u = model.unembed.w_u  # [d_vocab, d_model]
     w_u.sub_(w_u.mean(0, keepdim=True))
-    if model.unembed.b_U is not None:
-        model.unembed.b_U.sub_(model.unembed.b_U.mean())
+    if model.unembed.bias is not None:
+        model.unembed.bias.sub_(model.unembed.bias.mean())
 
 
 def _fold_value_biases(model: HookedTransformer) -> None:

@@ -160,7 +160,7 @@ def max_length(cfg: Any) -> int | None:
         >>> max_length(model.cfg)
         16
     """
-    return cfg.n_ctx if cfg.positional_embedding_type == "learned" else None
+    return cfg.n_ctx if cfg.positional_embedding_type == "standard" else None
 
 
 def check_positions(cfg: Any, n_positions: int) -> None:

@@ -65,11 +65,11 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         self.embed = Embed(cfg) if cfg.image_size is None else PatchEmbed(cfg)  # tokens, or image pixels
         self.ln_pre = make_norm(cfg, enabled=cfg.embed_norm)  # CLIP's norm on the image embedding
         self.hook_embed = HookPoint()
-        if cfg.positional_embedding_type == "learned":
+        if cfg.positional_embedding_type == "standard":
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = make_norm(cfg)
+        self.ln_final = make_norm(cfg, pre=True)
         self.unembed = Unembed(cfg)
         if cfg.attention_pool:
             self.pool_head = AttentionPool(cfg)  # run on demand: `mechscope.vision.pooled_image`
@@ -159,7 +159,7 @@ class HookedTransformer(StackedWeights, HookedRootModule):
             if (seq if ctx.key_positions is None else ctx.key_positions.shape[1]) > self.cfg.n_ctx:
                 check_positions(self.cfg, int(ctx.positions.max()) + 1)
             resid = self.hook_embed(self.embed(tokens))
-            if self.cfg.positional_embedding_type == "learned":
+            if self.cfg.positional_embedding_type == "standard":
                 resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         else:
             if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:

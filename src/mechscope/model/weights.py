@@ -49,7 +49,7 @@ class StackedWeights:
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
         """Learned position embeddings; models with other position schemes have none."""
-        if self.cfg.positional_embedding_type != "learned":
+        if self.cfg.positional_embedding_type != "standard":
             raise ConfigError(
                 f"this model has {self.cfg.positional_embedding_type!r} position embeddings, "
                 "not learned ones, so there is no W_pos"

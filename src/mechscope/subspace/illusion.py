@@ -186,8 +186,8 @@ def head_readers(model, heads: Sequence[tuple[int, int]], kind: str = "q") -> Fl
         w = stacked[layer, head]
         norm = model.blocks[layer].ln1
         if norm is not None:
-            w = norm.w.detach()[:, None] * w
-            if model.cfg.normalization_type == "layernorm":
+            w = w if norm.w is None else norm.w.detach()[:, None] * w
+            if model.cfg.normalization_type in ("LN", "LNPre"):
                 w = (torch.eye(d_model, device=w.device) - 1 / d_model) @ w
         parts.append(w)
     if not parts:

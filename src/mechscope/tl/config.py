@@ -11,7 +11,6 @@ value mechscope's model cannot compute yet (`UNSUPPORTED`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import pprint
 import random
 from dataclasses import dataclass
@@ -46,10 +45,11 @@ ACT_FNS = {
     "gelu_pytorch_tanh": "gelu_pytorch_tanh",
 }
 """TransformerLens ``act_fn`` -> mechscope ``act_fn`` (``gelu_fast`` is the same tanh approximation)."""
-NORMS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm", None: None}
-"""TransformerLens ``normalization_type`` -> mechscope's. ``LNPre``/``RMSPre`` (no weights) become
-norms with unit weight and zero bias."""
-POSITIONS = {"standard": "learned", "rotary": "rotary"}
+NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+"""The ``normalization_type`` values mechscope computes (all of TransformerLens'; ``LNPre``/``RMSPre``
+pre-norms have no weights, as there)."""
+POSITIONS = ("standard", "rotary")
+"""The ``positional_embedding_type`` values mechscope computes."""
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -87,8 +87,9 @@ class HookedTransformerConfig:
         >>> cfg = HookedTransformerConfig(d_model=32, d_head=8, n_layers=2, n_ctx=16, d_vocab=50, act_fn="gelu")
         >>> cfg.n_heads, cfg.d_mlp, cfg.d_vocab_out, float(cfg.attn_scale), cfg.normalization_type
         (4, 128, 50, 2.8284271247461903, 'LN')
-        >>> cfg.to_model_config().normalization_type
-        'layernorm'
+        >>> mc = cfg.to_model_config()
+        >>> mc.normalization_type, mc.attn_scale == float(cfg.attn_scale)
+        ('LN', True)
     """
 
     d_model: int
@@ -273,7 +274,7 @@ class HookedTransformerConfig:
         Example:
             >>> mc = HookedTransformerConfig(d_model=10, d_head=5, n_layers=1, n_ctx=8, d_vocab=7).to_model_config()
             >>> mc.n_heads, mc.d_mlp, mc.act_fn, mc.positional_embedding_type
-            (2, 40, 'relu', 'learned')
+            (2, 40, 'relu', 'standard')
         """
         problems = self.unsupported()
         if problems:
@@ -300,11 +301,6 @@ def model_config_fields(cfg: HookedTransformerConfig) -> dict[str, Any]:
     if cfg.use_local_attn:
         window = cfg.window_size
         layer_types = ["sliding_attention" if t == "local" else "full_attention" for t in cfg.attn_types]
-    scale = None
-    if not cfg.use_attn_scale:
-        scale = 1.0
-    elif not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head)):
-        scale = 1.0 / cfg.attn_scale
     return dict(
         d_model=cfg.d_model,
         n_layers=cfg.n_layers,
@@ -316,15 +312,15 @@ def model_config_fields(cfg: HookedTransformerConfig) -> dict[str, Any]:
         n_key_value_heads=cfg.n_key_value_heads,
         act_fn=ACT_FNS.get(cfg.act_fn, "relu"),
         gated_mlp=cfg.gated_mlp,
-        normalization_type=NORMS[cfg.normalization_type],
+        normalization_type=cfg.normalization_type,
         norm_eps=cfg.eps,
-        positional_embedding_type=POSITIONS[cfg.positional_embedding_type],
+        positional_embedding_type=cfg.positional_embedding_type,
         rotary_dim=cfg.rotary_dim,
         rotary_base=float(cfg.rotary_base),
         rope_scaling=rope_scaling,
         rotary_base_local=None if cfg.rotary_base_local is None else float(cfg.rotary_base_local),
         rotary_interleaved=cfg.rotary_adjacent_pairs,
-        attn_scale=scale,
+        attn_scale=float(cfg.attn_scale) if cfg.use_attn_scale else 1.0,
         attn_qkv_bias=True,
         attn_out_bias=True,
         mlp_bias=True,

@@ -167,7 +167,7 @@ class HookedTransformer(_Base, CachingHooks):
         if first_n_layers is not None:
             _keep_layers(cfg, weights, first_n_layers)
         if n_ctx is not None:
-            if cfg.positional_embedding_type == "learned" and n_ctx > cfg.n_ctx:
+            if cfg.positional_embedding_type == "standard" and n_ctx > cfg.n_ctx:
                 raise ConfigError(f"n_ctx={n_ctx} exceeds the {cfg.n_ctx} learned positions of {model_name}")
             cfg.n_ctx = n_ctx
             if "pos_embed.W_pos" in weights:
@@ -367,7 +367,7 @@ class HookedTransformer(_Base, CachingHooks):
         batch, seq = tokens.shape
         ctx = AttentionContext.build(mask, batch, seq, tokens.device, past_kv_cache)
         resid = self.hook_embed(self.embed(tokens))
-        if self.cfg.positional_embedding_type == "learned":
+        if self.cfg.positional_embedding_type == "standard":
             resid = resid + self.hook_pos_embed(self.pos_embed(ctx.positions))
         return resid, tokens, None, mask
 

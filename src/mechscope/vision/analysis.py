@@ -111,7 +111,8 @@ def direct_attribution(
         stack, labels = cache.decompose_resid(apply_ln=True, pos_slice=0, return_labels=True)  # [component, batch, d]
     else:
         stack, labels = cache.stack_head_results(pos_slice=0, apply_ln=True, incl_remainder=True, return_labels=True)
-    weight = model.ln_final.w if model.ln_final is not None else 1.0
+    weight = getattr(model.ln_final, "w", None)
+    weight = 1.0 if weight is None else weight
     parts = (stack * weight) @ model.W_U  # [component, batch, d_vocab]
     bias = model.b_U
     if model.ln_final is not None and getattr(model.ln_final, "b", None) is not None:

@@ -44,7 +44,7 @@ def vision_config(hf: Any, family: str, **fields: Any) -> ModelConfig:
         d_vocab=hf.hidden_size,
         n_ctx=n_patches,
         act_fn=activation(family, hf.hidden_act),
-        normalization_type="layernorm",
+        normalization_type="LN",
         norm_eps=hf.layer_norm_eps,
         positional_embedding_type="none",
         attn_qkv_bias=True,

@@ -9,6 +9,7 @@ adds per-head QK-norm and a separate RoPE base for its sliding-window layers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -86,11 +87,11 @@ def config_from_hf(hf: Any) -> ModelConfig:
         n_ctx=hf.max_position_embeddings,
         act_fn=activation(family, get(hf, "hidden_activation", "hidden_act") if later else hf.hidden_act),
         gated_mlp=True,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         norm_eps=hf.rms_norm_eps,
         positional_embedding_type="rotary",
         **_rope(hf, family),
-        attn_scale=None if scalar is None else scalar**-0.5,
+        attn_scale=None if scalar is None else math.sqrt(scalar),
         attn_qkv_bias=bias,
         attn_out_bias=bias,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),

@@ -31,7 +31,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings,
         act_fn=activation("gpt_neox", hf.hidden_act),
-        normalization_type="layernorm",
+        normalization_type="LN",
         norm_eps=hf.layer_norm_eps,
         positional_embedding_type="rotary",
         rotary_dim=rotary_dim(d_head, partial, "gpt_neox"),

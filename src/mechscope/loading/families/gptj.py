@@ -28,7 +28,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         d_vocab=hf.vocab_size,
         n_ctx=hf.n_positions,
         act_fn=activation("gptj", hf.activation_function),
-        normalization_type="layernorm",
+        normalization_type="LN",
         norm_eps=hf.layer_norm_epsilon,
         positional_embedding_type="rotary",
         rotary_dim=get(hf, "rotary_dim", default=d_model // hf.n_head),

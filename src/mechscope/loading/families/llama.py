@@ -51,7 +51,7 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
         n_ctx=hf.max_position_embeddings,
         act_fn=activation(model_type, hf.hidden_act),
         gated_mlp=True,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         norm_eps=hf.rms_norm_eps,
         positional_embedding_type="rotary",
         rotary_base=theta,

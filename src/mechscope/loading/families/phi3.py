@@ -41,7 +41,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         n_ctx=hf.max_position_embeddings,
         act_fn=activation("phi3", hf.hidden_act),
         gated_mlp=True,
-        normalization_type="rmsnorm",
+        normalization_type="RMS",
         norm_eps=hf.rms_norm_eps,
         positional_embedding_type="rotary",
         rotary_dim=rotary_dim(d_head, partial, "phi3"),

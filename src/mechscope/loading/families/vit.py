@@ -34,7 +34,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         d_vocab=len(labels) if classifier else hf.hidden_size,
         n_ctx=n_patches + 1,
         act_fn=activation("vit", hf.hidden_act),
-        normalization_type="layernorm",
+        normalization_type="LN",
         norm_eps=hf.layer_norm_eps,
         positional_embedding_type="none",
         attn_qkv_bias=hf.qkv_bias,
