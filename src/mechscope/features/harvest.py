@@ -89,6 +89,12 @@ class Harvest:
         config: the settings used.
         rows_done, n_rows: token rows processed and in total.
         model_name: the model's ``cfg.model_name``.
+
+    Example:
+        >>> from mechscope.features import NeuronSource, harvest
+        >>> result = harvest(model, NeuronSource(model, 0), torch.randint(0, 50, (4, 8)), progress=False)
+        >>> list(result.sources), result.rows_done, result.n_rows, result.n_tokens
+        (['blocks.0.mlp.hook_post'], 4, 4, 32)
     """
 
     sources: dict[str, FeatureSource]

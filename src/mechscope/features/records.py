@@ -25,6 +25,16 @@ class Example:
     ``tokens`` are token ids (``-1`` outside the row), ``acts`` the feature's activation on each,
     ``center`` the index of the example's own token in the window, ``dfa`` (``hook_z`` SAEs) the
     direct feature attribution of each context token as a source position.
+
+    Example:
+        >>> from mechscope.features import NeuronSource, feature_records, harvest
+        >>> result = harvest(model, NeuronSource(model, 0), torch.randint(0, 50, (4, 8)), progress=False)
+        >>> record = next(feature_records(result, model, "blocks.0.mlp.hook_post"))  # neuron 0
+        >>> example = record.top[0]  # the token where the neuron fired most
+        >>> example.value == record.max == example.acts[example.center]
+        True
+        >>> example.token == example.tokens[example.center], len(example.tokens)  # 24 before, 8 after
+        (True, 33)
     """
 
     value: float
@@ -41,7 +51,17 @@ class Example:
 
 @dataclass
 class FeatureRecord:
-    """Everything a feature's dashboard shows (see `mechscope.features.database.FeatureDB.feature`)."""
+    """Everything a feature's dashboard shows (see `mechscope.features.database.FeatureDB.feature`).
+
+    Example:
+        >>> from mechscope.features import NeuronSource, feature_records, harvest
+        >>> result = harvest(model, NeuronSource(model, 0), torch.randint(0, 50, (4, 8)), progress=False)
+        >>> record = next(feature_records(result, model, "blocks.0.mlp.hook_post"))
+        >>> record.feature, record.n_tokens, len(record.logits_up), len(record.hist_counts) > 0
+        (0, 32, 10, True)
+        >>> record.density == record.fire_count / record.n_tokens
+        True
+    """
 
     source: str
     feature: int

@@ -39,6 +39,14 @@ class FeatureSource:
         hook_name: the model hook whose activation is encoded.
         kind: ``"sae"``, ``"neurons"`` or ``"directions"``.
         n_features: how many features.
+
+    Example:
+        >>> from mechscope.features import NeuronSource
+        >>> source = NeuronSource(model, 0)  # the 64 MLP neurons of block 0
+        >>> isinstance(source, FeatureSource), source.hook_name, source.n_features
+        (True, 'blocks.0.mlp.hook_post', 64)
+        >>> source.encode(torch.randn(1, 4, 64)).shape, source.write_directions(model).shape
+        (torch.Size([1, 4, 64]), torch.Size([64, 32]))
     """
 
     name: str
@@ -47,6 +55,7 @@ class FeatureSource:
     n_features: int
 
     def encode(self, act: Tensor) -> Float[Tensor, "batch pos d_sae"]:
+        """Each feature's activation at every position, from the hook's activation."""
         raise NotImplementedError
 
     def write_directions(self, model) -> Float[Tensor, "d_sae d_model"] | None:
@@ -58,6 +67,7 @@ class FeatureSource:
         return None
 
     def describe(self) -> dict:
+        """The source as plain values (stored in a feature database)."""
         return {"name": self.name, "hook_name": self.hook_name, "kind": self.kind, "n_features": self.n_features}
 
 

@@ -220,6 +220,13 @@ class FalseNegativeEstimate:
 
     ``estimate`` is the expected count; ``upper_bound`` a one-sided ``confidence`` bound
     (Clopper-Pearson per stratum, Bonferroni across strata); ``sampled``/``found`` the sample.
+
+    Example:
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> result = atp_star(model, clean, corrupted, lambda x: x[:, -1, 7], top_k=3, n_samples=4)
+        >>> fn = result.false_negatives  # 4 of the 6 unverified heads patched exactly
+        >>> fn.sampled, fn.found, fn.estimate <= fn.upper_bound, fn.confidence
+        (4, 0, True, 0.95)
     """
 
     threshold: float
@@ -240,6 +247,15 @@ class AtPStarResult:
     ``candidates`` ``[n_verify, 2]`` (layer, index) in score order and ``verified`` their exact
     effects; ``top``: the ``top_k`` candidates with the largest ``|verified|`` (or the best
     scored, without verification).
+
+    Example:
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> result = atp_star(model, clean, corrupted, lambda x: x[:, -1, 7], top_k=3)
+        >>> result.site, result.estimates.shape  # [layer, head]
+        ('z', torch.Size([3, 4]))
+        >>> layer, head = result.candidates[0].tolist()  # the best-scored head, patched exactly
+        >>> bool(torch.isclose(result.estimates[layer, head], result.verified[0], atol=2e-3))
+        True
     """
 
     site: str
