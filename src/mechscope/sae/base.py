@@ -43,7 +43,16 @@ def make_sae(cfg: SAEConfig, seed: int | None = 0) -> SAE:
 
 @dataclass
 class TrainStepOutput:
-    """What one training forward returns: the total loss, its named parts, and the activations."""
+    """What one training forward returns: the total loss, its named parts, and the activations.
+
+    Example:
+        >>> sae = make_sae(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4))
+        >>> out = sae.training_loss(torch.randn(16, 8))
+        >>> list(out.losses), out.acts.shape, out.recons.shape
+        (['mse'], torch.Size([16, 32]), torch.Size([16, 8]))
+        >>> bool(out.loss == sum(out.losses.values())), int((out.acts != 0).sum(-1).max())
+        (True, 4)
+    """
 
     loss: Float[Tensor, ""]
     losses: dict[str, Tensor]

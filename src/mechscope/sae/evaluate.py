@@ -32,7 +32,17 @@ from mechscope.sae.splice import splice, spliced_output
 
 @dataclass
 class SAEEvaluation:
-    """The numbers `evaluate_sae` returns (see the module docstring for definitions)."""
+    """The numbers `evaluate_sae` returns (see the module docstring for definitions).
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, evaluate_sae, make_sae
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post"))
+        >>> result = evaluate_sae(model, sae, torch.randint(0, 50, (4, 8)))
+        >>> result.n_tokens, result.l0  # a TopK SAE keeps exactly k latents per token
+        (32, 4.0)
+        >>> result.ce_spliced > 0 and 0 <= result.dead_fraction <= 1, "ce_loss_recovered" in result.to_dict()
+        (True, True)
+    """
 
     n_tokens: int
     l0: float

@@ -260,6 +260,13 @@ class InterchangeScores:
     answer minus that of the base answer, after the intervention; ``logit_diff_unpatched``: the
     same without it. ``recovered``: the fraction of the way from the unpatched logit difference to
     its mirror image (the base preference fully reversed): 0 unchanged, 1 reversed.
+
+    Example:
+        >>> from mechscope.subspace.toy import ILLUSORY_DIRECTION, TOY_HOOK, illusion_toy, toy_pairs
+        >>> toy, pairs = illusion_toy(), toy_pairs(32)
+        >>> scores = interchange_scores(toy, ILLUSORY_DIRECTION, pairs, TOY_HOOK, -1)
+        >>> scores.iia, scores.logit_diff_unpatched, scores.n, scores.recovered > 1  # it overshoots
+        (1.0, -2.0, 32, True)
     """
 
     iia: float

@@ -41,7 +41,17 @@ class IllusionRow:
     """The check's numbers for one subspace. Effects are mean changes of the metric from the
     unpatched run; variances are summed over the part's dimensions (activations of the clean and
     corrupted prompts at the patched position). ``row_fraction``: how much of the subspace
-    lies in the row space (mean squared norm of its basis vectors' row-space components)."""
+    lies in the row space (mean squared norm of its basis vectors' row-space components).
+
+    Example:
+        >>> from mechscope.subspace.toy import ILLUSORY_DIRECTION, TOY_HOOK, illusion_toy, toy_pairs
+        >>> toy, pairs = illusion_toy(), toy_pairs(32)  # the paper's hand-built illusion
+        >>> clean, corrupted = pairs.source_tokens, pairs.base_tokens
+        >>> report = illusion_check(toy, clean, corrupted, [ILLUSORY_DIRECTION], pairs.metric(), TOY_HOOK)
+        >>> row = report.rows[0]  # a large effect that neither part gives alone
+        >>> round(row.effect, 2), row.effect_row, row.effect_kernel, row.illusory
+        (11.31, 0.0, 0.0, True)
+    """
 
     name: str
     effect: float
@@ -59,7 +69,18 @@ class IllusionRow:
 class IllusionReport:
     """`illusion_check`'s result: one `IllusionRow` per subspace, the metric of the unpatched run,
     the effect of patching the whole activation, the mean variance per dimension of the
-    activation (a random direction's expected variance) and the thresholds used."""
+    activation (a random direction's expected variance) and the thresholds used.
+
+    Example:
+        >>> from mechscope.subspace.toy import ILLUSORY_DIRECTION, TOY_HOOK, illusion_toy, toy_pairs
+        >>> toy, pairs = illusion_toy(), toy_pairs(32)
+        >>> clean, corrupted = pairs.source_tokens, pairs.base_tokens
+        >>> report = illusion_check(toy, clean, corrupted, [ILLUSORY_DIRECTION], pairs.metric(), TOY_HOOK)
+        >>> report.unpatched, report.effect_full  # patching the whole hidden layer changes nothing
+        (-2.0, 0.0)
+        >>> [row.verdict.split(":")[0] for row in report.rows]
+        ['illusory']
+    """
 
     rows: list[IllusionRow]
     hook_name: str
