@@ -36,6 +36,17 @@ class FaithfulnessCurve:
 
     ``sizes`` are the edge counts evaluated (clipped to the circuit's size); ``full`` and
     ``ablated`` the raw metric of the full model and of the model with every edge ablated.
+
+    Example:
+        >>> from mechscope.circuits import attribute
+        >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+        >>> metric = lambda logits: logits[:, -1, 7] - logits[:, -1, 8]
+        >>> curve = faithfulness_curve(model, attribute(model, clean, corrupted, metric), clean, corrupted, metric,
+        ...                            sizes=[10, 302])
+        >>> curve.sizes, curve.faithfulness[-1], curve.completeness[-1]  # all 302 edges: the full model
+        ([10, 302], 1.0, 0.0)
+        >>> sorted(curve.to_dict())[:3]
+        ['ablated', 'ablation', 'completeness']
     """
 
     sizes: list[int]
@@ -47,6 +58,7 @@ class FaithfulnessCurve:
     ablation: str
 
     def to_dict(self) -> dict:
+        """The curve as plain values (what ``faithfulness.json`` holds)."""
         return asdict(self)
 
     def figure(self, title: str | None = None):

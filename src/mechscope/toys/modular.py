@@ -185,7 +185,15 @@ def final_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> 
 
 @dataclass
 class GrokkingRun:
-    """The outcome of `train_grokking`: the final model, the logged curves and the checkpoints."""
+    """The outcome of `train_grokking`: the final model, the logged curves and the checkpoints.
+
+    Example:
+        >>> run = train_grokking(GrokkingConfig(p=11, d_model=16, d_mlp=32, n_epochs=20), progress=False)
+        >>> run.epoch, sorted(run.history[-1]), sorted(run.checkpoints)
+        (20, ['epoch', 'test_acc', 'test_loss', 'train_acc', 'train_loss'], [0, 20])
+        >>> run.data.tokens.shape  # every pair (a, b) of residues mod 11, then "="
+        torch.Size([121, 3])
+    """
 
     config: GrokkingConfig
     model: HookedTransformer

@@ -43,7 +43,13 @@ def scores(
 
 
 def lens_names(model) -> list[str]:
-    """The hooks `lens` reads: the residual stream entering every layer and leaving the last."""
+    """The hooks `lens` reads: the residual stream entering every layer and leaving the last.
+
+    Example:
+        >>> from mechscope.vision import random_vit
+        >>> lens_names(random_vit())  # two layers
+        ['blocks.0.hook_resid_pre', 'blocks.1.hook_resid_pre', 'blocks.1.hook_resid_post']
+    """
     n = model.cfg.n_layers
     return [act_name("resid_pre", layer) for layer in range(n)] + [act_name("resid_post", n - 1)]
 
@@ -126,7 +132,16 @@ def direct_attribution(
 
 
 def attribution_names(model, by: Literal["layer", "head"] = "layer") -> list[str]:
-    """The hooks `direct_attribution` reads (``by="head"`` adds every layer's ``hook_z``)."""
+    """The hooks `direct_attribution` reads (``by="head"`` adds every layer's ``hook_z``).
+
+    Example:
+        >>> from mechscope.vision import random_vit
+        >>> vit = random_vit()
+        >>> attribution_names(vit)[:4]
+        ['hook_embed', 'ln_final.hook_scale', 'blocks.1.hook_resid_post', 'blocks.0.hook_attn_out']
+        >>> [name for name in attribution_names(vit, "head") if name.endswith("hook_z")]
+        ['blocks.0.attn.hook_z', 'blocks.1.attn.hook_z']
+    """
     n = model.cfg.n_layers
     names = ["hook_embed", "ln_final.hook_scale", act_name("resid_post", n - 1)]
     for layer in range(n):

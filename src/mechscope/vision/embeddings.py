@@ -60,6 +60,15 @@ def text_positions(model, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " bat
 def pooled_text(
     model, tokens: Int[Tensor, "batch pos"], logits: Float[Tensor, "batch pos d_vocab"]
 ) -> Float[Tensor, "batch d_vocab"]:
-    """The text embedding (before L2 normalisation) of each row, from per-position ``logits``."""
+    """The text embedding (before L2 normalisation) of each row, from per-position ``logits``.
+
+    Example:
+        >>> import tempfile
+        >>> from mechscope.vision import load_clip, text_tokens, tiny_clip
+        >>> clip = load_clip(tiny_clip(tempfile.mkdtemp(), ["a", "red", "circle"], d_model=16, n_layers=1))
+        >>> tokens, mask = text_tokens(clip.text, ["a red circle", "a circle"])
+        >>> pooled_text(clip.text, tokens, clip.text(tokens, attention_mask=mask)).shape  # [text, d_embed]
+        torch.Size([2, 32])
+    """
     rows = torch.arange(tokens.shape[0], device=logits.device)
     return logits[rows, text_positions(model, tokens).to(logits.device)]

@@ -89,7 +89,18 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list:
 
 
 def image_processor(model) -> Any:
-    """The ``transformers`` image processor saved with ``model`` (loaded once, then kept on it)."""
+    """The ``transformers`` image processor saved with ``model`` (loaded once, then kept on it).
+
+    A model built in memory has none; set one by hand.
+
+    Example:
+        >>> from transformers import CLIPImageProcessor
+        >>> from mechscope.vision import random_vit
+        >>> vit = random_vit()
+        >>> vit.image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        >>> image_processor(vit) is vit.image_processor
+        True
+    """
     processor = getattr(model, "image_processor", None)
     if processor is not None:
         return processor
@@ -155,6 +166,15 @@ def display_image(image: ImageInput, size: int, crop: bool = True) -> Float[Tens
 
 
 def model_view(model, image: ImageInput) -> Float[Tensor, "height width channel"]:
-    """`display_image` framed as the model's own image processor frames it (cropped or not)."""
+    """`display_image` framed as the model's own image processor frames it (cropped or not).
+
+    Example:
+        >>> from transformers import CLIPImageProcessor
+        >>> from mechscope.vision import random_vit, shapes
+        >>> vit = random_vit()  # 16 x 16 images
+        >>> vit.image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        >>> model_view(vit, shapes(1, size=32, seed=0).images[0]).shape  # [height, width, channel] in [0, 1]
+        torch.Size([16, 16, 3])
+    """
     crop = bool(getattr(image_processor(model), "do_center_crop", False))
     return display_image(image, model.cfg.image_size, crop=crop)

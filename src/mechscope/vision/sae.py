@@ -20,7 +20,17 @@ from mechscope.vision.patches import PatchGrid
 
 @dataclass(frozen=True)
 class PatchActivation:
-    """One patch where a latent fired: image index, position, pixel box and activation."""
+    """One patch where a latent fired: image index, position, pixel box and activation.
+
+    Example:
+        >>> from mechscope.sae import SAEConfig, make_sae
+        >>> from mechscope.vision import PatchGrid, random_vit
+        >>> vit = random_vit()  # 16 x 16 images in 4 x 4 patches after a class token
+        >>> sae = make_sae(SAEConfig(d_in=32, d_sae=8, hook_name="blocks.1.hook_resid_post"))
+        >>> hit = top_patches(vit, sae, torch.rand(2, 3, 16, 16), latent=0, k=1)[0]
+        >>> hit.image in (0, 1), 1 <= hit.pos <= 16, hit.box == PatchGrid.of(vit).box(hit.pos)
+        (True, True, True)
+    """
 
     image: int
     pos: int

@@ -29,7 +29,16 @@ BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (20, 
 
 @dataclass
 class ShapeImages:
-    """Images (PIL, RGB) with their labels, parts and shape boxes ``(top, left, bottom, right)``."""
+    """Images (PIL, RGB) with their labels, parts and shape boxes ``(top, left, bottom, right)``.
+
+    Example:
+        >>> from mechscope.vision import shapes
+        >>> data = shapes(3, size=32, seed=0)
+        >>> len(data), data.labels[1], data.colours[1], data.shapes[1], data.boxes[1]
+        (3, 'red circle', 'red', 'circle', (14, 8, 31, 25))
+        >>> data.classes, data.images[0].size
+        (['orange triangle', 'red circle'], (32, 32))
+    """
 
     images: list = field(default_factory=list)
     labels: list[str] = field(default_factory=list)

@@ -30,6 +30,13 @@ class ClipModels:
 
     ``logit_scale`` is the learned log temperature (image-text logits are ``exp(logit_scale)``
     times the cosine, plus ``logit_bias`` for SigLIP).
+
+    Example:
+        >>> import tempfile
+        >>> from mechscope.vision import tiny_clip
+        >>> clip = load_clip(tiny_clip(tempfile.mkdtemp(), ["a", "red", "circle"], d_model=16, n_layers=1))
+        >>> clip.vision.cfg.image_size, clip.text.cfg.causal, clip.logit_bias  # a random CLIP written to disk
+        (32, True, 0.0)
     """
 
     vision: object

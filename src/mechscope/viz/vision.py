@@ -27,7 +27,13 @@ from mechscope.viz.html import page, write_atomic
 
 @dataclass
 class Overlay:
-    """One panel: an image, the per-patch values drawn over it and a caption."""
+    """One panel: an image, the per-patch values drawn over it and a caption.
+
+    Example:
+        >>> panel = Overlay(torch.rand(16, 16, 3), torch.eye(4), "a diagonal", box=(0, 0, 4, 4))
+        >>> panel.image.shape, panel.grid.shape, panel.caption
+        (torch.Size([16, 16, 3]), torch.Size([4, 4]), 'a diagonal')
+    """
 
     image: Tensor
     """``[height, width, 3]`` in ``[0, 1]``."""
@@ -129,7 +135,15 @@ def overlays_page(panels: Sequence[Overlay], title: str, intro: str = "") -> str
 
 
 def save_overlays_html(panels: Sequence[Overlay], path: str | os.PathLike, title: str, intro: str = "") -> Path:
-    """Write `overlays_page` to ``path`` (atomically) and return the path."""
+    """Write `overlays_page` to ``path`` (atomically) and return the path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "overlays.html"
+        >>> out = save_overlays_html([Overlay(torch.zeros(8, 8, 3), torch.eye(2), "patch values")], path, "Overlays")
+        >>> out == path, "patch values" in path.read_text()
+        (True, True)
+    """
     return write_atomic(path, overlays_page(panels, title, intro))
 
 
