@@ -67,6 +67,7 @@ class HarvestConfig:
 
     @property
     def width(self) -> int:
+        """Tokens in an example's context window (``left + 1 + right``)."""
         return self.left + 1 + self.right
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ class Example:
 
     @property
     def token(self) -> int:
+        """The id of the example's own token."""
         return self.tokens[self.center]
 
 

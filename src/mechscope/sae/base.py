@@ -124,13 +124,16 @@ class SAE(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
+        """The device of the SAE's weights."""
         return self.W_dec.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the SAE's weights."""
         return self.W_dec.dtype
 
     def decoder_norms(self) -> Float[Tensor, " d_sae"]:
+        """The L2 norm of each latent's decoder row."""
         return self.W_dec.norm(dim=-1)
 
     @torch.no_grad()
@@ -370,5 +373,6 @@ class SAE(HookedRootModule):
         return {}
 
     def extra_repr(self) -> str:
+        """The architecture, sizes and hook shown in the module's ``repr``."""
         cfg = self.cfg
         return f"architecture={self.architecture!r}, d_in={cfg.d_in}, d_sae={cfg.d_sae}, hook_name={cfg.hook_name!r}"

@@ -67,6 +67,7 @@ class SAEEvaluation:
     feature_density: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
+        """Every number as plain values (what the evaluation's JSON holds)."""
         return asdict(self)
 
     def summary(self) -> str:

@@ -152,6 +152,7 @@ class LearnedSubspace:
 
     @property
     def d_sub(self) -> int:
+        """Dimensions of the subspace (columns of the basis)."""
         return self.basis.shape[1]
 
     def save(self, path: str | Path) -> Path:

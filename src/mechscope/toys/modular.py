@@ -128,6 +128,7 @@ class GrokkingConfig:
         )
 
     def to_dict(self) -> dict:
+        """The settings as plain values (what a run directory's ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
 

@@ -44,14 +44,17 @@ class PatchGrid:
 
     @property
     def n_rows(self) -> int:
+        """Patches per row (and per column: images are square)."""
         return self.image_size // self.patch_size
 
     @property
     def n_patches(self) -> int:
+        """Patches per image."""
         return self.n_rows**2
 
     @property
     def n_positions(self) -> int:
+        """Positions of the model's input: the class token (if any) and every patch."""
         return self.n_prefix + self.n_patches
 
     def position(self, row: int, col: int) -> int:
