@@ -124,7 +124,7 @@ print("the best single neuron:", curve[0].features)
 # legal moves, which nevertheless represents the board in its residual stream, linearly, and
 # relative to the player to move (*mine/theirs*) rather than by colour. `mechscope.toys.othello`
 # generates random legal games on a 6x6 board and trains such a model. This one is tiny and
-# trained for a few seconds, so its legal-move accuracy is far from the full run's; the first
+# trained for only 100 steps on 200 games, so its legal-move accuracy is far from the full run's; the first
 # moves of a game, which need little board state, are the ones it gets right.
 
 # %%
