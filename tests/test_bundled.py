@@ -128,6 +128,7 @@ def test_run_with_cache_of_every_hook(model):
     logits, cache = model.run_with_cache(tokens)
     n = model.cfg.n_layers
     # Per block (20): resid_pre/mid/post, attn_out, mlp_out, 2 norms x 2, q, k, v, rot_q, rot_k,
-    # scores, pattern, z, pre, pre_linear, post; plus hook_embed and the final norm's 2.
-    assert len(cache) == n * 20 + 3
+    # scores, pattern, z, pre, pre_linear, post; plus hook_embed, the final norm's 2 and the
+    # unembedding's hook_in and hook_out.
+    assert len(cache) == n * 20 + 5
     torch.testing.assert_close(logits, model(tokens), atol=1e-4, rtol=1e-4)
