@@ -3,12 +3,12 @@
 The blocks of one page share a namespace, as when a reader pastes them one after another into
 one session; they run in a temporary working directory. A block that cannot run here (it needs
 two GPUs, say) carries ``<!-- skip-ci: reason -->`` on the line above its fence. Pages show
-small settings where the real ones take long, with the real command beside them.
+small settings where the real ones take long, with the real command beside them, so that every
+page runs in seconds and none is left out of `make test`.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -17,17 +17,11 @@ import torch
 from tests.docs.blocks import ROOT, code_blocks, markdown_pages, python_blocks
 
 PAGES = markdown_pages()
-# Pages whose blocks run the methods on the bundled model at sizes that take minutes each on two
-# cores (EAP-IG and ACDC, DAS training, per-layer probing, the TransformerLens tour): they run
-# with MECHSCOPE_RUN_ALL_DOC_PAGES=1, not in every `make test`.
-LONG_PAGES = {"docs/circuits.md", "docs/subspace.md", "docs/probing.md", "docs/tl_compat.md"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_the_python_blocks_of_a_page_run_in_order(page, tmp_path, monkeypatch, record_property):
-    if str(page.relative_to(ROOT)) in LONG_PAGES and os.environ.get("MECHSCOPE_RUN_ALL_DOC_PAGES") != "1":
-        pytest.skip(f"{page.name} runs for minutes; set MECHSCOPE_RUN_ALL_DOC_PAGES=1 to run it")
     runnable = [block for block in python_blocks(page) if block.skip is None]
     if not runnable:
         pytest.skip(f"{page.name} has no Python block to run")
