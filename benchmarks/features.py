@@ -1,6 +1,6 @@
 """Feature dashboards: mechscope against SAEDashboard on the same SAE, corpus and tokens.
 
-    .venv/bin/python benchmarks/features.py [--rows 800] [--floor-rows 200] [--skip-saedash]
+    .venv/bin/python benchmarks/features.py [--rows 800] [--floor-rows 200] [--skip-saedash] [--features N]
 
 An SAELens-format TopK SAE (d_sae 2048, k 32; random unit-norm decoder, encoder its transpose,
 seed 0) on ``blocks.6.hook_resid_post`` of the bundled SmolLM2-135M, the first ``rows`` x 128
@@ -11,11 +11,14 @@ tokens of the default corpus (no BOS, as SmolLM2 is used). Measured:
     SAEDashboard 0.8.0's ``SaeVisRunner`` with its Neuronpedia runner's layout (top 20, five
     quantile groups of 5, histograms, logit tables, feature tables; activations cached on disk)
     plus its Neuronpedia JSON conversion, in ``benchmarks/.venv-saedash`` (TransformerLens 2.17
-    on the same local weights; the two models' layer-6 activations are compared first):
+    on the same local weights, unprocessed, with SmolLM2's rotary base set: TransformerLens 2.17
+    leaves Llama-architecture checkpoints at its default 10,000; the worker stops unless the two
+    models' layer-6 activations agree to float32 rounding):
     tokens/s and peak RSS over the resident model;
 (b) harvesting alone against the model's forward to the hooked layer (the limit);
 (c) agreement: every feature's top examples (positions and values) and density; histograms
-    compared on SAEDashboard's bins.
+    compared on SAEDashboard's bins; printed as one line at the end. A quick agreement check:
+    ``--rows 4 --floor-rows 2 --features 64``.
 Absolute times depend on the machine and its load: compare ratios from one run only.
 """
 
@@ -71,21 +74,24 @@ def forward_rate(model, rows: torch.Tensor, batch: int = 8) -> float:
 
 def histogram_gap(edges: list[float], counts: list[int], bar_values: list[float], bar_heights: list[int]) -> float:
     """Largest difference of the cumulative counts (as a fraction of the firing tokens) at
-    SAEDashboard's bin edges; ours from the database's histogram (exact counts on its own edges,
-    linear within a bin)."""
+    SAEDashboard's bin edges, beyond what our bins can resolve: at an edge ``x`` our count lies
+    between the tokens of the bins that end at or below ``x`` and those of the bins that start
+    below it, and only a count outside that range is a disagreement. A feature whose values
+    SAEDashboard puts in one point (all bins at the same value) is compared by its total."""
     if not bar_heights or not counts:
         return 0.0
     total = sum(counts)
     step = (bar_values[1] - bar_values[0]) if len(bar_values) > 1 else 0.0
+    if step <= 0:
+        return abs(sum(bar_heights) - total) / max(total, 1)
     lo = bar_values[0] - step / 2
-    gap, running = 0.0, 0.0
+    gap, running = 0.0, 0
     for i, h in enumerate(bar_heights):
         running += h
         x = lo + (i + 1) * step
-        ours = 0.0
-        for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True):
-            ours += c * min(max((x - a) / (b - a), 0.0), 1.0)
-        gap = max(gap, abs(ours - running) / max(total, 1))
+        below = sum(c for b, c in zip(edges[1:], counts, strict=True) if b <= x)
+        reachable = sum(c for a, c in zip(edges[:-1], counts, strict=True) if a < x)
+        gap = max(gap, (below - running) / max(total, 1), (running - reachable) / max(total, 1))
     return gap
 
 
@@ -99,10 +105,13 @@ def agreement(work: Path, n_tokens: int) -> dict:
     for f_str, data in theirs["features"].items():
         rec = db.feature(int(f_str))
         mine = [(e.value, e.token_index) for e in rec.top]
-        them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v > 0]
+        # SAEDashboard's top group is filled up with tokens where the feature is zero; a top
+        # example at a row's first position has no value it shows (None), so it is kept
+        them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v is None or v > 0]
         same_top += [i for _, i in mine] == [i for _, i in them]
         for (a, _), (b, _) in zip(mine, them, strict=False):
-            value_gap = max(value_gap, abs(a - b))
+            if b is not None:
+                value_gap = max(value_gap, abs(a - b))
         match = re.search(r"DENSITY = ([0-9.]+)%", data["title"] or "")
         if match:
             density_gap = max(density_gap, abs(float(match.group(1)) / 100 - rec.fire_count / n_tokens))
@@ -126,6 +135,16 @@ def agreement(work: Path, n_tokens: int) -> dict:
     }  # fmt: skip
 
 
+def agreement_line(agree: dict) -> str:
+    """One line: do the two tools see the same activations and pick the same top examples?"""
+    return (
+        f"agreement: layer-6 residual stream max |diff| {agree['layer6_max_abs_diff']:.3g} on the reference rows; "
+        f"identical top-example positions in {agree['identical_top_positions']} of {agree['features']} features; "
+        f"top activations max |diff| {agree['max_top_value_diff']:.3g}; density max |diff| "
+        f"{agree['max_density_diff']:.3g}; histogram CDF max gap {agree['max_histogram_cdf_gap']:.3g}"
+    )
+
+
 def compare(work: Path, results: dict) -> None:
     """Add SAEDashboard's figures, the ratio and the agreement to ``results``."""
     theirs = json.loads((work / "saedash.json").read_text())
@@ -133,7 +152,7 @@ def compare(work: Path, results: dict) -> None:
     results["saedash"] = {k: v for k, v in theirs.items() if k != "features"}
     results["saedash"]["tokens_per_s"] = n / theirs["total_s"]
     results["ratio_tokens_per_s"] = results["mechscope"]["tokens_per_s"] / results["saedash"]["tokens_per_s"]
-    results["agreement"] = agreement(work, n)
+    results["agreement"] = {"layer6_max_abs_diff": theirs["model_max_abs_diff"], **agreement(work, n)}
 
 
 def main() -> None:
@@ -141,6 +160,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=800, help="rows of 128 tokens (800: 102,400 tokens)")
     parser.add_argument("--floor-rows", type=int, default=200, help="rows for the forward-rate floor")
     parser.add_argument("--skip-saedash", action="store_true")
+    parser.add_argument(
+        "--features", type=int, default=None, help="SAEDashboard on the first N features only (agreement checks)"
+    )
     parser.add_argument("--rescore", default=None, help="a finished run's work folder: recompute the comparison only")
     parser.add_argument("--json", default=str(common.BENCH_DIR / "results" / "features.json"))
     args = parser.parse_args()
@@ -150,6 +172,7 @@ def main() -> None:
         results = {"mechscope": json.loads((work / "mechscope.json").read_text())}
         compare(work, results)
         print(json.dumps(results, indent=1))
+        print(agreement_line(results["agreement"]))
         return
     monitor = common.CpuMonitor()
     model = ms.load("smollm2-135m", device="cpu")
@@ -193,6 +216,7 @@ def main() -> None:
     if not args.skip_saedash:
         python = ensure_saedash_venv()
         cmd = ["nice", "-n", "10", str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
+        cmd += [str(args.features)] if args.features else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError("SAEDashboard worker failed:\n" + proc.stderr[-4000:])
@@ -202,6 +226,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "mechscope"}, indent=1))
+    if "agreement" in results:
+        print(agreement_line(results["agreement"]))
 
 
 if __name__ == "__main__":
