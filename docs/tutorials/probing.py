@@ -59,9 +59,9 @@ model = ms.load("smollm2-135m", device="cpu")
 
 # %%
 dataset = build_dataset("capitalized", model.tokenizer, n_sequences=64, seq_len=64)
-layers = [0, 5, 10, 15, 20, 25]
+layers = [0, 4, 8, 12, 16]
 resid_hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
-neuron_hook = "blocks.10.mlp.hook_post"
+neuron_hook = "blocks.8.mlp.hook_post"
 data = probing.collect_activations(model, dataset.tokens, resid_hooks + [neuron_hook], dataset.selected)
 labels = data.labels_for(dataset.labels)  # one label per collected row
 train, test = probing.split_by_sequence(data.sequence, 0.25)
@@ -96,14 +96,14 @@ plt.show()
 # other directions.
 
 # %%
-probe = results["blocks.10.hook_resid_post"]["probe"]
+probe = results["blocks.8.hook_resid_post"]["probe"]
 direction = probe.direction()
 print(direction.shape, f"norm {direction.norm():.3f}")
 
 # %% [markdown]
 # ## k-sparse probes on neurons
 #
-# `sparse_probe_curve` ranks the 1,536 MLP neurons of layer 10 (here by their ANOVA F
+# `sparse_probe_curve` ranks the 1,536 MLP neurons of layer 8 (here by their ANOVA F
 # statistic on the training rows) and fits a probe on the best k, for each k. A single neuron
 # that already scores well is a candidate "capital letter" neuron.
 
