@@ -62,7 +62,7 @@ def _cells(path: Path) -> list[tuple[str, str]]:
     return cells
 
 
-def test_the_six_tutorials_of_the_issue_exist():
+def test_the_tutorials_of_the_issues_exist():
     names = {path.stem for path in TUTORIALS}
     expected = {
         "first_steps",
@@ -71,6 +71,11 @@ def test_the_six_tutorials_of_the_issue_exist():
         "sparse_autoencoders",
         "grokking",
         "superposition",
+        "circuits",
+        "dashboards",
+        "probing",
+        "subspace",
+        "vision",
     }
     assert expected <= names, f"missing tutorials: {sorted(expected - names)}"
 
