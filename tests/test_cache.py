@@ -66,8 +66,10 @@ def test_apply_ln_to_stack_reproduces_the_final_norm(run):
     model, logits, cache = run
     stack = cache.decompose_resid(apply_ln=True)
     ln = model.ln_final
+    # hook_normalized is the norm's input centred and scaled, before its weight and bias.
+    torch.testing.assert_close(stack.sum(0), cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
     normalized = stack.sum(0) * ln.w + (ln.b if hasattr(ln, "b") else 0)
-    torch.testing.assert_close(normalized, cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normalized, cache["unembed.hook_in"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.unembed(normalized), logits, atol=1e-4, rtol=1e-4)
 
 

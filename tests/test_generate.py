@@ -138,7 +138,7 @@ def test_hooks_see_each_new_position_and_steer_generation():
 
     plain = model.generate(tokens, max_new_tokens=4, **GREEDY)
     for use_past_kv_cache in (True, False):
-        with model.hooks(fwd_hooks=[("ln_final.hook_normalized", favour_token_7)]):
+        with model.hooks(fwd_hooks=[("unembed.hook_in", favour_token_7)]):
             steered = model.generate(tokens, max_new_tokens=4, use_past_kv_cache=use_past_kv_cache, **GREEDY)
         assert steered[0, 5:].tolist() == [7, 7, 7, 7]
     assert plain[0, 5:].tolist() != [7, 7, 7, 7]

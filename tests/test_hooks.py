@@ -292,7 +292,15 @@ def test_cached_run_gives_exactly_the_plain_logits(small_model):
     torch.testing.assert_close(logits, plain)
 
 
-@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.ln2.hook_scale", "blocks.1.attn.hook_result"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.ln2.hook_scale",
+        "blocks.1.ln2.hook_normalized",
+        "blocks.1.attn.hook_result",
+    ],
+)
 def test_in_place_edits_of_read_points_take_effect(small_model, name):
     def halve_in_place(x, *, hook):
         x.mul_(0.5)
@@ -308,7 +316,13 @@ def test_in_place_edits_of_read_points_take_effect(small_model, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.1.ln1.hook_scale"]
+    "name",
+    [
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.attn.hook_attn_scores",
+        "blocks.1.ln1.hook_scale",
+        "blocks.1.ln2.hook_normalized",
+    ],
 )
 def test_gradients_reach_activations_that_hooks_only_read(small_model, name):
     def grad_of_saved(replace: bool):
@@ -324,6 +338,35 @@ def test_gradients_reach_activations_that_hooks_only_read(small_model, name):
     read_only, explicit = grad_of_saved(False), grad_of_saved(True)
     assert explicit.abs().max() > 0
     torch.testing.assert_close(read_only, explicit)
+
+
+def test_hook_normalized_comes_before_the_norm_weights(small_model):
+    """As in TransformerLens: ``hook_normalized`` is ``x / scale`` (``x`` centred for LayerNorm),
+    the norm's output (the opt-in ``hook_out``) is ``hook_normalized * w + b``, and an edit of
+    ``hook_normalized`` goes through the weights."""
+    ln = small_model.blocks[1].ln2
+    bias = 0 if getattr(ln, "b", None) is None else ln.b
+    names = ["blocks.1.hook_resid_mid", "blocks.1.ln2.hook_scale", "blocks.1.ln2.hook_normalized"]
+    _, cache = small_model.run_with_cache(TOKENS, names_filter=[*names, "blocks.1.ln2.hook_out"])
+    x = cache["blocks.1.hook_resid_mid"]
+    x = x - x.mean(-1, keepdim=True) if small_model.cfg.normalization_type == "LN" else x
+    normalized = cache["blocks.1.ln2.hook_normalized"]
+    torch.testing.assert_close(normalized, x / cache["blocks.1.ln2.hook_scale"])
+    torch.testing.assert_close(cache["blocks.1.ln2.hook_out"], normalized * ln.w + bias)
+    _, alone = small_model.run_with_cache(TOKENS, names_filter="blocks.1.ln2.hook_normalized")
+    torch.testing.assert_close(alone["blocks.1.ln2.hook_normalized"], normalized)
+
+    seen = {}
+
+    def double(x, *, hook):
+        return 2 * x
+
+    def record(x, *, hook):
+        seen[hook.name] = x
+
+    hooks = [("blocks.1.ln2.hook_normalized", double), ("blocks.1.ln2.hook_out", record)]
+    small_model.run_with_hooks(TOKENS, fwd_hooks=hooks)
+    torch.testing.assert_close(seen["blocks.1.ln2.hook_out"], 2 * normalized * ln.w + bias)
 
 
 def test_cached_gradients_match_the_explicit_path(small_model):

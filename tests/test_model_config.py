@@ -107,9 +107,9 @@ def test_b_u_is_zeros_without_a_bias_and_costs_nothing():
 def test_unembed_hooks_see_the_final_residual_and_the_logits():
     model = tiny_model(output_logits_soft_cap=2.0)
     logits, cache = model.run_with_cache(
-        TOKENS, names_filter=["unembed.hook_in", "unembed.hook_out", "ln_final.hook_normalized"]
+        TOKENS, names_filter=["unembed.hook_in", "unembed.hook_out", "ln_final.hook_out"]
     )
-    assert torch.equal(cache["unembed.hook_in"], cache["ln_final.hook_normalized"])
+    assert torch.equal(cache["unembed.hook_in"], cache["ln_final.hook_out"])
     assert torch.equal(
         torch.tanh(cache["unembed.hook_out"] / 2.0) * 2.0, logits
     )  # before the soft-cap, as TransformerLens

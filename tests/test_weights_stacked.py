@@ -69,17 +69,24 @@ def test_missing_biases_read_as_zeros():
         assert bias.dtype == model.dtype and not bias.any(), name
 
 
+def _norm_output(model, cache, layer: int, norm: str):
+    """A pre-norm's output: its ``hook_normalized`` (before the weights) times ``w``, plus ``b``."""
+    ln = getattr(model.blocks[layer], norm)
+    out = cache["normalized", layer, norm] * ln.w
+    return out if getattr(ln, "b", None) is None else out + ln.b
+
+
 def test_stacked_weights_reproduce_the_activations():
     model = mha_model()
     _, cache = model.run_with_cache(TOKENS)
     for layer in range(model.cfg.n_layers):
-        x = cache["normalized", layer, "ln1"]
+        x = _norm_output(model, cache, layer, "ln1")
         for site, w, b in (("q", model.W_Q, model.b_Q), ("k", model.W_K, model.b_K), ("v", model.W_V, model.b_V)):
             act = torch.einsum("bpd,hde->bphe", x, w[layer]) + b[layer]
             torch.testing.assert_close(act, cache[site, layer], atol=1e-5, rtol=1e-5)
         out = torch.einsum("bphe,hed->bpd", cache["z", layer], model.W_O[layer]) + model.b_O[layer]
         torch.testing.assert_close(out, cache["attn_out", layer], atol=1e-5, rtol=1e-5)
-        pre = cache["normalized", layer, "ln2"] @ model.W_in[layer] + model.b_in[layer]
+        pre = _norm_output(model, cache, layer, "ln2") @ model.W_in[layer] + model.b_in[layer]
         torch.testing.assert_close(pre, cache["pre", layer], atol=1e-5, rtol=1e-5)
         mlp_out = cache["post", layer] @ model.W_out[layer] + model.b_out[layer]
         torch.testing.assert_close(mlp_out, cache["mlp_out", layer], atol=1e-5, rtol=1e-5)
@@ -90,10 +97,10 @@ def test_grouped_query_keys_repeat_per_query_head():
     _, cache = model.run_with_cache(TOKENS)
     groups = model.cfg.n_kv_groups
     for layer in range(model.cfg.n_layers):
-        x = cache["normalized", layer, "ln1"]
+        x = _norm_output(model, cache, layer, "ln1")
         k = torch.einsum("bpd,hde->bphe", x, model.W_K[layer]) + model.b_K[layer]
         torch.testing.assert_close(k, cache["k", layer].repeat_interleave(groups, dim=2), atol=1e-5, rtol=1e-5)
-        x2 = cache["normalized", layer, "ln2"]
+        x2 = _norm_output(model, cache, layer, "ln2")
         gate = torch.nn.functional.silu(x2 @ model.W_gate[layer]) * (x2 @ model.W_in[layer])  # act(x W_gate) * (x W_in)
         torch.testing.assert_close(gate, cache["post", layer], atol=1e-5, rtol=1e-5)
 

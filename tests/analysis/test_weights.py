@@ -80,14 +80,14 @@ def test_head_circuits_reproduce_attention(kv_heads):
     _, cache = model.run_with_cache(
         tokens,
         names_filter=[
-            "blocks.1.ln1.hook_normalized",
+            "blocks.1.ln1.hook_out",
             "blocks.1.attn.hook_attn_scores",
             "blocks.1.attn.hook_pattern",
             "blocks.1.attn.hook_result",
         ],
     )
     w = head_weights(model)
-    x = cache["blocks.1.ln1.hook_normalized"][0]  # [pos, d_model]
+    x = cache["blocks.1.ln1.hook_out"][0]  # [pos, d_model], the norm's output (weights applied)
     scale = model.cfg.d_head**-0.5
     for head in range(model.cfg.n_heads):
         scores = x @ w.QK[1, head].AB @ x.T * scale

@@ -199,6 +199,8 @@ def test_per_head_hooks_name_the_adapter_contract(pair):
         model.add_hook("blocks.1.attn.hook_pattern", lambda x, *, hook: x)
     with pytest.raises(ms.HookNameError, match="hook_resid_pre"):
         model.add_hook("blocks.0.hook_resid_pr", lambda x, *, hook: x)
+    with pytest.raises(ms.HookNameError, match="family adapter"):  # before the norm's weights, as in TL
+        model.run_with_cache(tokens(), names_filter=["ln_final.hook_normalized"])
 
 
 def test_load_wraps_unadapted_model_type_with_a_notice(tmp_path):
@@ -231,7 +233,8 @@ def test_adapter_generic_on_an_adapted_family(tmp_path):
     assert isinstance(model, GenericModel) and model.notice == ""
     ids = tokens()
     _, generic_cache = model.run_with_cache(ids)
-    _, cache = adapted.run_with_cache(ids)
+    _, cache = adapted.run_with_cache(ids, names_filter=list(generic_cache))  # ln_final.hook_out is opt-in there
+    assert "ln_final.hook_out" in generic_cache
     for name in generic_cache:
         assert_close(generic_cache[name], cache[name], atol=1e-5, rtol=1e-5)
     with torch.no_grad():

@@ -11,7 +11,15 @@ from safetensors.torch import save_file
 
 from mechscope.errors import LoadError
 from mechscope.sae import SAEConfig, make_sae, registered_architectures
-from mechscope.sae.formats import load_dictionary_learning, load_gemma_scope, load_sae, saelens_architectures, save_sae
+from mechscope.sae.formats import (
+    load_dictionary_learning,
+    load_gemma_scope,
+    load_sae,
+    saelens_architectures,
+    save_sae,
+    sparsify_hook_name,
+)
+from tests.conftest import tiny_model
 
 from .conftest import knobs_for
 
@@ -159,6 +167,20 @@ def test_saelens_skip_transcoder(tmp_path, weights, x):
     assert sae.cfg.is_transcoder and sae.cfg.output_hook == "blocks.2.hook_mlp_out"
     acts = torch.relu(x @ tensors["W_enc"] + tensors["b_enc"])
     _check(sae, x, acts, acts @ tensors["W_dec"] + tensors["b_dec"] + x @ tensors["W_skip"].T)
+
+
+def test_sparsify_sublayer_inputs_are_what_the_module_reads():
+    """A sparsify transcoder on ``layers.1.mlp`` reads the MLP module's input: ``ln2``'s output with
+    its weights (``hook_out``); ``hook_normalized`` comes before them, as in TransformerLens."""
+    assert sparsify_hook_name("layers.1.mlp") == ("blocks.1.ln2.hook_out", "blocks.1.hook_mlp_out")
+    assert sparsify_hook_name("layers.1.self_attn") == ("blocks.1.ln1.hook_out", "blocks.1.hook_attn_out")
+    model = tiny_model()
+    names = ["blocks.1.ln2.hook_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    _, cache = model.run_with_cache(torch.tensor([[3, 14, 15, 9, 26]]), names_filter=names)
+    with torch.no_grad():
+        mlp_out = model.blocks[1].mlp(cache["blocks.1.ln2.hook_out"])
+        assert not torch.allclose(model.blocks[1].mlp(cache["blocks.1.ln2.hook_normalized"]), mlp_out)
+    torch.testing.assert_close(mlp_out, cache["blocks.1.hook_mlp_out"])
 
 
 def test_sparsify_folder(tmp_path, weights, x):

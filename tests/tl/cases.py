@@ -749,7 +749,8 @@ def generate_logits(lib, ctx, name):
 
 def same_names(lib, ctx, name):
     """TransformerLens' names with TransformerLens' values: the config fields, ``b_U``, the
-    unembedding's hook points, and the norms' ``state_dict`` keys and config after ``fold_ln``."""
+    unembedding's hook points, the norms' ``hook_scale``/``hook_normalized`` (values and edits,
+    with and without their weights) and their ``state_dict`` keys and config after ``fold_ln``."""
     out = {}
     for label, processed in (("raw", False), ("folded", True)):
         model = ctx.model(name, processed=processed)
@@ -764,7 +765,23 @@ def same_names(lib, ctx, name):
             act["unembed.hook_in"],
             act["unembed.hook_out"],
         )
-        out[f"{label}_ln_final_hook_normalized"] = model.run_with_cache(tokens)[1]["ln_final.hook_normalized"]
+        _, norms = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_scale", "hook_normalized")))
+        out[f"{label}_norm_hooks"] = sorted(norms.keys())
+        for hook_name in sorted(norms.keys()):
+            out[f"{label}_{hook_name}"] = norms[hook_name]  # x / scale before the weights, and the scale
+
+        def edit(x, hook):  # a norm's output is hook_normalized * w + b: the edit goes through them
+            return 2 * x + 0.5
+
+        def edit_in_place(x, hook):
+            x[..., 0] = 1.0
+
+        out[f"{label}_edited_normalized_logits"] = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.ln2.hook_normalized", edit), ("ln_final.hook_normalized", edit)]
+        )
+        out[f"{label}_edited_in_place_normalized_logits"] = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.ln1.hook_normalized", edit_in_place)]
+        )
         out[f"{label}_hook_out_is_logits"] = bool(torch.equal(act["unembed.hook_out"], logits))
         zeroed = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", lambda x, hook: torch.zeros_like(x))])
         out[f"{label}_zeroed_input_logits"] = zeroed  # b_U at every position

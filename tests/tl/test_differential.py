@@ -23,11 +23,6 @@ KNOWN = {
     "parameter; mechscope shares the tied tensor, and its b_U without a bias is zeros but not a parameter",
     "tokens-gqa/n_params_total": "TransformerLens creates zero b_Q/b_K/b_V/b_O/b_in/b_out/b_U parameters for "
     "models without biases; mechscope reads them as zeros without storing them",
-    **{
-        f"same_names-{m}/raw_ln_final_hook_normalized": "a norm's hook_normalized is its output in mechscope "
-        "(after the weight and bias); TransformerLens hooks x / scale before them. Equal after fold_ln"
-        for m in ("gpt2", "gqa")
-    },
     "utils-none/get_act_name_unknown": "an unknown short name raises HookNameError (a KeyError) naming the valid "
     "ones; TransformerLens returns a hook name no model has ('hook_resid_mid10')",
 }

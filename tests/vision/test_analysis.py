@@ -65,9 +65,9 @@ def test_zero_shot_directions_and_scores_match_transformers(clip, clip_dir, hf_c
     torch.testing.assert_close(tokens, batch["input_ids"])
     torch.testing.assert_close(mask, batch["attention_mask"])
     with torch.no_grad():
-        logits, cache = clip.text.run_with_cache(tokens, attention_mask=mask, names_filter=["ln_final.hook_normalized"])
+        logits, cache = clip.text.run_with_cache(tokens, attention_mask=mask, names_filter=["ln_final.hook_out"])
         torch.testing.assert_close(
-            cache["ln_final.hook_normalized"], hf_clip.text_model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5
+            cache["ln_final.hook_out"], hf_clip.text_model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5
         )
     torch.testing.assert_close(F.normalize(pooled_text(clip.text, tokens, logits), dim=-1), text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours, image @ text.T, atol=1e-5, rtol=1e-5)

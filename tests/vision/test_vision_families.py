@@ -96,7 +96,7 @@ def test_outputs_match_transformers(pair, path):
     text = "text" in name
     inputs = _tokens() if text else _pixels()
     model.cfg.attn_implementation = "eager" if path == "eager" else "auto"
-    names = ("hook_pattern", "hook_resid_post", "ln_final.hook_normalized")
+    names = ("hook_pattern", "hook_resid_post", "ln_final.hook_out")
     try:
         with torch.no_grad():
             if path == "pattern-hook":
@@ -111,7 +111,7 @@ def test_outputs_match_transformers(pair, path):
     finally:
         model.cfg.attn_implementation = "auto"
     hidden, expected_pooled = _reference(name, hf_model, inputs)
-    final = "ln_final.hook_normalized" if not name.startswith("clip-vision") and name != "clip-full" else None
+    final = "ln_final.hook_out" if not name.startswith("clip-vision") and name != "clip-full" else None
     ours = cache[final or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     assert expected_pooled.abs().max() > 0.3, "the reference output is too small to test anything"
     torch.testing.assert_close(ours, hidden, atol=1e-4, rtol=1e-4)

@@ -5,10 +5,11 @@ names such as ``w_q``), so the forward pass runs the same kernels as ``transform
 TransformerLens-style per-head views (``W_Q [head, d_model, d_head]``, ``W_O [head, d_head,
 d_model]``, ``W_in [d_model, d_mlp]``, ...) are properties returning views of those tensors.
 
-Hook points that need an explicit computation (a norm's ``hook_scale``, ``hook_attn_scores``,
-``hook_pattern``, ``hook_result``) are materialised only when hooked. When their hooks only
-read them, the sublayer's output keeps the values of the fused kernel (so a cached run gives
-exactly the logits of a plain one) and the explicit computation's gradient graph.
+Hook points that need an explicit computation (a norm's ``hook_scale`` and ``hook_normalized``,
+``hook_attn_scores``, ``hook_pattern``, ``hook_result``) are materialised only when hooked.
+When their hooks only read them, the sublayer's output keeps the values of the fused kernel (so
+a cached run gives exactly the logits of a plain one) and the explicit computation's gradient
+graph.
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ class PosEmbed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with ``hook_scale`` (the divisor, ``[..., 1]``) and ``hook_normalized`` (the output).
+    """LayerNorm with TransformerLens' hook points: ``hook_scale`` (the divisor, ``[..., 1]``) and
+    ``hook_normalized`` (the centred input divided by it, before the weight and bias).
 
-    Runs the fused kernel; a hook on ``hook_scale`` sees the scale, and replaces it if it edits it.
-    With ``weighted=False`` (TransformerLens' ``LNPre``: weights folded into the readers) it only
-    centres and scales, and ``w`` and ``b`` are ``None`` (no parameters).
+    The output is ``hook_normalized * w + b``; the opt-in ``hook_out`` sees it. Runs the fused
+    kernel; with hooks on ``hook_scale`` or ``hook_normalized`` the explicit computation runs,
+    its hooks see their values and replace them if they edit them. With ``weighted=False``
+    (TransformerLens' ``LNPre``: weights folded into the readers) it only centres and scales,
+    and ``w`` and ``b`` are ``None`` (no parameters).
     """
 
     def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
@@ -92,23 +96,28 @@ class LayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(self.size)) if weighted else None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
+        self.hook_out = HookPoint(opt_in=True)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         def fused() -> Tensor:
             return F.layer_norm(x, (self.size,), self.w, self.b, self.eps)
 
-        if not self.hook_scale.has_hooks():
-            return self.hook_normalized(fused())
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return self.hook_out(fused())
         centred = x - x.mean(-1, keepdim=True)
-        scale, read_only = _run_hook(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        explicit = (lambda: centred / scale) if self.w is None else (lambda: centred / scale * self.w + self.b)
-        return self.hook_normalized(_fast_unless_edited(read_only, fused, explicit, scale))
+        scale, scale_read_only = _run_hook(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized, read_only = _run_hook(self.hook_normalized, centred / scale)
+        explicit = (lambda: normalized) if self.w is None else (lambda: normalized * self.w + self.b)
+        return self.hook_out(_fast_unless_edited(scale_read_only and read_only, fused, explicit, normalized))
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as in ``transformers``), with ``hook_scale`` and ``hook_normalized``.
+    """RMSNorm computed in float32 (as in ``transformers``), with TransformerLens' ``hook_scale``
+    (the root mean square, ``[..., 1]``) and ``hook_normalized`` (the input divided by it, before
+    the weight).
 
-    With ``weighted=False`` (TransformerLens' ``RMSPre``) it only scales, and ``w`` is ``None``.
+    The output is ``w * hook_normalized``; the opt-in ``hook_out`` sees it. With
+    ``weighted=False`` (TransformerLens' ``RMSPre``) it only scales, and ``w`` is ``None``.
     """
 
     def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
@@ -117,21 +126,24 @@ class RMSNorm(nn.Module):
         self.w = nn.Parameter(torch.ones(self.size)) if weighted else None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
+        self.hook_out = HookPoint(opt_in=True)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x32 = x.float()
         variance = x32.pow(2).mean(-1, keepdim=True)
 
-        def fused() -> Tensor:
-            return x32 * torch.rsqrt(variance + self.eps)
+        def weighted(normed: Tensor) -> Tensor:
+            return normed if self.w is None else self.w * normed
 
-        if self.hook_scale.has_hooks():
-            scale, read_only = _run_hook(self.hook_scale, (variance + self.eps).sqrt())
-            normed = _fast_unless_edited(read_only, fused, lambda: x32 / scale, scale)
-        else:
-            normed = fused()
-        normed = normed.to(x.dtype)
-        return self.hook_normalized(normed if self.w is None else self.w * normed)
+        def fused() -> Tensor:
+            return weighted((x32 * torch.rsqrt(variance + self.eps)).to(x.dtype))
+
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return self.hook_out(fused())
+        scale, scale_read_only = _run_hook(self.hook_scale, (variance + self.eps).sqrt())
+        normalized, read_only = _run_hook(self.hook_normalized, (x32 / scale).to(x.dtype))
+        out = _fast_unless_edited(scale_read_only and read_only, fused, lambda: weighted(normalized), normalized)
+        return self.hook_out(out)
 
 
 def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True, pre: bool = False) -> nn.Module | None:

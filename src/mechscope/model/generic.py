@@ -9,7 +9,8 @@ children, the final norm) and kept only where a probe forward at load time verif
 - ``blocks.{l}.hook_attn_out`` / ``hook_mlp_out``: the attention and MLP children's outputs,
   when they add up to the block's output (``resid_pre + attn_out + mlp_out == resid_post``);
 - ``blocks.{l}.hook_resid_mid``: ``resid_pre + attn_out``, when a norm inside the block reads it;
-- ``ln_final.hook_normalized``: the final norm's output, when it reads the last block's output.
+- ``ln_final.hook_out``: the final norm's output (its weights applied), when it reads the last block's
+  output; ``ln_final.hook_normalized`` (before the weights, as in TransformerLens) needs an adapter.
 
 Per-head hooks (``hook_q``, ``hook_z``, ``hook_pattern``, ...) need a family adapter: one file
 in ``mechscope/loading/families/``. Everything the probe rejected is listed in ``model.notice``.
@@ -48,7 +49,7 @@ ADAPTER_CONTRACT = (
     "and convert_weights(state_dict, cfg), and list it in families/__init__.py"
 )
 _ADAPTER_ONLY = ("attn.", "ln1.", "ln2.", "mlp.", "hook_q_input", "hook_k_input", "hook_v_input")
-_ADAPTER_ONLY += ("hook_attn_in", "hook_mlp_in", "hook_pos_embed", "ln_final.hook_scale")
+_ADAPTER_ONLY += ("hook_attn_in", "hook_mlp_in", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
 
 
 class _Stopped(Exception):
@@ -138,7 +139,7 @@ class GenericModel(HookedRootModule):
             self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(BlockHooks(offered[f"blocks.{layer}"]) for layer in range(n_layers))
         if "ln_final" in offered:
-            self.ln_final = BlockHooks(["hook_normalized"])
+            self.ln_final = BlockHooks(["hook_out"])
         self._install()
         self.setup()
         self.skips_prefix, self.block_output, self.codec = False, None, None
@@ -216,7 +217,7 @@ class GenericModel(HookedRootModule):
         if lay.final_norm is not None:
             lay.final_norm.register_forward_pre_hook(self._final_pre_hook)
             if hasattr(self, "ln_final"):
-                lay.final_norm.register_forward_hook(self._out_hook("ln_final.hook_normalized", self.cfg.n_layers))
+                lay.final_norm.register_forward_hook(self._out_hook("ln_final.hook_out", self.cfg.n_layers))
 
     def _live(self, layer: int) -> bool:
         """Whether hooks at ``layer`` (-1: the embedding) run: in a forward, from ``start_at_layer`` on."""
@@ -421,7 +422,7 @@ class GenericModel(HookedRootModule):
         lay = self.layout
         x = resid if lay.final_norm is None else lay.final_norm(resid)
         if hasattr(self, "ln_final"):
-            x = self._point("ln_final.hook_normalized", x)
+            x = self._point("ln_final.hook_out", x)
         return forward_output(lay.head(x), tokens, mask, return_type, loss_per_token)
 
     def run_blocks(self, resid: Tensor, start: int, stop: int, context: AttentionContext) -> Tensor:

@@ -232,7 +232,7 @@ def probe(lay: Layout, hf_model: nn.Module, d_vocab: int) -> Probe:
         found.rejected["blocks.{l}.hook_resid_mid"] = parallel if has_out else "no norm in the block reads it"
     final_in = seen.get("final_in")
     if final_in is None or not sums_match(final_in, seen[f"post{n - 1}"]):
-        found.rejected["ln_final.hook_normalized"] = "no final norm reading the last block's output was found"
+        found.rejected["ln_final.hook_out"] = "no final norm reading the last block's output was found"
         return found
     found.offered["ln_final"] = []
     form = norm_form(lay.final_norm, final_in)

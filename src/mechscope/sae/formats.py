@@ -278,9 +278,12 @@ def load_saelens(path: str | os.PathLike, n_heads: int | None = None) -> SAE:
 def sparsify_hook_name(hookpoint: str) -> tuple[str, str | None]:
     """Map a sparsify hookpoint (a Hugging Face module name) to mechscope hook names ``(input, output)``.
 
+    A sublayer's input is what the module reads: its pre-norm's output, weights applied
+    (``ln2.hook_out``, not ``hook_normalized``, which comes before the weights).
+
     Example:
         >>> sparsify_hook_name("layers.6"), sparsify_hook_name("layers.3.mlp")
-        (('blocks.6.hook_resid_post', None), ('blocks.3.ln2.hook_normalized', 'blocks.3.hook_mlp_out'))
+        (('blocks.6.hook_resid_post', None), ('blocks.3.ln2.hook_out', 'blocks.3.hook_mlp_out'))
     """
     parts = hookpoint.split(".")
     if parts[-1].isdigit():
@@ -288,9 +291,9 @@ def sparsify_hook_name(hookpoint: str) -> tuple[str, str | None]:
     if len(parts) >= 2 and parts[-2].isdigit():
         layer, module = int(parts[-2]), parts[-1]
         if module == "mlp":
-            return act_name("normalized", layer, "ln2"), act_name("mlp_out", layer)
+            return f"blocks.{layer}.ln2.hook_out", act_name("mlp_out", layer)
         if module in ("self_attn", "attn", "attention"):
-            return act_name("normalized", layer, "ln1"), act_name("attn_out", layer)
+            return f"blocks.{layer}.ln1.hook_out", act_name("attn_out", layer)
     return hookpoint, None
 
 
