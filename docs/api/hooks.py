@@ -7,8 +7,7 @@
   something.
 - **Every public name has a docstring.** A name in any ``__all__`` whose object has no docstring,
   or a public method or property of such a class without one (an override may inherit its base's),
-  stops the build with the list of such names (`missing_docstrings`). ``KNOWN_UNDOCUMENTED``
-  lists the methods that predate the method check; it may only shrink.
+  stops the build with the list of such names (`missing_docstrings`). There are no exemptions.
 - **The benchmark page** is ``BENCHMARKS.md`` from the repository root, included as
   ``benchmarks.md``.
 - **Pages that may not exist yet.** Navigation entries listed in ``OPTIONAL_PAGES`` are dropped
@@ -43,66 +42,6 @@ OPTIONAL_PAGES = {
     "tl_compat.md",
     "tutorials/tl_main_demo.py",
 }
-
-# Public methods without a docstring when the method check was added: each is still to be
-# documented (then removed from here). A name not listed here fails the build.
-KNOWN_UNDOCUMENTED = frozenset(
-    {
-        "mechscope.cache.ActivationCache.keys",
-        "mechscope.cache.ActivationCache.values",
-        "mechscope.cache.ActivationCache.items",
-        "mechscope.hooks.HookPoint.forward",
-        "mechscope.hooks.HookPoint.extra_repr",
-        "mechscope.model.transformer.HookedTransformer.set_use_attn_in",
-        "mechscope.model.transformer.HookedTransformer.set_use_hook_mlp_in",
-        "mechscope.model.config.ModelConfig.to_json",
-        "mechscope.analysis.factored.FactoredMatrix.ndim",
-        "mechscope.analysis.factored.FactoredMatrix.U",
-        "mechscope.circuits.circuit.Circuit.n_edges",
-        "mechscope.circuits.circuit.Circuit.model_name",
-        "mechscope.circuits.circuit.Circuit.to_dict",
-        "mechscope.circuits.circuit.Circuit.from_dict",
-        "mechscope.circuits.circuit.Circuit.load",
-        "mechscope.circuits.graph.Graph.from_dict",
-        "mechscope.circuits.graph.Graph.senders_per_layer",
-        "mechscope.circuits.graph.Graph.receivers_per_layer",
-        "mechscope.circuits.graph.Graph.n_senders",
-        "mechscope.circuits.graph.Graph.n_receivers",
-        "mechscope.circuits.graph.Graph.mlp_sender",
-        "mechscope.circuits.graph.Graph.logits_receiver",
-        "mechscope.circuits.graph.Graph.n_edges",
-        "mechscope.circuits.graph.Graph.sender_index",
-        "mechscope.circuits.graph.Graph.receiver_index",
-        "mechscope.features.database.FeatureDB.close",
-        "mechscope.features.database.FeatureDB.meta",
-        "mechscope.features.database.FeatureDB.source_name",
-        "mechscope.features.database.FeatureDB.vocab",
-        "mechscope.features.database.FeatureDB.all_features",
-        "mechscope.features.sketch.FeatureSketch.state_dict",
-        "mechscope.features.sketch.FeatureSketch.load_state_dict",
-        "mechscope.names.Site.hook",
-        "mechscope.probing.probe.LinearProbe.n_targets",
-        "mechscope.probing.probe.LinearProbe.d_model",
-        "mechscope.probing.sparse.SparseProbe.k",
-        "mechscope.sae.store.ActivationStore.state_dict",
-        "mechscope.sae.store.ActivationStore.load_state_dict",
-        "mechscope.sae.features.FeatureSite.hook",
-        "mechscope.sae.architectures.jumprelu.JumpReLUSAE.threshold",
-        "mechscope.sae.trainer.SAETrainer.state_dict",
-        "mechscope.sae.trainer.TensorSource.next_batch",
-        "mechscope.sae.trainer.TensorSource.state_dict",
-        "mechscope.sae.trainer.TensorSource.load_state_dict",
-        "mechscope.sae.train_config.TrainConfig.coefficient_scale_at",
-        "mechscope.sae.train_config.TrainConfig.from_dict",
-        "mechscope.subspace.intervention.InterchangeRun.d_act",
-        "mechscope.subspace.patch.SubspaceSite.of",
-        "mechscope.subspace.patch.SubspaceSite.hook",
-        "mechscope.tl.config.HookedTransformerConfig.from_dict",
-        "mechscope.tl.config.HookedTransformerConfig.to_dict",
-        "mechscope.tl.config.HookedTransformerConfig.set_seed_everywhere",
-        "mechscope.tl.config.HookedTransformerConfig.is_layer_norm_activation",
-    }
-)
 
 _state: dict = {}
 
@@ -237,15 +176,11 @@ def _filter_nav(items: list, docs_dir: Path) -> list:
 def on_config(config):
     root = _load()
     packages = _public_packages(root)
-    found = missing_docstrings(root, packages)
-    missing = [path for path in found if path not in KNOWN_UNDOCUMENTED]
+    missing = missing_docstrings(root, packages)
     if missing:
         raise PluginError(
             "public names without a docstring (add one where each is defined):\n  " + "\n  ".join(missing)
         )
-    stale = sorted(KNOWN_UNDOCUMENTED - set(found))
-    if stale:
-        log.info("documented now, to remove from KNOWN_UNDOCUMENTED: %s", ", ".join(stale))
     _state.update(root=root, packages=packages)
     config.nav = _filter_nav(config.nav, Path(config.docs_dir))
     for item in config.nav:

@@ -85,12 +85,21 @@ class ActivationCache(NeuronDecompositions):
         return len(self.cache_dict)
 
     def keys(self):
+        """The full hook names of the cached activations, in the order they were cached.
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_post"))
+            >>> list(cache.keys())
+            ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post', 'blocks.2.hook_resid_post']
+        """
         return self.cache_dict.keys()
 
     def values(self):
+        """The cached activations, in the order of `keys`."""
         return self.cache_dict.values()
 
     def items(self):
+        """``(hook name, activation)`` pairs, in the order of `keys`."""
         return self.cache_dict.items()
 
     def __repr__(self) -> str:

@@ -213,6 +213,14 @@ class HookPoint(nn.Module):
         return int(self.name.split(".")[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the forward hooks on ``x`` in order, each seeing the previous one's replacement, and
+        return the result; with backward hooks attached (and ``x`` requiring grad), they are bound
+        to the returned tensor's gradient.
+
+        Raises:
+            HookError: a hook returned something other than ``None`` or a tensor of ``x``'s shape,
+                dtype and device.
+        """
         for handle in tuple(self.fwd_hooks):
             out = handle.user_hook(x, hook=self)
             if out is not None:
@@ -238,6 +246,7 @@ class HookPoint(nn.Module):
         return grad
 
     def extra_repr(self) -> str:
+        """The hook point's name (and ``opt_in=True`` for an opt-in point), shown in the module's repr."""
         return f"name={self.name!r}" + (", opt_in=True" if self.opt_in else "")
 
 

@@ -221,6 +221,7 @@ class Site:
     default_by: tuple[str, ...]
 
     def hook(self, layer: int) -> str:
+        """The full hook name of this site at ``layer`` (see `act_name`)."""
         return act_name(self.name, layer)
 
 

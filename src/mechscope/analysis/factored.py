@@ -66,6 +66,7 @@ class FactoredMatrix:
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions of the product ``AB`` (leading dimensions included)."""
         return len(self.shape)
 
     @property
@@ -209,6 +210,7 @@ class FactoredMatrix:
 
     @property
     def U(self) -> Float[Tensor, "... ldim k"]:
+        """Left singular vectors: ``AB == U @ S.diag() @ V.T`` (see `svd`)."""
         return self.svd()[0]
 
     @property

@@ -88,6 +88,7 @@ class Circuit:
     # ------------------------------------------------------------------ views
     @property
     def n_edges(self) -> int:
+        """The number of edges in the circuit (not in the whole graph: see `Graph.n_edges`)."""
         return int(self.edges.sum())
 
     @property
@@ -97,6 +98,7 @@ class Circuit:
 
     @property
     def model_name(self) -> str:
+        """The name of the model whose graph this is."""
         return self.graph.model_name
 
     def ranking(self) -> Tensor:
@@ -159,6 +161,8 @@ class Circuit:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
+        """The circuit as JSON-ready data in the module's schema (``NaN`` scores become ``None``);
+        `from_dict` inverts it."""
         scores = [None if math.isnan(s) else s for s in self.scores.tolist()]
         edges = []
         for i in self.edges.nonzero().flatten().tolist():
@@ -177,6 +181,18 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, data: dict) -> Circuit:
+        """The circuit of data in the module's schema (`to_dict`). Without ``"scores"``, the scores
+        are read from the edges (``NaN`` elsewhere).
+
+        Raises:
+            InputError: the schema is not ``mechscope.circuit/1``, the edge count does not match the
+                graph layout, or an edge does not exist in the graph.
+
+        Example:
+            >>> circuit = Circuit.from_edges(Graph.of(model), ["a0.h1->logits"])
+            >>> Circuit.from_dict(circuit.to_dict()).edge_names
+            ['a0.h1->logits']
+        """
         if data.get("schema") != SCHEMA:
             raise InputError(f"not a circuit file: schema {data.get('schema')!r}, expected {SCHEMA!r}")
         graph = Graph.from_dict(data["graph"])
@@ -209,6 +225,7 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
+        """A circuit read from a JSON file written by `save` (see `from_dict`)."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # ------------------------------------------------------------------ running

@@ -93,6 +93,13 @@ class Graph:
 
     @classmethod
     def from_dict(cls, data: dict) -> Graph:
+        """The graph of a layout saved by `to_dict`.
+
+        Example:
+            >>> graph = Graph.of(model)
+            >>> Graph.from_dict(graph.to_dict()) == graph
+            True
+        """
         return cls(**data)
 
     # ------------------------------------------------------------------ layout
@@ -103,18 +110,23 @@ class Graph:
 
     @property
     def senders_per_layer(self) -> int:
+        """Senders of each layer: its heads, and its MLP unless the model is attention-only."""
         return self.n_heads + (0 if self.attn_only else 1)
 
     @property
     def receivers_per_layer(self) -> int:
+        """Receivers of each layer: a query input per head, a key and a value input per key-value
+        head, and the MLP's input unless the model is attention-only."""
         return self.n_heads + 2 * self.n_kv_heads + (0 if self.attn_only else 1)
 
     @property
     def n_senders(self) -> int:
+        """All senders: the embeddings and every layer's heads and MLP."""
         return self.n_embed + self.n_layers * self.senders_per_layer
 
     @property
     def n_receivers(self) -> int:
+        """All receivers: every layer's inputs, and the logits."""
         return self.n_layers * self.receivers_per_layer + 1
 
     def head_senders(self, layer: int) -> range:
@@ -128,6 +140,15 @@ class Graph:
         return range(start, start + self.n_heads)
 
     def mlp_sender(self, layer: int) -> int:
+        """The sender index of the MLP of ``layer`` (it follows the layer's heads).
+
+        Raises:
+            InputError: the model is attention-only.
+
+        Example:
+            >>> Graph.of(model).mlp_sender(1)
+            11
+        """
         if self.attn_only:
             raise InputError("this model is attention-only: it has no MLP senders")
         return self.head_senders(layer).stop
@@ -153,6 +174,7 @@ class Graph:
 
     @property
     def logits_receiver(self) -> int:
+        """The receiver index of the logits (the last receiver)."""
         return self.n_receivers - 1
 
     @cached_property
@@ -212,6 +234,7 @@ class Graph:
 
     @property
     def n_edges(self) -> int:
+        """All edges of the graph (the valid ``[sender, receiver]`` pairs)."""
         return int(self.edge_pairs.shape[0])
 
     @cached_property
@@ -227,9 +250,20 @@ class Graph:
 
     # ------------------------------------------------------------------ look-ups
     def sender_index(self, name: str) -> int:
+        """The index of the sender ``name`` (``"input"``, ``"pos"``, ``"a{l}.h{h}"``, ``"m{l}"``).
+
+        Raises:
+            InputError: no sender has this name (the message names the closest ones).
+        """
         return _index(name, self.senders, "sender")
 
     def receiver_index(self, name: str) -> int:
+        """The index of the receiver ``name`` (``"a{l}.h{h}<q>"``, ``"a{l}.h{g}<k>"``, ``"m{l}"``,
+        ``"logits"``, ...).
+
+        Raises:
+            InputError: no receiver has this name (the message names the closest ones).
+        """
         return _index(name, self.receivers, "receiver")
 
     def edge_index(self, edge: str | tuple[str, str]) -> int:

@@ -202,9 +202,12 @@ class FeatureDB:
         self._vocab: dict[int, str] | None = None
 
     def close(self) -> None:
+        """Close the connection to the database file."""
         self.con.close()
 
     def meta(self) -> dict:
+        """The ``meta`` table as a dict: model name, token and row counts, context size, harvest
+        config, and the entries added by `write_harvest`'s ``meta``."""
         return {row["key"]: json.loads(row["value"]) for row in self.con.execute("SELECT * FROM meta")}
 
     def sources(self) -> list[dict]:
@@ -213,6 +216,11 @@ class FeatureDB:
         return [{**dict(r), "info": json.loads(r["info"] or "{}")} for r in rows]
 
     def source_name(self, source: str | None) -> str:
+        """``source`` checked against the harvested sources; ``None`` stands for the only one.
+
+        Raises:
+            InputError: ``source`` is not in the database, or is ``None`` while it holds several.
+        """
         names = [s["name"] for s in self.sources()]
         if source is None:
             if len(names) != 1:
@@ -224,6 +232,8 @@ class FeatureDB:
 
     # ------------------------------------------------------------------ tokens
     def vocab(self) -> dict[int, str]:
+        """Token id to text for the model's vocabulary (read once, then kept; empty when the
+        database has no vocabulary)."""
         if self._vocab is None:
             self._vocab = dict(self.con.execute("SELECT id, text FROM vocab").fetchall())
         return self._vocab
@@ -349,6 +359,7 @@ class FeatureDB:
         return [self.token_text(r[0]) for r in rows]
 
     def all_features(self, source: str | None = None) -> Iterable[int]:
+        """The ids of every feature of ``source`` (``None``: the only one), in increasing order, lazily."""
         for r in self.con.execute(
             "SELECT feature FROM features WHERE source = ? ORDER BY feature", (self.source_name(source),)
         ):

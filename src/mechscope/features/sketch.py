@@ -90,9 +90,22 @@ class FeatureSketch:
         raise AttributeError(name)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """Every statistic as a detached, contiguous CPU tensor, by name (a safetensors checkpoint)."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the statistics of a `state_dict`, in place and on this sketch's device; the sketch
+        must have the same sizes (features, ``top_k``, ``pool``, context, bins).
+
+        Example:
+            >>> sk = FeatureSketch(3, top_k=2, pool=2, left=1, right=1, hist_bins=8)
+            >>> acts = torch.tensor([[[0.0, 1.0, 0.5], [2.0, 0.0, 0.5]]])
+            >>> sk.update(acts, torch.tensor([[7, 8]]), first_row=0, keep=torch.ones(2, dtype=torch.bool), seed=0)
+            >>> copy = FeatureSketch(3, top_k=2, pool=2, left=1, right=1, hist_bins=8)
+            >>> copy.load_state_dict(sk.state_dict())
+            >>> copy.fire.tolist()
+            [1, 1, 2]
+        """
         for key, value in self.state.items():
             value.copy_(state[key].to(value.device))
 

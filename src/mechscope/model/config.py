@@ -358,6 +358,13 @@ class ModelConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON text with sorted keys (what the model cache stores).
+
+        Example:
+            >>> cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_mlp=64, d_vocab=50, n_ctx=16)
+            >>> ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+            True
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 

@@ -272,7 +272,11 @@ class HookedTransformer(StackedWeights, HookedRootModule):
         self.cfg.use_split_qkv_input = value
 
     def set_use_attn_in(self, value: bool) -> None:
+        """Compute ``blocks.{l}.hook_attn_in`` (the attention input: a copy of the residual stream
+        before ``ln1``) on every forward (it also runs whenever hooked)."""
         self.cfg.use_attn_in = value
 
     def set_use_hook_mlp_in(self, value: bool) -> None:
+        """Compute ``blocks.{l}.hook_mlp_in`` (the MLP input: a copy of the residual stream before
+        ``ln2``) on every forward (it also runs whenever hooked)."""
         self.cfg.use_hook_mlp_in = value

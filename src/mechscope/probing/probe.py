@@ -69,10 +69,12 @@ class LinearProbe:
 
     @property
     def n_targets(self) -> int:
+        """The number of probes (targets) held, the first axis of ``weight``."""
         return self.weight.shape[0]
 
     @property
     def d_model(self) -> int:
+        """The width of the activation the probes read, the second axis of ``weight``."""
         return self.weight.shape[1]
 
     def to(self, device: torch.device | str) -> LinearProbe:

@@ -121,6 +121,7 @@ class SparseProbe:
 
     @property
     def k(self) -> int:
+        """The number of dimensions read (``len(features)``)."""
         return len(self.features)
 
     def to_probe(self) -> LinearProbe:

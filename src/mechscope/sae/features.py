@@ -59,6 +59,7 @@ class FeatureSite(Site):
     hook_name: str = ""
 
     def hook(self, layer: int) -> str:
+        """The SAE's hook name, whatever ``layer``."""
         return self.hook_name
 
 

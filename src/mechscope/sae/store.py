@@ -136,9 +136,15 @@ class ActivationStore:
         return self.sequence_ids.numel() * self.kept // self.buffer_tokens
 
     def state_dict(self) -> dict:
+        """The resume state: the number of batches served and the store's `fingerprint`."""
         return {"batches_served": self.batches_served, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from a `state_dict`: the next batch is the one after the last batch served.
+
+        Raises:
+            ConfigError: the state was saved by a store with other settings (its fingerprint differs).
+        """
         if state.get("fingerprint") != self.fingerprint():
             raise ConfigError(
                 "the saved activation-store state belongs to other settings (hooks, tokens, sizes or ranks)"

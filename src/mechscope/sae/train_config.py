@@ -82,6 +82,13 @@ class TrainConfig:
         return self.lr * factor
 
     def coefficient_scale_at(self, step: int) -> float:
+        """The factor on the sparsity coefficient at ``step`` (0-based): ``(step + 1) /
+        coefficient_warmup_steps`` during the warm-up, 1 after it (and without one).
+
+        Example:
+            >>> [TrainConfig(coefficient_warmup_steps=4).coefficient_scale_at(s) for s in (0, 3, 10)]
+            [0.25, 1.0, 1.0]
+        """
         if not self.coefficient_warmup_steps:
             return 1.0
         return min(1.0, (step + 1) / self.coefficient_warmup_steps)
@@ -113,6 +120,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        """A config from a dict of its fields (missing ones take their defaults).
+
+        Raises:
+            ConfigError: a key is not a field (the message suggests the closest one).
+
+        Example:
+            >>> TrainConfig.from_dict({"steps": 10, "lr": 1e-3}).steps
+            10
+        """
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:

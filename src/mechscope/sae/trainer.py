@@ -130,6 +130,9 @@ class SAETrainer:
         return Path(self.cfg.checkpoint_dir) / name
 
     def state_dict(self) -> dict:
+        """The full training state, what `save_checkpoint` writes and `load_state_dict` restores: the
+        step, each SAE's weights, optimiser, normalisation scales and firing counters (with its
+        config), the source's position, the logged history and the train config."""
         return {
             "step": self.step,
             "states": [s.state_dict() for s in self.states],
@@ -386,6 +389,9 @@ class TensorSource:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def next_batch(self) -> dict[str, Tensor]:
+        """The next batch ``{key: rows}`` (this rank's share of ``batch_size`` rows); an epoch's rows
+        follow a permutation seeded by ``seed + epoch``, and the rows short of a full batch at an
+        epoch's end are skipped."""
         per_epoch = self.n // self.batch_size
         epoch, index = divmod(self.batches_served, per_epoch)
         rows = self._order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
@@ -395,9 +401,20 @@ class TensorSource:
         return {name: t[rows] for name, t in self.tensors.items()}
 
     def state_dict(self) -> dict:
+        """The resume state: the number of batches served."""
         return {"batches_served": self.batches_served}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from a `state_dict`: the next batch is the one after the last batch served.
+
+        Example:
+            >>> src = TensorSource({"x": torch.arange(10.0)[:, None]}, batch_size=4, seed=0)
+            >>> _ = src.next_batch(); state = src.state_dict(); expected = src.next_batch()["x"]
+            >>> resumed = TensorSource({"x": torch.arange(10.0)[:, None]}, batch_size=4, seed=0)
+            >>> resumed.load_state_dict(state)
+            >>> resumed.next_batch()["x"].equal(expected)
+            True
+        """
         self.batches_served = int(state["batches_served"])
 
 

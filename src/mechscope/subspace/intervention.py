@@ -147,6 +147,7 @@ class InterchangeRun:
 
     @property
     def d_act(self) -> int:
+        """The width of the intervened activation (its last axis)."""
         return self.source.shape[-1]
 
     def logits(self, index: Int[Tensor, " n"], intervene: Intervention) -> Float[Tensor, "n d_vocab"]:

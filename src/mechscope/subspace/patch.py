@@ -48,9 +48,12 @@ class SubspaceSite(Site):
 
     @classmethod
     def of(cls, site: Site) -> SubspaceSite:
+        """The subspace site of ``site``: named ``"{site.name}.subspace"``, its last axis replaced by
+        ``direction, d_sub``, indexed by ``direction`` unless told otherwise."""
         return cls(f"{site.name}.subspace", (*site.axes[:-1], "direction", "d_sub"), ("direction",), site.name)
 
     def hook(self, layer: int) -> str:
+        """The coordinates' hook point at ``layer``: the inner site's hook name with ``.hook_subspace``."""
         return f"{act_name(self.inner, layer)}.{COORDS}"
 
 

@@ -226,20 +226,33 @@ class HookedTransformerConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> HookedTransformerConfig:
+        """A config from a dict of its fields (missing ones take their defaults).
+
+        Example:
+            >>> cfg = HookedTransformerConfig.from_dict({"d_model": 8, "d_head": 4, "n_layers": 1, "n_ctx": 4,
+            ...                                          "d_vocab": 5, "act_fn": "gelu", "device": "cpu"})
+            >>> cfg.n_heads, cfg.d_mlp
+            (2, 32)
+        """
         return cls(**config_dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field (and the derived ``n_params``) by name; as in TransformerLens this is the
+        instance's own ``__dict__``, so changing the dict changes the config."""
         return self.__dict__
 
     def __repr__(self) -> str:
         return "HookedTransformerConfig:\n" + pprint.pformat(self.to_dict())
 
     def set_seed_everywhere(self, seed: int) -> None:
+        """Seed torch, Python's ``random`` and NumPy's global generator with ``seed`` (done on
+        construction when ``seed`` is set)."""
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
 
     def is_layer_norm_activation(self) -> bool:
+        """Whether ``act_fn`` is followed by a layer norm inside the MLP (``solu_ln``, or any ``*_ln``)."""
         return self.act_fn is not None and self.act_fn.endswith("_ln")
 
     # ------------------------------------------------------------------ mechscope

@@ -120,4 +120,20 @@ class CachingHooks:
 
 class HookedRootModule(CachingHooks, hooks.HookedRootModule):
     """mechscope's `mechscope.hooks.HookedRootModule` with TransformerLens' `CachingHooks`
-    methods: subclass it, build the modules, call ``setup()``."""
+    methods: subclass it, build the modules, call ``setup()``.
+
+    Example:
+        >>> class Doubler(HookedRootModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.hook_in = HookPoint()
+        ...         self.setup()
+        ...     def forward(self, x):
+        ...         return 2 * self.hook_in(x)
+        >>> doubler = Doubler()
+        >>> store = doubler.add_caching_hooks()  # stays attached until reset_hooks()
+        >>> doubler(torch.ones(2)).tolist(), store["hook_in"].tolist()
+        ([2.0, 2.0], [1.0, 1.0])
+        >>> doubler.reset_hooks(); doubler.list_hooks()
+        {}
+    """

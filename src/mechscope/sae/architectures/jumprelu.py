@@ -105,6 +105,7 @@ class JumpReLUSAE(SAE):
 
     @property
     def threshold(self) -> Float[Tensor, " d_sae"]:
+        """Each latent's threshold, ``exp(log_threshold)`` (differentiable)."""
         return self.log_threshold.exp()
 
     def to_saelens(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
