@@ -10,6 +10,10 @@
   stops the build with the list of such names (`missing_docstrings`). There are no exemptions.
 - **The benchmark page** is ``BENCHMARKS.md`` from the repository root, included as
   ``benchmarks.md``.
+- **Quiet tutorial kernels.** The tutorials run in kernels without ipywidgets, where importing
+  ``tqdm.auto`` (as mechscope and ``transformers`` do) warns that notebook progress bars fall back
+  to text ones; `quiet_kernels` ignores that one warning in the kernels the build starts, so the
+  pages show only what their cells print.
 - **Pages that may not exist yet.** Navigation entries listed in ``OPTIONAL_PAGES`` are dropped
   when their file is absent (each one is logged); any other missing page stays a strict-mode error.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from pathlib import Path
 
 import griffe
@@ -42,6 +47,10 @@ OPTIONAL_PAGES = {
     "tl_compat.md",
     "tutorials/tl_main_demo.py",
 }
+
+# tqdm's warning (``tqdm.notebook.WARN_NOIPYW``) when a kernel lacks ipywidgets: text progress
+# bars work, and the warning is the same on every page.
+KERNEL_WARNINGS = ("ignore:IProgress not found",)
 
 _state: dict = {}
 
@@ -173,7 +182,14 @@ def _filter_nav(items: list, docs_dir: Path) -> list:
     return kept
 
 
+def quiet_kernels(environ=os.environ) -> None:
+    """Add `KERNEL_WARNINGS` to ``PYTHONWARNINGS`` in ``environ``, which the tutorial kernels inherit."""
+    given = [option for option in environ.get("PYTHONWARNINGS", "").split(",") if option]
+    environ["PYTHONWARNINGS"] = ",".join(given + [w for w in KERNEL_WARNINGS if w not in given])
+
+
 def on_config(config):
+    quiet_kernels()
     root = _load()
     packages = _public_packages(root)
     missing = missing_docstrings(root, packages)

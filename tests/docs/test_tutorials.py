@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,26 @@ def test_tutorial_executes(path):
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute()
+
+
+def test_the_tutorial_kernels_ignore_tqdms_missing_ipywidgets_warning():
+    """The site build adds an ignore filter for tqdm's "IProgress not found" warning (the kernels have no
+    ipywidgets) to the environment its kernels inherit, and the filter matches tqdm's message."""
+    pytest.importorskip("griffe", reason="the docs extra is needed: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocs", reason="the docs extra is needed: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("mechscope_docs_hooks", ROOT / "docs" / "api" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    environ = {"PYTHONWARNINGS": "default::DeprecationWarning"}
+    hooks.quiet_kernels(environ)
+    hooks.quiet_kernels(environ)  # once is enough
+    assert environ["PYTHONWARNINGS"] == "default::DeprecationWarning,ignore:IProgress not found"
+    warn = (
+        "import warnings; from tqdm.notebook import WARN_NOIPYW; from tqdm.std import TqdmWarning; "
+        "warnings.warn(WARN_NOIPYW, TqdmWarning)"
+    )
+    for env, shown in (({}, True), (environ, False)):
+        run = subprocess.run(
+            [sys.executable, "-c", warn], capture_output=True, text=True, env={**os.environ, **env}, check=True
+        )
+        assert ("IProgress not found" in run.stderr) == shown, run.stderr

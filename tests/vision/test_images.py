@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +83,17 @@ def test_display_image_is_the_square_the_model_sees():
     image = shapes(1, size=40, seed=0).images[0]
     shown = display_image(image, 16)
     assert shown.shape == (16, 16, 3) and 0 <= float(shown.min()) and float(shown.max()) <= 1
+
+
+def test_a_tiny_clip_is_written_and_read_without_transformers_warnings(tmp_path):
+    """Without torchvision, transformers warns once when ``CLIPImageProcessor`` is first looked up
+    (it falls back to the PIL processor, as expected here): a fresh interpreter shows none of it."""
+    script = (
+        "from mechscope.vision import load_clip, pixels, shapes, tiny_clip\n"
+        f"folder = tiny_clip({str(tmp_path)!r}, ['a', 'red', 'circle'], d_model=16, n_layers=1, image_size=16)\n"
+        "clip = load_clip(folder)\n"
+        "pixels(clip.vision, shapes(1, size=16, seed=0).images)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "transformers" not in run.stderr and "torchvision" not in run.stderr, run.stderr

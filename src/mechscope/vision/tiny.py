@@ -72,7 +72,7 @@ def tiny_clip(
         >>> all((folder / f).is_file() for f in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"))
         True
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -99,6 +99,9 @@ def tiny_clip(
     hf_logging.set_verbosity_error()  # the PIL image processor without torchvision is expected
     hf_logging.disable_progress_bar()
     try:
+        # Looked up here: without torchvision, transformers warns on this name's first look-up.
+        from transformers import CLIPImageProcessor
+
         model.save_pretrained(path)
         size = {"shortest_edge": image_size}
         CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
