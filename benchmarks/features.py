@@ -1,6 +1,6 @@
 """Feature dashboards: mechscope against SAEDashboard on the same SAE, corpus and tokens.
 
-    .venv/bin/python benchmarks/features.py [--rows 800] [--floor-rows 200] [--skip-saedash] [--features N]
+    .venv/bin/python benchmarks/features.py [--rows 800] [--floor-rows 200] [--rounds 3] [--skip-saedash] [--features N]
 
 An SAELens-format TopK SAE (d_sae 2048, k 32; random unit-norm decoder, encoder its transpose,
 seed 0) on ``blocks.6.hook_resid_post`` of the bundled SmolLM2-135M, the first ``rows`` x 128
@@ -19,7 +19,10 @@ tokens of the default corpus (no BOS, as SmolLM2 is used). Measured:
 (c) agreement: every feature's top examples (positions and values) and density; histograms
     compared on SAEDashboard's bins; printed as one line at the end. A quick agreement check:
     ``--rows 4 --floor-rows 2 --features 64``.
-Absolute times depend on the machine and its load: compare ratios from one run only.
+The two generations are interleaved (``common.interleave``: ``--rounds`` rounds, rotated order, a
+round taken while other processes used more than the gate is retaken); SAEDashboard runs in a
+fresh worker process each round and times its own generation (its model load is not counted).
+Median and spread are reported.
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=800, help="rows of 128 tokens (800: 102,400 tokens)")
     parser.add_argument("--floor-rows", type=int, default=200, help="rows for the forward-rate floor")
     parser.add_argument("--skip-saedash", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3 under the rules)")
+    parser.add_argument("--gate", type=float, default=common.MAX_OTHER_CORES)
     parser.add_argument(
         "--features", type=int, default=None, help="SAEDashboard on the first N features only (agreement checks)"
     )
@@ -188,39 +193,63 @@ def main() -> None:
         _, cache = model.run_with_cache(rows[:2], names_filter=HOOK, stop_at_layer=7)
     save_file({"tokens": rows[:2].contiguous(), "acts": cache[HOOK].contiguous()}, str(work / "reference.safetensors"))
 
-    results: dict = {"n_tokens": int(rows.numel()), "d_sae": 2048}
+    results: dict = {"n_tokens": int(rows.numel()), "d_sae": 2048, "rounds": args.rounds}
     floor_before = forward_rate(model, rows[: args.floor_rows])
     common.reset_peak_rss()
     base_rss = common.current_rss_mib()
     cfg = HarvestConfig(context_size=CONTEXT, batch_size=8, prepend_bos=False, exclude_bos=False, top_k=20)
-    t0 = time.perf_counter()
-    result = harvest(model, sae, rows, cfg, progress=False)
-    t1 = time.perf_counter()
-    db = write_harvest(result, model, work / "features.db")
-    t2 = time.perf_counter()
-    export_site(db, work / "site", progress=False)
-    t3 = time.perf_counter()
-    export_neuronpedia(db, work / "neuronpedia", features_per_batch=256)
-    t4 = time.perf_counter()
-    floor_after = forward_rate(model, rows[: args.floor_rows])
-    floor = (floor_before + floor_after) / 2
     n = rows.numel()
-    results["mechscope"] = {
-        "harvest_s": t1 - t0, "database_s": t2 - t1, "site_s": t3 - t2, "neuronpedia_s": t4 - t3, "total_s": t4 - t0,
-        "tokens_per_s": n / (t4 - t0), "harvest_tokens_per_s": n / (t1 - t0), "forward_tokens_per_s": floor,
-        "harvest_over_forward": (n / (t1 - t0)) / floor, "peak_rss_mib": common.peak_rss_mib(),
-        "base_rss_mib": base_rss, "db_mib": db.stat().st_size / 2**20,
-    }  # fmt: skip
-    print(json.dumps(results["mechscope"], indent=1), flush=True)
-    (work / "mechscope.json").write_text(json.dumps(results["mechscope"]))
-    if not args.skip_saedash:
+    ours_runs: list[dict] = []
+
+    def ours() -> dict:
+        out = work / f"ours-{len(ours_runs)}" if ours_runs else work  # the first round's output is checked
+        out.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        result = harvest(model, sae, rows, cfg, progress=False)
+        t1 = time.perf_counter()
+        db = write_harvest(result, model, out / "features.db")
+        t2 = time.perf_counter()
+        export_site(db, out / "site", progress=False)
+        t3 = time.perf_counter()
+        export_neuronpedia(db, out / "neuronpedia", features_per_batch=256)
+        t4 = time.perf_counter()
+        run = {"harvest_s": t1 - t0, "database_s": t2 - t1, "site_s": t3 - t2, "neuronpedia_s": t4 - t3,
+               "total_s": t4 - t0, "db_mib": db.stat().st_size / 2**20}  # fmt: skip
+        ours_runs.append(run)
+        return {"seconds": run["total_s"]}
+
+    def theirs() -> dict:
         python = ensure_saedash_venv()
-        cmd = ["nice", "-n", "10", str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
+        cmd = [str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
         cmd += [str(args.features)] if args.features else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError("SAEDashboard worker failed:\n" + proc.stderr[-4000:])
+        return {"seconds": json.loads((work / "saedash-timings.json").read_text())["total_s"]}
+
+    jobs = {"mechscope": ours} if args.skip_saedash else {"mechscope": ours, "SAEDashboard": theirs}
+    timed = common.interleave(jobs, reps=args.rounds, max_other=args.gate)
+    floor_after = forward_rate(model, rows[: args.floor_rows])
+    floor = (floor_before + floor_after) / 2
+
+    def median(key: str) -> float:
+        return sorted(run[key] for run in ours_runs)[len(ours_runs) // 2]
+
+    results["mechscope"] = {
+        **{key: median(key) for key in ours_runs[0]},
+        "total_s": timed["mechscope"]["median_s"], "spread": timed["mechscope"]["spread"],
+        "tokens_per_s": n / timed["mechscope"]["median_s"], "harvest_tokens_per_s": n / median("harvest_s"),
+        "forward_tokens_per_s": floor, "harvest_over_forward": (n / median("harvest_s")) / floor,
+        "peak_rss_mib": common.peak_rss_mib(), "base_rss_mib": base_rss,
+    }  # fmt: skip
+    print(json.dumps(results["mechscope"], indent=1), flush=True)
+    (work / "mechscope.json").write_text(json.dumps(results["mechscope"]))
+    if not args.skip_saedash:
         compare(work, results)
+        them = timed["SAEDashboard"]
+        results["saedash"].update(total_s=them["median_s"], spread=them["spread"], tokens_per_s=n / them["median_s"])
+        results["ratio_tokens_per_s"] = them["median_s"] / timed["mechscope"]["median_s"]
+    results["gate"] = common.gate_note(timed, args.gate)
     other, steal = monitor.other_cores()
     results["other_cores"], results["steal_cores"] = other, steal
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +257,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k != "mechscope"}, indent=1))
     if "agreement" in results:
         print(agreement_line(results["agreement"]))
+    print(results["gate"])
 
 
 if __name__ == "__main__":
