@@ -220,6 +220,25 @@ def test_sparsify_folder(tmp_path, weights, x):
     _check(sae, x, acts, recons)
 
 
+@pytest.mark.parametrize(("transcode", "hook_in", "hook_out"), [
+    (False, "blocks.2.hook_mlp_out", None),
+    (True, "blocks.2.ln2.hook_out", "blocks.2.hook_mlp_out"),
+])  # fmt: skip
+def test_sparsify_sublayer_sae_reads_the_module_output_and_a_transcoder_its_input(
+    tmp_path, weights, transcode, hook_in, hook_out
+):
+    """sparsify trains a plain SAE on a module's output, a transcoder from its input to its output."""
+    folder = tmp_path / "layers.2.mlp"
+    folder.mkdir()
+    cfg = {"activation": "topk", "num_latents": D_SAE, "k": 2, "transcode": transcode, "d_in": D_IN}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    tensors = {"encoder.weight": weights["W_enc"].T.contiguous(), "encoder.bias": weights["b_enc"],
+               "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}  # fmt: skip
+    save_file(tensors, str(folder / "sae.safetensors"))
+    sae = load_sae(folder)
+    assert (sae.cfg.hook_name, sae.cfg.hook_name_out) == (hook_in, hook_out)
+
+
 def test_gemma_scope_npz(tmp_path, weights, x):
     threshold = torch.rand(D_SAE, generator=torch.Generator().manual_seed(13))
     path = tmp_path / "params.npz"

@@ -300,7 +300,9 @@ def sparsify_hook_name(hookpoint: str) -> tuple[str, str | None]:
 def load_sparsify(path: str | os.PathLike, hook_name: str | None = None) -> SAE:
     """Load one EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``) as a TopK SAE/transcoder.
 
-    The folder name is the hookpoint (``layers.6``); pass ``hook_name`` to override the mapping.
+    The folder name is the hookpoint (``layers.6``); pass ``hook_name`` to override the mapping. As
+    in sparsify, a plain SAE reads the module's output (``layers.3.mlp``: ``blocks.3.hook_mlp_out``)
+    and a transcoder maps the module's input to its output.
 
     Example:
         >>> sae = load_sparsify("sae-smollm2/layers.6")  # doctest: +SKIP
@@ -327,7 +329,8 @@ def load_sparsify(path: str | os.PathLike, hook_name: str | None = None) -> SAE:
         renamed["W_skip"] = weights.pop("W_skip")
     renamed.update(weights)
     mapped_in, mapped_out = sparsify_hook_name(path.name)
-    hook_in = hook_name or mapped_in
+    # sparsify trains a plain SAE on the module's output and a transcoder from its input to its output
+    hook_in = hook_name or (mapped_in if transcode or mapped_out is None else mapped_out)
     hook_out = (mapped_out or hook_in + ".out") if transcode else None
     kwargs = dict(
         architecture="topk",
