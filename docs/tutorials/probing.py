@@ -58,8 +58,8 @@ model = ms.load("smollm2-135m", device="cpu")
 # never by token, so neighbouring tokens of one window never sit on both sides.
 
 # %%
-dataset = build_dataset("capitalized", model.tokenizer, n_sequences=64, seq_len=64)
-layers = [0, 4, 8, 12, 16]
+dataset = build_dataset("capitalized", model.tokenizer, n_sequences=48, seq_len=64)
+layers = [0, 4, 8, 12]
 resid_hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
 neuron_hook = "blocks.8.mlp.hook_post"
 data = probing.collect_activations(model, dataset.tokens, resid_hooks + [neuron_hook], dataset.selected)

@@ -112,7 +112,7 @@ for row, layer in zip(effect[:, 0], [21, 23], strict=True):
 # after and before, and the fraction of the way to the mirrored preference.
 
 # %%
-das = train_das(model, train, hook, config=DASConfig(d_sub=1, steps=20, batch_size=8, lr=5e-3, seed=0))
+das = train_das(model, train, hook, config=DASConfig(d_sub=1, steps=10, batch_size=8, lr=5e-3, seed=0))
 scores = interchange_scores(model, das, test)
 print(scores)
 random_scores = interchange_scores(model, torch.randn(model.cfg.d_model), test, hook, -1)
