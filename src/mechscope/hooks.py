@@ -111,8 +111,7 @@ def as_slice(value: Slice | SliceInput) -> Slice:
 
 @dataclass(eq=False)
 class HookHandle:
-    """A registered hook (TransformerLens' ``LensHandle`` fields); `remove()` detaches it
-    (removing twice is harmless). ``handle.hook.remove()`` works too, as in TransformerLens."""
+    """A registered hook (TL's ``LensHandle`` fields); `remove()` (or ``handle.hook.remove()``) detaches it."""
 
     point: HookPoint
     user_hook: HookFn
@@ -213,14 +212,9 @@ class HookPoint(nn.Module):
         return int(self.name.split(".")[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the forward hooks on ``x`` in order, each seeing the previous one's replacement, and
-        return the result; with backward hooks attached (and ``x`` requiring grad), they are bound
-        to the returned tensor's gradient.
-
-        Raises:
-            HookError: a hook returned something other than ``None`` or a tensor of ``x``'s shape,
-                dtype and device.
-        """
+        """Run the forward hooks in order (each sees the previous one's replacement) and bind the
+        backward hooks to the result's gradient; a hook returning a tensor of another shape,
+        dtype or device raises `HookError`."""
         for handle in tuple(self.fwd_hooks):
             out = handle.user_hook(x, hook=self)
             if out is not None:
@@ -302,12 +296,9 @@ class HookedRootModule(nn.Module):
         return self.hook_dict.values()
 
     def hook_names(self, names_filter: NamesFilter = None) -> list[str]:
-        """Names of the hook points selected by ``names_filter``, in forward order.
-
-        ``None`` selects every hook point that runs by default (opt-in points only when their
-        config flag is on); a string or list of strings selects those names, validating each;
-        a callable ``fn(name) -> bool`` selects every matching point, opt-in points included.
-        """
+        """Names of the hook points selected by ``names_filter``, in forward order: ``None``, every
+        point that runs by default (opt-in ones only when switched on); a name or list, those
+        (validated); a callable ``fn(name) -> bool``, every match, opt-in points included."""
         if names_filter is None:
             return [n for n, p in self.hook_dict.items() if not p.opt_in or self._opt_in_enabled(n)]
         if isinstance(names_filter, str):

@@ -79,15 +79,11 @@ class PosEmbed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with TransformerLens' hook points: ``hook_scale`` (the divisor, ``[..., 1]``) and
-    ``hook_normalized`` (the centred input divided by it, before the weight and bias).
-
-    The output is ``hook_normalized * w + b``; the opt-in ``hook_out`` sees it. Runs the fused
-    kernel; with hooks on ``hook_scale`` or ``hook_normalized`` the explicit computation runs,
-    its hooks see their values and replace them if they edit them. With ``weighted=False``
-    (TransformerLens' ``LNPre``: weights folded into the readers) it only centres and scales,
-    and ``w`` and ``b`` are ``None`` (no parameters).
-    """
+    """LayerNorm with TransformerLens' ``hook_scale`` (the divisor, ``[..., 1]``) and ``hook_normalized``
+    (the centred input over it, before the weights); the output ``hook_normalized * w + b`` goes
+    through the opt-in ``hook_out``. The fused kernel runs unless ``hook_scale``/``hook_normalized``
+    are hooked (then the explicit path, whose hooks may edit). ``weighted=False`` is TL's ``LNPre``:
+    no ``w``/``b`` parameters."""
 
     def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
         super().__init__()
@@ -112,13 +108,9 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as in ``transformers``), with TransformerLens' ``hook_scale``
-    (the root mean square, ``[..., 1]``) and ``hook_normalized`` (the input divided by it, before
-    the weight).
-
-    The output is ``w * hook_normalized``; the opt-in ``hook_out`` sees it. With
-    ``weighted=False`` (TransformerLens' ``RMSPre``) it only scales, and ``w`` is ``None``.
-    """
+    """RMSNorm in float32 (as ``transformers``), with TransformerLens' ``hook_scale`` (the root mean
+    square) and ``hook_normalized`` (the input over it, before the weight); the output
+    ``w * hook_normalized`` goes through the opt-in ``hook_out``. ``weighted=False`` is ``RMSPre``."""
 
     def __init__(self, cfg: ModelConfig, size: int | None = None, weighted: bool = True) -> None:
         super().__init__()
@@ -147,11 +139,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, size: int | None = None, enabled: bool = True, pre: bool = False) -> nn.Module | None:
-    """The configured norm over ``size`` features (default ``d_model``), or ``None``.
-
-    ``pre`` marks the pre-norms (``ln1``, ``ln2``, ``ln_final``), which are weightless when
-    ``cfg.normalization_type`` is ``"LNPre"``/``"RMSPre"``; every other norm carries weights.
-    """
+    """The configured norm over ``size`` features (default ``d_model``), or ``None``; ``pre`` marks
+    the pre-norms (``ln1``, ``ln2``, ``ln_final``), weightless under ``"LNPre"``/``"RMSPre"``."""
     kind = cfg.normalization_type
     if not enabled or kind is None:
         return None
@@ -409,11 +398,9 @@ class MLP(nn.Module):
 
 
 class Unembed(nn.Module):
-    """Unembedding, stored as ``w_u [d_vocab, d_model]``; ``W_U`` is the ``[d_model, d_vocab]`` view.
-
-    ``b_U`` is the bias or, without one (`bias` is ``None``), new zeros ``[d_vocab_out]`` that the
-    forward does not add, as TransformerLens' always-present ``b_U``. ``hook_in`` sees the final
-    normalised residual stream, ``hook_out`` the logits before any soft-capping (as there)."""
+    """Unembedding, stored as ``w_u [d_vocab, d_model]`` (``W_U`` is the transposed view). ``b_U`` is
+    the bias or, without one, zeros ``[d_vocab_out]`` the forward does not add (TL's ``b_U``);
+    ``hook_in`` sees the final normalised residual, ``hook_out`` the logits before soft-capping."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

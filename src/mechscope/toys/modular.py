@@ -115,17 +115,9 @@ class GrokkingConfig:
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` of the transformer: no LayerNorm, learned positions, context 3."""
-        return ModelConfig(
-            d_model=self.d_model,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            d_mlp=self.d_mlp,
-            d_vocab=self.p + 1,
-            n_ctx=3,
-            act_fn=self.act_fn,
-            normalization_type=None,
-            model_name=f"modular-addition-p{self.p}",
-        )
+        return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_mlp=self.d_mlp,
+                           d_vocab=self.p + 1, n_ctx=3, act_fn=self.act_fn, normalization_type=None,
+                           model_name=f"modular-addition-p{self.p}")  # fmt: skip
 
     def to_dict(self) -> dict:
         """The settings as plain values (what a run directory's ``config.json`` holds)."""
