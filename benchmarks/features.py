@@ -109,15 +109,19 @@ def agreement(work: Path, n_tokens: int) -> dict:
         rec = db.feature(int(f_str))
         mine = [(e.value, e.token_index) for e in rec.top]
         # SAEDashboard's top group is filled up with tokens where the feature is zero; a top
-        # example at a row's first position has no value it shows (None), so it is kept
+        # example at a row's first position has no value it shows (None), so it is kept, but
+        # only among as many entries as SAEDashboard's own density counts firing tokens (beyond
+        # that a None is a zero-valued filler at a row's first position); a feature that never
+        # fires has no density in its title and only fillers
         them = [(v, b * CONTEXT + p) for v, b, p in data["top"] if v is None or v > 0]
-        same_top += [i for _, i in mine] == [i for _, i in them]
-        for (a, _), (b, _) in zip(mine, them, strict=False):
-            if b is not None:
-                value_gap = max(value_gap, abs(a - b))
         match = re.search(r"DENSITY = ([0-9.]+)%", data["title"] or "")
-        if match:
-            density_gap = max(density_gap, abs(float(match.group(1)) / 100 - rec.fire_count / n_tokens))
+        density = float(match.group(1)) / 100 if match else 0.0
+        density_gap = max(density_gap, abs(density - rec.fire_count / n_tokens))
+        them = them[: round(density * n_tokens)]
+        same_top += [i for _, i in mine] == [i for _, i in them]
+        for (a, i), (b, j) in zip(mine, them, strict=False):
+            if b is not None and i == j:  # values of the same token (a swapped near-tie is not a value gap)
+                value_gap = max(value_gap, abs(a - b))
         hist_gap = max(
             hist_gap, histogram_gap(rec.hist_edges, rec.hist_counts, data["bar_values"], data["bar_heights"])
         )
