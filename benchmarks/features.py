@@ -222,8 +222,9 @@ def main() -> None:
         ours_runs.append(run)
         return {"seconds": run["total_s"]}
 
+    python = None if args.skip_saedash else ensure_saedash_venv()
+
     def theirs() -> dict:
-        python = ensure_saedash_venv()
         cmd = [str(python), str(Path(__file__).with_name("features_worker_saedash.py")), str(work)]
         cmd += [str(args.features)] if args.features else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
