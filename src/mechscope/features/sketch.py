@@ -127,28 +127,30 @@ class FeatureSketch:
         dev = st["fire"].device
         acts, tokens, keep = acts.to(dev).float(), tokens.to(dev), keep.to(dev)
         flat = acts.reshape(batch * seq, n)  # [batch * pos, d_sae]
+        every = bool(keep.all())
         valid = keep.repeat(batch)[:, None]  # [batch * pos, 1]
-        firing = (flat > self.threshold) & valid
+        firing = flat > self.threshold if every else (flat > self.threshold) & valid
         # the firing entries, token-major (so ascending token within each feature)
         token, feature = firing.nonzero(as_tuple=True)
         value = flat[token, feature]
         counts = torch.bincount(feature, minlength=n)
         st["n_tokens"] += valid.sum()
         st["fire"] += counts
-        st["sum_all"] += (flat.sum(0, dtype=torch.float64) if bool(keep.all())
-                          else torch.where(valid, flat, 0.0).sum(0, dtype=torch.float64))  # fmt: skip
+        # a batch's sum in float32 (a few thousand terms), the running sum in float64
+        st["sum_all"] += flat.sum(0) if every else torch.where(valid, flat, 0.0).sum(0)
         st["sum_fire"].index_add_(0, feature, value.double())
         batch_max = torch.full((n,), -math.inf, device=dev).scatter_reduce(0, feature, value, "amax")
-        st["max"] = torch.maximum(st["max"], flat.max(0).values if bool(keep.all()) else
-                                  torch.where(valid, flat, -math.inf).max(0).values)  # fmt: skip
+        st["max"] = torch.maximum(st["max"], flat.amax(0) if every else torch.where(valid, flat, -math.inf).amax(0))
         self._histogram(token, feature, value, batch_max)
-        starts = counts.cumsum(0) - counts
 
-        def per_feature(order: Tensor, size: int, fill: float, score: Tensor) -> tuple[Tensor, Tensor]:
-            """The first ``size`` entries of each feature in ``order``: ``[size, d_sae]`` scores and
-            flat positions (``fill`` where a feature has fewer)."""
-            order = order[torch.argsort(feature[order], stable=True)]  # by feature, ``order`` within
-            rank = torch.arange(len(order), device=dev) - starts[feature[order]]
+        def per_feature(sel: Tensor, score: Tensor, size: int, fill: float) -> tuple[Tensor, Tensor]:
+            """Among the entries ``sel`` (the only ones that can enter), the ``size`` lowest
+            ``score`` of each feature, ties by token: ``[size, d_sae]`` scores and flat positions
+            (``fill`` where a feature has fewer)."""
+            order = sel[torch.argsort(score[sel], stable=True)]
+            order = order[torch.argsort(feature[order], stable=True)]  # by feature, ``score`` within
+            per = torch.bincount(feature[sel], minlength=n)
+            rank = torch.arange(len(order), device=dev) - (per.cumsum(0) - per)[feature[order]]
             chosen = order[rank < size]
             at = (rank[rank < size], feature[chosen])
             scores = torch.full((size, n), fill, device=dev)
@@ -161,48 +163,61 @@ class FeatureSketch:
         padded_acts = F.pad(acts, (0, 0, self.left, self.right))  # [batch, left + pos + right, d_sae]
         padded_tok = F.pad(tokens.to(torch.int32), (self.left, self.right), value=-1)
 
-        def candidates(values: Tensor, index: Tensor, cols: Tensor) -> dict[str, Tensor]:
-            """Context data of the tokens ``index [k, c]`` (flat batch positions) of features ``cols [c]``."""
-            b, q = index // seq, index % seq  # [k, c]
-            window = q[..., None] + torch.arange(self.width, device=dev)  # [k, c, width]
+        def context(index: Tensor, cols: Tensor, j: Tensor, c: Tensor) -> dict[str, Tensor]:
+            """Context data of the entries ``(j, c)`` of ``index [k, cols]`` (flat batch positions of
+            features ``cols``), one row per entry: only the entries that enter are gathered."""
+            pos, feat = index[j, c], cols[c]
+            b, q = pos // seq, pos % seq
+            window = q[:, None] + torch.arange(self.width, device=dev)  # [entries, width]
             out = {
-                "val": torch.where(values.isfinite(), flat[index, cols], -math.inf),
+                "val": flat[pos, feat],
                 "idx": rows[b] * seq + q,
-                "tok": padded_tok[b[..., None], window],
-                "act": padded_acts[b[..., None], window, cols[None, :, None]],
+                "tok": padded_tok[b[:, None], window],
+                "act": padded_acts[b[:, None], window, feat[:, None]],
             }
             if self.with_dfa:
-                full = dfa(b, q, cols) if dfa is not None else torch.zeros(*b.shape, seq, device=dev)  # [k, c, pos]
-                out["dfa"] = F.pad(full, (self.left, self.right)).gather(2, window)
+                full = dfa(b[None], q[None], feat)[0] if dfa is not None else torch.zeros(len(b), seq, device=dev)
+                out["dfa"] = F.pad(full, (self.left, self.right)).gather(1, window)
             return out
 
         # strongest first; ties go to the earliest token (a stable sort of token-major entries)
-        values, index = per_feature(torch.argsort(-value, stable=True), self.top_k, -math.inf, value)
+        sel = (value > st["top_val"][-1][feature]).nonzero().squeeze(1)
+        values, index = per_feature(sel, -value, self.top_k, math.inf)
+        values = -values
         # only features whose best new token beats their worst kept one change
         enter = values > st["top_val"][-1]  # [k, d_sae]; sorted, so a prefix of each column
         cols = enter[0].nonzero().squeeze(1)
         if len(cols):
             rows_in = int(enter.sum(0).max())
-            values, index = values[:rows_in, cols], index[:rows_in, cols]
-            order = -torch.cat([st["top_val"][:, cols], values])
-            self._merge("top", candidates(values, index, cols), order, cols)
+            values, index, enter = values[:rows_in, cols], index[:rows_in, cols], enter[:rows_in, cols]
+            j, c = enter.nonzero(as_tuple=True)
+            new = {"val": values}
+            for name, data in context(index, cols, j, c).items():
+                if name != "val":  # entries that do not enter are never picked: their context stays empty
+                    new[name] = torch.zeros(rows_in, len(cols), *data.shape[1:], dtype=data.dtype, device=dev)
+                    new[name][j, c] = data
+            self._merge("top", new, -torch.cat([st["top_val"][:, cols], values]), cols)
         gen = torch.Generator(device=dev).manual_seed(seed)
         draws = torch.rand(len(value), generator=gen, device=dev)
-        keys, index = per_feature(torch.argsort(draws), self.pool, math.inf, draws)
-        enter = keys < st["pool_key"].max(0).values
+        largest = st["pool_key"].amax(0)
+        keys, index = per_feature((draws < largest[feature]).nonzero().squeeze(1), draws, self.pool, math.inf)
+        enter = keys < largest
         cols = enter[0].nonzero().squeeze(1)
         if len(cols):
             rows_in = int(enter.sum(0).max())
             keys, index = keys[:rows_in, cols], index[:rows_in, cols]
-            new = candidates(torch.where(keys.isfinite(), 0.0, -math.inf), index, cols)
-            new["key"] = keys
-            # the pool is unordered: each new key (ascending) replaces the largest kept key if smaller
-            for j in range(rows_in):
-                largest, slot = st["pool_key"][:, cols].max(0)
-                take = new["key"][j] < largest
-                where = (slot[take], cols[take])
-                for name, value in new.items():
-                    st[f"pool_{name}"][where] = value[j, take].to(st[f"pool_{name}"].dtype)
+            # a bottom-k sample keeps the ``pool`` smallest keys of old and new. The pool is
+            # unordered: each entering key takes the slot of an evicted one, in place. The sort is
+            # stable, so an empty new entry (key inf) never displaces an empty old slot.
+            picked = torch.cat([st["pool_key"][:, cols], keys]).sort(dim=0, stable=True).indices[: self.pool]
+            kept = torch.zeros(self.pool + rows_in, len(cols), dtype=torch.bool, device=dev)
+            kept.scatter_(0, picked, True)
+            c_in, j = kept[self.pool :].T.nonzero(as_tuple=True)  # by column, then rank: pairs with
+            c_out, slot = (~kept[: self.pool]).T.nonzero(as_tuple=True)  # the evicted slots, by column
+            where = (slot, cols[c_out])
+            st["pool_key"][where] = keys[j, c_in]
+            for name, data in context(index, cols, j, c_in).items():
+                st[f"pool_{name}"][where] = data.to(st[f"pool_{name}"].dtype)
 
     def _merge(self, part: str, new: dict[str, Tensor], order: Tensor, cols: Tensor) -> None:
         """For features ``cols``, keep the first entries of ``old + new`` by ``order`` (ascending,
