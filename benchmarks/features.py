@@ -15,7 +15,8 @@ tokens of the default corpus (no BOS, as SmolLM2 is used). Measured:
     leaves Llama-architecture checkpoints at its default 10,000; the worker stops unless the two
     models' layer-6 activations agree to float32 rounding):
     tokens/s and peak RSS over the resident model;
-(b) harvesting alone against the model's forward to the hooked layer (the limit);
+(b) harvesting alone against the model's forward to the hooked layer (the limit), the forward
+    timed over ``floor-rows`` rows as a third contender in the same interleaved rounds;
 (c) agreement: every feature's top examples (positions and values) and density; histograms
     compared on SAEDashboard's bins; printed as one line at the end. A quick agreement check:
     ``--rows 4 --floor-rows 2 --features 64``.
@@ -198,7 +199,7 @@ def main() -> None:
     save_file({"tokens": rows[:2].contiguous(), "acts": cache[HOOK].contiguous()}, str(work / "reference.safetensors"))
 
     results: dict = {"n_tokens": int(rows.numel()), "d_sae": 2048, "rounds": args.rounds}
-    floor_before = forward_rate(model, rows[: args.floor_rows])
+    forward_rate(model, rows[:8])  # the first forward of this shape pays one-off costs
     common.reset_peak_rss()
     base_rss = common.current_rss_mib()
     cfg = HarvestConfig(context_size=CONTEXT, batch_size=8, prepend_bos=False, exclude_bos=False, top_k=20)
@@ -232,10 +233,16 @@ def main() -> None:
             raise RuntimeError("SAEDashboard worker failed:\n" + proc.stderr[-4000:])
         return {"seconds": json.loads((work / "saedash-timings.json").read_text())["total_s"]}
 
-    jobs = {"mechscope": ours} if args.skip_saedash else {"mechscope": ours, "SAEDashboard": theirs}
+    floor_rows = rows[: args.floor_rows]
+
+    def forward() -> dict:  # the limit of harvesting, timed in the same rounds as the generations
+        return {"tokens_per_s": forward_rate(model, floor_rows)}
+
+    jobs = {"mechscope": ours, "forward": forward}
+    if not args.skip_saedash:
+        jobs["SAEDashboard"] = theirs
     timed = common.interleave(jobs, reps=args.rounds, max_other=args.gate)
-    floor_after = forward_rate(model, rows[: args.floor_rows])
-    floor = (floor_before + floor_after) / 2
+    floor = floor_rows.numel() / timed["forward"]["median_s"]
 
     def median(key: str) -> float:
         return sorted(run[key] for run in ours_runs)[len(ours_runs) // 2]
@@ -244,7 +251,8 @@ def main() -> None:
         **{key: median(key) for key in ours_runs[0]},
         "total_s": timed["mechscope"]["median_s"], "spread": timed["mechscope"]["spread"],
         "tokens_per_s": n / timed["mechscope"]["median_s"], "harvest_tokens_per_s": n / median("harvest_s"),
-        "forward_tokens_per_s": floor, "harvest_over_forward": (n / median("harvest_s")) / floor,
+        "forward_tokens_per_s": floor, "forward_spread": timed["forward"]["spread"],
+        "harvest_over_forward": (n / median("harvest_s")) / floor,
         "peak_rss_mib": common.peak_rss_mib(), "base_rss_mib": base_rss,
     }  # fmt: skip
     print(json.dumps(results["mechscope"], indent=1), flush=True)

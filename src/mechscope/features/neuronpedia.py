@@ -29,10 +29,10 @@ from mechscope.names import layer_of
 
 
 def _r(values) -> list[float]:
-    return [round(float(v), 3) for v in values]
+    return [round(v, 3) for v in map(float, values)]
 
 
-def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None) -> dict:
+def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None, meta: dict | None = None) -> dict:
     """One feature as a ``NeuronpediaDashboardFeature`` dict.
 
     Example:
@@ -40,7 +40,12 @@ def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None) 
         0.0123
     """
     rec = db.feature(feature, source)
-    meta = db.meta()
+    meta = db.meta() if meta is None else meta
+    vocab = db.vocab()
+
+    def text(token: int) -> str:  # `FeatureDB.token_text` without a call per token
+        return vocab.get(token, f"⟨{token}⟩")
+
     n_tokens_in_prompt = int(meta.get("context_size", 0))
     centres = [(a + b) / 2 for a, b in zip(rec.hist_edges[:-1], rec.hist_edges[1:], strict=True)]
     total = max(rec.fire_count, 1)
@@ -49,7 +54,7 @@ def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None) 
         keep = [i for i, t in enumerate(ex.tokens) if t >= 0]
         out = {
             "bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": [db.token_text(ex.tokens[i]) for i in keep],
+            "tokens": [text(ex.tokens[i]) for i in keep],
             "values": _r(ex.acts[i] for i in keep),
             "qualifying_token_index": keep.index(ex.center),
         }  # fmt: skip
@@ -107,12 +112,13 @@ def export_neuronpedia(
     features = list(db.all_features(source))
     paths = []
     for n, start in enumerate(range(0, len(features), features_per_batch)):
+        chunk = features[start : start + features_per_batch]
         batch = {
             "model_id": model_id or meta.get("model_name", ""),
             "layer": layer_of(info["hook_name"]) or 0,
             "sae_set": sae_set or source,
             "sae_id_suffix": None,
-            "features": [neuronpedia_feature(db, f, source) for f in features[start : start + features_per_batch]],
+            "features": [neuronpedia_feature(db, f, source, meta) for f in chunk],
         }
         path = out / f"batch-{n}.json"
         path.write_text(json.dumps(batch))
