@@ -11,6 +11,7 @@ HTML-escaped, nothing is fetched when a page opens.
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Callable, Sequence
 
@@ -65,16 +66,23 @@ def token_spans(tokens: Sequence[int], values: Sequence[float], token_text: Toke
         '&#x27; act 1">&lt;b&gt;</span>'
     """
     out = []
+    label = esc(label)  # a number formatted with ``.4g`` needs no escaping
     for i, (tok, value) in enumerate(zip(tokens, values, strict=True)):
         if tok < 0:
             continue
-        text = token_text(tok)
+        title, shown = _escaped(token_text(tok))
         cls = "tok center" if i == center else "tok"
         out.append(
             f'<span class="{cls}" style="background:{shade(value, limit)}" '
-            f'title="{esc(f"{text!r} {label} {value:.4g}")}">{esc(display_token(text))}</span>'
+            f'title="{title} {label} {value:.4g}">{shown}</span>'
         )
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _escaped(text: str) -> tuple[str, str]:
+    """A token's escaped ``repr`` (for a title) and escaped visible text, computed once per text."""
+    return esc(repr(text)), esc(display_token(text))
 
 
 def example_html(example, token_text: TokenText, limit: float) -> str:
