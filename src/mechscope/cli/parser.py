@@ -22,7 +22,17 @@ DESCRIPTION = (
     "'mechscope tour' loads the bundled model and walks through predictions, the activation cache, "
     "generation and attention heads; 'mechscope toys' and 'mechscope sae' train toy models and sparse autoencoders."
 )
-Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 COMMANDS = "{tour,toys,sae,circuit,subspace,probe,othello,features,browse}"
 
 
