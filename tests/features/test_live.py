@@ -30,8 +30,10 @@ def test_steering_adds_and_ablates(text_model):
     acts = prompt_features(text_model, src, TEXT).acts
     silent = int((acts.abs().sum(0) == 0).nonzero()[0])
     active = int(acts[-1].argmax())
-    assert steer(text_model, src, TEXT, silent, mode="ablate")["kl"] == pytest.approx(0.0, abs=1e-7)
-    assert steer(text_model, src, TEXT, active, mode="ablate")["kl"] > 1e-6
+    # ablation splices the SAE with its error term: the unedited output is x up to float32
+    # rounding (a KL of about 1e-7, thread-count dependent), against about 0.06 for an active feature
+    assert steer(text_model, src, TEXT, silent, mode="ablate")["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert steer(text_model, src, TEXT, active, mode="ablate")["kl"] > 1e-3
     added = steer(text_model, src, TEXT, silent, mode="add", coefficient=30.0)
     assert added["kl"] > 1e-3 and len(added["after"]) == 10
     assert sum(p for *_, p in added["before"]) <= 1.0 + 1e-6
