@@ -4,6 +4,7 @@ probes and interventions on it; resumability on a tiny run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -74,3 +75,23 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     for name, value in whole.model.state_dict().items():
         assert_close(resumed.model.state_dict()[name], value)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history]
+
+
+def test_cli_probe_then_intervene_use_each_layers_own_probe(ci_run, tmp_path, capsys):
+    from mechscope.cli.parser import main
+    from mechscope.probing import LinearProbe
+
+    _, run_dir = ci_run
+    probes = tmp_path / "probes"
+    assert main(["othello", "probe", "--run", str(run_dir), "--games", "40", "--epochs", "2", "--threads", "1",
+                 "--quiet", "--out", str(probes)]) == 0  # fmt: skip
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(CI_CONFIG.n_layers)]
+    for hook in ["blocks.0.hook_resid_pre", *hooks]:  # one probe per hook, none overwritten
+        assert LinearProbe.load(probes / f"mine_theirs.{hook}").hook == hook
+        assert LinearProbe.load(probes / f"black_white.{hook}").hook == hook
+    out = tmp_path / "interventions.json"
+    assert main(["othello", "intervene", "--run", str(run_dir), "--probes", str(probes), "--positions", "12",
+                 "--threads", "1", "--quiet", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [r["hook"] for r in rows] == hooks
+    assert "layer 1: top-N errors" in capsys.readouterr().out

@@ -161,6 +161,23 @@ def test_save_load_and_directions(tmp_path):
         probe.direction(5)
 
 
+def test_probes_named_after_hooks_keep_their_own_files(tmp_path):
+    """Dots in a name are not a suffix: one probe per layer in one folder, each loaded back."""
+    x, y = blobs(n=120, n_classes=3, n_targets=2, seed=7)
+    probes = {
+        layer: probing.fit_logistic(x.float() * (layer + 1), y, hook=f"blocks.{layer}.hook_resid_post")
+        for layer in range(3)
+    }
+    for layer, probe in probes.items():
+        probe.save(tmp_path / f"mine_theirs.blocks.{layer}.hook_resid_post")
+    assert len(list(tmp_path.glob("*.json"))) == 3 and len(list(tmp_path.glob("*.safetensors"))) == 3
+    for layer, probe in probes.items():
+        for name in (f"mine_theirs.blocks.{layer}.hook_resid_post", f"mine_theirs.blocks.{layer}.hook_resid_post.json"):
+            loaded = probing.LinearProbe.load(tmp_path / name)
+            assert loaded.hook == probe.hook
+            assert_close(loaded.weight, probe.weight)
+
+
 def test_collected_activations_match_the_cache(model):
     tokens = torch.randint(50, (5, 7), generator=torch.Generator().manual_seed(0))
     keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) > 0.3

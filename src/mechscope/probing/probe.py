@@ -178,14 +178,13 @@ class LinearProbe:
         """
         from safetensors.torch import save_file
 
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
+        json_path, weights_path = _probe_files(path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}
-        save_file(tensors, str(base.with_suffix(".safetensors")))
+        save_file(tensors, str(weights_path))
         meta = {"format": "mechscope-linear-probe", "version": 1, "kind": self.kind, "n_classes": self.n_classes,
                 "hook": self.hook, "target_names": self.target_names, "class_names": self.class_names,
                 "info": self.info}  # fmt: skip
-        json_path = base.with_suffix(".json")
         json_path.write_text(json.dumps(meta, indent=2))
         return json_path
 
@@ -194,16 +193,31 @@ class LinearProbe:
         """Read a probe written by `save` (pass either file, or the path without suffix)."""
         from safetensors.torch import load_file
 
-        base = Path(path).with_suffix("")
-        json_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+        json_path, weights_path = _probe_files(path)
         if not json_path.is_file() or not weights_path.is_file():
-            raise LoadError(f"a saved probe needs both {json_path.name} and {weights_path.name} in {base.parent}")
+            raise LoadError(f"a saved probe needs both {json_path.name} and {weights_path.name} in {json_path.parent}")
         meta = json.loads(json_path.read_text())
         if meta.get("format") != "mechscope-linear-probe":
             raise LoadError(f"{json_path} is not a mechscope probe (format {meta.get('format')!r})")
         tensors = load_file(str(weights_path))
         return cls(tensors["weight"], tensors["bias"], meta["kind"], meta["n_classes"], meta["hook"],
                    meta["target_names"], meta["class_names"], meta["info"])  # fmt: skip
+
+
+def _probe_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The JSON and safetensors files of a probe saved at ``path``: either file, or the path
+    without suffix. Other dots stay part of the name (``mine_theirs.blocks.1.hook_resid_post``).
+
+    Example:
+        >>> [p.name for p in _probe_files("probes/mine_theirs.blocks.1.hook_resid_post")]
+        ['mine_theirs.blocks.1.hook_resid_post.json', 'mine_theirs.blocks.1.hook_resid_post.safetensors']
+        >>> [p.name for p in _probe_files("probes/p.json")]
+        ['p.json', 'p.safetensors']
+    """
+    base = Path(path)
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".safetensors")
 
 
 def labels_matrix(labels: Int[Tensor, " batch *target"]) -> Int[Tensor, "batch target"]:
