@@ -29,11 +29,12 @@ from mechscope.names import layer_of
 
 
 def _r(values) -> list[float]:
-    return [round(v, 3) for v in map(float, values)]
+    return [round(float(v), 3) for v in values]
 
 
 def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None, meta: dict | None = None) -> dict:
-    """One feature as a ``NeuronpediaDashboardFeature`` dict.
+    """One feature as a ``NeuronpediaDashboardFeature`` dict (``meta``: the database's `FeatureDB.meta`,
+    read here when not given).
 
     Example:
         >>> neuronpedia_feature(FeatureDB("features.db"), 0)["frac_nonzero"]  # doctest: +SKIP
@@ -41,11 +42,6 @@ def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None, 
     """
     rec = db.feature(feature, source)
     meta = db.meta() if meta is None else meta
-    vocab = db.vocab()
-
-    def text(token: int) -> str:  # `FeatureDB.token_text` without a call per token
-        return vocab.get(token, f"⟨{token}⟩")
-
     n_tokens_in_prompt = int(meta.get("context_size", 0))
     centres = [(a + b) / 2 for a, b in zip(rec.hist_edges[:-1], rec.hist_edges[1:], strict=True)]
     total = max(rec.fire_count, 1)
@@ -54,7 +50,7 @@ def neuronpedia_feature(db: FeatureDB, feature: int, source: str | None = None, 
         keep = [i for i, t in enumerate(ex.tokens) if t >= 0]
         out = {
             "bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": [text(ex.tokens[i]) for i in keep],
+            "tokens": [db.token_text(ex.tokens[i]) for i in keep],
             "values": _r(ex.acts[i] for i in keep),
             "qualifying_token_index": keep.index(ex.center),
         }  # fmt: skip
