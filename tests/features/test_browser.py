@@ -137,7 +137,8 @@ def test_static_site_renders_searches_and_escapes(driver, built, tmp_path):
 
 def test_live_browser_prompt_equals_sae_encode(driver, built, text_model):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     sae, db_path, db, hostile_feature = built
     app = make_app(db_path, text_model, {SOURCE: sae})
@@ -150,7 +151,9 @@ def test_live_browser_prompt_equals_sae_encode(driver, built, text_model):
         token = db.token_text(db.feature(hostile_feature).top[0].token)
         driver.get(url + "/search")
         driver.find_element(By.NAME, "token").send_keys(token)
+        empty = driver.find_element(By.ID, "results")  # the form page has an empty table too
         driver.find_element(By.TAG_NAME, "button").click()
+        WebDriverWait(driver, 20).until(ec.staleness_of(empty))
         wait_for(driver, "#results")
         found = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "tr.result a")]
         assert f"{SOURCE} #{hostile_feature}" in found
