@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from mechscope.errors import InputError
 from mechscope.probing import ProbeConfig
 from mechscope.toys.othello.games import random_games
-from mechscope.toys.othello.train import OthelloConfig, load_othello, make_data, train_othello
+from mechscope.toys.othello.train import OthelloConfig, PackedGames, load_othello, make_data, train_othello
 from mechscope.toys.othello.world import board_probes, intervene
 
 CI_CONFIG = OthelloConfig(size=6, n_layers=2, d_model=64, n_heads=2, n_games=4000, steps=500, batch_size=64, lr=3e-3,
@@ -64,6 +65,23 @@ def test_probe_edits_beat_random_edits(ci_run, ci_probes):
     assert result["probe_mean_errors"] < result["random_mean_errors"]
     # without an edit the model is closer to the original board than to the edited one
     assert result["none_original_mean_errors"] < result["none_mean_errors"]
+
+
+@pytest.mark.parametrize("size", [6, 8])
+def test_packed_and_chunked_targets_equal_one_replay(size):
+    moves = random_games(23, size, seed=size)
+    whole = make_data(moves, size, chunk=64)
+    chunked = make_data(moves, size, chunk=5)
+    rows = torch.tensor([22, 0, 7, 7, 13])
+    batch = PackedGames(moves, size, chunk=4).batch(rows)
+    for field in dataclasses.fields(whole):
+        expected = getattr(whole, field.name)
+        assert torch.equal(getattr(chunked, field.name), expected)
+        got = getattr(batch, field.name)
+        assert got.dtype == expected.dtype and torch.equal(got, expected[rows]), field.name
+    assert int(whole.legal[..., -1].sum()) > 0  # the highest token's bit (bit 60 on 8x8) is used
+    with pytest.raises(InputError, match="chunk must be a positive"):
+        PackedGames(moves, size, chunk=0)
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):

@@ -89,12 +89,12 @@ def random_games(
     check_size(size)
     generator = torch.Generator(device=device).manual_seed(seed)
     max_moves = size * size - 4
-    out = []
+    out = torch.full((n_games, max_moves), -1, dtype=torch.long, device=device)
     for start in tqdm(range(0, n_games, chunk), desc="games", disable=not progress, leave=False):
         g = min(chunk, n_games - start)
         boards = initial_boards(g, size, device)
         player = torch.ones(g, dtype=torch.int8, device=device)  # black starts
-        moves = torch.full((g, max_moves), -1, dtype=torch.long, device=device)
+        moves = out[start : start + g]  # filled in place: no second copy of all games
         for t in range(max_moves):
             legal = legal_moves(boards, player)
             active = legal.any(1)
@@ -106,8 +106,7 @@ def random_games(
             boards, _ = play(boards, player, move)
             moves[:, t] = move
             player = torch.where(active, next_player(boards, player), player)
-        out.append(moves)
-    return torch.cat(out)
+    return out
 
 
 @dataclass

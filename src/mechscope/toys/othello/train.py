@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.errors import ConfigError, LoadError
+from mechscope.errors import ConfigError, InputError, LoadError
 from mechscope.model.config import ModelConfig
 from mechscope.model.transformer import HookedTransformer
 from mechscope.toys import checkpoint
@@ -103,21 +103,72 @@ class OthelloData:
     """Positions with a next move (the ones scored)."""
 
 
-def make_data(moves: Int[Tensor, "batch pos"], size: int) -> OthelloData:
-    """Tokens and targets of games given as square indices.
+def make_data(moves: Int[Tensor, "batch pos"], size: int, chunk: int = 4096) -> OthelloData:
+    """Tokens and targets of games given as square indices, replayed ``chunk`` games at a time.
 
     Example:
         >>> data = make_data(random_games(2, 6), 6)
         >>> data.tokens.shape, data.legal.shape, bool(data.legal[data.has_next].any(-1).all())
         (torch.Size([2, 32]), torch.Size([2, 32, 33]), True)
     """
+    _check_chunk(chunk)
+    parts = [_targets(moves[start : start + chunk], size) for start in range(0, max(len(moves), 1), chunk)]
+    return OthelloData(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(OthelloData)))
+
+
+def _targets(moves: Int[Tensor, "batch pos"], size: int) -> OthelloData:
     states = game_states(moves, size)
     squares = playable_squares(size).to(moves.device)
     legal = torch.zeros(*moves.shape, vocab_size(size), dtype=torch.bool, device=moves.device)
     legal[..., 1:] = states.legal[..., squares]
     tokens = to_tokens(moves, size)
-    next_token = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
-    return OthelloData(tokens, legal, next_token, states.player != 0)
+    return OthelloData(tokens, legal, _next_tokens(tokens), states.player != 0)
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise InputError(f"chunk must be a positive number of games, got {chunk}")
+
+
+def _next_tokens(tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
+
+
+class PackedGames:
+    """Training games held compactly: tokens as bytes and each position's legal moves as the bits of
+    one int64 (d_vocab <= 61), so 2,000,000 8x8 games take about 1.2 GB instead of 9.4 GB as
+    `OthelloData`. `batch` unpacks the chosen games to an `OthelloData`, equal to `make_data` of them.
+
+    Example:
+        >>> moves = random_games(5, 6, seed=3)
+        >>> packed, full = PackedGames(moves, 6), make_data(moves, 6)
+        >>> rows = torch.tensor([4, 0, 4])
+        >>> bool((packed.batch(rows).legal == full.legal[rows]).all()), len(packed)
+        (True, 5)
+    """
+
+    def __init__(self, moves: Int[Tensor, "batch pos"], size: int, chunk: int = 4096) -> None:
+        _check_chunk(chunk)
+        n_vocab = vocab_size(size)
+        self.bits = 1 << torch.arange(n_vocab, dtype=torch.int64)
+        self.tokens = torch.empty(moves.shape, dtype=torch.uint8)
+        self.legal = torch.empty(moves.shape, dtype=torch.int64)
+        self.has_next = torch.empty(moves.shape, dtype=torch.bool)
+        for start in range(0, len(moves), chunk):
+            part = _targets(moves[start : start + chunk].cpu(), size)
+            rows = slice(start, start + len(part.tokens))
+            self.tokens[rows] = part.tokens.to(torch.uint8)
+            self.legal[rows] = (part.legal.to(torch.int64) * self.bits).sum(-1)
+            self.has_next[rows] = part.has_next
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, rows: Int[Tensor, " batch"], device: torch.device | str = "cpu") -> OthelloData:
+        """The games ``rows`` as model inputs and targets on ``device``."""
+        tokens = self.tokens[rows].to(device=device, dtype=torch.long)
+        legal = (self.legal[rows].to(device)[..., None] & self.bits.to(device)) != 0
+        return OthelloData(tokens, legal, _next_tokens(tokens), self.has_next[rows].to(device))
 
 
 def legal_move_loss(logits: Float[Tensor, "batch pos d_vocab"], data: OthelloData, target: str = "legal") -> Tensor:
@@ -208,13 +259,13 @@ def train_othello(
     generator = torch.Generator().manual_seed(cfg.seed)
     settings = dataclasses.asdict(cfg)
     history, start = checkpoint.resume(out_dir, settings, _RESUMABLE, cfg.steps, model, optimizer, generator)
-    train = make_data(random_games(cfg.n_games, cfg.size, seed=cfg.seed, progress=progress), cfg.size)
+    train = PackedGames(random_games(cfg.n_games, cfg.size, seed=cfg.seed, progress=progress), cfg.size)
     log_every = max(1, cfg.steps // 100)
     model.train()
     bar = tqdm(range(start, cfg.steps), desc="othello-gpt", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         rows = torch.randint(cfg.n_games, (cfg.batch_size,), generator=generator)
-        batch = OthelloData(*(getattr(train, f.name)[rows].to(device) for f in dataclasses.fields(OthelloData)))
+        batch = train.batch(rows, device)
         loss = legal_move_loss(model(batch.tokens), batch, cfg.target)
         loss.backward()
         for group in optimizer.param_groups:  # the schedule is a function of the step alone (resumable)
