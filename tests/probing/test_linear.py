@@ -194,3 +194,24 @@ def test_collected_activations_match_the_cache(model):
     assert len(train) + len(test) == len(data)
     with pytest.raises(Exception, match="closest"):
         probing.collect_activations(model, tokens, "blocks.0.hook_resid_pots")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x, y: probing.fit_logistic(x.masked_fill(x > 2.5, float("nan")), y), "NaN or infinite"),
+        (lambda x, y: probing.fit_logistic(x[:, 0], y), r"\[batch, d_model\]"),
+        (lambda x, y: probing.fit_logistic(x[None], y), r"\[batch, d_model\]"),
+        (lambda x, y: probing.fit_logistic(x, y[:-1]), "label rows"),
+        (lambda x, y: probing.fit_logistic(x, y.double() / 2), "whole numbers"),
+        (lambda x, y: probing.fit_linear(x, y.double().masked_fill(y == 0, float("inf"))), "labels hold NaN"),
+        (lambda x, y: probing.fit_mean_difference(x.masked_fill(x > 2.5, float("inf")), y), "NaN or infinite"),
+        (lambda x, y: probing.rank_features(x.masked_fill(x > 2.5, float("nan")), (y > 0).long()), "NaN"),
+    ],
+)
+def test_bad_activations_and_labels_are_named(call, match):
+    """Non-finite activations, a wrong rank, mismatched rows and fractional class labels fail
+    with the problem named, not an optimiser or einsum error (or a probe fitted on NaN)."""
+    x, y = blobs(n=200, n_classes=3, seed=3)
+    with pytest.raises(InputError, match=match):
+        call(x, y[:, 0])

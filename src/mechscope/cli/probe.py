@@ -1,8 +1,9 @@
 """``mechscope probe``: dense and k-sparse probes of a labelled token dataset at every layer, as a report.
 
 The dataset is one of `mechscope.probing.datasets.DATASETS` (built offline from the default
-corpus); the hook is a short name (``post``: MLP neurons, ``resid_post``: the residual stream)
-taken at each chosen layer. The report is printed and written as JSON.
+corpus) or the researcher's own JSON-lines file (``--data``, read by
+`mechscope.probing.datasets.load_dataset_file`); the hook is a short name (``post``: MLP
+neurons, ``resid_post``: the residual stream) taken at each chosen layer. The report is printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ def _probe(args: argparse.Namespace) -> int:
 
     import mechscope as ms
     from mechscope.probing import ProbeConfig
-    from mechscope.probing.datasets import build_dataset
+    from mechscope.probing.datasets import build_dataset, load_dataset_file
     from mechscope.probing.study import probing_study
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = ms.load(args.model, device=args.device)
-    dataset = build_dataset(args.dataset, model.tokenizer, args.sequences, args.seq_len, args.seed)
+    if args.data is not None:
+        dataset = load_dataset_file(args.data, model.tokenizer, args.seq_len)
+    else:
+        dataset = build_dataset(args.dataset, model.tokenizer, args.sequences, args.seq_len, args.seed)
     layers = args.layers if args.layers else list(range(0, model.cfg.n_layers, args.layer_step))
     report = probing_study(model, dataset, args.site, layers, ks=args.ks, exact_k=args.exact_k, method=args.method,
                            per_sequence=args.per_sequence, cfg=ProbeConfig(l2=args.l2), seed=args.seed,
@@ -35,9 +39,11 @@ def _probe(args: argparse.Namespace) -> int:
         f"(split by sequence), positive rate {report['positive_rate']:.3f}; site {args.site}, ranking {args.method}"
     )
     ks = [s["k"] for s in report["layers"][0]["sparse"]]
-    print(f"{'layer':>5} {'dense F1':>9} " + " ".join(f"{'k=' + str(k):>7}" for k in ks) + "   top neurons (k=4)")
+    shown = 4 if 4 in ks else ks[-1]
+    header = " ".join(f"{'k=' + str(k):>7}" for k in ks)
+    print(f"{'layer':>5} {'dense F1':>9} {header}   top neurons (k={shown})")
     for row in report["layers"]:
-        top = next((s["features"] for s in row["sparse"] if s["k"] == 4), row["sparse"][-1]["features"])
+        top = next(s["features"] for s in row["sparse"] if s["k"] == shown)
         print(f"{row['layer']:>5} {row['dense']['f1']:>9.3f} " + " ".join(f"{s['f1']:>7.3f}" for s in row["sparse"])
               + f"   {top}")  # fmt: skip
         for e in row["exact"]:
@@ -63,20 +69,26 @@ def add_probe_parser(
     """
     p = sub.add_parser("probe", help="dense and k-sparse probes of a labelled token dataset at every layer",
                        description="Fit dense and k-sparse logistic probes (Gurnee et al. 2023) of a labelled "
-                       "dataset built offline from the default corpus, layer by layer, split by sequence.",
+                       "dataset (built offline from the default corpus, or your own file), layer by layer, "
+                       "split by sequence.",
                        formatter_class=formatter_class)  # fmt: skip
     p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory, .gguf file or hub id")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--dataset",
         default="prose_vs_code",
         choices=["prose_vs_code", "code_block", "capitalized"],
-        help="the labelled dataset",
+        help="a labelled dataset built from the default corpus",
     )
+    source.add_argument("--data", default=None, metavar="FILE.jsonl",
+                        help='your own labelled texts, one JSON object per line: {"text": ..., "label": 0 or 1} '
+                        'or {"text": ..., "spans": [[start, end], ...]} (character ranges labelled 1); each text '
+                        "keeps its first SEQ_LEN tokens (default: none; --dataset is used)")  # fmt: skip
     p.add_argument("--site", default="post", help="short hook name at each layer (post: MLP neurons, resid_post)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to probe (default: every LAYER_STEP)")
     p.add_argument("--layer-step", type=int, default=3, help="probe every this many layers when --layers is absent")
-    p.add_argument("--sequences", type=int, default=256, help="token windows in the dataset")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    p.add_argument("--sequences", type=int, default=256, help="token windows in a built dataset")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (per text with --data)")
     p.add_argument("--per-sequence", type=int, default=32, help="labelled positions kept per window")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="sizes of the sparse probes")
     p.add_argument("--exact-k", type=int, nargs="*", default=[], help="k values (<= 3) for the exact search")

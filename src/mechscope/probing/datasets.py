@@ -13,14 +13,20 @@ token (`TokenDataset`):
 
 Labels come from character offsets of a fast tokenizer (``return_offsets_mapping``), so they
 do not depend on how the tokenizer splits words.
+
+`load_dataset_file` reads a researcher's own labelled texts (JSON lines, one text per line,
+labelled as a whole or by character spans) into the same `TokenDataset`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Int
@@ -98,6 +104,87 @@ def _windows(texts: list[str], tokenizer, seq_len: int, n: int, rng: random.Rand
     return torch.tensor(tokens), torch.tensor(labels), torch.tensor(selected)
 
 
+def _in_spans(spans: list[tuple[int, int]], a: int, b: int) -> int:
+    """1 when the middle character of the token at ``[a, b)`` lies inside one of ``spans``."""
+    mid = (a + b - 1) // 2 if b > a else a
+    return int(any(s <= mid < e for s, e in spans))
+
+
+def _file_record(line: str, where: str) -> tuple[str, int | None, list[tuple[int, int]] | None]:
+    """``(text, label, spans)`` of one JSON line, checked."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"]:
+        raise InputError(f'{where}: each line must be an object with a non-empty "text" string')
+    text, label, spans = record["text"], record.get("label"), record.get("spans")
+    if (label is None) == (spans is None):
+        raise InputError(f'{where}: give either "label" (0 or 1, the whole text) '
+                         'or "spans" (character ranges of label 1)')  # fmt: skip
+    if label is not None and (isinstance(label, bool) or label not in (0, 1)):
+        raise InputError(f'{where}: "label" must be 0 or 1, got {label!r}')
+    if spans is not None:
+        ok = isinstance(spans, list) and all(
+            isinstance(sp, list) and len(sp) == 2 and all(type(v) is int for v in sp) and 0 <= sp[0] < sp[1]
+            and sp[1] <= len(text)
+            for sp in spans
+        )  # fmt: skip
+        if not ok:
+            raise InputError(f'{where}: "spans" must be a list of [start, end] character offsets with '
+                             f"0 <= start < end <= {len(text)} (the text's length)")  # fmt: skip
+        spans = [(a, b) for a, b in spans]
+    return text, label, spans
+
+
+def load_dataset_file(path: str | os.PathLike, tokenizer, seq_len: int = 128) -> TokenDataset:
+    """A labelled dataset from a JSON-lines file, one text per line.
+
+    A line is ``{"text": ..., "label": 0 or 1}`` (every token of the text gets the label) or
+    ``{"text": ..., "spans": [[start, end], ...]}`` (a token is labelled 1 when its middle
+    character falls in a span of character offsets, 0 otherwise). Each text keeps its first
+    ``seq_len`` tokens; shorter texts are padded, and padding is never probed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
+        >>> _ = f.write_text('{"text": "Hello there", "label": 1}\\n{"text": "see x = 1", "spans": [[4, 9]]}\\n')
+        >>> data = load_dataset_file(f, model.tokenizer, 16)  # doctest: +SKIP
+        >>> data.labels[1][data.selected[1]].tolist()  # doctest: +SKIP
+        [0, 1, 1, 1, 1]
+    """
+    path = Path(path)
+    if seq_len < 1:
+        raise InputError(f"seq_len must be >= 1, got {seq_len}")
+    if not path.is_file():
+        raise InputError(f"no dataset file at {path}; write one JSON object per line with a text and its label")
+    records = [_file_record(line, f"{path.name}, line {i}")
+               for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]  # fmt: skip
+    if len(records) < 2:
+        raise InputError(f"{path} holds {len(records)} labelled text(s); the split by text needs at least 2")
+    hf = getattr(tokenizer, "hf", tokenizer)
+    if any(spans is not None for _, _, spans in records) and not getattr(hf, "is_fast", False):
+        raise InputError('"spans" need a fast tokenizer (character offsets); label whole texts instead')
+    pad = getattr(hf, "pad_token_id", None)
+    pad = pad if pad is not None else (getattr(hf, "eos_token_id", None) or 0)
+    tokens = torch.full((len(records), seq_len), pad, dtype=torch.long)
+    labels = torch.zeros(len(records), seq_len, dtype=torch.long)
+    selected = torch.zeros(len(records), seq_len, dtype=torch.bool)
+    for row, (text, label, spans) in enumerate(records):
+        enc = hf(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+        ids = enc["input_ids"][:seq_len]
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        selected[row, : len(ids)] = True
+        if spans is None:
+            labels[row, : len(ids)] = label
+        else:
+            labels[row, : len(ids)] = torch.tensor([_in_spans(spans, a, b) for a, b in enc["offset_mapping"][:seq_len]])
+    present = labels[selected]
+    if present.numel() == 0 or bool((present == present[0]).all()):
+        raise InputError(f"{path}: every probed token has the same label; the probes need both 0 and 1")
+    return TokenDataset(path.stem, tokens, labels, selected, f"labels from {path.name} ({len(records)} texts)")
+
+
 def _sections(part) -> list[str]:
     return [s for doc in corpus_documents(part) for s in split_sections(doc)]
 
@@ -125,8 +212,7 @@ def build_dataset(name: str, tokenizer, n_sequences: int = 256, seq_len: int = 1
         spans = {t: code_block_spans(t) for t in texts}
 
         def inside(text: str, a: int, b: int) -> tuple[int, bool]:
-            mid = (a + b - 1) // 2 if b > a else a
-            return int(any(s <= mid < e for s, e in spans[text])), True
+            return _in_spans(spans[text], a, b), True
 
         tokens, labels, selected = _windows(texts, tokenizer, seq_len, n_sequences, rng, inside)
         return TokenDataset(name, tokens, labels, selected, "1: the token is inside a reST literal code block")

@@ -114,6 +114,30 @@ def _per_target_loss(out: Tensor, y: Tensor, loss: Loss) -> Tensor:
     return (per * valid).sum(0) / valid.sum(0).clamp_min(1)
 
 
+def _check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,)) -> None:
+    """Activations of the expected rank with finite values, and one label row per activation row."""
+    if x.dim() not in dims:
+        shape = " or ".join({2: "[batch, d_model]", 3: "[batch, target, d_model]"}[d] for d in dims)
+        raise InputError(f"activations must be {shape}, got shape {tuple(x.shape)}; "
+                         "flatten batch and position first (e.g. x.reshape(-1, x.shape[-1]))")  # fmt: skip
+    if y.dim() > 2:
+        raise InputError(f"labels must be [batch] or [batch, target], got shape {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(f"{x.shape[0]} activation rows but {y.shape[0]} label rows")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise InputError(f"activations hold {int((~torch.isfinite(x)).sum())} NaN or infinite values; "
+                         "drop or fix those rows before fitting")  # fmt: skip
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise InputError("labels hold NaN or infinite values; mark an unlabelled row with -1 (classes) or drop it")
+
+
+def _class_labels(labels: Tensor) -> Tensor:
+    """Class-index labels as ``[batch, target]`` long; float labels must hold whole numbers."""
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise InputError("class labels must be whole numbers (-1 for none); for continuous targets use fit_linear")
+    return labels_matrix(labels).long()
+
+
 def group_split(groups: Int[Tensor, " batch"], fraction: float, seed: int = 0) -> Tensor:
     """A boolean mask of the rows whose group falls in a random ``fraction`` of the groups.
 
@@ -158,8 +182,7 @@ def fit_weights(
         >>> w.shape, bool(w[0, 0, 0] > w[0, 1:, 0].abs().max())
         (torch.Size([1, 3, 1]), True)
     """
-    if x.shape[0] != y.shape[0]:
-        raise InputError(f"{x.shape[0]} activation rows but {y.shape[0]} label rows")
+    _check_rows(x, y, (2, 3))
     home, device = x.device, _device(cfg, x)
     n_targets, d = y.shape[1], x.shape[-1]
     if x.dim() == 3 and x.shape[1] != n_targets:
@@ -288,7 +311,8 @@ def fit_logistic(
         (torch.Size([2, 4, 3]), True)
     """
     cfg = cfg or ProbeConfig()
-    y = labels_matrix(labels).long()
+    _check_rows(x, labels)
+    y = _class_labels(labels)
     n = _classes(y, n_classes)
     weight, bias, info = fit_weights(x.float() if not x.is_floating_point() else x, y, 1 if n == 2 else n, cfg,
                                      "logistic", groups, progress)  # fmt: skip
@@ -314,6 +338,9 @@ def fit_linear(
         ([1.0, -2.0, 0.5], 3.0)
     """
     cfg = cfg or ProbeConfig()
+    _check_rows(x, targets)
+    if not x.is_floating_point():
+        x = x.float()
     y = labels_matrix(targets).to(x.dtype)
     if cfg.batch_size is not None or cfg.val_fraction > 0:
         weight, bias, info = fit_weights(x, y, 1, cfg, "squared")
@@ -352,7 +379,10 @@ def fit_mean_difference(
         >>> probe.direction(unit=False), probe.predict(x)[:, 0].tolist()
         (tensor([2., 0.]), [0, 0, 1, 1])
     """
-    y = labels_matrix(labels).long().to(x.device)
+    _check_rows(x, labels)
+    if not x.is_floating_point():
+        x = x.float()
+    y = _class_labels(labels).to(x.device)
     n = _classes(y, n_classes)
     onehot = F.one_hot(y.clamp_min(0), n).to(x.dtype) * (y != IGNORE)[..., None]  # [batch, target, class]
     counts = onehot.sum(0)  # [target, class]

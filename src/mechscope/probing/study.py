@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from mechscope.errors import InputError
 from mechscope.names import act_name
 from mechscope.probing.data import collect_activations, split_by_sequence
 from mechscope.probing.datasets import TokenDataset
@@ -36,6 +37,20 @@ def cap_positions(selected: Bool[Tensor, "batch pos"], per_sequence: int | None,
     return selected & (rank < per_sequence)
 
 
+def _split_with_both_classes(sequence: Tensor, labels: Tensor, test_fraction: float, seed: int,
+                             tries: int = 100) -> tuple[Tensor, Tensor, int]:  # fmt: skip
+    """`split_by_sequence` with ``seed``, or the next seed whose two sides both hold labels 0 and 1
+    (a small dataset labelled per text can put one class only on one side); returns the seed used."""
+    for attempt in range(tries):
+        train, test = split_by_sequence(sequence, test_fraction, seed + attempt)
+        if all(len(labels[side].unique()) == 2 for side in (train, test)):
+            return train, test, seed + attempt
+    counts = torch.bincount(labels.long(), minlength=2).tolist()
+    raise InputError(f"no split of the {len(sequence.unique())} texts by text (test fraction {test_fraction}) "
+                     f"put both labels on both sides in {tries} tries (label counts {counts}); "
+                     "add texts of the rarer label")  # fmt: skip
+
+
 def probing_study(
     model, dataset: TokenDataset, site: str = "post", layers: Sequence[int] | None = None, *,
     ks: Sequence[int] = (1, 2, 4, 8, 16, 32), exact_k: Sequence[int] = (), method: Ranking = "f_statistic",
@@ -44,7 +59,10 @@ def probing_study(
 ) -> dict:  # fmt: skip
     """Dense and k-sparse probes of ``dataset``'s labels on ``site`` (a short hook name) at ``layers``.
 
-    Returns ``{"dataset", "site", "n_train", "n_test", "positive_rate", "layers": [{"layer",
+    The split is by sequence with ``seed``; when one side would hold a single label, the next
+    seeds are tried (the report's ``split_seed`` is the one used).
+
+    Returns ``{"dataset", "site", "n_train", "n_test", "split_seed", "positive_rate", "layers": [{"layer",
     "hook", "dense": metrics, "sparse": [{"k", "features", "f1", "accuracy", "auroc"}],
     "exact": [...]}]}``.
 
@@ -60,7 +78,7 @@ def probing_study(
     positions = cap_positions(dataset.selected, per_sequence, seed)
     data = collect_activations(model, dataset.tokens, hooks, positions, batch_size=batch_size, progress=progress)
     labels = data.labels_for(dataset.labels)
-    train, test = split_by_sequence(data.sequence, test_fraction, seed)
+    train, test, split_seed = _split_with_both_classes(data.sequence, labels, test_fraction, seed)
     cfg = cfg or ProbeConfig(l2=1e-3)
     sweep = sparse_layer_sweep(data.activations, labels, train, test, ks, method, exact_k, cfg=cfg, progress=progress)
     rows = []
@@ -72,5 +90,5 @@ def probing_study(
         exact = [{"k": p.k, "features": p.features, **p.test} for p in sweep[hook]["exact"]]
         rows.append({"layer": layer, "hook": hook, "dense": scores, "sparse": sparse, "exact": exact})
     return {"dataset": dataset.name, "description": dataset.description, "site": site, "method": method,
-            "n_train": len(train), "n_test": len(test), "positive_rate": float(labels.float().mean()),
-            "layers": rows}  # fmt: skip
+            "n_train": len(train), "n_test": len(test), "split_seed": split_seed,
+            "positive_rate": float(labels.float().mean()), "layers": rows}  # fmt: skip
