@@ -129,3 +129,22 @@ def test_tokens_round_trip_and_labels():
     assert torch.equal(rel == 0, board == 0)
     with pytest.raises(InputError, match="not supported"):
         games.random_games(1, 7)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: games.game_states(torch.tensor([[19, -1, 18]]), 8), "follows padding"),
+        (lambda: games.game_states(torch.tensor([[64]]), 8), r"lie in \[-1, 63\]"),
+        (lambda: games.game_states(torch.tensor([[19.0]]), 8), "integer tensor"),
+        (lambda: games.game_states(torch.zeros(1, 2, 2, dtype=torch.long), 6), r"\[game, pos\]"),
+        (lambda: games.to_tokens(torch.tensor([[-2]]), 6), r"lie in \[-1, 35\]"),
+        (lambda: games.from_tokens(torch.tensor([[33]]), 6), r"lie in \[0, 32\]"),
+        (lambda: games.random_games(-1, 6), "n_games must be >= 0"),
+    ],
+)
+def test_bad_moves_and_tokens_are_named(call, match):
+    """Out-of-range squares or tokens, a move after the end, a wrong dtype or rank: an InputError
+    naming the problem, not an index error (or a silently wrapped negative index)."""
+    with pytest.raises(InputError, match=match):
+        call()

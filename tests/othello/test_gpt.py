@@ -113,3 +113,10 @@ def test_cli_probe_then_intervene_use_each_layers_own_probe(ci_run, tmp_path, ca
     rows = json.loads(out.read_text())
     assert [r["hook"] for r in rows] == hooks
     assert "layer 1: top-N errors" in capsys.readouterr().out
+    bad_args = [(["--layers", str(CI_CONFIG.n_layers)], "not blocks of this"),
+                (["--layers", "-1"], "not blocks of this"), (["--positions", "0"], "n_positions")]  # fmt: skip
+    for bad, message in bad_args:
+        assert main(["othello", "intervene", "--run", str(run_dir), "--probes", str(probes), "--quiet",
+                     "--threads", "1", "--out", str(tmp_path / "bad.json"), *bad]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()

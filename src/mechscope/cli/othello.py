@@ -104,6 +104,7 @@ def _pictures(model, size: int, probe, out: Path, seed: int) -> None:
 
 
 def _intervene(args: argparse.Namespace) -> int:
+    from mechscope.errors import InputError
     from mechscope.probing import LinearProbe
     from mechscope.toys.othello.train import load_othello
     from mechscope.toys.othello.world import intervene, layer_hooks
@@ -112,6 +113,10 @@ def _intervene(args: argparse.Namespace) -> int:
     model, cfg, _ = load_othello(args.run)
     hooks = layer_hooks(cfg.n_layers)
     layers = args.layers if args.layers else list(range(cfg.n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
+    if bad:
+        raise InputError(f"layers {bad} are not blocks of this {cfg.n_layers}-layer model; "
+                         f"choose among 0..{cfg.n_layers - 1}")  # fmt: skip
     probes_dir = Path(args.probes or Path(args.run) / "probes")
     rows = []
     for layer in layers:

@@ -47,6 +47,17 @@ def vocab_size(size: int) -> int:
     return len(playable_squares(check_size(size))) + 1
 
 
+def _check_moves(moves: Tensor, size: int, what: str = "moves", low: int = -1, high: int | None = None) -> None:
+    """A ``[game, pos]`` integer tensor with values in ``[low, high)`` (default: the board's squares)."""
+    high = size * size if high is None else high
+    if moves.dim() != 2 or moves.is_floating_point() or moves.dtype == torch.bool:
+        raise InputError(f"{what} must be an integer tensor [game, pos], "
+                         f"got {moves.dtype} of shape {tuple(moves.shape)}")  # fmt: skip
+    if moves.numel() and (int(moves.min()) < low or int(moves.max()) >= high):
+        raise InputError(f"{what} must lie in [{low}, {high - 1}] on a {size}x{size} board, "
+                         f"found {int(moves.min())}..{int(moves.max())}")  # fmt: skip
+
+
 def to_tokens(moves: Int[Tensor, "game pos"], size: int) -> Int[Tensor, "game pos"]:
     """Token ids of square indices (``-1`` -> padding).
 
@@ -54,6 +65,7 @@ def to_tokens(moves: Int[Tensor, "game pos"], size: int) -> Int[Tensor, "game po
         >>> to_tokens(torch.tensor([[0, 35, -1]]), 6).tolist()
         [[1, 32, 0]]
     """
+    _check_moves(moves, check_size(size))
     table = torch.full((size * size,), -1, dtype=torch.long)
     table[playable_squares(size)] = torch.arange(1, vocab_size(size))
     tokens = torch.where(moves >= 0, table.to(moves.device)[moves.clamp_min(0)], PAD)
@@ -69,6 +81,7 @@ def from_tokens(tokens: Int[Tensor, "game pos"], size: int) -> Int[Tensor, "game
         >>> from_tokens(torch.tensor([[1, 32, 0]]), 6).tolist()
         [[0, 35, -1]]
     """
+    _check_moves(tokens, check_size(size), "tokens", 0, vocab_size(size))
     table = torch.cat([torch.tensor([-1]), playable_squares(size)]).to(tokens.device)
     return table[tokens]
 
@@ -87,6 +100,8 @@ def random_games(
         (torch.Size([3, 32]), True)
     """
     check_size(size)
+    if n_games < 0 or chunk < 1:
+        raise InputError(f"n_games must be >= 0 and chunk >= 1, got n_games={n_games}, chunk={chunk}")
     generator = torch.Generator(device=device).manual_seed(seed)
     max_moves = size * size - 4
     out = torch.full((n_games, max_moves), -1, dtype=torch.long, device=device)
@@ -171,8 +186,11 @@ def game_states(moves: Int[Tensor, "game pos"], size: int) -> GameStates:
         >>> states.player.tolist(), int(states.legal[0, 1].sum())
         ([[-1, 1]], 4)
     """
+    _check_moves(moves, check_size(size))
     n_games, n_moves = moves.shape
-    check_size(size)
+    if bool(((moves[:, 1:] >= 0) & (moves[:, :-1] < 0)).any()):
+        game = int(((moves[:, 1:] >= 0) & (moves[:, :-1] < 0)).any(1).nonzero()[0])
+        raise InputError(f"game {game}: a move follows padding (-1); a pass is not a move, and -1 only ends a game")
     if n_moves > size * size - 4:
         raise InputError(f"{n_moves} moves do not fit a {size}x{size} board; pass size=8")
     boards = initial_boards(n_games, size, moves.device)

@@ -174,6 +174,8 @@ def intervene(
         >>> sorted(result.errors)
         ['none', 'none_original', 'probe', 'random']
     """
+    if n_positions < 1:
+        raise InputError(f"n_positions must be >= 1, got {n_positions}")
     if probe.hook is None or probe.n_classes != 3 or probe.n_targets != size * size:
         raise InputError(f"need a mine/theirs/empty probe of {size * size} squares with its hook; use board_probes")
     gen = torch.Generator().manual_seed(seed)
