@@ -84,6 +84,20 @@ def test_packed_and_chunked_targets_equal_one_replay(size):
         PackedGames(moves, size, chunk=0)
 
 
+def test_settings_that_cannot_work_are_named(ci_run):
+    from mechscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr > 0"):
+        OthelloConfig(lr=-1e-3)
+    with pytest.raises(ConfigError, match="warmup >= 0"):
+        OthelloConfig(warmup=-1)
+    run, _ = ci_run
+    with pytest.raises(InputError, match="use at least 3 games"):
+        board_probes(run.model, 6, n_games=2)
+    with pytest.raises(InputError, match="test_fraction must be in"):
+        board_probes(run.model, 6, n_games=20, test_fraction=1.0)
+
+
 def test_training_resumes_to_the_same_weights(tmp_path):
     small = OthelloConfig(n_layers=1, d_model=16, n_heads=2, n_games=64, steps=6, batch_size=8, warmup=2,
                           eval_games=8, save_every=3)  # fmt: skip

@@ -78,6 +78,9 @@ class OthelloConfig:
         for name in ("n_layers", "d_model", "n_heads", "n_games", "steps", "batch_size", "eval_games", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ConfigError(f"need lr > 0, weight_decay >= 0 and warmup >= 0; got lr={self.lr}, "
+                              f"weight_decay={self.weight_decay}, warmup={self.warmup}")  # fmt: skip
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
 
