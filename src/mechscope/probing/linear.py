@@ -114,8 +114,18 @@ def _per_target_loss(out: Tensor, y: Tensor, loss: Loss) -> Tensor:
     return (per * valid).sum(0) / valid.sum(0).clamp_min(1)
 
 
-def _check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,)) -> None:
-    """Activations of the expected rank with finite values, and one label row per activation row."""
+def check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,)) -> None:
+    """Check activations of the expected rank (``dims``) with finite values, and one label row
+    per activation row; raise an `InputError` naming the problem otherwise.
+
+    Example:
+        >>> check_rows(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+        >>> try:
+        ...     check_rows(torch.zeros(4), torch.zeros(4))
+        ... except InputError as err:
+        ...     print(str(err).split(";")[0])
+        activations must be [batch, d_model], got shape (4,)
+    """
     if x.dim() not in dims:
         shape = " or ".join({2: "[batch, d_model]", 3: "[batch, target, d_model]"}[d] for d in dims)
         raise InputError(f"activations must be {shape}, got shape {tuple(x.shape)}; "
@@ -182,7 +192,7 @@ def fit_weights(
         >>> w.shape, bool(w[0, 0, 0] > w[0, 1:, 0].abs().max())
         (torch.Size([1, 3, 1]), True)
     """
-    _check_rows(x, y, (2, 3))
+    check_rows(x, y, (2, 3))
     home, device = x.device, _device(cfg, x)
     n_targets, d = y.shape[1], x.shape[-1]
     if x.dim() == 3 and x.shape[1] != n_targets:
@@ -311,7 +321,7 @@ def fit_logistic(
         (torch.Size([2, 4, 3]), True)
     """
     cfg = cfg or ProbeConfig()
-    _check_rows(x, labels)
+    check_rows(x, labels)
     y = _class_labels(labels)
     n = _classes(y, n_classes)
     weight, bias, info = fit_weights(x.float() if not x.is_floating_point() else x, y, 1 if n == 2 else n, cfg,
@@ -338,7 +348,7 @@ def fit_linear(
         ([1.0, -2.0, 0.5], 3.0)
     """
     cfg = cfg or ProbeConfig()
-    _check_rows(x, targets)
+    check_rows(x, targets)
     if not x.is_floating_point():
         x = x.float()
     y = labels_matrix(targets).to(x.dtype)
@@ -379,7 +389,7 @@ def fit_mean_difference(
         >>> probe.direction(unit=False), probe.predict(x)[:, 0].tolist()
         (tensor([2., 0.]), [0, 0, 1, 1])
     """
-    _check_rows(x, labels)
+    check_rows(x, labels)
     if not x.is_floating_point():
         x = x.float()
     y = _class_labels(labels).to(x.device)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mechscope.errors import InputError
 from mechscope.probing import metrics
-from mechscope.probing.linear import ProbeConfig, _check_rows, fit_weights
+from mechscope.probing.linear import ProbeConfig, check_rows, fit_weights
 from mechscope.probing.probe import LinearProbe
 
 Ranking = Literal["mean_difference", "f_statistic", "l1"]
@@ -59,7 +59,7 @@ def rank_features(
         >>> [int(rank_features(x, y, m)[0][0]) for m in ("mean_difference", "f_statistic", "l1")]
         [3, 3, 3]
     """
-    _check_rows(x, labels)
+    check_rows(x, labels)
     y = _binary(labels).to(x.device)
     x = x.double()
     pos, neg = x[y == 1], x[y == 0]
