@@ -18,7 +18,8 @@ samples taken while other processes used more than the gate retaken; median and 
 Test accuracy (a fifth of the rows held out) is reported for each, on the targets sklearn fitted.
 
 Othello: random legal games per second (generation alone, and with every label) for 6x6 and
-8x8, ``--games`` games in one batch.
+8x8, ``--games`` games in one batch, against the plain one-square-at-a-time engine the tests use
+as their oracle (``--games / 20`` games, one by one), interleaved in the same rounds.
 
 Usage: .venv/bin/python benchmarks/probing.py [--rows 100000] [--d 576] [--targets 64]
        [--sklearn-targets 4] [--games 20000] [--threads 2] [--rounds 3]
@@ -110,20 +111,40 @@ def bench_probes(args) -> dict:
 
 
 def bench_games(args) -> dict:
+    """Games per second of the vectorised engine (alone and with every label) against the plain
+    one-square-at-a-time engine of the tests, interleaved round by round."""
+    import random
+
     from mechscope.toys.othello.games import game_states, random_games
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the tests' plain engine
+    from tests.othello import reference
+
     out = {}
+    plain_games = max(1, args.games // 20)
     for size in (6, 8):
         random_games(64, size)  # warm-up
-        start = time.perf_counter()
-        moves = random_games(args.games, size, seed=1)
-        generate = time.perf_counter() - start
-        start = time.perf_counter()
-        game_states(moves, size)
-        label = time.perf_counter() - start
-        out[f"{size}x{size}"] = {"games": args.games, "games_per_second": args.games / generate,
-                                 "games_per_second_with_labels": args.games / (generate + label),
-                                 "mean_moves": float((moves >= 0).sum(1).float().mean())}  # fmt: skip
+        jobs = {
+            "generate": lambda size=size: random_games(args.games, size, seed=1),
+            "generate_and_label": lambda size=size: game_states(random_games(args.games, size, seed=1), size),
+            "plain_engine": lambda size=size: [
+                reference.random_game(size, random.Random(i)) for i in range(plain_games)
+            ],
+        }
+        timed = common.interleave(jobs, reps=args.rounds, max_other=args.gate)
+        counts = {"generate": args.games, "generate_and_label": args.games, "plain_engine": plain_games}
+        rate = {name: n / timed[name]["median_s"] for name, n in counts.items()}
+        moves = timed["generate"]["last"]
+        out[f"{size}x{size}"] = {
+            "games": args.games, "plain_engine_games": plain_games,
+            "games_per_second": rate["generate"], "spread": timed["generate"]["spread"],
+            "games_per_second_with_labels": rate["generate_and_label"],
+            "spread_with_labels": timed["generate_and_label"]["spread"],
+            "plain_engine_games_per_second": rate["plain_engine"], "plain_spread": timed["plain_engine"]["spread"],
+            "speedup_vs_plain_engine": rate["generate"] / rate["plain_engine"],
+            "mean_moves": float((moves >= 0).sum(1).float().mean()),
+            "gate": common.gate_note(timed, args.gate),
+        }  # fmt: skip
     return out
 
 
