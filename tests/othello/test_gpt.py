@@ -92,7 +92,7 @@ def test_settings_that_cannot_work_are_named(ci_run):
     with pytest.raises(ConfigError, match="warmup >= 0"):
         OthelloConfig(warmup=-1)
     run, _ = ci_run
-    with pytest.raises(InputError, match="use at least 3 games"):
+    with pytest.raises(InputError, match="use at least 3 groups"):
         board_probes(run.model, 6, n_games=2)
     with pytest.raises(InputError, match="test_fraction must be in"):
         board_probes(run.model, 6, n_games=20, test_fraction=1.0)

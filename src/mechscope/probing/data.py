@@ -137,5 +137,7 @@ def split_by_sequence(
         ...     torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])[train].tolist())
         (6, 4, True)
     """
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     held = group_split(sequence.cpu(), test_fraction, seed)
     return (~held).nonzero()[:, 0], held.nonzero()[:, 0]

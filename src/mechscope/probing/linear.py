@@ -114,17 +114,16 @@ def _per_target_loss(out: Tensor, y: Tensor, loss: Loss) -> Tensor:
     return (per * valid).sum(0) / valid.sum(0).clamp_min(1)
 
 
-def check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,)) -> None:
-    """Check activations of the expected rank (``dims``) with finite values, and one label row
-    per activation row; raise an `InputError` naming the problem otherwise.
+def check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,), finite: bool = True) -> None:
+    """Check activations of the expected rank (``dims``) with finite values (unless ``finite`` is
+    False: a caller whose fit checks them again), and one label row per activation row; raise an
+    `InputError` naming the problem otherwise.
 
     Example:
         >>> check_rows(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
-        >>> try:
-        ...     check_rows(torch.zeros(4), torch.zeros(4))
-        ... except InputError as err:
-        ...     print(str(err).split(";")[0])
-        activations must be [batch, d_model], got shape (4,)
+        >>> check_rows(torch.zeros(4), torch.zeros(4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.InputError: activations must be [batch, d_model], got shape (4,); flatten ...
     """
     if x.dim() not in dims:
         shape = " or ".join({2: "[batch, d_model]", 3: "[batch, target, d_model]"}[d] for d in dims)
@@ -134,10 +133,10 @@ def check_rows(x: Tensor, y: Tensor, dims: tuple[int, ...] = (2,)) -> None:
         raise InputError(f"labels must be [batch] or [batch, target], got shape {tuple(y.shape)}")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"{x.shape[0]} activation rows but {y.shape[0]} label rows")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise InputError(f"activations hold {int((~torch.isfinite(x)).sum())} NaN or infinite values; "
                          "drop or fix those rows before fitting")  # fmt: skip
-    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+    if finite and y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise InputError("labels hold NaN or infinite values; mark an unlabelled row with -1 (classes) or drop it")
 
 
@@ -162,7 +161,12 @@ def group_split(groups: Int[Tensor, " batch"], fraction: float, seed: int = 0) -
     unique, inverse = torch.unique(groups, return_inverse=True)
     n_held = int(round(fraction * len(unique)))
     if fraction > 0 and not 0 < n_held < len(unique):
-        raise InputError(f"cannot hold out {fraction} of {len(unique)} groups and keep both sides non-empty")
+        need = "; hold out a fraction below 1"
+        if fraction < 1:  # both sides need round(fraction * n) and n minus it >= 1: n near 0.5 / min(f, 1 - f)
+            start = max(2, int(0.5 / min(fraction, 1 - fraction)))
+            fewest = next(n for n in range(start, start + 10) if 0 < round(fraction * n) < n)
+            need = f"; use at least {fewest} groups (texts, games)"
+        raise InputError(f"cannot hold out {fraction} of {len(unique)} groups and keep both sides non-empty{need}")
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))
     held = torch.zeros(len(unique), dtype=torch.bool)
     held[order[:n_held]] = True
@@ -321,7 +325,7 @@ def fit_logistic(
         (torch.Size([2, 4, 3]), True)
     """
     cfg = cfg or ProbeConfig()
-    check_rows(x, labels)
+    check_rows(x, labels, finite=False)  # fit_weights checks the values
     y = _class_labels(labels)
     n = _classes(y, n_classes)
     weight, bias, info = fit_weights(x.float() if not x.is_floating_point() else x, y, 1 if n == 2 else n, cfg,
@@ -348,11 +352,12 @@ def fit_linear(
         ([1.0, -2.0, 0.5], 3.0)
     """
     cfg = cfg or ProbeConfig()
-    check_rows(x, targets)
+    minibatch = cfg.batch_size is not None or cfg.val_fraction > 0
+    check_rows(x, targets, finite=not minibatch)  # fit_weights checks the values
     if not x.is_floating_point():
         x = x.float()
     y = labels_matrix(targets).to(x.dtype)
-    if cfg.batch_size is not None or cfg.val_fraction > 0:
+    if minibatch:
         weight, bias, info = fit_weights(x, y, 1, cfg, "squared")
         return LinearProbe(weight, bias, "linear", 0, hook, target_names, None, {"config": asdict(cfg), **info})
     home, device = x.device, _device(cfg, x)

@@ -188,8 +188,9 @@ def game_states(moves: Int[Tensor, "game pos"], size: int) -> GameStates:
     """
     _check_moves(moves, check_size(size))
     n_games, n_moves = moves.shape
-    if bool(((moves[:, 1:] >= 0) & (moves[:, :-1] < 0)).any()):
-        game = int(((moves[:, 1:] >= 0) & (moves[:, :-1] < 0)).any(1).nonzero()[0])
+    after_padding = ((moves[:, 1:] >= 0) & (moves[:, :-1] < 0)).any(1)
+    if bool(after_padding.any()):
+        game = int(after_padding.nonzero()[0])
         raise InputError(f"game {game}: a move follows padding (-1); a pass is not a move, and -1 only ends a game")
     if n_moves > size * size - 4:
         raise InputError(f"{n_moves} moves do not fit a {size}x{size} board; pass size=8")

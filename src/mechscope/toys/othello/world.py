@@ -93,12 +93,6 @@ def board_probes(
         ['blocks.0.hook_resid_pre', 'blocks.0.hook_resid_post']
     """
     cfg = cfg or ProbeConfig(l2=1e-3, batch_size=4096, epochs=15, lr=1e-2)
-    if not 0 < test_fraction < 1:
-        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if not 0 < round(test_fraction * n_games) < n_games:
-        fewest = next(n for n in range(2, 10**7) if 0 < round(test_fraction * n) < n)
-        raise InputError(f"{n_games} games cannot be split into train and test games at test_fraction "
-                         f"{test_fraction}; use at least {fewest} games")  # fmt: skip
     moves = random_games(n_games, size, seed=seed)
     states = game_states(moves, size)
     hooks = layer_hooks(model.cfg.n_layers)
