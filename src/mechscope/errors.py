@@ -5,11 +5,9 @@ class MechscopeError(Exception):
     """Base class of every mechscope error.
 
     Example:
-        >>> try:
-        ...     model(torch.tensor([[60]]))  # the doctest model's vocabulary has 50 tokens
-        ... except MechscopeError as error:
-        ...     print(type(error).__name__, "-", error)
-        InputError - token ids must lie in [0, 50), got [60, 60]
+        >>> model(torch.tensor([[60]]))  # the doctest model's vocabulary has 50 tokens
+        Traceback (most recent call last):
+        mechscope.errors.InputError: token ids must lie in [0, 50), got [60, 60]
     """
 
 
@@ -17,11 +15,9 @@ class ConfigError(MechscopeError, ValueError):
     """A model configuration that cannot describe a valid transformer, or an unsupported option.
 
     Example:
-        >>> try:
-        ...     ms.ModelConfig(d_model=30, n_layers=1, n_heads=4, d_mlp=8, d_vocab=10, n_ctx=8)
-        ... except ConfigError as error:
-        ...     print(error)
-        d_model=30 is not divisible by n_heads=4; set d_head explicitly
+        >>> ms.ModelConfig(d_model=30, n_layers=1, n_heads=4, d_mlp=8, d_vocab=10, n_ctx=8)
+        Traceback (most recent call last):
+        mechscope.errors.ConfigError: d_model=30 is not divisible by n_heads=4; set d_head explicitly
     """
 
 
@@ -30,11 +26,10 @@ class HookError(MechscopeError, ValueError):
 
     Example:
         >>> first_position_only = lambda activation, *, hook: activation[:, :1]
-        >>> try:
-        ...     model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", first_position_only)])
-        ... except HookError as error:
-        ...     print(error)
-        hook on 'blocks.0.hook_resid_pre' returned a activation of shape (1, 1, 32), expected (1, 4, 32)
+        >>> hooks = [("blocks.0.hook_resid_pre", first_position_only)]
+        >>> model.run_with_hooks(tokens, fwd_hooks=hooks)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.HookError: hook on 'blocks.0.hook_resid_pre' returned a activation of shape (1, 1, 32), ...
     """
 
 
@@ -42,11 +37,9 @@ class HookNameError(MechscopeError, KeyError):
     """An unknown hook-point or cache name. It is also a `KeyError`.
 
     Example:
-        >>> try:
-        ...     model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pr"])  # doctest: +ELLIPSIS
-        ... except HookNameError as error:
-        ...     print(error)
-        unknown hook point 'blocks.0.hook_resid_pr'; closest valid names: ['blocks.0.hook_resid_pre', ...]
+        >>> model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pr"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.HookNameError: unknown hook point 'blocks.0.hook_resid_pr'; closest valid names: [...]
     """
 
     def __str__(self) -> str:  # KeyError would quote the whole message
@@ -57,11 +50,9 @@ class InputError(MechscopeError, ValueError):
     """Model input of the wrong type, shape or content.
 
     Example:
-        >>> try:
-        ...     model(torch.tensor([[1.5, 2.0]]))
-        ... except InputError as error:
-        ...     print(error)
-        token ids must be an integer tensor, got torch.float32; to feed the residual stream, pass start_at_layer
+        >>> model(torch.tensor([[1.5, 2.0]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.InputError: token ids must be an integer tensor, got torch.float32; to feed the residual ...
     """
 
 
@@ -76,11 +67,9 @@ class LoadError(MechscopeError, RuntimeError):
 
     Example:
         >>> import tempfile
-        >>> try:
-        ...     ms.load(tempfile.mkdtemp())
-        ... except LoadError as error:
-        ...     print(str(error).split(" has ")[1])
-        no config.json: not a Hugging Face model directory
+        >>> ms.load(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        mechscope.errors.LoadError: ... has no config.json: not a Hugging Face model directory
     """
 
 
@@ -89,9 +78,7 @@ class WeightConversionError(LoadError):
 
     Example:
         >>> from mechscope.loading.families import gpt2
-        >>> try:
-        ...     gpt2.convert_weights({"wte.weight": torch.zeros(50, 8)}, model.cfg)
-        ... except WeightConversionError as error:
-        ...     print(error)
-        gpt2: 'wte.weight' has shape (50, 8), expected (50, 32) from the config
+        >>> gpt2.convert_weights({"wte.weight": torch.zeros(50, 8)}, model.cfg)
+        Traceback (most recent call last):
+        mechscope.errors.WeightConversionError: gpt2: 'wte.weight' has shape (50, 8), expected (50, 32) from the config
     """
