@@ -147,11 +147,17 @@ def load_dataset_file(path: str | os.PathLike, tokenizer, seq_len: int = 128) ->
 
     Example:
         >>> import tempfile, pathlib
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> words = Tokenizer(models.WordLevel({w: i for i, w in enumerate("[UNK] Hello there see x = 1".split())},
+        ...                                    unk_token="[UNK]"))
+        >>> words.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
         >>> f = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
         >>> _ = f.write_text('{"text": "Hello there", "label": 1}\\n{"text": "see x = 1", "spans": [[4, 9]]}\\n')
-        >>> data = load_dataset_file(f, model.tokenizer, 16)  # doctest: +SKIP
-        >>> data.labels[1][data.selected[1]].tolist()  # doctest: +SKIP
-        [0, 1, 1, 1, 1]
+        >>> data = load_dataset_file(f, tokenizer, 6)
+        >>> data.labels.tolist(), data.selected.sum(1).tolist()  # "see" is outside the span; padding is not probed
+        ([[1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0]], [2, 4])
     """
     path = Path(path)
     if seq_len < 1:
